@@ -1,0 +1,157 @@
+"""The `lookalike` command: parses arguments, calls the library, prints results. No logic of its own."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from tqdm import tqdm
+
+from lookalike.errors import LookalikeError
+
+app = typer.Typer(
+    help="Image retrieval: import a dataset, extract embeddings, search a gallery, evaluate the ranking.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+ARGS_HELP = "An optional YAML config, then key=value overrides (e.g. model.name=resnet18 data.root=/data/sop)."
+
+
+def _one_line(exc: BaseException) -> str:
+    """The error's own message: the last line of a message wrapped by a DataLoader worker, else the first."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    if len(lines) > 1 and "Traceback" in str(exc):
+        return lines[-1].split(": ", 1)[-1]
+    return lines[0] if lines else exc.__class__.__name__
+
+
+def reports_errors(fn):
+    """Turn a LookalikeError into one line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except LookalikeError as exc:
+            err.print(f"[bold red]error:[/] {_one_line(exc)}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _config(args: list[str] | None):
+    from lookalike.config import load_config
+
+    args = list(args or [])
+    path = args.pop(0) if args and "=" not in args[0] else None
+    return load_config(path, args)
+
+
+def _progress(desc: str):
+    return lambda it, total: tqdm(it, total=total, desc=desc, unit="batch", file=sys.stderr, disable=None)
+
+
+def _print_report(report, title: str = "metrics") -> None:
+    out.print(f"[bold]{title}[/]: {report.n_evaluated} of {report.n_queries} queries evaluated")
+    table = Table()
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in report.means.items():
+        table.add_row(name, f"{value:.4f}")
+    out.print(table)
+    if report.no_relevant_ids:
+        shown = ", ".join(report.no_relevant_ids[:5])
+        out.print(f"[yellow]{len(report.no_relevant_ids)} queries have no relevant gallery item and were excluded[/] ({shown}{', ...' if len(report.no_relevant_ids) > 5 else ''})")
+    if not report.complete_ranking:
+        out.print("[yellow]note:[/] K is smaller than the gallery, so map@all and r_precision count relevant items beyond K as missed")
+    for category, means in report.per_category.items():
+        out.print(f"  category {category}: " + ", ".join(f"{k}={v:.4f}" for k, v in means.items()))
+
+
+@app.command("import-folder")
+@reports_errors
+def import_folder_cmd(
+    root: Path = typer.Argument(..., help="Folder of class folders (nested allowed: one label per leaf folder)."),
+    output: Path = typer.Argument(..., help="CSV to write."),
+    validation_fraction: float = typer.Option(0.5, help="Share of the classes that go to validation."),
+    seed: int = typer.Option(0, help="Seed of the class split and query choice."),
+    queries_per_class: Optional[int] = typer.Option(None, help="Queries per validation class; default: every image is a query."),
+) -> None:
+    """Turn a class-per-folder image tree into a dataset table, split by class."""
+    from lookalike.data.folder import import_folder
+
+    table = import_folder(root, validation_fraction, seed, queries_per_class)
+    table.save(output)
+    val = table.frame[table.frame["split"] == "validation"]
+    out.print(
+        f"wrote {output}: {len(table)} images, {table.frame['label'].nunique()} labels "
+        f"({len(table) - len(val)} train, {len(val)} validation: {int(val['is_query'].sum())} queries, {int(val['is_gallery'].sum())} gallery)"
+    )
+
+
+@app.command()
+@reports_errors
+def extract(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP)) -> None:
+    """Embed the images of data.table with a timm model and save them to extract.output."""
+    from lookalike.pipeline import run_extract, table_from_config
+
+    cfg = _config(args)
+    emb = run_extract(cfg, table_from_config(cfg), _progress("embedding"))
+    out.print(f"wrote {cfg.extract.output}: {len(emb)} embeddings of dimension {emb.dim}")
+
+
+@app.command()
+@reports_errors
+def search(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP)) -> None:
+    """Search the validation queries of data.table against its gallery; save RetrievalResults to search.output."""
+    from lookalike.pipeline import run_search, table_from_config
+
+    cfg = _config(args)
+    results = run_search(cfg, table_from_config(cfg))
+    out.print(f"wrote {cfg.search.output}: top-{results.k} of {results.n_queries} queries in {len(results.gallery_ids)} gallery items")
+
+
+@app.command()
+@reports_errors
+def evaluate(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP)) -> None:
+    """Compute CMC / precision / mAP of search results; write a JSON summary and pictures."""
+    from lookalike.pipeline import run_evaluate, table_from_config
+
+    cfg = _config(args)
+    evaluation = run_evaluate(cfg, table_from_config(cfg))
+    _print_report(evaluation.report)
+    out.print(f"wrote {cfg.evaluate.output}" + "".join(f", {p}" for p in evaluation.pictures))
+
+
+@app.command()
+@reports_errors
+def demo(
+    images: Optional[Path] = typer.Option(None, help="A class-per-folder image tree; default: scikit-learn's bundled digits."),
+    out_dir: Path = typer.Option(Path("runs/demo"), "--out", help="Where the table, embeddings, results, metrics and pictures go."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides of the demo config (e.g. model.name=resnet34)."),
+) -> None:
+    """Run the whole pipeline on an embedded dataset: import, embed, search, evaluate, draw."""
+    from lookalike.demo import run_demo
+
+    run = run_demo(out_dir, images, tuple(overrides or ()), progress=_progress("embedding"))
+    _print_report(run.evaluation.report, f"demo ({run.config.model.name}, untrained)")
+    out.print(f"table: {run.table_path}\nmetrics: {run.config.evaluate.output}")
+    for picture in run.evaluation.pictures:
+        out.print(f"picture: {picture}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Image loading for a dataset table: RGB conversion, bbox crop, torchvision v2 transforms."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision.transforms import v2
+
+from lookalike.data.table import BBOX_COLUMNS, DatasetTable
+from lookalike.errors import LookalikeError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def eval_transform(
+    image_size: int = 224, crop_fraction: float = 0.875, mean: tuple = IMAGENET_MEAN, std: tuple = IMAGENET_STD
+) -> v2.Compose:
+    """Resize the short side to image_size / crop_fraction, centre-crop image_size, scale to float, normalise."""
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize(int(round(image_size / crop_fraction)), antialias=True),
+            v2.CenterCrop(image_size),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean, std),
+        ]
+    )
+
+
+def read_image(path: str, bbox: np.ndarray | None = None) -> Image.Image:
+    """Open an image as RGB (grayscale, palette and alpha images converted), cropped to bbox when given."""
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+    except (FileNotFoundError, UnidentifiedImageError, OSError) as exc:
+        raise LookalikeError(f"{path}: cannot read image ({exc.__class__.__name__}: {exc})") from None
+    if bbox is not None and not np.isnan(bbox).any():
+        img = img.crop(tuple(float(v) for v in bbox))
+    return img
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Items of a dataset table as (image tensor, row index) pairs."""
+
+    def __init__(self, table: DatasetTable, transform: Callable | None = None) -> None:
+        self.paths = [str(p) for p in table.image_paths()]
+        self.boxes = table.frame[list(BBOX_COLUMNS)].to_numpy(float) if table.has_bbox else None
+        self.transform = transform or eval_transform()
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        img = read_image(self.paths[i], None if self.boxes is None else self.boxes[i])
+        return self.transform(img), i

@@ -1,0 +1,197 @@
+"""The dataset table: one CSV row per image, in Open Metric Learning's column format, validated."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from lookalike.atomic import atomic_path
+from lookalike.errors import TableError
+
+REQUIRED_COLUMNS = ("label", "path", "split", "is_query", "is_gallery")
+OPTIONAL_COLUMNS = ("category", "sequence", "x_1", "y_1", "x_2", "y_2", "domain")
+BBOX_COLUMNS = ("x_1", "y_1", "x_2", "y_2")
+SPLITS = ("train", "validation")
+_TRUE = {"true", "1", "yes", "y", "t"}
+_FALSE = {"false", "0", "no", "n", "f"}
+
+
+@dataclass(frozen=True)
+class DatasetTable:
+    """A validated table; `frame` has one row per image, `root` resolves relative paths."""
+
+    frame: pd.DataFrame
+    root: Path
+    source: str = "<table>"
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    @property
+    def has_bbox(self) -> bool:
+        return all(c in self.frame.columns for c in BBOX_COLUMNS)
+
+    def split(self, name: str) -> DatasetTable:
+        """The rows of one split ('train' or 'validation'), re-indexed from 0."""
+        if name not in SPLITS:
+            raise TableError(f"{self.source}: unknown split {name!r}; expected one of {', '.join(SPLITS)}")
+        rows = self.frame[self.frame["split"] == name].reset_index(drop=True)
+        return DatasetTable(rows, self.root, self.source)
+
+    def image_paths(self) -> list[Path]:
+        """Absolute image paths, in row order."""
+        return [_resolve(self.root, p) for p in self.frame["path"]]
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the table as CSV atomically, paths made relative to the CSV's folder so `load_table(path)` finds them."""
+        folder = Path(path).resolve().parent
+        frame = self.frame.copy()
+        frame["path"] = [p if Path(p).is_absolute() else os.path.relpath((self.root / p).resolve(), folder) for p in frame["path"]]
+        with atomic_path(path) as tmp:
+            frame.to_csv(tmp, index=False)
+
+
+def _resolve(root: Path, path: str) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else root / p
+
+
+def load_table(path: str | os.PathLike, root: str | os.PathLike | None = None, check_files: bool = True) -> DatasetTable:
+    """Read and validate a dataset CSV; `root` defaults to the CSV's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise TableError(f"{path}: no such dataset table")
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise TableError(f"{path}: not a readable CSV ({str(exc).splitlines()[0]})") from None
+    return validate_table(frame, Path(root) if root is not None else path.parent, str(path), check_files)
+
+
+def validate_table(frame: pd.DataFrame, root: str | os.PathLike, source: str = "<table>", check_files: bool = True) -> DatasetTable:
+    """Check every column and row of a raw table; raise TableError naming the first bad row and column."""
+    frame = frame.reset_index(drop=True)  # positional row numbers in errors, whatever the index
+    frame.columns = [str(c).strip() for c in frame.columns]
+    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    if missing:
+        raise TableError(
+            f"{source}: missing required column {missing[0]!r} (expected columns {', '.join(REQUIRED_COLUMNS)}; "
+            f"found {', '.join(frame.columns) or 'none'})"
+        )
+    if len(frame) == 0:
+        raise TableError(f"{source}: the table has no rows")
+    frame = frame.astype({c: str for c in frame.columns if frame[c].dtype == object or c in REQUIRED_COLUMNS})
+    root = Path(root)
+    _check_split(frame, source)
+    _check_non_empty(frame, "label", source)
+    _check_non_empty(frame, "path", source)
+    frame["label"] = _parse_labels(frame["label"])
+    is_val = (frame["split"] == "validation").to_numpy()
+    for col in ("is_query", "is_gallery"):
+        frame[col] = _parse_bools(frame[col], col, is_val, source)
+    _check_validation_roles(frame, is_val, source)
+    _check_duplicate_paths(frame, source)
+    if any(c in frame.columns for c in BBOX_COLUMNS):
+        _parse_bbox(frame, source)
+    if "sequence" in frame.columns:
+        frame["sequence"] = frame["sequence"].replace("", np.nan)
+    if check_files:
+        _check_files(frame, root, source)
+    return DatasetTable(frame.reset_index(drop=True), root, source)
+
+
+def _where(source: str, row: int, column: str) -> str:
+    return f"{source}, row {row + 1} (line {row + 2}), column {column!r}"
+
+
+def _first_bad(mask: np.ndarray) -> int:
+    return int(np.flatnonzero(mask)[0])
+
+
+def _check_split(frame: pd.DataFrame, source: str) -> None:
+    split = frame["split"].str.strip()
+    bad = ~split.isin(SPLITS).to_numpy()
+    if bad.any():
+        i = _first_bad(bad)
+        raise TableError(f"{_where(source, i, 'split')}: expected 'train' or 'validation', got {frame['split'][i]!r}")
+    frame["split"] = split
+
+
+def _check_non_empty(frame: pd.DataFrame, column: str, source: str) -> None:
+    bad = (frame[column].str.strip() == "").to_numpy()
+    if bad.any():
+        raise TableError(f"{_where(source, _first_bad(bad), column)}: expected a value, got an empty cell")
+
+
+def _parse_labels(labels: pd.Series) -> pd.Series:
+    """Integer labels when every label is an integer, strings otherwise."""
+    stripped = labels.str.strip()
+    as_int = pd.to_numeric(stripped, errors="coerce")
+    if as_int.notna().all() and (as_int == as_int.round()).all():
+        return as_int.astype(np.int64)
+    return stripped
+
+
+def _parse_bools(values: pd.Series, column: str, required: np.ndarray, source: str) -> pd.Series:
+    """Parse True/False/1/0/yes/no; empty is allowed (as False) only on train rows."""
+    lowered = values.str.strip().str.lower()
+    true, false, empty = lowered.isin(_TRUE).to_numpy(), lowered.isin(_FALSE).to_numpy(), (lowered == "").to_numpy()
+    bad = ~(true | false | empty) | (empty & required)
+    if bad.any():
+        i = _first_bad(bad)
+        raise TableError(f"{_where(source, i, column)}: expected a boolean (True/False or 1/0), got {values[i]!r}")
+    return pd.Series(true, index=values.index)
+
+
+def _check_validation_roles(frame: pd.DataFrame, is_val: np.ndarray, source: str) -> None:
+    if not is_val.any():
+        return
+    for col, role in (("is_query", "query"), ("is_gallery", "gallery")):
+        if not frame.loc[is_val, col].any():
+            raise TableError(f"{source}, column {col!r}: validation rows have no {role}; expected at least one True")
+
+
+def _check_duplicate_paths(frame: pd.DataFrame, source: str) -> None:
+    dup = frame["path"].duplicated().to_numpy()
+    if dup.any():
+        i = _first_bad(dup)
+        first = int(np.flatnonzero((frame["path"] == frame["path"][i]).to_numpy())[0])
+        raise TableError(f"{_where(source, i, 'path')}: duplicate path {frame['path'][i]!r} (first seen in row {first + 1})")
+
+
+def _parse_bbox(frame: pd.DataFrame, source: str) -> None:
+    """All four bbox columns or none; numbers with x_1 < x_2 and y_1 < y_2, or all empty for a row."""
+    absent = [c for c in BBOX_COLUMNS if c not in frame.columns]
+    if absent:
+        raise TableError(f"{source}: bbox column {absent[0]!r} missing; expected all of {', '.join(BBOX_COLUMNS)} or none")
+    for col in BBOX_COLUMNS:
+        text = frame[col].astype(str).str.strip()
+        numbers = pd.to_numeric(text.replace("", np.nan), errors="coerce")
+        bad = (numbers.isna() & (text != "")).to_numpy()
+        if bad.any():
+            i = _first_bad(bad)
+            raise TableError(f"{_where(source, i, col)}: expected a number, got {frame[col][i]!r}")
+        frame[col] = numbers
+    box = frame[list(BBOX_COLUMNS)].to_numpy(dtype=float)
+    partial = np.isnan(box).any(1) & ~np.isnan(box).all(1)
+    if partial.any():
+        i = _first_bad(partial)
+        col = BBOX_COLUMNS[int(np.flatnonzero(np.isnan(box[i]))[0])]
+        raise TableError(f"{_where(source, i, col)}: expected a number (a bbox needs all four corners), got an empty cell")
+    with np.errstate(invalid="ignore"):
+        inverted = (box[:, 2] <= box[:, 0]) | (box[:, 3] <= box[:, 1])
+    if inverted.any():
+        i = _first_bad(inverted)
+        col = "x_2" if box[i, 2] <= box[i, 0] else "y_2"
+        raise TableError(f"{_where(source, i, col)}: expected x_1 < x_2 and y_1 < y_2, got box {box[i].tolist()}")
+
+
+def _check_files(frame: pd.DataFrame, root: Path, source: str) -> None:
+    exists = np.fromiter((_resolve(root, p).is_file() for p in frame["path"]), dtype=bool, count=len(frame))
+    if not exists.all():
+        i = _first_bad(~exists)
+        raise TableError(f"{_where(source, i, 'path')}: image file not found: {_resolve(root, frame['path'][i])}")

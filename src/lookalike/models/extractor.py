@@ -1,0 +1,63 @@
+"""The embedding extractor: any timm backbone, pooled, optionally projected, L2-normalised."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from lookalike.errors import LookalikeError
+
+
+class Extractor(nn.Module):
+    """timm backbone (classifier removed) -> optional linear projection -> optional L2 normalisation."""
+
+    def __init__(self, name: str, pretrained: bool = False, embedding_dim: int | None = None, normalize: bool = True) -> None:
+        super().__init__()
+        try:
+            self.backbone = timm.create_model(name, pretrained=pretrained, num_classes=0)
+        except RuntimeError as exc:  # timm raises RuntimeError for an unknown model name
+            raise LookalikeError(f"model.name: {exc}") from None
+        features = self.backbone.num_features
+        self.projection = nn.Linear(features, embedding_dim) if embedding_dim else nn.Identity()
+        self.dim = embedding_dim or features
+        self.normalize = normalize
+        self.name = name
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.projection(self.backbone(images))
+        return nn.functional.normalize(features, dim=1) if self.normalize else features
+
+    def data_config(self) -> dict:
+        """timm's preprocessing for this backbone (mean, std, input size)."""
+        return timm.data.resolve_model_data_config(self.backbone)
+
+
+def load_weights(module: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load a state dict or a Lightning checkpoint into `module`, finding the key prefix by itself."""
+    path = Path(path)
+    if not path.is_file():
+        raise LookalikeError(f"model.weights: no such file {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a file that is not a checkpoint
+        raise LookalikeError(f"model.weights: {path} is not a PyTorch checkpoint ({exc.__class__.__name__})") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise LookalikeError(f"model.weights: {path} holds no state dict")
+    prefix = _common_prefix(state, module.state_dict())
+    stripped = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    missing, _ = module.load_state_dict(stripped, strict=False)
+    if missing:
+        raise LookalikeError(f"model.weights: {path} lacks {len(missing)} weights of this model, e.g. {missing[0]!r} (wrong model.name?)")
+    return module
+
+
+def _common_prefix(state: dict, own: dict) -> str:
+    """The prefix that, removed from checkpoint keys, matches the most of the model's own keys."""
+    votes = Counter(k[: len(k) - len(o)] for k in state for o in own if k.endswith(o) and (len(k) == len(o) or k[len(k) - len(o) - 1] == "."))
+    return votes.most_common(1)[0][0] if votes else ""

@@ -1,0 +1,72 @@
+"""The retrieval pipeline as steps over the config: extract, search, evaluate (used by the CLI and the demo)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from lookalike.config import Config
+from lookalike.data.images import eval_transform
+from lookalike.data.table import DatasetTable, load_table
+from lookalike.embeddings import Embeddings
+from lookalike.errors import ConfigError
+from lookalike.extract import Progress, extract_embeddings
+from lookalike.metrics import MetricsReport, cmc_curve, evaluate_table
+from lookalike.models.extractor import Extractor, load_weights
+from lookalike.search import RetrievalResults, search_table
+from lookalike.viz import save_cmc_curve, save_result_grid, spread_queries
+
+
+def table_from_config(cfg: Config) -> DatasetTable:
+    """Load the dataset table named by data.table (relative paths resolved from data.root)."""
+    if not cfg.data.table:
+        raise ConfigError("data.table: expected the path of a dataset CSV, e.g. data.table=dataset.csv")
+    return load_table(cfg.data.table, cfg.data.root)
+
+
+def extractor_from_config(cfg: Config) -> Extractor:
+    """Create the timm extractor and load model.weights when given."""
+    m = cfg.model
+    extractor = Extractor(m.name, pretrained=m.pretrained and not m.weights, embedding_dim=m.embedding_dim, normalize=m.normalize)
+    return load_weights(extractor, m.weights) if m.weights else extractor
+
+
+def run_extract(cfg: Config, table: DatasetTable, progress: Progress | None = None) -> Embeddings:
+    """Embed the rows of extract.split (or all rows) and save them to extract.output."""
+    rows = table.split(cfg.extract.split) if cfg.extract.split else table
+    extractor = extractor_from_config(cfg)
+    dc = extractor.data_config()
+    transform = eval_transform(cfg.data.image_size, cfg.data.crop_fraction, dc["mean"], dc["std"])
+    emb = extract_embeddings(extractor, rows, transform, cfg.data.batch_size, cfg.data.num_workers, cfg.extract.device, progress)
+    emb.save(cfg.extract.output)
+    return emb
+
+
+def run_search(cfg: Config, table: DatasetTable, embeddings: Embeddings | None = None) -> RetrievalResults:
+    """Search the table's validation queries against its gallery and save the results to search.output."""
+    s = cfg.search
+    emb = embeddings if embeddings is not None else Embeddings.load(s.embeddings or cfg.extract.output)
+    results = search_table(emb, table, s.k, metric=s.metric, index=s.index, device=s.device)
+    results.save(s.output)
+    return results
+
+
+@dataclass
+class Evaluation:
+    report: MetricsReport
+    pictures: list[Path]
+
+
+def run_evaluate(cfg: Config, table: DatasetTable, results: RetrievalResults | None = None) -> Evaluation:
+    """Compute metrics, write the metrics JSON, the result grid and the CMC curve."""
+    e = cfg.evaluate
+    results = results if results is not None else RetrievalResults.load(e.results or cfg.search.output)
+    report = evaluate_table(results, table, cmc_k=tuple(e.cmc_k), precision_k=tuple(e.precision_k), map_k=tuple(e.map_k))
+    report.save(e.output)
+    pictures = []
+    if e.grid:
+        queries = spread_queries(results.n_queries, e.grid_queries)
+        pictures.append(save_result_grid(results, e.grid, table.root, report.relevance, queries, e.grid_top_k))
+    if e.cmc_plot:
+        pictures.append(save_cmc_curve({"CMC": cmc_curve(report.relevance, report.n_relevant)}, e.cmc_plot))
+    return Evaluation(report, pictures)

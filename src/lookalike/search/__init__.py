@@ -1,0 +1,43 @@
+"""Search a gallery: exact blocked k-NN or a FAISS index, both returning RetrievalResults."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from lookalike.data.table import DatasetTable
+from lookalike.embeddings import Embeddings
+from lookalike.errors import LookalikeError
+from lookalike.search.exact import exact_knn
+from lookalike.search.faiss_index import FaissIndex
+from lookalike.search.protocol import exclusion_groups, query_gallery_ids
+from lookalike.search.results import PAD, RetrievalResults
+
+__all__ = ["PAD", "FaissIndex", "RetrievalResults", "exact_knn", "exclusion_groups", "query_gallery_ids", "search", "search_table"]
+
+
+def search(
+    queries: Embeddings,
+    gallery: Embeddings,
+    k: int = 100,
+    metric: str = "cosine",
+    index: str = "exact",
+    exclude: tuple[np.ndarray, np.ndarray] | None = None,
+    device: torch.device | str | None = None,
+) -> RetrievalResults:
+    """Top-k gallery items of every query; `index` is 'exact' or a FAISS factory string ('Flat', 'HNSW32', ...)."""
+    if index == "exact":
+        idx, dist = exact_knn(queries.vectors, gallery.vectors, k, metric, exclude=exclude, device=device)
+    else:
+        if queries.dim != gallery.dim:
+            raise LookalikeError(f"search: query dim {queries.dim} differs from gallery dim {gallery.dim}")
+        idx, dist = FaissIndex(index, metric).add(gallery.vectors).search(queries.vectors, k, exclude)
+    meta = {"metric": metric, "index": index, "k": k}
+    return RetrievalResults(idx, dist, queries.ids, gallery.ids, meta)
+
+
+def search_table(embeddings: Embeddings, table: DatasetTable, k: int = 100, **kwargs) -> RetrievalResults:
+    """Search the validation queries of `table` against its validation gallery, applying its exclusion rules."""
+    query_ids, gallery_ids = query_gallery_ids(table)
+    exclude = exclusion_groups(table, query_ids, gallery_ids)
+    return search(embeddings.select(query_ids), embeddings.select(gallery_ids), k, exclude=exclude, **kwargs)

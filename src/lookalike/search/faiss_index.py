@@ -1,0 +1,95 @@
+"""FAISS indexes (flat, IVF, HNSW, PQ by factory string) behind the same call as exact search."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lookalike.errors import LookalikeError
+from lookalike.search.results import PAD
+
+
+def _faiss():
+    import faiss  # imported lazily: a large library that most commands never need
+
+    return faiss
+
+
+class FaissIndex:
+    """A gallery held in a FAISS index built from a factory string such as 'Flat', 'IVF256,Flat', 'HNSW32'."""
+
+    def __init__(self, factory: str = "Flat", metric: str = "cosine", nprobe: int = 16, ef_search: int = 128) -> None:
+        if metric not in ("cosine", "euclidean"):
+            raise LookalikeError(f"metric: expected 'cosine' or 'euclidean', got {metric!r}")
+        self.factory, self.metric, self.nprobe, self.ef_search = factory, metric, nprobe, ef_search
+        self.index = None
+        self.size = 0
+
+    def _prepare(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if self.metric == "cosine":
+            x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        return x
+
+    def add(self, gallery: np.ndarray) -> FaissIndex:
+        """Build (training IVF/PQ on the gallery itself) and fill the index."""
+        faiss = _faiss()
+        g = self._prepare(gallery)
+        kind = faiss.METRIC_INNER_PRODUCT if self.metric == "cosine" else faiss.METRIC_L2
+        try:
+            index = faiss.index_factory(g.shape[1], self.factory, kind)
+        except RuntimeError as exc:
+            raise LookalikeError(f"search.index: FAISS cannot build {self.factory!r} ({str(exc).splitlines()[0]})") from None
+        if not index.is_trained:
+            index.train(g)
+        self._tune(index)
+        index.add(g)
+        self.index, self.size = index, len(g)
+        return self
+
+    def _tune(self, index) -> None:
+        faiss = _faiss()
+        params = faiss.ParameterSpace()
+        for name, value in (("nprobe", self.nprobe), ("efSearch", self.ef_search)):
+            try:
+                params.set_index_parameter(index, name, value)
+            except RuntimeError:
+                pass  # the parameter does not apply to this index type
+
+    def search(self, queries: np.ndarray, k: int, exclude: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k gallery positions and ascending distances; excluded groups are skipped as in exact search."""
+        if self.index is None:
+            raise LookalikeError("search: the FAISS index is empty; call add(gallery) first")
+        q = self._prepare(queries)
+        extra = _max_excluded(exclude) if exclude is not None else 0
+        kk = min(k + extra, self.size)
+        score, index = self.index.search(q, kk)
+        index = index.astype(np.int64)
+        if exclude is not None:
+            qg, gg = (np.asarray(a, dtype=np.int64) for a in exclude)
+            hidden = (index >= 0) & (gg[np.maximum(index, 0)] == qg[:, None])
+            index[hidden] = PAD
+        dist = 1.0 - score if self.metric == "cosine" else np.sqrt(np.maximum(score, 0.0))
+        return _compact(index, dist.astype(np.float32), k)
+
+
+def _max_excluded(exclude: tuple[np.ndarray, np.ndarray]) -> int:
+    """The largest number of gallery items any query can have hidden."""
+    qg, gg = (np.asarray(a, dtype=np.int64) for a in exclude)
+    groups, counts = np.unique(gg, return_counts=True)
+    shared = np.isin(groups, qg)
+    return int(counts[shared].max()) if shared.any() else 0
+
+
+def _compact(index: np.ndarray, dist: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Move filled slots to the front (keeping their order), cut or pad to k columns."""
+    empty = index < 0
+    order = np.argsort(empty, axis=1, kind="stable")
+    index, dist = np.take_along_axis(index, order, 1), np.take_along_axis(dist, order, 1)
+    empty = index < 0
+    dist[empty] = np.inf
+    index[empty] = PAD
+    if index.shape[1] < k:
+        pad = k - index.shape[1]
+        index = np.pad(index, ((0, 0), (0, pad)), constant_values=PAD)
+        dist = np.pad(dist, ((0, 0), (0, pad)), constant_values=np.inf)
+    return index[:, :k], dist[:, :k]

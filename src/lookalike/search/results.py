@@ -1,0 +1,81 @@
+"""RetrievalResults: the top-K gallery rows of every query, with ascending distances, saved as one file."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lookalike.atomic import atomic_path
+from lookalike.errors import LookalikeError
+
+PAD = -1  # index of an empty slot when fewer than K gallery items are available
+
+
+@dataclass(frozen=True)
+class RetrievalResults:
+    """For Q queries: gallery positions [Q, K] (int64, PAD when empty) and distances [Q, K] (float32, ascending)."""
+
+    indices: np.ndarray
+    distances: np.ndarray
+    query_ids: np.ndarray
+    gallery_ids: np.ndarray
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        indices = np.asarray(self.indices, dtype=np.int64)
+        distances = np.asarray(self.distances, dtype=np.float32)
+        query_ids, gallery_ids = np.asarray(self.query_ids), np.asarray(self.gallery_ids)
+        if indices.ndim != 2 or indices.shape != distances.shape:
+            raise LookalikeError(f"results: indices {indices.shape} and distances {distances.shape} must be equal [Q, K]")
+        if len(query_ids) != len(indices):
+            raise LookalikeError(f"results: {len(indices)} rows but {len(query_ids)} query ids")
+        if indices.size and (indices.max() >= len(gallery_ids) or indices.min() < PAD):
+            raise LookalikeError(f"results: indices must lie in [-1, {len(gallery_ids) - 1}]")
+        for name, value in (("indices", indices), ("distances", distances), ("query_ids", query_ids), ("gallery_ids", gallery_ids)):
+            object.__setattr__(self, name, value)
+
+    @property
+    def n_queries(self) -> int:
+        return self.indices.shape[0]
+
+    @property
+    def k(self) -> int:
+        return self.indices.shape[1]
+
+    @property
+    def valid(self) -> np.ndarray:
+        """Mask [Q, K] of filled slots."""
+        return self.indices != PAD
+
+    def top(self, k: int) -> RetrievalResults:
+        """The first k columns."""
+        return RetrievalResults(self.indices[:, :k], self.distances[:, :k], self.query_ids, self.gallery_ids, dict(self.meta))
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write everything into one .npz file atomically."""
+        with atomic_path(path, suffix=".npz") as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(
+                    fh,
+                    indices=self.indices,
+                    distances=self.distances,
+                    query_ids=self.query_ids.astype(str),
+                    gallery_ids=self.gallery_ids.astype(str),
+                    meta=np.array(json.dumps(self.meta)),
+                )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> RetrievalResults:
+        """Read results written by `save`."""
+        path = Path(path)
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return cls(data["indices"], data["distances"], data["query_ids"], data["gallery_ids"], json.loads(str(data["meta"])))
+        except FileNotFoundError:
+            raise LookalikeError(f"{path}: no such results file") from None
+        except (KeyError, ValueError, OSError) as exc:
+            raise LookalikeError(f"{path}: not a results file written by lookalike ({exc})") from None

@@ -1,0 +1,135 @@
+"""Exact blocked search against a dense reference and FAISS; exclusion rules; FAISS backends; saving results."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pandas as pd
+import pytest
+
+from lookalike.data.table import validate_table
+from lookalike.embeddings import Embeddings
+from lookalike.errors import LookalikeError
+from lookalike.search import PAD, FaissIndex, RetrievalResults, exact_knn, search, search_table
+
+
+def unit(rng, n, d=16):
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def dense_reference(q, g, k, metric):
+    if metric == "cosine":
+        d = 1 - q @ g.T
+    else:
+        d = np.sqrt(np.maximum(((q[:, None, :] - g[None]) ** 2).sum(-1), 0))
+    idx = np.argsort(d, axis=1, kind="stable")[:, :k]
+    return idx, np.take_along_axis(d, idx, 1)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_blocked_search_equals_dense_reference(metric):
+    rng = np.random.default_rng(0)
+    q, g = rng.standard_normal((37, 8)).astype(np.float32), rng.standard_normal((101, 8)).astype(np.float32)
+    if metric == "cosine":
+        q, g = q / np.linalg.norm(q, axis=1, keepdims=True), g / np.linalg.norm(g, axis=1, keepdims=True)
+    idx, dist = exact_knn(q, g, 10, metric, query_block=5, gallery_block=7)  # many blocks, ragged edges
+    ref_idx, ref_dist = dense_reference(q, g, 10, metric)
+    np.testing.assert_array_equal(idx, ref_idx)
+    np.testing.assert_allclose(dist, ref_dist, atol=1e-4)
+    assert (np.diff(dist, axis=1) >= 0).all()
+
+
+def test_same_neighbours_as_faiss_flat_ip():
+    rng = np.random.default_rng(1)
+    q, g = unit(rng, 200, 32), unit(rng, 3000, 32)
+    idx, dist = exact_knn(q, g, 20, gallery_block=512)
+    index = faiss.IndexFlatIP(32)
+    index.add(g)
+    sim, ref = index.search(q, 20)
+    assert (idx == ref).mean() > 0.999
+    np.testing.assert_allclose(dist, 1 - sim, atol=1e-5)
+
+
+def test_self_exclusion_and_padding_when_k_exceeds_gallery():
+    rng = np.random.default_rng(2)
+    x = unit(rng, 6)
+    groups = np.arange(6)
+    idx, dist = exact_knn(x, x, 8, exclude=(groups, groups))
+    assert not (idx[:, :5] == np.arange(6)[:, None]).any()  # nobody retrieves itself
+    assert (idx[:, 5:] == PAD).all() and np.isinf(dist[:, 5:]).all()
+    assert (idx[:, :5] >= 0).all()
+
+
+def test_group_exclusion_hides_the_whole_sequence():
+    rng = np.random.default_rng(3)
+    q, g = unit(rng, 4), unit(rng, 12)
+    q_groups, g_groups = np.array([0, 1, 2, 3]), np.repeat([0, 1, 2, 3], 3)
+    idx, _ = exact_knn(q, g, 12, exclude=(q_groups, g_groups))
+    for i in range(4):
+        kept = idx[i][idx[i] >= 0]
+        assert len(kept) == 9 and not np.isin(kept, np.flatnonzero(g_groups == i)).any()
+
+
+@pytest.mark.parametrize("factory", ["Flat", "HNSW16", "IVF4,Flat"])
+def test_faiss_backend_matches_exact_search(factory):
+    rng = np.random.default_rng(4)
+    q, g = unit(rng, 50, 16), unit(rng, 400, 16)
+    groups = (np.arange(50), np.arange(400) % 60)
+    ref, _ = exact_knn(q, g, 10, exclude=groups)
+    idx, dist = FaissIndex(factory, nprobe=4).add(g).search(q, 10, exclude=groups)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(idx, ref)])
+    assert recall > (0.999 if factory == "Flat" else 0.9)
+    hidden = groups[1][np.maximum(idx, 0)] == groups[0][:, None]
+    assert not (hidden & (idx >= 0)).any()
+    assert (np.diff(dist, axis=1) >= -1e-6).all()
+
+
+def test_euclidean_faiss_distances_are_not_squared():
+    rng = np.random.default_rng(5)
+    q, g = rng.standard_normal((5, 8)).astype(np.float32), rng.standard_normal((30, 8)).astype(np.float32)
+    _, ref = exact_knn(q, g, 3, "euclidean")
+    _, dist = FaissIndex("Flat", "euclidean").add(g).search(q, 3)
+    np.testing.assert_allclose(dist, ref, rtol=1e-4)
+
+
+def test_search_table_applies_the_sequence_rule(tmp_path):
+    frame = pd.DataFrame(
+        {
+            "label": [0, 0, 0, 1, 1],
+            "path": [f"{i}.png" for i in range(5)],
+            "split": ["validation"] * 5,
+            "is_query": ["True"] * 5,
+            "is_gallery": ["True"] * 5,
+            "sequence": ["a", "a", "b", "c", ""],
+        }
+    )
+    table = validate_table(frame.astype(str), tmp_path, check_files=False)
+    emb = Embeddings(np.eye(5, dtype=np.float32) + 0.1, frame["path"])
+    rr = search_table(emb, table, k=5)
+    got = {q: {rr.gallery_ids[j] for j in row if j >= 0} for q, row in zip(rr.query_ids, rr.indices)}
+    assert got["0.png"] == {"2.png", "3.png", "4.png"}  # not itself, not 1.png (same sequence)
+    assert got["4.png"] == {"0.png", "1.png", "2.png", "3.png"}  # empty sequence: only itself hidden
+
+
+def test_results_round_trip(tmp_path):
+    rng = np.random.default_rng(6)
+    rr = search(Embeddings(unit(rng, 3), ["a", "b", "c"]), Embeddings(unit(rng, 5), list("vwxyz")), k=4)
+    rr.save(tmp_path / "r.npz")
+    back = RetrievalResults.load(tmp_path / "r.npz")
+    np.testing.assert_array_equal(back.indices, rr.indices)
+    np.testing.assert_array_equal(back.distances, rr.distances)
+    assert back.query_ids.tolist() == ["a", "b", "c"] and back.meta["k"] == 4
+    assert [p.name for p in tmp_path.iterdir()] == ["r.npz"]  # no temp file left behind
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path):
+    with pytest.raises(LookalikeError, match="metric: expected one of cosine, euclidean"):
+        exact_knn(np.ones((2, 3)), np.ones((4, 3)), 2, "manhattan")
+    with pytest.raises(LookalikeError, match="equal D"):
+        exact_knn(np.ones((2, 3)), np.ones((4, 5)), 2)
+    with pytest.raises(LookalikeError, match="cannot build 'NotAnIndex'"):
+        FaissIndex("NotAnIndex").add(np.ones((4, 3), np.float32))
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(LookalikeError, match="junk.npz: not a results file"):
+        RetrievalResults.load(tmp_path / "junk.npz")
