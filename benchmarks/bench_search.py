@@ -9,7 +9,11 @@ Speed: best wall time of `--repeats` runs, the two sides interleaved. lookalike 
 whole `exact_knn` call (numpy in, numpy out); FAISS on `index.search` only, with the gallery
 added beforehand (the add time is printed separately).
 Memory: each (side, G) runs in a fresh subprocess (`--memory-worker G --side ...`) that loads the
-data, records its RSS, searches, and reports the peak RSS (ru_maxrss) minus that RSS.
+data, resets its peak-RSS mark, records its RSS, searches, and reports the peak RSS minus that RSS.
+The peak is read from /proc/self/status (VmHWM), not getrusage's ru_maxrss: on Linux a child's
+ru_maxrss starts at its parent's peak (it survives exec), and this parent holds torch and the data,
+so ru_maxrss would hide any search peak below roughly 1 GB. VmHWM belongs to the process's own
+memory map and is reset by writing 5 to /proc/self/clear_refs.
 Exits non-zero when the neighbours differ from FAISS's beyond ties (1e-5 in distance).
 """
 
@@ -18,13 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import faiss
 import numpy as np
@@ -36,7 +38,6 @@ SEED = 0
 TIE_TOLERANCE = 1e-5
 TARGET_RATIO = 1.2
 MEMORY_GALLERIES = (20_000, 80_000, 320_000)
-MEMORY_QUERIES = 2_000
 SIDES = ("lookalike", "faiss")
 MIB = 2**20
 
@@ -169,29 +170,47 @@ def rss_now() -> int:
 
 
 def peak_rss() -> int:
-    """Peak resident set size of this process so far, in bytes (ru_maxrss is in KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Peak resident set size of this process's memory map (VmHWM) in bytes."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def reset_peak_rss() -> bool:
+    """Set the peak-RSS mark to the current RSS; False when the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def searcher(side: str, gallery: np.ndarray) -> Callable[[np.ndarray, int], object]:
+    """A search over `gallery` by one side; FAISS builds its index (a copy of the gallery) here."""
+    if side == "faiss":
+        index = flat_index(gallery)
+        return lambda queries, k: search_faiss(index, queries, k)
+    return lambda queries, k: search_lookalike(queries, gallery, k)
 
 
 def memory_worker(side: str, n_q: int, n_g: int, d: int, k: int) -> dict[str, int]:
     """In a fresh process: load data, then measure the peak RSS one search adds on top of it."""
     use_all_cores()
-    warm_q, warm_g = make_data(8, 1_000, d, seed=SEED + 1)  # load the libraries' code and thread pools first
-    search_lookalike(warm_q, warm_g, 10) if side == "lookalike" else search_faiss(flat_index(warm_g), warm_q, 10)
+    warm_q, warm_g = make_data(8, 1_000, d, seed=SEED + 1)
+    searcher(side, warm_g)(warm_q, 10)  # load the libraries' code and thread pools first
     queries, gallery = make_data(n_q, n_g, d)
     loaded = rss_now()
-    index = flat_index(gallery) if side == "faiss" else None
+    search = searcher(side, gallery)
+    reset = reset_peak_rss()
     before, peak_before = rss_now(), peak_rss()
-    result = search_lookalike(queries, gallery, k) if side == "lookalike" else search_faiss(index, queries, k)
-    peak_after = peak_rss()
-    del result
-    return {"loaded": loaded, "before": before, "peak_before": peak_before, "peak_after": peak_after}
+    search(queries, k)
+    return {"loaded": loaded, "before": before, "peak_before": peak_before, "peak_after": peak_rss(), "reset": int(reset)}
 
 
 def measure(side: str, n_g: int, args: argparse.Namespace) -> dict[str, int]:
     """Run one memory worker in a fresh subprocess and return what it measured."""
     command = [sys.executable, __file__, "--memory-worker", str(n_g), "--side", side,
-               "--q", str(MEMORY_QUERIES), "--d", str(args.d), "--k", str(args.k)]
+               "--q", str(args.q), "--d", str(args.d), "--k", str(args.k)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         sys.exit(f"bench_search: memory worker {side} G={n_g} failed:\n{done.stderr}")
@@ -203,26 +222,34 @@ def mib(n_bytes: float) -> str:
     return f"{n_bytes / MIB:9.1f}"
 
 
+def memory_row(n_g: int, args: argparse.Namespace) -> dict[str, int]:
+    """Measure both sides at one gallery size, print their table row, and return each side's extra bytes."""
+    runs = {side: measure(side, n_g, args) for side in SIDES}
+    extras = {side: run["peak_after"] - run["before"] for side, run in runs.items()}
+    for side, run in runs.items():
+        if not run["reset"] or run["peak_before"] > run["before"] + 16 * MIB:
+            log(f"memory: warning: {side} G={n_g:,}: the peak mark was not reset or already above RSS; its extra may be hidden")
+    full, index_size = args.q * n_g * 4, runs["faiss"]["before"] - runs["faiss"]["loaded"]
+    log(f"memory: {n_g:>9,} {mib(full)} {mib(n_g * args.d * 4)} {mib(extras['lookalike'])} {mib(extras['faiss'])} "
+        f"{mib(index_size)} {100 * extras['lookalike'] / full:8.1f}%")
+    return extras
+
+
+def report_growth(side: str, extras: list[int], args: argparse.Namespace) -> None:
+    """How much a side's extra memory grows per gallery item, next to a Q x G matrix and a gallery copy."""
+    growth, span = extras[-1] - extras[0], MEMORY_GALLERIES[-1] - MEMORY_GALLERIES[0]
+    log(f"memory: {side}: extra grows by {growth / MIB:.1f} MiB from G={MEMORY_GALLERIES[0]:,} to {MEMORY_GALLERIES[-1]:,} "
+        f"({growth / span:.0f} B per gallery item; a Q x G float32 matrix is {4 * args.q} B per item, a G x D copy {4 * args.d} B)")
+
+
 def run_memory(args: argparse.Namespace) -> None:
     """Extra peak memory of one search per gallery size, each side in fresh processes."""
-    log(f"\nmemory: peak RSS during the search minus RSS before it (fresh process each; Q={MEMORY_QUERIES:,}, D={args.d}, K={args.k}), MiB")
-    log("memory: FAISS's 'before' includes its index (a copy of the gallery, made by add)")
-    log(f"memory: {'G':>9} {'Q x G f32':>9} {'G x D f32':>9} {'lookalike':>9} {'FAISS':>9} {'lk / QxG':>9}")
-    extras: dict[str, list[int]] = {side: [] for side in SIDES}
-    for n_g in MEMORY_GALLERIES:
-        runs = {side: measure(side, n_g, args) for side in SIDES}
-        for side, run in runs.items():
-            extras[side].append(run["peak_after"] - run["before"])
-            if run["peak_before"] > run["before"] + 16 * MIB:
-                log(f"memory: warning: {side} G={n_g}: peak before the search already {mib(run['peak_before'] - run['before']).strip()} MiB above RSS; its extra may be hidden")
-        full = MEMORY_QUERIES * n_g * 4
-        lk, fs = extras["lookalike"][-1], extras["faiss"][-1]
-        log(f"memory: {n_g:>9,} {mib(full)} {mib(n_g * args.d * 4)} {mib(lk)} {mib(fs)} {100 * lk / full:8.1f}%")
+    log(f"\nmemory: peak RSS during the search minus RSS before it (fresh process each; Q={args.q:,}, D={args.d}, K={args.k}), MiB")
+    log("memory: FAISS's 'before' already includes its index (the gallery copy made by add, column 'FAISS idx')")
+    log(f"memory: {'G':>9} {'Q x G f32':>9} {'G x D f32':>9} {'lookalike':>9} {'FAISS':>9} {'FAISS idx':>9} {'lk / QxG':>9}")
+    rows = [memory_row(n_g, args) for n_g in MEMORY_GALLERIES]
     for side in SIDES:
-        growth = extras[side][-1] - extras[side][0]
-        span = MEMORY_GALLERIES[-1] - MEMORY_GALLERIES[0]
-        log(f"memory: {side}: extra grows by {growth / MIB:.1f} MiB from G={MEMORY_GALLERIES[0]:,} to {MEMORY_GALLERIES[-1]:,} "
-            f"({growth / span:.0f} B per gallery item; a Q x G matrix would add {4 * MEMORY_QUERIES} B, a G x D copy {4 * args.d} B)")
+        report_growth(side, [row[side] for row in rows], args)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

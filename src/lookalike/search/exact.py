@@ -23,14 +23,15 @@ def exact_knn(
     k: int,
     metric: str = "cosine",
     exclude: tuple[np.ndarray, np.ndarray] | None = None,
-    query_block: int = 2048,
+    query_block: int = 1024,
     gallery_block: int = 16384,
     device: torch.device | str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k gallery positions [Q, k] and ascending distances [Q, k] for every query.
 
     `exclude=(query_groups, gallery_groups)` (int arrays) hides gallery items whose group equals the
-    query's (the item itself, or its sequence). Slots left empty hold PAD and distance inf.
+    query's (the item itself, or its sequence). Slots left empty hold PAD and distance inf. Extra
+    memory is one query_block x gallery_block score buffer, whatever the gallery size.
     """
     if metric not in METRICS:
         raise LookalikeError(f"metric: expected one of {', '.join(METRICS)}, got {metric!r}")
@@ -41,15 +42,15 @@ def exact_knn(
         raise LookalikeError(f"k: expected a positive integer, got {k}")
     g = g.to(q.device)
     if metric == "cosine":
-        q, g = torch.nn.functional.normalize(q, dim=1), torch.nn.functional.normalize(g, dim=1)
-    g_sq = (g * g).sum(1) if metric == "euclidean" else None
+        q = torch.nn.functional.normalize(q, dim=1)
     groups = _group_tensors(exclude, q.device, len(q), len(g))
+    buffer = torch.empty(min(query_block, len(q)) * min(gallery_block, len(g)), device=q.device)
     scores, indices = [], []
     with torch.inference_mode():
         for start in range(0, len(q), query_block):
             stop = min(start + query_block, len(q))
             q_groups = groups[0][start:stop] if groups else None
-            s, i = _top_scores(q[start:stop], g, g_sq, k, gallery_block, q_groups, groups[1] if groups else None)
+            s, i = _top_scores(q[start:stop], g, metric, k, gallery_block, buffer, q_groups, groups[1] if groups else None)
             scores.append(s)
             indices.append(i)
     score = torch.cat(scores) if scores else torch.empty(0, k, device=q.device)
@@ -66,19 +67,27 @@ def _group_tensors(exclude, device, n_q: int, n_g: int) -> tuple[torch.Tensor, t
     return qg, gg
 
 
-def _top_scores(q, g, g_sq, k, gallery_block, q_groups, g_groups) -> tuple[torch.Tensor, torch.Tensor]:
-    """Running top-k over gallery blocks for one block of queries (higher score = closer)."""
+def _block_scores(q: torch.Tensor, g_block: torch.Tensor, metric: str, out: torch.Tensor) -> torch.Tensor:
+    """Scores [bq, bg] written into `out` (higher = closer): cosine similarity, or 2 q.g - |g|^2 for euclidean."""
+    if metric == "cosine":
+        g_block = torch.nn.functional.normalize(g_block, dim=1)
+    s = torch.mm(q, g_block.T, out=out)
+    if metric == "euclidean":  # -|q-g|^2 + |q|^2: the same order per query
+        s.mul_(2).sub_((g_block * g_block).sum(1))
+    return s
+
+
+def _top_scores(q, g, metric, k, gallery_block, buffer, q_groups, g_groups) -> tuple[torch.Tensor, torch.Tensor]:
+    """Running top-k over gallery blocks for one block of queries, sorted by descending score."""
     best_s = torch.full((len(q), 0), -torch.inf, device=q.device)
     best_i = torch.empty((len(q), 0), dtype=torch.int64, device=q.device)
     for start in range(0, len(g), gallery_block):
         stop = min(start + gallery_block, len(g))
-        s = q @ g[start:stop].T
-        if g_sq is not None:  # -||q-g||^2 + ||q||^2 = 2 q.g - ||g||^2, same order per query
-            s = 2 * s - g_sq[start:stop]
+        out = buffer[: len(q) * (stop - start)].view(len(q), stop - start)
+        s = _block_scores(q, g[start:stop], metric, out)
         if q_groups is not None:
             s.masked_fill_(q_groups[:, None] == g_groups[None, start:stop], -torch.inf)
-        kk = min(k, stop - start)
-        s, i = torch.topk(s, kk, dim=1, sorted=False)
+        s, i = torch.topk(s, min(k, stop - start), dim=1, sorted=False)
         best_s, best_i = torch.cat([best_s, s], 1), torch.cat([best_i, i + start], 1)
         if best_s.shape[1] > k:
             best_s, pos = torch.topk(best_s, k, dim=1, sorted=False)
