@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from lookalike.config import Config, load_config
@@ -70,6 +71,7 @@ def run_demo(
     out_dir = Path(out_dir)
     root = Path(images) if images else write_digits(out_dir / "digits")
     cfg = demo_config(out_dir, overrides)
+    torch.manual_seed(seed)  # the untrained backbone's random weights, so the demo's numbers repeat
     table = import_folder(root, validation_fraction=0.5, seed=seed)
     table.save(cfg.data.table)
     embeddings = run_extract(cfg, table, progress)

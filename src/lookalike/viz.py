@@ -65,7 +65,7 @@ def save_result_grid(
                 ax.axis("off")
                 continue
             ax.imshow(_cell(root / str(results.gallery_ids[g]), cell_size))
-            ax.set_title(f"#{c + 1}  d={results.distances[q, c]:.3f}", fontsize=7)
+            ax.set_title(f"#{c + 1}  d={results.distances[q, c]:.3g}", fontsize=7)
             color = UNKNOWN if relevance is None else (RIGHT if relevance[q, c] else WRONG)
             _frame(ax, color)
     fig.tight_layout()
