@@ -57,19 +57,23 @@ def test_missing_table_key_is_explained():
     assert done.returncode == 2 and "data.table: expected the path of a dataset CSV" in done.stderr
 
 
-@pytest.mark.parametrize("command", ["import-folder", "extract", "search", "evaluate", "demo"])
+@pytest.mark.parametrize("command", ["import-folder", "extract", "search", "evaluate", "demo", "train", "validate"])
 def test_every_command_has_help(command):
     done = run(command, "--help")
     assert done.returncode == 0 and "Usage" in done.stdout
 
 
 def test_demo_on_digits_writes_metrics_and_pictures(tmp_path):
-    done = run("demo", "--out", tmp_path / "demo", "model.name=test_resnet", "data.image_size=32")
+    done = run("demo", "--out", tmp_path / "demo", "model.name=test_resnet", "data.image_size=32", "trainer.progress=false")
     assert done.returncode == 0, done.stderr
     out = tmp_path / "demo"
     assert len(list((out / "digits").glob("*/*.png"))) == 1797
     metrics = json.loads((out / "metrics.json").read_text())
+    untrained = json.loads((out / "metrics_untrained.json").read_text())
     assert metrics["n_evaluated"] == metrics["n_queries"] > 500
     assert metrics["complete_ranking"]
+    assert "untrained" in done.stdout and "trained (3 epochs)" in done.stdout
+    assert metrics["means"]["map@all"] > untrained["means"]["map@all"] + 0.05  # a minute of training helps on unseen digits
+    assert list((out / "train" / "checkpoints").glob("best-*.ckpt"))
     for picture in ("grid.png", "cmc.png"):
         assert f"picture: {out / picture}" in done.stdout

@@ -97,12 +97,12 @@ def test_valid_keys_lists_every_leaf():
 
 
 def test_unknown_override_key_lists_its_section():
-    err = config_error(r"^override: unknown key 'model\.nam'; valid keys: model\.name, model\.pretrained, model\.weights, model\.embedding_dim, model\.normalize$", overrides=["model.nam=x"])
+    err = config_error(r"^override: unknown key 'model\.nam'; valid keys: model\.name, model\.pretrained, model\.weights, model\.embedding_dim, model\.normalize, model\.bnneck$", overrides=["model.nam=x"])
     assert "data.table" not in str(err)
 
 
 def test_unknown_override_section_lists_all_keys():
-    err = config_error(r"^override: unknown key 'trainer'; valid keys: data\.table, ", overrides=["trainer.epochs=3"])
+    err = config_error(r"^override: unknown key 'fitter'; valid keys: data\.table, ", overrides=["fitter.epochs=3"])
     assert "evaluate.grid_top_k" in str(err)
 
 

@@ -132,6 +132,51 @@ def evaluate(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP)) -
     out.print(f"wrote {cfg.evaluate.output}" + "".join(f", {p}" for p in evaluation.pictures))
 
 
+def _print_comparison(columns: dict[str, dict[str, float]], title: str) -> None:
+    """Metrics side by side, one column per stage (e.g. before / after training)."""
+    table = Table(title=title)
+    table.add_column("metric")
+    for name in columns:
+        table.add_column(name, justify="right")
+    first = next((c for c in columns.values() if c), {})
+    for metric in first:
+        table.add_row(metric, *(f"{c[metric]:.4f}" if metric in c else "-" for c in columns.values()))
+    out.print(table)
+
+
+@app.command()
+@reports_errors
+def train(
+    args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP),
+    resume: Optional[str] = typer.Option(None, "--resume", help="Continue from a checkpoint: its path, or 'last' (train.output/checkpoints/last.ckpt)."),
+) -> None:
+    """Train an extractor with metric losses (Lightning): checkpoints, logs and validation pictures under train.output."""
+    from lookalike.train import run_train
+
+    cfg = _config(args)
+    result = run_train(cfg, resume)
+    if not result.is_global_zero:
+        return
+    _print_comparison({"before": result.metrics_before, "after": result.metrics}, f"validation ({cfg.model.name})")
+    out.print(f"training speed: {result.images_per_second:.1f} images/s")
+    out.print(f"best checkpoint: {result.best_checkpoint}\nlast checkpoint: {result.last_checkpoint}\nlogs: {result.log_dir}")
+
+
+@app.command()
+@reports_errors
+def validate(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP + " `weights=PATH` is short for model.weights=PATH.")) -> None:
+    """Evaluate a trained checkpoint on the validation split, exactly as training validates."""
+    from lookalike.train import run_validate
+
+    args = [f"model.{a}" if a.startswith("weights=") else a for a in args or []]
+    cfg = _config(args)
+    if not cfg.model.weights:
+        raise LookalikeError("model.weights: expected the checkpoint to evaluate, e.g. weights=runs/train/checkpoints/last.ckpt")
+    metrics = run_validate(cfg)
+    _print_comparison({cfg.model.weights: metrics}, "validation")
+    out.print(f"wrote {cfg.train.output}/validation/metrics_validate.json")
+
+
 @app.command()
 @reports_errors
 def demo(
@@ -139,11 +184,16 @@ def demo(
     out_dir: Path = typer.Option(Path("runs/demo"), "--out", help="Where the table, embeddings, results, metrics and pictures go."),
     overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides of the demo config (e.g. model.name=resnet34)."),
 ) -> None:
-    """Run the whole pipeline on an embedded dataset: import, embed, search, evaluate, draw."""
+    """Run the whole pipeline on an embedded dataset: import, evaluate untrained, train, evaluate again, draw."""
     from lookalike.demo import run_demo
 
     run = run_demo(out_dir, images, tuple(overrides or ()), progress=_progress("embedding"))
-    _print_report(run.evaluation.report, f"demo ({run.config.model.name}, untrained)")
+    if run.training is None:
+        _print_report(run.evaluation.report, f"demo ({run.config.model.name}, untrained)")
+    else:
+        columns = {"untrained": run.untrained.means, f"trained ({run.config.train.epochs} epochs)": run.evaluation.report.means}
+        _print_comparison(columns, f"demo: {run.config.model.name} on {run.evaluation.report.n_queries} validation queries")
+        out.print(f"training speed: {run.training.images_per_second:.1f} images/s; checkpoint: {run.config.model.weights}")
     out.print(f"table: {run.table_path}\nmetrics: {run.config.evaluate.output}")
     for picture in run.evaluation.pictures:
         out.print(f"picture: {picture}")

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from lookalike.errors import ConfigError
 
@@ -20,10 +21,18 @@ class Section(BaseModel):
 class DataConfig(Section):
     table: str | None = None  # dataset CSV
     root: str | None = None  # folder that relative paths start from; default: the CSV's folder
-    image_size: int = 224
+    image_size: int | list[int] = 224  # square side, or [height, width] (resized exactly, no crop; re-ID uses [256, 128])
     crop_fraction: float = 0.875
     batch_size: int = 64
     num_workers: int = 0
+
+    @field_validator("image_size")
+    @classmethod
+    def _two_sides(cls, size: int | list[int]) -> int | list[int]:
+        sides = [size] if isinstance(size, int) else size
+        if len(sides) not in (1, 2) or min(sides) < 1:
+            raise ValueError("expected a positive side or [height, width]")
+        return sides[0] if len(sides) == 1 else sides
 
 
 class ModelConfig(Section):
@@ -32,6 +41,7 @@ class ModelConfig(Section):
     weights: str | None = None  # local state dict or Lightning checkpoint, loaded after creation
     embedding_dim: int | None = None  # linear projection after pooling; None keeps the backbone's features
     normalize: bool = True  # L2-normalise embeddings
+    bnneck: bool = False  # batch-norm neck after the projection (BoT / CTL recipe); embeddings taken after it
 
 
 class ExtractConfig(Section):
@@ -58,7 +68,57 @@ class EvaluateConfig(Section):
     grid: str | None = "runs/grid.png"  # picture of queries and their top results; null to skip
     cmc_plot: str | None = "runs/cmc.png"
     grid_queries: int = 8
+    centroids: Literal["none", "label", "label_sequence"] = "none"  # rank per-label gallery centroids (CTL) instead of images
     grid_top_k: int = 6
+
+
+class LossConfig(Section):
+    triplet: float = 1.0  # weight of the triplet loss (0 turns it off)
+    margin: float | None = 0.2  # triplet margin; null = soft margin, log(1 + exp(d_ap - d_an))
+    miner: Literal["all", "batch_hard", "n_hard"] = "batch_hard"
+    n_positives: int = 1  # n_hard: hardest positives per anchor
+    n_negatives: int = 1  # n_hard: hardest negatives per anchor
+    memory_size: int = 0  # cross-batch memory of past embeddings mined as extra positives/negatives; 0 = off
+    centroid: float = 0.0  # weight of the centroid triplet loss (CTL)
+    centroid_margin: float = 0.5
+    cross_entropy: float = 0.0  # weight of cross-entropy on a classifier over the (BNNeck) embedding
+    label_smoothing: float = 0.1
+    center: float = 0.0  # weight of the center loss
+    center_lr: float | None = None  # learning rate of the class centres (their own parameter group); None = train.lr
+
+
+class TrainConfig(Section):
+    output: str = "runs/train"  # checkpoints/, tensorboard/, csv/ and validation grids land here
+    seed: int = 0
+    epochs: int = 10
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = 1e-4
+    backbone_lr: float | None = None  # a lower rate for the backbone; None = lr
+    weight_decay: float = 0.0
+    scheduler: Literal["none", "cosine", "step"] = "none"
+    warmup_epochs: int = 0  # linear warm-up of the learning rate
+    step_epochs: list[int] = []  # scheduler=step: epochs at which the rate is divided by 10
+    p: int = 8  # labels per batch
+    k: int = 4  # images per label in a batch
+    batches_per_epoch: int | None = None  # None: an epoch is one pass over the labels; set it when there are few labels
+    few_images: Literal["repeat", "pad", "drop"] = "repeat"  # labels with < k images: draw with repetition, pad with mock images (never anchors, never mined), or skip
+    augment: Literal["none", "light", "reid"] = "light"  # light: random resized crop + flip; reid: pad-crop + flip + random erasing
+    val_every: int = 1  # validate every N epochs
+    monitor: str = "cmc@1"  # validation metric that picks the best checkpoint (higher is better)
+    grid: bool = True  # write a result grid picture per validation
+    validate_before: bool = True  # validate the untrained model first, to show what training changed
+    loss: LossConfig = LossConfig()
+
+
+class TrainerConfig(Section):
+    accelerator: str = "auto"  # cpu, gpu, auto
+    devices: int | str = 1
+    strategy: str = "auto"  # ddp for several processes
+    num_nodes: int = 1
+    precision: str = "32-true"  # 16-mixed, bf16-mixed, ...
+    limit_train_batches: int | float | None = None
+    log_every_n_steps: int = 10
+    progress: bool = True
 
 
 class Config(Section):
@@ -67,6 +127,8 @@ class Config(Section):
     extract: ExtractConfig = ExtractConfig()
     search: SearchConfig = SearchConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    train: TrainConfig = TrainConfig()
+    trainer: TrainerConfig = TrainerConfig()
 
 
 def valid_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:

@@ -1,4 +1,4 @@
-"""The embedded demo: the whole pipeline on scikit-learn's bundled digits (or any class-per-folder tree)."""
+"""The embedded demo: the whole pipeline on scikit-learn's bundled digits (or any class-per-folder tree), before and after training."""
 
 from __future__ import annotations
 
@@ -13,7 +13,11 @@ from PIL import Image
 from lookalike.config import Config, load_config
 from lookalike.data.folder import import_folder
 from lookalike.extract import Progress
+from lookalike.data.table import DatasetTable
+from lookalike.metrics import MetricsReport, cmc_curve
 from lookalike.pipeline import Evaluation, run_evaluate, run_extract, run_search
+from lookalike.train import TrainResult, run_train
+from lookalike.viz import save_cmc_curve
 
 DEMO_OVERRIDES = (
     "model.name=resnet18",
@@ -22,6 +26,16 @@ DEMO_OVERRIDES = (
     "data.crop_fraction=1.0",
     "data.batch_size=128",
     "search.k=1000",
+    "train.epochs=3",
+    "train.batches_per_epoch=20",
+    "train.p=5",
+    "train.k=8",
+    "train.lr=1e-3",
+    "train.augment=none",
+    "train.grid=false",
+    "train.validate_before=false",  # the demo evaluates the untrained model itself
+    "trainer.accelerator=cpu",
+    "trainer.log_every_n_steps=5",
 )
 
 
@@ -43,12 +57,14 @@ def write_digits(folder: str | os.PathLike, scale: int = 4) -> Path:
 @dataclass
 class DemoRun:
     config: Config
-    evaluation: Evaluation
+    evaluation: Evaluation  # of the trained model (or the untrained one when training is off)
+    untrained: MetricsReport
     table_path: Path
+    training: TrainResult | None = None
 
 
 def demo_config(out_dir: Path, overrides: tuple[str, ...] = ()) -> Config:
-    """The demo's config: a small untrained timm model at low resolution, outputs under out_dir."""
+    """The demo's config: a small timm model at low resolution trained briefly from scratch, outputs under out_dir."""
     paths = (
         f"data.table={out_dir / 'table.csv'}",
         f"extract.output={out_dir / 'embeddings.npz'}",
@@ -56,8 +72,21 @@ def demo_config(out_dir: Path, overrides: tuple[str, ...] = ()) -> Config:
         f"evaluate.output={out_dir / 'metrics.json'}",
         f"evaluate.grid={out_dir / 'grid.png'}",
         f"evaluate.cmc_plot={out_dir / 'cmc.png'}",
+        f"train.output={out_dir / 'train'}",
     )
     return load_config(None, DEMO_OVERRIDES + paths + tuple(overrides))
+
+
+def _untrained_config(cfg: Config) -> Config:
+    """The same run without training: outputs renamed *_untrained, no pictures."""
+    out = Path(cfg.evaluate.output).parent
+    return cfg.model_copy(
+        update={
+            "extract": cfg.extract.model_copy(update={"output": str(out / "embeddings_untrained.npz")}),
+            "search": cfg.search.model_copy(update={"output": str(out / "results_untrained.npz")}),
+            "evaluate": cfg.evaluate.model_copy(update={"output": str(out / "metrics_untrained.json"), "grid": None, "cmc_plot": None}),
+        }
+    )
 
 
 def run_demo(
@@ -67,13 +96,26 @@ def run_demo(
     seed: int = 0,
     progress: Progress | None = None,
 ) -> DemoRun:
-    """Import the images (digits by default), embed, search, evaluate; everything lands in out_dir."""
+    """Import the images (digits by default); evaluate the untrained model; train it (train.epochs > 0); evaluate again."""
     out_dir = Path(out_dir)
     root = Path(images) if images else write_digits(out_dir / "digits")
-    cfg = demo_config(out_dir, overrides)
-    torch.manual_seed(seed)  # the untrained backbone's random weights, so the demo's numbers repeat
+    cfg = demo_config(out_dir, overrides + (f"train.seed={seed}",))
     table = import_folder(root, validation_fraction=0.5, seed=seed)
     table.save(cfg.data.table)
+    before = _pipeline(_untrained_config(cfg), table, progress, seed)
+    training = run_train(cfg) if cfg.train.epochs > 0 else None
+    if training is not None:
+        cfg.model.weights = str(training.best_checkpoint or training.last_checkpoint)
+    after = _pipeline(cfg, table, progress, seed)
+    if cfg.evaluate.cmc_plot and training is not None:
+        curves = {"untrained": cmc_curve(before.report.relevance, before.report.n_relevant),
+                  "trained": cmc_curve(after.report.relevance, after.report.n_relevant)}
+        save_cmc_curve(curves, cfg.evaluate.cmc_plot)
+    return DemoRun(cfg, after, before.report, Path(cfg.data.table), training)
+
+
+def _pipeline(cfg: Config, table: DatasetTable, progress: Progress | None, seed: int) -> Evaluation:
+    """Extract, search, evaluate with one config (the untrained backbone's random weights seeded, so numbers repeat)."""
+    torch.manual_seed(seed)
     embeddings = run_extract(cfg, table, progress)
-    results = run_search(cfg, table, embeddings)
-    return DemoRun(cfg, run_evaluate(cfg, table, results), Path(cfg.data.table))
+    return run_evaluate(cfg, table, run_search(cfg, table, embeddings))

@@ -27,7 +27,9 @@ def table_from_config(cfg: Config) -> DatasetTable:
 def extractor_from_config(cfg: Config) -> Extractor:
     """Create the timm extractor and load model.weights when given."""
     m = cfg.model
-    extractor = Extractor(m.name, pretrained=m.pretrained and not m.weights, embedding_dim=m.embedding_dim, normalize=m.normalize)
+    extractor = Extractor(
+        m.name, pretrained=m.pretrained and not m.weights, embedding_dim=m.embedding_dim, normalize=m.normalize, bnneck=m.bnneck
+    )
     return load_weights(extractor, m.weights) if m.weights else extractor
 
 
@@ -51,6 +53,19 @@ def run_search(cfg: Config, table: DatasetTable, embeddings: Embeddings | None =
     return results
 
 
+def search_and_score(cfg: Config, embeddings: Embeddings, table: DatasetTable) -> tuple[MetricsReport, RetrievalResults]:
+    """Search the validation queries against the gallery images, or their per-label centroids (evaluate.centroids), and score."""
+    s, e = cfg.search, cfg.evaluate
+    ks = {"cmc_k": tuple(e.cmc_k), "precision_k": tuple(e.precision_k), "map_k": tuple(e.map_k)}
+    if e.centroids != "none":
+        from lookalike.search.centroids import evaluate_centroids
+
+        results, report = evaluate_centroids(embeddings, table, s.k, per_sequence=e.centroids == "label_sequence", metric=s.metric, **ks)
+        return report, results
+    results = search_table(embeddings, table, s.k, metric=s.metric, index=s.index, device=s.device)
+    return evaluate_table(results, table, **ks), results
+
+
 @dataclass
 class Evaluation:
     report: MetricsReport
@@ -58,13 +73,16 @@ class Evaluation:
 
 
 def run_evaluate(cfg: Config, table: DatasetTable, results: RetrievalResults | None = None) -> Evaluation:
-    """Compute metrics, write the metrics JSON, the result grid and the CMC curve."""
+    """Compute metrics (against gallery images, or per-label centroids of the embeddings), write the JSON and pictures."""
     e = cfg.evaluate
-    results = results if results is not None else RetrievalResults.load(e.results or cfg.search.output)
-    report = evaluate_table(results, table, cmc_k=tuple(e.cmc_k), precision_k=tuple(e.precision_k), map_k=tuple(e.map_k))
+    if e.centroids != "none":
+        report, results = search_and_score(cfg, Embeddings.load(cfg.search.embeddings or cfg.extract.output), table)
+    else:
+        results = results if results is not None else RetrievalResults.load(e.results or cfg.search.output)
+        report = evaluate_table(results, table, cmc_k=tuple(e.cmc_k), precision_k=tuple(e.precision_k), map_k=tuple(e.map_k))
     report.save(e.output)
     pictures = []
-    if e.grid:
+    if e.grid and e.centroids == "none":  # centroids are not images: no grid for them
         queries = spread_queries(results.n_queries, e.grid_queries)
         pictures.append(save_result_grid(results, e.grid, table.root, report.relevance, queries, e.grid_top_k))
     if e.cmc_plot:

@@ -17,18 +17,15 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def eval_transform(
-    image_size: int = 224, crop_fraction: float = 0.875, mean: tuple = IMAGENET_MEAN, std: tuple = IMAGENET_STD
+    image_size: int | list[int] = 224, crop_fraction: float = 0.875, mean: tuple = IMAGENET_MEAN, std: tuple = IMAGENET_STD
 ) -> v2.Compose:
-    """Resize the short side to image_size / crop_fraction, centre-crop image_size, scale to float, normalise."""
-    return v2.Compose(
-        [
-            v2.ToImage(),
-            v2.Resize(int(round(image_size / crop_fraction)), antialias=True),
-            v2.CenterCrop(image_size),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean, std),
-        ]
-    )
+    """Square size: resize the short side to size / crop_fraction and centre-crop. [height, width] (re-ID's 256 x 128):
+    resize to exactly that. Then scale to float and normalise."""
+    if isinstance(image_size, int):
+        resize = [v2.Resize(int(round(image_size / crop_fraction)), antialias=True), v2.CenterCrop(image_size)]
+    else:
+        resize = [v2.Resize(tuple(image_size), antialias=True)]
+    return v2.Compose([v2.ToImage(), *resize, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
 
 
 def read_image(path: str, bbox: np.ndarray | None = None) -> Image.Image:

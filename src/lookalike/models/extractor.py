@@ -14,9 +14,11 @@ from lookalike.errors import LookalikeError
 
 
 class Extractor(nn.Module):
-    """timm backbone (classifier removed) -> optional linear projection -> optional L2 normalisation."""
+    """timm backbone (classifier removed) -> optional linear projection -> optional BNNeck -> optional L2 normalisation."""
 
-    def __init__(self, name: str, pretrained: bool = False, embedding_dim: int | None = None, normalize: bool = True) -> None:
+    def __init__(
+        self, name: str, pretrained: bool = False, embedding_dim: int | None = None, normalize: bool = True, bnneck: bool = False
+    ) -> None:
         super().__init__()
         try:
             self.backbone = timm.create_model(name, pretrained=pretrained, num_classes=0)
@@ -25,16 +27,30 @@ class Extractor(nn.Module):
         features = self.backbone.num_features
         self.projection = nn.Linear(features, embedding_dim) if embedding_dim else nn.Identity()
         self.dim = embedding_dim or features
+        self.neck = _bnneck(self.dim) if bnneck else nn.Identity()
         self.normalize = normalize
         self.name = name
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Un-normalised features before and after the neck: the inputs of the metric and the classification losses."""
         features = self.projection(self.backbone(images))
-        return nn.functional.normalize(features, dim=1) if self.normalize else features
+        return features, self.neck(features)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        _, embeddings = self.features(images)
+        return nn.functional.normalize(embeddings, dim=1) if self.normalize else embeddings
 
     def data_config(self) -> dict:
         """timm's preprocessing for this backbone (mean, std, input size)."""
         return timm.data.resolve_model_data_config(self.backbone)
+
+
+def _bnneck(dim: int) -> nn.BatchNorm1d:
+    """Batch norm without a learnt shift (Luo et al., "Bag of Tricks" re-ID baseline): it separates the
+    metric-loss space (before) from the classification/retrieval space (after)."""
+    neck = nn.BatchNorm1d(dim)
+    neck.bias.requires_grad_(False)
+    return neck
 
 
 def load_weights(module: nn.Module, path: str | os.PathLike) -> nn.Module:

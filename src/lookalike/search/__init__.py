@@ -8,12 +8,26 @@ import torch
 from lookalike.data.table import DatasetTable
 from lookalike.embeddings import Embeddings
 from lookalike.errors import LookalikeError
+from lookalike.search.centroids import Centroids, evaluate_centroids, gallery_centroids, search_centroids
 from lookalike.search.exact import exact_knn
 from lookalike.search.faiss_index import FaissIndex
 from lookalike.search.protocol import exclusion_groups, query_gallery_ids
 from lookalike.search.results import PAD, RetrievalResults
 
-__all__ = ["PAD", "FaissIndex", "RetrievalResults", "exact_knn", "exclusion_groups", "query_gallery_ids", "search", "search_table"]
+__all__ = [
+    "PAD",
+    "Centroids",
+    "FaissIndex",
+    "RetrievalResults",
+    "evaluate_centroids",
+    "exact_knn",
+    "exclusion_groups",
+    "gallery_centroids",
+    "query_gallery_ids",
+    "search",
+    "search_centroids",
+    "search_table",
+]
 
 
 def search(

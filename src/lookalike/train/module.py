@@ -1,0 +1,170 @@
+"""The Lightning module of extractor training: metric losses in, validation metrics out (the Trainer holds the loop)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch import nn
+
+from lookalike.atomic import write_text_atomic
+from lookalike.config import Config
+from lookalike.data.table import DatasetTable
+from lookalike.embeddings import Embeddings
+from lookalike.losses import CenterLoss, CentroidTripletLoss, LossOutput, TripletLoss
+from lookalike.metrics import MetricsReport
+from lookalike.models.extractor import Extractor
+from lookalike.pipeline import search_and_score
+
+
+class ExtractorModule(L.LightningModule):
+    """Trains an Extractor with weighted triplet / centroid-triplet / cross-entropy / center losses; validates by retrieval."""
+
+    def __init__(self, extractor: Extractor, cfg: Config, n_classes: int, val_table: DatasetTable | None = None) -> None:
+        super().__init__()
+        self.extractor, self.cfg, self.val_table = extractor, cfg, val_table
+        loss = cfg.train.loss
+        self.triplet = TripletLoss(loss.margin, loss.miner, loss.n_positives, loss.n_negatives, loss.memory_size, dim=extractor.dim)
+        self.centroid = CentroidTripletLoss(loss.centroid_margin)
+        self.classifier = nn.Linear(extractor.dim, n_classes, bias=False) if loss.cross_entropy > 0 else None
+        self.center = CenterLoss(n_classes, extractor.dim) if loss.center > 0 else None
+        self.cross_entropy = nn.CrossEntropyLoss(label_smoothing=loss.label_smoothing)
+        self.last_report: MetricsReport | None = None
+        self.validation_tag = "validate"  # file tag of a validation outside fit ("before" for the pre-training one)
+        self._val_parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.extractor(images)
+
+    def metric_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features for the metric losses, features for the classifier): with a BNNeck the metric losses see the
+        un-normalised features before it (Bag of Tricks); without one, the embeddings themselves."""
+        before, after = self.extractor.features(images)
+        if isinstance(self.extractor.neck, nn.BatchNorm1d):
+            return before, after
+        return (nn.functional.normalize(before, dim=1) if self.extractor.normalize else before), after
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images, labels, valid = batch
+        metric, logits_in = self.metric_features(images)
+        parts = self._losses(metric, logits_in, labels, valid.bool())
+        total = sum(weight * out.loss for weight, out in parts.values())
+        self.log("train/loss", total, prog_bar=True, batch_size=len(images))
+        for name, (_, out) in parts.items():
+            self.log(f"train/{name}", out.loss, batch_size=len(images))
+            for stat, value in out.stats.items():
+                self.log(f"train/{name}_{stat}", value.float(), batch_size=len(images))
+        return total
+
+    def _losses(self, metric, logits_in, labels, valid) -> dict[str, tuple[float, LossOutput]]:
+        """Each active loss with its weight."""
+        w = self.cfg.train.loss
+        parts = {}
+        if w.triplet > 0:
+            parts["triplet"] = (w.triplet, self.triplet(metric, labels, valid))
+        if w.centroid > 0:
+            parts["centroid"] = (w.centroid, self.centroid(metric, labels, valid))
+        if self.classifier is not None:
+            ce = self.cross_entropy(self.classifier(logits_in[valid]), labels[valid])
+            parts["cross_entropy"] = (w.cross_entropy, LossOutput(ce, {}))
+        if self.center is not None:
+            parts["center"] = (w.center, self.center(metric, labels, valid))
+        return parts
+
+    def configure_optimizers(self):
+        t = self.cfg.train
+        backbone = list(self.extractor.backbone.parameters())
+        ids = {id(p) for p in backbone}
+        head = [p for n, p in self.named_parameters() if id(p) not in ids and p.requires_grad and not n.startswith("center.")]
+        groups = [{"params": backbone, "lr": t.backbone_lr or t.lr}, {"params": head, "lr": t.lr}]
+        if self.center is not None:
+            groups.append({"params": list(self.center.parameters()), "lr": t.loss.center_lr or t.lr, "weight_decay": 0.0})
+        optimizer = _optimizer(t.optimizer, groups, t.lr, t.weight_decay)
+        scheduler = _scheduler(optimizer, t.scheduler, t.warmup_epochs, t.epochs, t.step_epochs)
+        return optimizer if scheduler is None else {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    # validation: embed the validation split on every rank, gather in table order, search, evaluate
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_parts = []
+        self._broadcast_buffers()
+
+    def _broadcast_buffers(self) -> None:
+        """Give every rank rank 0's buffers (batch-norm running statistics drift per rank after the last training step),
+        so all ranks validate the very model that rank 0 checkpoints."""
+        if self.trainer.world_size > 1:
+            for buffer in self.buffers():
+                torch.distributed.broadcast(buffer, src=0)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        images, rows = batch
+        self._val_parts.append((rows, self.extractor(images).float()))
+
+    def on_validation_epoch_end(self) -> None:
+        rows = torch.cat([r for r, _ in self._val_parts]) if self._val_parts else torch.empty(0, dtype=torch.int64, device=self.device)
+        emb = torch.cat([e for _, e in self._val_parts]) if self._val_parts else torch.empty(0, self.extractor.dim, device=self.device)
+        self._val_parts = []
+        vectors = self._gather_in_order(rows.to(self.device), emb, len(self.val_table))
+        embeddings = Embeddings(vectors.cpu().numpy(), self.val_table.frame["path"].to_numpy(str), {"model": self.extractor.name})
+        report, results = search_and_score(self.cfg, embeddings, self.val_table)
+        self.last_report = report
+        self.log_dict({f"val/{k}": float(v) for k, v in report.means.items()}, sync_dist=False)
+        if self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            self._write_validation(report, results)
+
+    def _gather_in_order(self, rows: torch.Tensor, emb: torch.Tensor, n: int) -> torch.Tensor:
+        """Every rank's embeddings placed at their table rows: uneven shards padded for all_gather, padding dropped."""
+        world = self.trainer.world_size
+        if world > 1:
+            size = -(-n // world)
+            pad = size - len(rows)
+            rows = torch.nn.functional.pad(rows, (0, pad), value=-1)
+            emb = torch.nn.functional.pad(emb, (0, 0, 0, pad))
+            rows, emb = self.all_gather(rows).reshape(-1), self.all_gather(emb).reshape(-1, emb.shape[1])
+            keep = rows >= 0
+            rows, emb = rows[keep], emb[keep]
+        if len(rows) != n or len(torch.unique(rows)) != n:
+            raise RuntimeError(f"validation gathered {len(rows)} embeddings for {n} rows")
+        out = torch.empty_like(emb)
+        out[rows] = emb
+        return out
+
+    def _write_validation(self, report: MetricsReport, results) -> None:
+        """metrics JSON (latest and per epoch) and a result grid in the log dir."""
+        from lookalike.viz import save_result_grid, spread_queries
+
+        folder = Path(self.cfg.train.output) / "validation"
+        record = {"epoch": self.current_epoch, "step": self.global_step, "trained": self.trainer.state.fn == "fit", **report.to_dict()}
+        text = json.dumps(record, indent=2) + "\n"
+        tag = f"epoch{self.current_epoch:03d}" if self.trainer.state.fn == "fit" else self.validation_tag
+        write_text_atomic(folder / f"metrics_{tag}.json", text)
+        write_text_atomic(folder / "metrics_last.json", text)
+        if self.cfg.train.grid and results.n_queries and self.cfg.evaluate.centroids == "none":
+            e = self.cfg.evaluate
+            queries = spread_queries(results.n_queries, e.grid_queries)
+            save_result_grid(results, folder / f"grid_{tag}.png", self.val_table.root, report.relevance, queries, e.grid_top_k)
+
+
+def _optimizer(name: str, groups: list[dict], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
+
+
+def _scheduler(optimizer, name: str, warmup: int, epochs: int, steps: list[int]):
+    """Per-epoch learning-rate schedule with an optional linear warm-up."""
+    if name == "none" and warmup == 0:
+        return None
+    def factor(epoch: int) -> float:
+        warm = min(1.0, (epoch + 1) / warmup) if warmup else 1.0
+        if name == "cosine":
+            return warm * 0.5 * (1 + np.cos(np.pi * epoch / max(epochs, 1)))
+        if name == "step":
+            return warm * 0.1 ** sum(epoch >= s for s in steps)
+        return warm
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -1,0 +1,144 @@
+"""Build the Lightning Trainer from the config and run training or validation of an extractor."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from lookalike.config import Config
+from lookalike.data.images import eval_transform
+from lookalike.errors import ConfigError, LookalikeError
+from lookalike.train.data import RetrievalDataModule, train_transform
+from lookalike.train.module import ExtractorModule
+
+@dataclass
+class TrainResult:
+    """What a training run left behind; `metrics` are the last validation's means."""
+
+    log_dir: Path
+    best_checkpoint: Path | None
+    last_checkpoint: Path | None
+    metrics: dict[str, float]
+    metrics_before: dict[str, float] = field(default_factory=dict)
+    images_per_second: float = 0.0
+    is_global_zero: bool = True
+
+
+class Throughput(Callback):
+    """Training images per second, timed over the training batches only (validation excluded)."""
+
+    def __init__(self) -> None:
+        self.images, self.seconds, self._started = 0, 0.0, 0.0
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self._started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.seconds += time.perf_counter() - self._started
+        self.images += len(batch[0]) * trainer.world_size
+
+    @property
+    def rate(self) -> float:
+        return self.images / self.seconds if self.seconds else 0.0
+
+
+def build_parts(cfg: Config) -> tuple[ExtractorModule, RetrievalDataModule]:
+    """The Lightning module and data module a config describes."""
+    from lookalike.pipeline import extractor_from_config, table_from_config
+
+    _check_monitor(cfg)
+    table = table_from_config(cfg)
+    extractor = extractor_from_config(cfg)
+    dc, d, t = extractor.data_config(), cfg.data, cfg.train
+    eval_tf = eval_transform(d.image_size, d.crop_fraction, dc["mean"], dc["std"])
+    train_tf = train_transform(t.augment, d.image_size, d.crop_fraction, dc["mean"], dc["std"])
+    data = RetrievalDataModule(table, train_tf, eval_tf, t.p, t.k, t.few_images, t.seed, d.batch_size, d.num_workers, t.batches_per_epoch)
+    return ExtractorModule(extractor, cfg, data.n_classes, data.val_table), data
+
+
+def build_trainer(cfg: Config, callbacks: list[Callback] = (), validate_only: bool = False) -> L.Trainer:
+    """A Trainer with checkpoints (best by train.monitor, and last), TensorBoard + CSV logs and a progress bar."""
+    t, tr = cfg.train, cfg.trainer
+    out = Path(t.output)
+    best = ModelCheckpoint(
+        dirpath=out / "checkpoints", filename="best-epoch{epoch:03d}", monitor=f"val/{t.monitor}", mode="max", auto_insert_metric_name=False
+    )
+    # Lightning 2.6 writes save_last only at steps where a best checkpoint was written: keep "last" with a checkpoint of its own
+    last = ModelCheckpoint(dirpath=out / "checkpoints", filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
+    cbs = [*callbacks, best, last] if not validate_only else list(callbacks)
+    if tr.progress:
+        cbs.append(TQDMProgressBar())
+    return L.Trainer(
+        default_root_dir=out,
+        max_epochs=t.epochs,
+        accelerator=tr.accelerator,
+        devices=tr.devices,
+        strategy=tr.strategy,
+        num_nodes=tr.num_nodes,
+        precision=tr.precision,
+        limit_train_batches=tr.limit_train_batches,
+        log_every_n_steps=tr.log_every_n_steps,
+        check_val_every_n_epoch=t.val_every,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,  # the P x K and shard samplers split the data across ranks themselves
+        enable_progress_bar=tr.progress,
+        enable_model_summary=False,
+        logger=[TensorBoardLogger(out, name="tensorboard"), CSVLogger(out, name="csv")] if not validate_only else False,  # version_N per run
+        callbacks=cbs,
+    )
+
+
+def run_train(cfg: Config, resume: str | None = None) -> TrainResult:
+    """Train the extractor of `cfg` (validating before training and every train.val_every epochs); `resume` a checkpoint or 'last'."""
+    L.seed_everything(cfg.train.seed, workers=True, verbose=False)
+    module, data = build_parts(cfg)
+    throughput = Throughput()
+    trainer = build_trainer(cfg, [throughput])
+    before = {}
+    ckpt = _resume_path(cfg, resume)
+    if cfg.train.validate_before and ckpt is None:
+        module.validation_tag = "before"
+        trainer.validate(module, datamodule=data, verbose=False)
+        before = dict(module.last_report.means) if module.last_report else {}
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt)
+    best, last = trainer.checkpoint_callbacks
+    return TrainResult(
+        log_dir=Path(cfg.train.output),
+        best_checkpoint=Path(best.best_model_path) if best.best_model_path else None,
+        last_checkpoint=Path(last.best_model_path) if last.best_model_path else None,
+        metrics=dict(module.last_report.means) if module.last_report else {},
+        metrics_before=before,
+        images_per_second=throughput.rate,
+        is_global_zero=trainer.is_global_zero,
+    )
+
+
+def run_validate(cfg: Config) -> dict[str, float]:
+    """Validate the extractor of `cfg` (model.weights: a checkpoint) with the same sharded, gathered validation as training."""
+    module, data = build_parts(cfg)
+    trainer = build_trainer(cfg, validate_only=True)
+    trainer.validate(module, datamodule=data, verbose=False)
+    return dict(module.last_report.means)
+
+
+def _resume_path(cfg: Config, resume: str | None) -> str | None:
+    """The checkpoint to resume from: a path, or 'last' for train.output/checkpoints/last.ckpt."""
+    if resume is None:
+        return None
+    path = Path(cfg.train.output) / "checkpoints" / "last.ckpt" if resume == "last" else Path(resume)
+    if not path.is_file():
+        raise LookalikeError(f"--resume: no checkpoint at {path}")
+    return str(path)
+
+
+def _check_monitor(cfg: Config) -> None:
+    """train.monitor must name a metric validation reports."""
+    e, m = cfg.evaluate, cfg.train.monitor
+    names = [f"cmc@{k}" for k in e.cmc_k] + [f"precision@{k}" for k in e.precision_k] + [f"map@{k}" for k in e.map_k] + ["map@all", "r_precision"]
+    if m not in names:
+        raise ConfigError(f"train.monitor: expected one of {', '.join(names)}, got {m!r}")
