@@ -48,6 +48,17 @@ def reports_errors(fn):
     return wrapper
 
 
+def _quiet_lightning() -> None:
+    """Keep Lightning's banners and tips and a deprecation warning from inside Lightning off the terminal (logs stay complete)."""
+    import logging
+    import warnings
+
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    warnings.filterwarnings("ignore", message=r".*smaller than the logging interval")
+
+
 def _config(args: list[str] | None):
     from lookalike.config import load_config
 
@@ -153,6 +164,7 @@ def train(
     """Train an extractor with metric losses (Lightning): checkpoints, logs and validation pictures under train.output."""
     from lookalike.train import run_train
 
+    _quiet_lightning()
     cfg = _config(args)
     result = run_train(cfg, resume)
     if not result.is_global_zero:
@@ -168,6 +180,7 @@ def validate(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP + "
     """Evaluate a trained checkpoint on the validation split, exactly as training validates."""
     from lookalike.train import run_validate
 
+    _quiet_lightning()
     args = [f"model.{a}" if a.startswith("weights=") else a for a in args or []]
     cfg = _config(args)
     if not cfg.model.weights:
@@ -187,6 +200,7 @@ def demo(
     """Run the whole pipeline on an embedded dataset: import, evaluate untrained, train, evaluate again, draw."""
     from lookalike.demo import run_demo
 
+    _quiet_lightning()
     run = run_demo(out_dir, images, tuple(overrides or ()), progress=_progress("embedding"))
     if run.training is None:
         _print_report(run.evaluation.report, f"demo ({run.config.model.name}, untrained)")

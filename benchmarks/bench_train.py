@@ -1,0 +1,250 @@
+"""Train the same model on the same data with lookalike and with Open Metric Learning 4.0.0: CMC@1 and speed.
+
+Run from the repository root with the project's python:
+
+    .venv/bin/python benchmarks/bench_train.py [--epochs N] [--model NAME] [--only oml|lookalike]
+
+Both sides train a timm backbone (pretrained=False, num_classes=0: global pooled features, no
+projection, L2-normalised) on the Omniglot subset with P x K batches, batch-hard triplet loss
+(margin 0.2, euclidean), Adam, no augmentation, on CPU with every core and images loaded in the
+main process (num_workers=0 on both sides: no loader processes competing with the training threads
+for the cores, and the same loading on both sides), then validate once at the end with every
+validation image a query against all the others.
+OML runs in .bench-venvs/oml (built as in bench_metrics.py, plus timm) through
+_oml_train_worker.py; lookalike runs here through lookalike.train.run_train.
+
+images/s = training images processed / wall seconds of training (no validation, no data preparation).
+lookalike's TrainResult.images_per_second times each batch from Lightning's on_train_batch_start to
+on_train_batch_end, so batch loading is left out; the OML worker times its steps (forward, loss,
+backward, optimiser step) the same way for the ratio, and also reports its whole-loop rate with
+loading included. Exits non-zero when a side fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+import zipfile
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+from bench_metrics import ROOT, VENV, ensure_oml_venv, log, run_step
+
+DATA_ZIP = ROOT.parent / "shared" / "data" / "omniglot_background_small1.zip"
+CACHE = ROOT / ".bench-cache" / "bench_train"
+WORKER = Path(__file__).resolve().with_name("_oml_train_worker.py")
+MARGIN = 0.2
+VALIDATION_FRACTION = 0.3
+
+
+@dataclass(frozen=True)
+class SideResult:
+    """What one side reports."""
+
+    cmc1: float
+    images_per_second: float  # batch loading excluded, as lookalike's Throughput callback times it
+    detail: str
+
+
+def parse_args() -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=3, help="training epochs on both sides (default 3)")
+    parser.add_argument("--model", default="resnet18", help="timm model name (default resnet18)")
+    parser.add_argument("--image-size", type=int, default=64, help="input side in pixels (default 64)")
+    parser.add_argument("--crop-fraction", type=float, default=1.0, help="eval resize = size / fraction, then centre crop (default 1.0: plain resize)")
+    parser.add_argument("--p", type=int, default=16, help="labels per batch (default 16)")
+    parser.add_argument("--k", type=int, default=4, help="images per label (default 4)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=128, help="validation batch size (default 128)")
+    parser.add_argument("--data", type=Path, default=DATA_ZIP, help="zip of images_background_small1/<alphabet>/<character>/*.png")
+    parser.add_argument("--only", choices=("oml", "lookalike"), help="run one side only")
+    return parser.parse_args()
+
+
+def unpack(archive: Path) -> Path:
+    """Unzip the archive once into .bench-cache/bench_train/images; return the folder of class folders."""
+    target = CACHE / "images"
+    stamp = target / f".unzipped-{archive.name}"
+    if not stamp.exists():
+        log(f"[data] unzipping {archive} into {target.relative_to(ROOT)}")
+        shutil.rmtree(target, ignore_errors=True)
+        with zipfile.ZipFile(archive) as zipped:
+            zipped.extractall(target)
+        stamp.touch()
+    folders = [p for p in target.iterdir() if p.is_dir()]
+    if len(folders) != 1:
+        sys.exit(f"bench_train: expected one top folder in {archive}, found {len(folders)}")
+    return folders[0]
+
+
+def build_table(images: Path, seed: int) -> tuple[Path, int, int, int]:
+    """Write the dataset table both sides read; return its path, train images, train labels, validation images."""
+    from lookalike.data.folder import import_folder
+
+    table = import_folder(images, validation_fraction=VALIDATION_FRACTION, seed=seed)
+    path = CACHE / "table.csv"
+    table.save(path)
+    train, validation = table.split("train"), table.split("validation")
+    return path, len(train), int(train.frame["label"].nunique()), len(validation)
+
+
+def ensure_timm(python: Path) -> None:
+    """Install into the OML venv the timm version this project uses (OML 4.0.0 does not depend on timm)."""
+    wanted = version("timm")
+    check = f"import importlib.metadata as m, sys; sys.exit(m.version('timm') != {wanted!r})"
+    if subprocess.run([str(python), "-c", check], check=False, capture_output=True).returncode == 0:
+        return
+    pip = [str(python), "-m", "pip", "install", "--quiet", "--progress-bar", "off"]
+    run_step(f"installing timm=={wanted} into {VENV.relative_to(ROOT)}", [*pip, f"timm=={wanted}"])
+
+
+def worker_args(args: argparse.Namespace, table: Path) -> list[str]:
+    """Command-line options for _oml_train_worker.py."""
+    pairs = {
+        "--table": table, "--model": args.model, "--image-size": args.image_size,
+        "--crop-fraction": args.crop_fraction, "--p": args.p, "--k": args.k, "--epochs": args.epochs,
+        "--lr": args.lr, "--margin": MARGIN, "--seed": args.seed, "--batch-size": args.batch_size,
+        "--threads": os.cpu_count(),
+    }
+    return [str(item) for pair in pairs.items() for item in pair]
+
+
+def run_oml(python: Path, args: argparse.Namespace, table: Path) -> SideResult | None:
+    """Run the OML worker in its venv; None when it fails."""
+    log(f"[OML] training in {VENV.relative_to(ROOT)} ...")
+    completed = subprocess.run(
+        [str(python), str(WORKER), *worker_args(args, table)], check=False, stdout=subprocess.PIPE, text=True
+    )
+    lines = completed.stdout.strip().splitlines()
+    if completed.returncode != 0 or not lines:
+        log(f"[OML] FAILED: worker exit code {completed.returncode}")
+        return None
+    out = json.loads(lines[-1])
+    detail = (
+        f"OML {out['oml_version']}, {out['epochs']} epochs x {out['batches_per_epoch']} batches, "
+        f"{out['images']} images; steps {out['step_seconds']:.1f} s, whole loop {out['train_seconds']:.1f} s "
+        f"= {out['images_per_second']:.1f} images/s with batch loading; {out['threads']} threads"
+    )
+    return SideResult(out["cmc@1"], out["images_per_second_steps"], detail)
+
+
+def lookalike_overrides(args: argparse.Namespace, table: Path, batches_per_epoch: int, output: Path) -> list[str]:
+    """Config overrides that match the OML side setting for setting."""
+    return [
+        f"data.table={table}", f"data.image_size={args.image_size}", f"data.crop_fraction={args.crop_fraction}",
+        f"data.batch_size={args.batch_size}", "data.num_workers=0",
+        f"model.name={args.model}", "model.pretrained=false", "model.embedding_dim=null", "model.normalize=true",
+        f"train.output={output}", f"train.seed={args.seed}", f"train.epochs={args.epochs}", "train.optimizer=adam",
+        f"train.lr={args.lr}", f"train.p={args.p}", f"train.k={args.k}", "train.augment=none",
+        f"train.val_every={args.epochs}", "train.loss.triplet=1",
+        f"train.loss.margin={MARGIN}", "train.loss.miner=batch_hard",
+        "trainer.accelerator=cpu", "trainer.devices=1", "trainer.progress=false",
+        f"trainer.limit_train_batches={batches_per_epoch}",
+        *optional_overrides(),
+    ]
+
+
+def optional_overrides() -> list[str]:
+    """Settings that only save time (no validation before training, no result grids), where the config has them."""
+    from lookalike.config import valid_keys
+
+    wanted = {"train.validate_before": "false", "train.grid": "false"}
+    return [f"{key}={value}" for key, value in wanted.items() if key in valid_keys()]
+
+
+def lookalike_batches(table: Path, p: int, k: int) -> str:
+    """Batches per epoch of lookalike's own P x K sampler on the train split, or why it is unknown."""
+    try:
+        from lookalike.data.sampler import PKSampler
+        from lookalike.data.table import load_table
+
+        labels = load_table(table, check_files=False).split("train").frame["label"].to_numpy()
+        return str(len(PKSampler(labels, p, k, num_replicas=1, rank=0)))
+    except Exception as exc:  # noqa: BLE001 - the sampler count is only reported
+        return f"unknown ({exc.__class__.__name__}: {exc})"
+
+
+def run_lookalike(args: argparse.Namespace, table: Path, batches_per_epoch: int) -> SideResult | None:
+    """Train in this process with lookalike.train.run_train; None when it fails."""
+    import torch
+
+    output = CACHE / "lookalike-train"
+    shutil.rmtree(output, ignore_errors=True)
+    torch.set_num_threads(os.cpu_count() or 1)
+    log("[lookalike] training ...")
+    try:
+        from lookalike.config import load_config
+        from lookalike.train import run_train
+
+        result = run_train(load_config(None, lookalike_overrides(args, table, batches_per_epoch, output)))
+    except Exception as exc:  # noqa: BLE001 - any failure of this side is reported, the run goes on
+        traceback.print_exc()
+        log(f"[lookalike] FAILED: {exc.__class__.__name__}: {exc}")
+        return None
+    natural = lookalike_batches(table, args.p, args.k)
+    detail = (
+        f"lookalike, {args.epochs} epochs x min({natural} PKSampler batches, limit_train_batches={batches_per_epoch}), "
+        f"{torch.get_num_threads()} threads, logs in {result.log_dir}"
+    )
+    return SideResult(result.metrics["cmc@1"], result.images_per_second, detail)
+
+
+def print_header(args: argparse.Namespace, sizes: tuple[int, int, int], batches_per_epoch: int) -> None:
+    """The settings both sides share, and the epoch length."""
+    n_train, n_labels, n_val = sizes
+    log(f"[settings] model={args.model} (timm, pretrained=False, num_classes=0, L2-normalised) image_size={args.image_size} "
+        f"crop_fraction={args.crop_fraction} no augmentation")
+    log(f"[settings] P={args.p} K={args.k} batch-hard triplet margin={MARGIN} euclidean, Adam lr={args.lr}, "
+        f"epochs={args.epochs}, seed={args.seed}, val batch={args.batch_size}, num_workers=0, threads={os.cpu_count()}, CPU")
+    log(f"[data] train: {n_train} images, {n_labels} labels; validation: {n_val} images (each a query vs all others)")
+    log(f"[epoch] OML BalanceSampler: {n_labels} labels // P={args.p} = {batches_per_epoch} batches of {args.p * args.k} "
+        f"= {batches_per_epoch * args.p * args.k} images per epoch; lookalike capped to the same batch count")
+
+
+def print_results(oml: SideResult | None, ours: SideResult | None) -> None:
+    """One line per side, then the ratios."""
+    for name, side in (("lookalike", ours), ("OML", oml)):
+        if side is not None:
+            log(f"{name:<10} CMC@1 {side.cmc1:.4f}  images/s {side.images_per_second:8.1f}  ({side.detail})")
+    if oml is not None and ours is not None:
+        log(f"ratio lookalike/OML: CMC@1 {ratio(ours.cmc1, oml.cmc1):.2f}, "
+            f"images/s {ratio(ours.images_per_second, oml.images_per_second):.2f}")
+    log("(images/s above: per-batch step time, batch loading excluded, as lookalike's Throughput callback times it)")
+
+
+def ratio(ours: float, theirs: float) -> float:
+    """ours / theirs, NaN when theirs is 0."""
+    return ours / theirs if theirs else float("nan")
+
+
+def main() -> int:
+    """Prepare data, train both sides, print the comparison; non-zero when a side fails."""
+    args = parse_args()
+    started = time.perf_counter()
+    table, *sizes = build_table(unpack(args.data), args.seed)
+    batches_per_epoch = sizes[1] // args.p
+    print_header(args, tuple(sizes), batches_per_epoch)
+    oml = ours = None
+    if args.only != "lookalike":
+        python = ensure_oml_venv()
+        ensure_timm(python)
+        oml = run_oml(python, args, table)
+    if args.only != "oml":
+        ours = run_lookalike(args, table, batches_per_epoch)
+    print_results(oml, ours)
+    log(f"total {time.perf_counter() - started:.0f} s")
+    failed = (args.only != "lookalike" and oml is None) or (args.only != "oml" and ours is None)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
