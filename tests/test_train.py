@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import lightning as L
 import torch
 
 from lookalike.config import load_config
@@ -56,6 +57,25 @@ def test_training_writes_checkpoints_logs_pictures_and_changes_the_metrics(table
     logged = pd.read_csv(tmp_path / "csv" / "version_0" / "metrics.csv")
     assert {"train/loss", "train/triplet_active", "train/triplet_pos_dist", "train/triplet_neg_dist", "val/cmc@1"} <= set(logged.columns)
     assert list(tmp_path.glob("tensorboard/version_0/events.out.tfevents.*"))
+
+
+class BatchRecorder(L.Callback):
+    def __init__(self) -> None:
+        self.seen: dict[int, list[float]] = {}
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self.seen.setdefault(trainer.current_epoch, []).append(float(batch[0].sum()))
+
+
+def test_every_epoch_draws_new_batches(table_csv, tmp_path):
+    from lookalike.train import build_parts, build_trainer
+
+    cfg = config(table_csv, tmp_path, "train.epochs=3", "train.validate_before=false")
+    module, data = build_parts(cfg)
+    recorder = BatchRecorder()
+    build_trainer(cfg, [recorder]).fit(module, datamodule=data)
+    assert len(recorder.seen) == 3 and all(len(v) == 2 for v in recorder.seen.values())
+    assert recorder.seen[0] != recorder.seen[1] != recorder.seen[2]  # the sampler's epoch advanced
 
 
 def test_validate_reproduces_the_last_validation_and_resume_continues(table_csv, tmp_path):

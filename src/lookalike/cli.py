@@ -138,9 +138,30 @@ def evaluate(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP)) -
     from lookalike.pipeline import run_evaluate, table_from_config
 
     cfg = _config(args)
-    evaluation = run_evaluate(cfg, table_from_config(cfg))
+    table = table_from_config(cfg)
+    evaluation = run_evaluate(cfg, table)
     _print_report(evaluation.report)
     out.print(f"wrote {cfg.evaluate.output}" + "".join(f", {p}" for p in evaluation.pictures))
+    if cfg.rerank:
+        _print_stages(cfg, table)
+
+
+def _print_stages(cfg, table) -> None:
+    from lookalike.pipeline import run_rerank
+
+    stages = run_rerank(cfg, table)
+    _print_comparison({stage.name: stage.report.means for stage in stages if stage.report}, "metrics before and after each re-ranking stage")
+    out.print(f"wrote {cfg.search.reranked_output}")
+
+
+@app.command()
+@reports_errors
+def rerank(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP)) -> None:
+    """Re-rank search.output with the chain in `rerank` (centroids, icfrr, kreciprocal, qe, dba); metrics after each stage."""
+    from lookalike.pipeline import table_from_config
+
+    cfg = _config(args)
+    _print_stages(cfg, table_from_config(cfg))
 
 
 def _print_comparison(columns: dict[str, dict[str, float]], title: str) -> None:

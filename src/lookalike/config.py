@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from omegaconf import OmegaConf
@@ -57,6 +57,7 @@ class SearchConfig(Section):
     metric: str = "cosine"  # cosine | euclidean
     index: str = "exact"  # exact, or a FAISS factory string: Flat, IVF256,Flat, HNSW32, ...
     device: str = "cpu"
+    reranked_output: str = "runs/results_reranked.npz"  # the list after the last re-ranking stage
 
 
 class EvaluateConfig(Section):
@@ -129,6 +130,7 @@ class Config(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     train: TrainConfig = TrainConfig()
     trainer: TrainerConfig = TrainerConfig()
+    rerank: list[str | dict[str, Any]] = []  # chain, e.g. [centroids, {name: icfrr, kg: 10}, kreciprocal]
 
 
 def valid_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:

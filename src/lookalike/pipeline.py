@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from lookalike.atomic import write_text_atomic
 from lookalike.config import Config
 from lookalike.data.images import eval_transform
 from lookalike.data.table import DatasetTable, load_table
@@ -13,7 +15,8 @@ from lookalike.errors import ConfigError
 from lookalike.extract import Progress, extract_embeddings
 from lookalike.metrics import MetricsReport, cmc_curve, evaluate_table
 from lookalike.models.extractor import Extractor, load_weights
-from lookalike.search import RetrievalResults, search_table
+from lookalike.rerank import RerankContext, Stage, build_chain, run_chain
+from lookalike.search import RetrievalResults, exclusion_groups, search_table
 from lookalike.viz import save_cmc_curve, save_result_grid, spread_queries
 
 
@@ -88,3 +91,36 @@ def run_evaluate(cfg: Config, table: DatasetTable, results: RetrievalResults | N
     if e.cmc_plot:
         pictures.append(save_cmc_curve({"CMC": cmc_curve(report.relevance, report.n_relevant)}, e.cmc_plot))
     return Evaluation(report, pictures)
+
+
+def rerank_context(cfg: Config, table: DatasetTable, results: RetrievalResults, embeddings: Embeddings) -> RerankContext:
+    """What the chain needs: the results' query and gallery embeddings, labels and exclusion groups from the table."""
+    frame = table.frame.set_index("path")
+    q_ids, g_ids = results.query_ids.astype(str), results.gallery_ids.astype(str)
+    return RerankContext(
+        queries=embeddings.select(q_ids),
+        gallery=embeddings.select(g_ids),
+        metric=cfg.search.metric,
+        exclude=exclusion_groups(table, q_ids, g_ids),
+        table=table,
+        query_labels=frame.loc[q_ids, "label"].to_numpy(),
+        gallery_labels=frame.loc[g_ids, "label"].to_numpy(),
+    )
+
+
+def run_rerank(cfg: Config, table: DatasetTable) -> list[Stage]:
+    """Re-rank search.output with the chain of `rerank`; save the final list and every stage's metrics."""
+    if not cfg.rerank:
+        raise ConfigError("rerank: expected a chain of re-rankers, e.g. rerank=[icfrr] or rerank=[centroids,kreciprocal]")
+    s, e = cfg.search, cfg.evaluate
+    results = RetrievalResults.load(e.results or s.output)
+    context = rerank_context(cfg, table, results, Embeddings.load(s.embeddings or cfg.extract.output))
+    ks = {"cmc_k": tuple(e.cmc_k), "precision_k": tuple(e.precision_k), "map_k": tuple(e.map_k)}
+    stages = run_chain(results, context, build_chain(cfg.rerank), **ks)
+    stages[-1].results.save(s.reranked_output)
+    record = {stage.name if i == 0 else f"{i}:{stage.name}": stage.report.to_dict() for i, stage in enumerate(stages) if stage.report}
+    write_text_atomic(Path(e.output).with_name("metrics_rerank.json"), json.dumps(record, indent=2) + "\n")
+    if e.cmc_plot:
+        curves = {stage.name: cmc_curve(stage.report.relevance, stage.report.n_relevant) for stage in stages if stage.report}
+        save_cmc_curve(curves, Path(e.cmc_plot).with_name("cmc_rerank.png"))
+    return stages

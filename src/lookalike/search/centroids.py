@@ -92,6 +92,19 @@ def search_centroids(
     return RetrievalResults(idx, dist, query_ids, cents.embeddings.ids, meta), cents.labels, n_relevant
 
 
+def table_centroids(embeddings: Embeddings, table: DatasetTable, per_sequence: bool = False) -> Centroids:
+    """The validation gallery's centroids exactly as `search_centroids` ranks them (same order and ids)."""
+    _, gallery_ids = query_gallery_ids(table)
+    frame = table.frame.set_index("path")
+    gallery, g_labels = embeddings.select(gallery_ids), frame.loc[gallery_ids, "label"].to_numpy()
+    if not per_sequence:
+        return gallery_centroids(gallery, g_labels)
+    g_groups = exclusion_groups(table, gallery_ids[:0], gallery_ids)[1]
+    cents = gallery_centroids(gallery, g_labels, g_groups)
+    cents.embeddings = Embeddings(cents.embeddings.vectors, _table_centroid_ids(cents, frame, gallery_ids, g_groups), cents.embeddings.meta)
+    return cents
+
+
 def evaluate_centroids(
     embeddings: Embeddings, table: DatasetTable, k: int = 100, per_sequence: bool = False, metric: str = "cosine", **metric_kwargs
 ) -> tuple[RetrievalResults, MetricsReport]:

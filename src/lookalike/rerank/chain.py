@@ -1,0 +1,55 @@
+"""A chain of re-rankers built from config steps, with the metrics of the list after every stage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from lookalike.errors import ConfigError
+from lookalike.metrics import MetricsReport, compute_metrics
+from lookalike.rerank.base import RerankContext, Reranker, check_ascending, create_reranker
+from lookalike.search.results import RetrievalResults
+
+
+@dataclass
+class Stage:
+    """The list after one stage of the chain ("original" first) and its metrics when ground truth is known."""
+
+    name: str
+    results: RetrievalResults
+    report: MetricsReport | None = None
+
+
+def build_chain(steps: list[str | dict[str, Any]]) -> list[Reranker]:
+    """Re-rankers from config steps: a name ("icfrr"), {"name": "icfrr", "kg": 10, ...} or {"icfrr": {"kg": 10}}."""
+    return [_build_step(step, i) for i, step in enumerate(steps)]
+
+
+def _build_step(step: str | dict[str, Any], position: int) -> Reranker:
+    if isinstance(step, str):
+        return create_reranker(step)
+    if isinstance(step, dict) and "name" in step:
+        params = {k: v for k, v in step.items() if k != "name"}
+        return create_reranker(str(step["name"]), **params)
+    if isinstance(step, dict) and len(step) == 1:
+        (name, params), = step.items()
+        return create_reranker(str(name), **(params or {}))
+    raise ConfigError(f"rerank[{position}]: expected a re-ranker name or {{name: ..., parameter: value}}, got {step!r}")
+
+
+def stage_report(results: RetrievalResults, context: RerankContext, **metric_kwargs) -> MetricsReport | None:
+    """Metrics of a stage's list against the context's ground truth (None when the context has no labels)."""
+    if context.query_labels is None or context.gallery_labels is None:
+        return None
+    exclude = context.exclude if context.n_relevant is None else None
+    return compute_metrics(results, context.query_labels, context.gallery_labels, n_relevant=context.n_relevant, exclude=exclude, **metric_kwargs)
+
+
+def run_chain(results: RetrievalResults, context: RerankContext, rerankers: list[Reranker], **metric_kwargs) -> list[Stage]:
+    """Apply the re-rankers in turn; every stage's list is checked (ascending distances) and scored."""
+    stages = [Stage("original", results, stage_report(results, context, **metric_kwargs))]
+    for reranker in rerankers:
+        results = reranker.rerank(results, context)
+        check_ascending(results)
+        stages.append(Stage(reranker.name, results, stage_report(results, context, **metric_kwargs)))
+    return stages

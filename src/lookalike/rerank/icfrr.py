@@ -1,0 +1,563 @@
+"""ICFRR: Iterative Cluster-free Re-ranking (Hudson & Smith), with the reference implementation's semantics, at scale.
+
+What the reference code does (src/rerank.py of finlay-hudson/ICFRR), and so what this module does:
+similarities are negated distances; each query's list is sorted once, and the p-th best original similarity
+stays the base score of whatever item sits at position p. Each iteration the current top-KQ items vote: for
+gallery item b, delta(b) = mean over the voters j of w(rank of b in the gallery-gallery list of j), with
+w(r) = 1 - r/(G-1) for r < KG and 0 otherwise (the float32 values of linspace(1, 0, G), as the reference builds
+them); the first item of j's ascending list (j itself) has rank -1 and weight 0, its nearest other item rank 0.
+The score at position p becomes base(p) + beta * delta(item at p); the list is re-sorted; repeat n_times.
+The mean is over min(KQ, K) voters, K the length of the incoming list (the reference: min(KQ, G), its lists
+being whole), and w uses G = the gallery size whatever K is.
+
+Pinned choices where the reference leaves the outcome to torch's unstable sort: the first sort orders ties by
+gallery position, every re-sort is stable (tied scores keep their current order), and a dense gallery-gallery
+row is ranked by a stable sort. delta is summed in float64 from the float32 weights: the sum is exact, so neither
+the summation order nor the chunking can change a ranking.
+
+At scale: the gallery-gallery lists are the top-KG neighbours of every gallery item (exact k-NN, never a dense
+G x G matrix unless the caller passes one), queries run in chunks, and only the top-M items of each incoming list
+are re-scored (exact=True re-scores the whole list). Beyond the per-item state of the lists (output-sized,
+Q x M) the memory is O(G * KG + chunk * M): the rank lists, one chunk's temporaries and small scatter buffers.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from lookalike.atomic import atomic_path
+from lookalike.embeddings import Embeddings
+from lookalike.errors import LookalikeError
+from lookalike.metrics import compute_metrics, relevance
+from lookalike.rerank.base import RerankContext, Reranker, register
+from lookalike.search.exact import exact_knn
+from lookalike.search.results import PAD, RetrievalResults
+from lookalike.viz import _save, save_result_grid
+
+GALLERY_KNN_KEY = "gallery_knn"  # context.cache: {vectors, metric, indices [G, k], distances [G, k]} from gallery_knn
+DENSE_RANKS_KEY = "icfrr_dense_ranks"  # context.cache: rank lists taken from context.gallery_distances
+CACHE_FILES = {"qg": "qg_dists.pth", "gg": "gg_dists.pth", "labels": "labels.pth"}
+SCATTER_ELEMENTS = 1 << 21  # votes scattered per step (voters x KG per query): bounds the temporaries
+ACCUMULATOR_BYTES = 1 << 21  # float64 vote accumulator per step, small enough to stay in cache
+KNN_BLOCK_ELEMENTS = 1 << 24  # gallery-gallery search: its score buffer stays <= 64 MiB
+CURVES = (("map@all", "mAP@all"), ("map@200", "mAP@200"), ("prec@100", "P@100"))
+
+
+@register
+class ICFRR(Reranker):
+    """Iterative cluster-free re-ranking: the top-KQ of each list vote through their gallery-gallery top-KG lists."""
+
+    name = "icfrr"
+
+    def __init__(
+        self,
+        kg: int = 256,
+        kq: int = 250,
+        beta: float = 0.5,
+        n_times: int = 5,
+        candidates: int = 2000,
+        exact: bool = False,
+        chunk: int = 1024,
+    ) -> None:
+        self.kg, self.kq, self.chunk = _positive(kg, "kg"), _positive(kq, "kq"), _positive(chunk, "chunk")
+        self.candidates = _positive(candidates, "candidates")
+        if self.candidates < self.kq and not exact:
+            raise LookalikeError(f"rerank icfrr: candidates must be >= kq ({self.kq}), got {candidates} (or exact=True)")
+        if isinstance(n_times, bool) or not isinstance(n_times, (int, np.integer)) or n_times < 0:
+            raise LookalikeError(f"rerank icfrr: n_times must be an integer >= 0, got {n_times!r}")
+        if isinstance(beta, bool) or not isinstance(beta, (int, float, np.floating)) or not 0 <= beta < np.inf:
+            raise LookalikeError(f"rerank icfrr: beta must be a finite number >= 0, got {beta!r}")
+        self.beta, self.n_times, self.exact = float(beta), int(n_times), bool(exact)
+
+    def params(self) -> dict[str, Any]:
+        """The parameters, as recorded in the results' meta."""
+        return {"kg": self.kg, "kq": self.kq, "beta": self.beta, "n_times": self.n_times,
+                "candidates": self.candidates, "exact": self.exact}
+
+    def rerank(self, results: RetrievalResults, context: RerankContext) -> RetrievalResults:
+        """The results after n_times iterations: rows re-sorted by the new score, distances = -score."""
+        run = self._start(results, context)
+        for _ in range(self.n_times):
+            run.step()
+        return run.results(self.n_times)
+
+    def iterations(self, results: RetrievalResults, context: RerankContext) -> Iterator[RetrievalResults]:
+        """The results after iteration 1, 2, ..., n_times (for metrics per iteration)."""
+        run = self._start(results, context)
+        for i in range(1, self.n_times + 1):
+            run.step()
+            yield run.results(i)
+
+    def _start(self, results: RetrievalResults, context: RerankContext) -> _Run:
+        """Neighbour lists (cached in the context) and the sorted candidate lists, ready to iterate."""
+        n_gallery = len(results.gallery_ids)
+        neighbours, source = rank_lists(results, context, self.kg, self.chunk)
+        m = results.k if self.exact else min(self.candidates, results.k)
+        meta = {"name": self.name, **self.params(), "m": m, "neighbours": source}
+        return _Run(results, neighbours, icfrr_weights(n_gallery, neighbours.shape[1]), min(self.kq, results.k),
+                    m, self.beta, self.chunk, meta)
+
+
+def icfrr_iterations(results: RetrievalResults, context: RerankContext, **params: Any) -> Iterator[RetrievalResults]:
+    """The results after each ICFRR iteration; params as for ICFRR (kg, kq, beta, n_times, candidates, exact, chunk)."""
+    return ICFRR(**params).iterations(results, context)
+
+
+def icfrr_weights(n_gallery: int, kg: int) -> np.ndarray:
+    """w(r) for ranks r = 0..kg-1: 1 - r/(G-1) as the float32 linspace(1, 0, G) of the reference, in float64."""
+    return torch.linspace(1.0, 0.0, n_gallery, dtype=torch.float32)[:kg].double().numpy()
+
+
+def _positive(value: int, name: str) -> int:
+    """A positive integer parameter, or a one-line error naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise LookalikeError(f"rerank icfrr: {name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+# ---------------------------------------------------------------- gallery-gallery rank lists
+
+
+def rank_lists(results: RetrievalResults, context: RerankContext, kg: int, chunk: int = 1024) -> tuple[np.ndarray, str]:
+    """Each gallery item's top-KG other items in rank order [G, min(KG, G-1)], and where they came from.
+
+    From context.gallery_distances when given (ranked like the reference), else from the gallery embeddings
+    by exact k-NN; either way cached in context.cache so later stages and calls reuse them.
+    """
+    n_gallery = len(results.gallery_ids)
+    k = min(kg, max(n_gallery - 1, 0))
+    if context.gallery_distances is not None:
+        dense = _as_numpy(context.gallery_distances)
+        if dense.shape != (n_gallery, n_gallery):
+            expected = f"[G, G] = [{n_gallery}, {n_gallery}]"
+            raise LookalikeError(f"rerank icfrr: gallery_distances must be {expected}, got {list(dense.shape)}")
+        cached = context.cache.get(DENSE_RANKS_KEY)
+        if cached is None or cached["matrix"] is not context.gallery_distances or cached["indices"].shape[1] < k:
+            cached = {"matrix": context.gallery_distances, "indices": neighbours_from_distances(dense, k, chunk)}
+            context.cache[DENSE_RANKS_KEY] = cached
+        return cached["indices"][:, :k], "distances"
+    context.require("gallery", by="icfrr")
+    if len(context.gallery) != n_gallery:
+        raise LookalikeError(f"rerank icfrr: {len(context.gallery)} gallery embeddings for results over {n_gallery} gallery items")
+    cached = context.cache.get(GALLERY_KNN_KEY)
+    fresh = isinstance(cached, dict) and cached.get("vectors") is context.gallery.vectors and cached.get("metric") == context.metric
+    if not (fresh and cached["indices"].shape[1] >= k):
+        idx, dist = gallery_knn(context.gallery.vectors, k, context.metric, chunk)
+        cached = {"vectors": context.gallery.vectors, "metric": context.metric, "indices": idx, "distances": dist}
+        context.cache[GALLERY_KNN_KEY] = cached
+    return cached["indices"][:, :k], "embeddings"
+
+
+def gallery_knn(gallery: np.ndarray, k: int, metric: str = "cosine", chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Every gallery item's k nearest other items [G, k] and their distances; ties go to the lower gallery position.
+
+    One extra neighbour is fetched so that a tie at the k-th place is broken the same way as a stable sort.
+    """
+    n = len(gallery)
+    k = min(k, max(n - 1, 0))
+    if k == 0:
+        return np.empty((n, 0), np.int64), np.empty((n, 0), np.float32)
+    own = np.arange(n)
+    idx, dist = exact_knn(gallery, gallery, min(k + 1, n - 1), metric, exclude=(own, own), query_block=_knn_block(n, chunk))
+    order = np.lexsort((idx, dist), axis=1)[:, :k]
+    return np.take_along_axis(idx, order, 1), np.take_along_axis(dist, order, 1)
+
+
+def _knn_block(n_gallery: int, chunk: int) -> int:
+    """Queries per block of a gallery-gallery search: exact_knn's score buffer, block x min(G, 16384), <= 64 MiB."""
+    return max(chunk, min(n_gallery, KNN_BLOCK_ELEMENTS // max(min(n_gallery, 16384), 1)))
+
+
+def neighbours_from_distances(distances: np.ndarray, k: int, chunk: int = 1024) -> np.ndarray:
+    """Rank lists [G, k] from a dense [G, G] matrix as the reference ranks rows: a stable ascending sort,
+    whose first item (the item itself, or an earlier item at the same distance) gets rank -1 and is dropped."""
+    out = np.empty((len(distances), k), np.int64)
+    for start in range(0, len(distances), chunk):
+        rows = np.asarray(distances[start : start + chunk], dtype=np.float32)
+        out[start : start + chunk] = np.argsort(rows, axis=1, kind="stable")[:, 1 : k + 1]
+    return out
+
+
+def _as_numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:
+    """A numpy view of an array or a CPU copy of a tensor."""
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+# ---------------------------------------------------------------- the iterations
+
+
+@dataclass
+class _Chunk:
+    """The state of one chunk of queries, each array [c, M] along the current order of the lists."""
+
+    items: np.ndarray  # gallery positions, PAD stored as the sink G
+    base: np.ndarray  # the original distances, sorted: they stay with the positions
+    distances: np.ndarray  # the current distances (-score)
+    votes: np.ndarray  # float64: the sum of w(rank) the item gets from the voters counted so far
+    counted: np.ndarray  # bool: the item's own list is among the counted voters
+
+
+class _Run:
+    """The live state of one ICFRR run over every query's top-M items, chunk by chunk.
+
+    A step first brings each row's vote sums up to its current top-KQ (adding the lists of entering voters,
+    subtracting those of voters that left: exact, as the sums are exact), then re-sorts the row. After the
+    first step only the voters that changed cost anything.
+    """
+
+    def __init__(
+        self,
+        results: RetrievalResults,
+        neighbours: np.ndarray,
+        weights: np.ndarray,
+        n_voters: int,
+        m: int,
+        beta: float,
+        chunk: int,
+        meta: dict,
+    ) -> None:
+        self.source, self.weights, self.n_voters, self.m = results, weights, n_voters, m
+        self.beta, self.meta = beta, meta
+        self.n_gallery = len(results.gallery_ids)
+        self.neighbours = _with_sink(neighbours, self.n_gallery)
+        self.chunks = [_start_chunk(results, slice(s, s + chunk), m) for s in range(0, results.n_queries, chunk)]
+
+    def step(self) -> None:
+        """One iteration: key = -score = base distance - beta * delta, sorted stably, for every chunk."""
+        if self.m == 0:
+            return
+        for ch in self.chunks:
+            self._recount(ch)
+            key = ch.base.astype(np.float64) - self.beta * (ch.votes / self.n_voters)
+            order, ranked = stable_argsort(key)
+            flat = (order + np.arange(0, order.size, order.shape[1])[:, None]).ravel()
+            ch.items, ch.votes, ch.counted = (a.ravel().take(flat).reshape(key.shape) for a in (ch.items, ch.votes, ch.counted))
+            ch.distances = ranked.astype(np.float32)
+
+    def _recount(self, ch: _Chunk) -> None:
+        """Make the chunk's vote sums those of its current top-KQ: lists of entering voters +w, leaving ones -w."""
+        should = np.zeros(ch.counted.shape, bool)
+        should[:, : self.n_voters] = True
+        r, c = _nonzero(ch.counted != should)
+        if len(r):
+            self._scatter(ch, r, ch.items[r, c], np.where(should[r, c], 1.0, -1.0))
+        ch.counted = should
+
+    def _scatter(self, ch: _Chunk, voter_rows: np.ndarray, voters: np.ndarray, signs: np.ndarray) -> None:
+        """Add sign * w(rank) of each voter's list to the vote sums of its row's items, a few rows at a time."""
+        width = self.n_gallery + 1  # the last column is the sink of PAD voters and PAD items
+        kg = self.neighbours.shape[1]
+        step = max(1, min(SCATTER_ELEMENTS // max(2 * self.n_voters * kg, 1), ACCUMULATOR_BYTES // (8 * width)))
+        n_rows = len(ch.items)
+        bounds = np.searchsorted(voter_rows, np.arange(0, n_rows + step, step))
+        for first, a, b in zip(range(0, n_rows, step), bounds[:-1], bounds[1:]):
+            if a == b:
+                continue
+            n = min(step, n_rows - first)
+            targets = self.neighbours[voters[a:b]] + (voter_rows[a:b, None] - first) * width
+            weights = signs[a:b, None] * self.weights[None, :]
+            sums = np.bincount(targets.ravel(), weights=weights.ravel(), minlength=n * width).reshape(n, width)
+            ch.votes[first : first + n] += np.take_along_axis(sums, ch.items[first : first + n], 1)
+
+    def results(self, iteration: int) -> RetrievalResults:
+        """The current state as RetrievalResults: the re-scored head, then the untouched tail of the list."""
+        indices, distances = self.source.indices.copy(), self.source.distances.copy()
+        if self.chunks:
+            items = np.concatenate([ch.items for ch in self.chunks])
+            indices[:, : self.m] = np.where(items == self.n_gallery, PAD, items)
+            distances[:, : self.m] = np.concatenate([ch.distances for ch in self.chunks])
+        meta = dict(self.source.meta)
+        meta["rerank"] = [*meta.get("rerank", []), {**self.meta, "iteration": iteration}]
+        return RetrievalResults(indices, distances, self.source.query_ids, self.source.gallery_ids, meta)
+
+
+def stable_argsort(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row-wise argsort in which equal keys keep their order, and the sorted keys.
+
+    numpy's (SIMD) quicksort, then each run of equal keys put back in its original order: about twice as fast
+    as kind="stable" on float64 rows, with the same result.
+    """
+    order = np.argsort(key, axis=1)
+    ranked = key.ravel().take((order + np.arange(0, order.size, max(order.shape[1], 1))[:, None]).ravel()).reshape(key.shape)
+    tied = ranked[:, 1:] == ranked[:, :-1]  # position j ties with j + 1
+    if np.isnan(ranked[:, -1:]).any():  # NaN sorts last: equal to each other for this purpose
+        tied |= np.isnan(ranked[:, 1:]) & np.isnan(ranked[:, :-1])
+    r, j = _nonzero(tied)
+    if len(r):
+        member = np.zeros(key.shape, bool)
+        member[r, j] = member[r, j + 1] = True
+        mr, mj = _nonzero(member)  # row-major: each run of ties is contiguous here
+        run = np.cumsum(~((mj > 0) & tied[mr, np.maximum(mj - 1, 0)]))
+        order[mr, mj] = order[mr, mj][np.lexsort((order[mr, mj], run))]
+    return order, ranked
+
+
+def _nonzero(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column of the True entries of a 2-D mask, row-major (several times faster than np.nonzero)."""
+    return np.divmod(np.flatnonzero(mask), mask.shape[1])
+
+
+def _start_chunk(results: RetrievalResults, rows: slice, m: int) -> _Chunk:
+    """A chunk's first m items (PAD as the sink G) and distances, ties ordered by gallery position."""
+    n_gallery = len(results.gallery_ids)
+    idx, dist = np.where(results.indices[rows, :m] == PAD, n_gallery, results.indices[rows, :m]), results.distances[rows, :m]
+    if (dist[:, 1:] < dist[:, :-1]).any():  # not ascending (against the contract): sort by (distance, position)
+        order = np.lexsort((idx, dist), axis=1)
+    else:  # ascending: only ties to order, by numbering the runs of equal distance
+        runs = np.zeros(idx.shape, np.int64)
+        np.cumsum(dist[:, 1:] != dist[:, :-1], axis=1, out=runs[:, 1:])
+        order = np.argsort(runs * (n_gallery + 1) + idx, axis=1, kind="stable")
+    base = np.take_along_axis(dist, order, 1)
+    return _Chunk(np.take_along_axis(idx, order, 1), base, base.copy(), np.zeros(idx.shape), np.zeros(idx.shape, bool))
+
+
+def _with_sink(neighbours: np.ndarray, n_gallery: int) -> np.ndarray:
+    """Rank lists [G + 1, k] with PAD mapped to the sink G, plus a sink row G (the list of a PAD voter)."""
+    lists = np.full((n_gallery + 1, neighbours.shape[1]), n_gallery, np.int64)
+    lists[:n_gallery] = neighbours
+    lists[:n_gallery][neighbours == PAD] = n_gallery
+    return lists
+
+
+# ---------------------------------------------------------------- the reference's cache format
+
+
+def load_icfrr_cache(folder: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None]:
+    """Read an ICFRR cache folder: qg_dists.pth [Q, G], gg_dists.pth [G, G], optional labels.pth {query, gallery}."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise LookalikeError(f"{folder}: no such ICFRR cache folder (expected {CACHE_FILES['qg']} and {CACHE_FILES['gg']} in it)")
+    qg = _load_matrix(folder / CACHE_FILES["qg"], "[Q, G]")
+    gg = _load_matrix(folder / CACHE_FILES["gg"], "[G, G]")
+    if gg.shape != (qg.shape[1], qg.shape[1]):
+        expected = f"[G, G] = [{qg.shape[1]}, {qg.shape[1]}] to match {CACHE_FILES['qg']}"
+        raise LookalikeError(f"{folder / CACHE_FILES['gg']}: expected {expected}, got {list(gg.shape)}")
+    labels_path = folder / CACHE_FILES["labels"]
+    labels = _load_labels(labels_path, qg.shape) if labels_path.exists() else None
+    return qg, gg, labels
+
+
+def _load(path: Path) -> Any:
+    """torch.load with weights_only=True onto the CPU, with one-line errors."""
+    if not path.is_file():
+        holds = f"{CACHE_FILES['qg']}, {CACHE_FILES['gg']} and optionally {CACHE_FILES['labels']}"
+        raise LookalikeError(f"{path}: missing (an ICFRR cache holds {holds})")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same thing here
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        raise LookalikeError(f"{path}: not a torch file of tensors ({exc.__class__.__name__}: {first_line})") from None
+
+
+def _load_matrix(path: Path, shape: str) -> torch.Tensor:
+    """A 2-D floating-point distance tensor from a .pth file."""
+    value = _load(path)
+    if not isinstance(value, torch.Tensor) or value.ndim != 2 or not value.is_floating_point():
+        got = f"{value.dtype} tensor of shape {list(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+        raise LookalikeError(f"{path}: expected a floating-point distance tensor {shape}, got {got}")
+    return value.float()
+
+
+def _load_labels(path: Path, qg_shape: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """{'query': LongTensor [Q], 'gallery': LongTensor [G]} from labels.pth."""
+    value = _load(path)
+    if not isinstance(value, dict) or not {"query", "gallery"} <= set(value):
+        raise LookalikeError(f"{path}: expected a dict with 'query' and 'gallery' label tensors")
+    for key, n in (("query", qg_shape[0]), ("gallery", qg_shape[1])):
+        t = value[key]
+        if not isinstance(t, torch.Tensor) or t.shape != (n,) or t.is_floating_point() or t.is_complex():
+            got = f"shape {list(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise LookalikeError(f"{path}: '{key}' must be an integer tensor of length {n}, got {got}")
+    return {"query": value["query"].long(), "gallery": value["gallery"].long()}
+
+
+def save_icfrr_cache(
+    folder: str | os.PathLike,
+    qg: RetrievalResults | np.ndarray | torch.Tensor,
+    gg: Embeddings | np.ndarray | torch.Tensor,
+    labels: dict[str, Sequence] | None = None,
+    metric: str = "cosine",
+) -> Path:
+    """Write qg_dists.pth, gg_dists.pth (and labels.pth, else remove a stale one) atomically in the reference's format.
+
+    qg: results that list the whole gallery (K = G), or a [Q, G] matrix; gg: the gallery embeddings (distances
+    by `metric`) or a [G, G] matrix; labels: {'query': [Q], 'gallery': [G]} ints or strings (coded together).
+    """
+    folder = Path(folder)
+    qg_t = torch.from_numpy(dense_query_distances(qg) if isinstance(qg, RetrievalResults) else _matrix(qg, "qg"))
+    n_gallery = qg_t.shape[1]
+    gg_t = torch.from_numpy(dense_gallery_distances(gg, metric) if isinstance(gg, Embeddings) else _matrix(gg, "gg"))
+    if gg_t.shape != (n_gallery, n_gallery):
+        raise LookalikeError(f"gg: expected [G, G] = [{n_gallery}, {n_gallery}] to match qg, got {list(gg_t.shape)}")
+    coded = _label_tensors(labels, qg_t.shape) if labels is not None else None
+    _save_tensor(qg_t, folder / CACHE_FILES["qg"])
+    _save_tensor(gg_t, folder / CACHE_FILES["gg"])
+    if coded is None:
+        (folder / CACHE_FILES["labels"]).unlink(missing_ok=True)
+    else:
+        _save_tensor(coded, folder / CACHE_FILES["labels"])
+    return folder
+
+
+def _matrix(x: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
+    """A 2-D float32 numpy copy of a distance matrix."""
+    array = _as_numpy(x)
+    if array.ndim != 2 or not np.issubdtype(array.dtype, np.number):
+        raise LookalikeError(f"{name}: expected a 2-D numeric distance matrix, got shape {list(array.shape)} {array.dtype}")
+    return np.array(array, dtype=np.float32)
+
+
+def dense_query_distances(results: RetrievalResults) -> np.ndarray:
+    """The [Q, G] query-gallery distances of results that list the whole gallery; excluded items get inf."""
+    n_gallery = len(results.gallery_ids)
+    if results.k < n_gallery:
+        raise LookalikeError(f"qg: results must list the whole gallery (K = G = {n_gallery}), got K = {results.k}; search with k = G")
+    out = np.full((results.n_queries, n_gallery), np.inf, np.float32)
+    rows = np.broadcast_to(np.arange(results.n_queries)[:, None], results.indices.shape)
+    valid = results.valid
+    out[rows[valid], results.indices[valid]] = results.distances[valid]
+    return out
+
+
+def dense_gallery_distances(gallery: Embeddings, metric: str = "cosine", chunk: int = 1024) -> np.ndarray:
+    """The [G, G] gallery-gallery distances (self included) by exact search, blocked as gallery_knn blocks them
+    (so both see bitwise-equal distances)."""
+    n = len(gallery)
+    idx, dist = exact_knn(gallery.vectors, gallery.vectors, n, metric, query_block=_knn_block(n, chunk))
+    out = np.empty((n, n), np.float32)
+    np.put_along_axis(out, idx, dist, 1)
+    return out
+
+
+def _label_tensors(labels: dict[str, Sequence], shape: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """Query and gallery labels as LongTensors; non-integer labels get shared integer codes."""
+    if not isinstance(labels, dict) or not {"query", "gallery"} <= set(labels):
+        raise LookalikeError("labels: expected a dict with 'query' and 'gallery' label arrays")
+    q, g = (np.asarray(_as_numpy(labels[k]) if isinstance(labels[k], torch.Tensor) else labels[k]) for k in ("query", "gallery"))
+    if q.shape != (shape[0],) or g.shape != (shape[1],):
+        got = f"got shapes {list(q.shape)} and {list(g.shape)}"
+        raise LookalikeError(f"labels: expected {shape[0]} query and {shape[1]} gallery labels, {got}")
+    if not (np.issubdtype(q.dtype, np.integer) and np.issubdtype(g.dtype, np.integer)):
+        _, codes = np.unique(np.concatenate([q.astype(str), g.astype(str)]), return_inverse=True)
+        q, g = codes[: len(q)], codes[len(q) :]
+    return {"query": torch.from_numpy(q.astype(np.int64)), "gallery": torch.from_numpy(g.astype(np.int64))}
+
+
+def _save_tensor(value: Any, path: Path) -> None:
+    """torch.save atomically."""
+    with atomic_path(path, suffix=".pth") as tmp:
+        torch.save(value, tmp)
+
+
+def results_from_distances(
+    distances: np.ndarray | torch.Tensor, query_ids: Sequence | None = None, gallery_ids: Sequence | None = None, chunk: int = 1024
+) -> RetrievalResults:
+    """Results listing the whole gallery from a [Q, G] distance matrix, sorted stably (ties by gallery position)."""
+    dense = _matrix(distances, "qg")
+    n_q, n_g = dense.shape
+    indices = np.empty(dense.shape, np.int64)
+    for start in range(0, n_q, chunk):
+        indices[start : start + chunk] = np.argsort(dense[start : start + chunk], axis=1, kind="stable")
+    q_ids = np.arange(n_q).astype(str) if query_ids is None else np.asarray(query_ids)
+    g_ids = np.arange(n_g).astype(str) if gallery_ids is None else np.asarray(gallery_ids)
+    if len(q_ids) != n_q or len(g_ids) != n_g:
+        raise LookalikeError(f"ids: expected {n_q} query and {n_g} gallery ids, got {len(q_ids)} and {len(g_ids)}")
+    return RetrievalResults(indices, np.take_along_axis(dense, indices, 1), q_ids, g_ids, {"source": "distances", "k": n_g})
+
+
+# ---------------------------------------------------------------- the reference's printout, plot and pictures
+
+
+def icfrr_metrics(results: RetrievalResults, query_labels: np.ndarray, gallery_labels: np.ndarray) -> dict[str, float]:
+    """The reference's printout: mAP@all, mAP@200 and prec@25/100/200, means over all queries.
+
+    As the reference computes them: AP@k divides by the relevant items found in the top k (OML's mAP@k);
+    prec@k = relevant in the top k / k (OML's precision@k divides by min(k, relevant)); a query with no
+    relevant item counts as 0 (OML leaves it out).
+    """
+    report = compute_metrics(results, query_labels, gallery_labels, cmc_k=(1,), precision_k=(1,), map_k=(200,))
+    hits = np.cumsum(report.relevance, axis=1)
+    out = {name: float(np.nan_to_num(report.per_query[name], nan=0.0).mean()) for name in ("map@all", "map@200")}
+    for k in (25, 100, 200):
+        out[f"prec@{k}"] = float((hits[:, min(k, results.k) - 1] / k).mean())
+    return out
+
+
+def icfrr_cache_inputs(
+    folder: str | os.PathLike, query_ids: Sequence | None = None, gallery_ids: Sequence | None = None
+) -> tuple[RetrievalResults, RerankContext, dict[str, np.ndarray] | None]:
+    """Results (K = G), a context holding the dense gallery distances, and labels (or None) from a cache folder.
+
+    The ids default to row positions; give image paths (relative to an image root) to draw rank strips.
+    """
+    qg, gg, labels = load_icfrr_cache(folder)
+    results = results_from_distances(qg, query_ids, gallery_ids)
+    context = RerankContext(gallery_distances=gg.numpy())
+    if labels is None or bool((labels["query"] == -1).all()):
+        return results, context, None
+    return results, context, {k: v.numpy() for k, v in labels.items()}
+
+
+def run_icfrr_cache(
+    folder: str | os.PathLike, kg: int = 256, kq: int = 250, beta: float = 0.5, n_times: int = 5, chunk: int = 1024
+) -> list[dict[str, float]]:
+    """ICFRR on a reference cache folder, exactly (whole lists): one record per iteration, 0 = before.
+
+    Each record holds 'iteration' and, when the folder has labels, the icfrr_metrics of that iteration.
+    """
+    results, context, labels = icfrr_cache_inputs(folder)
+    steps = ICFRR(kg=kg, kq=kq, beta=beta, n_times=n_times, exact=True, chunk=chunk).iterations(results, context)
+    return [_record(i, r, labels) for i, r in enumerate([results, *steps])]
+
+
+def _record(iteration: int, results: RetrievalResults, labels: dict[str, np.ndarray] | None) -> dict[str, float]:
+    """One row of the per-iteration table."""
+    metrics = icfrr_metrics(results, labels["query"], labels["gallery"]) if labels is not None else {}
+    return {"iteration": iteration, **metrics}
+
+
+def plot_icfrr_curve(records: Sequence[dict[str, float]], path: str | os.PathLike) -> Path:
+    """Write a PNG of mAP@all, mAP@200 and P@100 against the iteration (records from run_icfrr_cache)."""
+    if not records or any(key not in records[0] for key, _ in CURVES):
+        keys = ", ".join(k for k, _ in CURVES)
+        raise LookalikeError(f"records: expected per-iteration records with {keys} (run_icfrr_cache with labels)")
+    x = [r["iteration"] for r in records]
+    fig = Figure(figsize=(5, 3.6), dpi=100)
+    ax = fig.subplots()
+    for (key, label), marker in zip(CURVES, "oos"):
+        ax.plot(x, [r[key] for r in records], marker=marker if len(x) <= 30 else None, label=label)
+    ax.set_xlabel("iteration")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("score")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best")
+    ax.set_title("ICFRR re-ranking")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def save_rank_strips(
+    results: RetrievalResults,
+    path: str | os.PathLike,
+    image_root: str | os.PathLike,
+    query_labels: np.ndarray | None = None,
+    gallery_labels: np.ndarray | None = None,
+    queries: Sequence[int] | None = None,
+    top_k: int = 10,
+) -> Path:
+    """Write a PNG: for each chosen query its image then its top-k, framed green/red when labels are given.
+
+    Image paths are image_root / the results' ids (give results_from_distances the file names for a cache).
+    """
+    rel = relevance(results, query_labels, gallery_labels) if query_labels is not None and gallery_labels is not None else None
+    return save_result_grid(results, path, image_root, relevance=rel, queries=queries, top_k=top_k)
