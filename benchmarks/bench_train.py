@@ -2,7 +2,7 @@
 
 Run from the repository root with the project's python:
 
-    .venv/bin/python benchmarks/bench_train.py [--epochs N] [--model NAME] [--only oml|lookalike]
+    .venv/bin/python benchmarks/bench_train.py [--epochs N] [--seeds 0,1,2] [--model NAME] [--only oml|lookalike]
 
 Both sides train a timm backbone (pretrained=False, num_classes=0: global pooled features, no
 projection, L2-normalised) on the Omniglot subset with P x K batches, batch-hard triplet loss
@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
+import numpy as np
+
 from bench_metrics import ROOT, VENV, ensure_oml_venv, log, run_step
 
 DATA_ZIP = ROOT.parent / "shared" / "data" / "omniglot_background_small1.zip"
@@ -42,6 +44,7 @@ CACHE = ROOT / ".bench-cache" / "bench_train"
 WORKER = Path(__file__).resolve().with_name("_oml_train_worker.py")
 MARGIN = 0.2
 VALIDATION_FRACTION = 0.3
+SEEDS_SEEN: list[int] = []  # the seeds run so far, in order (for the per-seed lines)
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--p", type=int, default=16, help="labels per batch (default 16)")
     parser.add_argument("--k", type=int, default=4, help="images per label (default 4)")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="0", help="training seeds, comma-separated (default 0); each side trains once per seed")
+    parser.add_argument("--split-seed", type=int, default=0, help="seed of the class split into train / validation (default 0)")
     parser.add_argument("--batch-size", type=int, default=128, help="validation batch size (default 128)")
     parser.add_argument("--data", type=Path, default=DATA_ZIP, help="zip of images_background_small1/<alphabet>/<character>/*.png")
     parser.add_argument("--only", choices=("oml", "lookalike"), help="run one side only")
@@ -204,20 +208,26 @@ def print_header(args: argparse.Namespace, sizes: tuple[int, int, int], batches_
     log(f"[settings] model={args.model} (timm, pretrained=False, num_classes=0, L2-normalised) image_size={args.image_size} "
         f"crop_fraction={args.crop_fraction} no augmentation")
     log(f"[settings] P={args.p} K={args.k} batch-hard triplet margin={MARGIN} euclidean, Adam lr={args.lr}, "
-        f"epochs={args.epochs}, seed={args.seed}, val batch={args.batch_size}, num_workers=0, threads={os.cpu_count()}, CPU")
+        f"epochs={args.epochs}, seeds={args.seeds}, split seed={args.split_seed}, val batch={args.batch_size}, num_workers=0, threads={os.cpu_count()}, CPU")
     log(f"[data] train: {n_train} images, {n_labels} labels; validation: {n_val} images (each a query vs all others)")
     log(f"[epoch] OML BalanceSampler: {n_labels} labels // P={args.p} = {batches_per_epoch} batches of {args.p * args.k} "
         f"= {batches_per_epoch * args.p * args.k} images per epoch; lookalike capped to the same batch count")
 
 
-def print_results(oml: SideResult | None, ours: SideResult | None) -> None:
-    """One line per side, then the ratios."""
-    for name, side in (("lookalike", ours), ("OML", oml)):
-        if side is not None:
-            log(f"{name:<10} CMC@1 {side.cmc1:.4f}  images/s {side.images_per_second:8.1f}  ({side.detail})")
-    if oml is not None and ours is not None:
-        log(f"ratio lookalike/OML: CMC@1 {ratio(ours.cmc1, oml.cmc1):.2f}, "
-            f"images/s {ratio(ours.images_per_second, oml.images_per_second):.2f}")
+def print_results(runs: dict[str, list[SideResult]], failed: bool) -> None:
+    """One line per side and seed, then mean +- std per side and the ratios of the means."""
+    for name, sides in runs.items():
+        for seed, side in zip(SEEDS_SEEN, sides):
+            log(f"{name:<10} seed {seed}: CMC@1 {side.cmc1:.4f}  images/s {side.images_per_second:8.1f}  ({side.detail})")
+    means = {}
+    for name, sides in runs.items():
+        if sides:
+            cmc, speed = np.array([s.cmc1 for s in sides]), np.array([s.images_per_second for s in sides])
+            means[name] = (cmc.mean(), speed.mean())
+            log(f"{name:<10} over {len(sides)} seed(s): CMC@1 {cmc.mean():.4f} +- {cmc.std():.4f}  images/s {speed.mean():.1f} +- {speed.std():.1f}")
+    if not failed and len(means) == 2:
+        (ours_cmc, ours_speed), (oml_cmc, oml_speed) = means["lookalike"], means["OML"]
+        log(f"ratio lookalike/OML (means): CMC@1 {ratio(ours_cmc, oml_cmc):.2f}, images/s {ratio(ours_speed, oml_speed):.2f}")
     log("(images/s above: per-batch step time, batch loading excluded, as lookalike's Throughput callback times it)")
 
 
@@ -227,22 +237,29 @@ def ratio(ours: float, theirs: float) -> float:
 
 
 def main() -> int:
-    """Prepare data, train both sides, print the comparison; non-zero when a side fails."""
+    """Prepare data, train both sides once per seed, print the comparison; non-zero when a side fails."""
     args = parse_args()
     started = time.perf_counter()
-    table, *sizes = build_table(unpack(args.data), args.seed)
+    table, *sizes = build_table(unpack(args.data), args.split_seed)
     batches_per_epoch = sizes[1] // args.p
     print_header(args, tuple(sizes), batches_per_epoch)
-    oml = ours = None
-    if args.only != "lookalike":
+    sides = [name for name in ("lookalike", "OML") if args.only != ("oml" if name == "lookalike" else "lookalike")]
+    python = None
+    if "OML" in sides:
         python = ensure_oml_venv()
         ensure_timm(python)
-        oml = run_oml(python, args, table)
-    if args.only != "oml":
-        ours = run_lookalike(args, table, batches_per_epoch)
-    print_results(oml, ours)
+    runs: dict[str, list[SideResult]] = {name: [] for name in sides}
+    failed = False
+    for seed in (int(s) for s in args.seeds.split(",")):
+        args.seed = seed
+        SEEDS_SEEN.append(seed)
+        for name in sides:
+            side = run_oml(python, args, table) if name == "OML" else run_lookalike(args, table, batches_per_epoch)
+            failed |= side is None
+            if side is not None:
+                runs[name].append(side)
+    print_results(runs, failed)
     log(f"total {time.perf_counter() - started:.0f} s")
-    failed = (args.only != "lookalike" and oml is None) or (args.only != "oml" and ours is None)
     return 1 if failed else 0
 
 

@@ -57,7 +57,7 @@ def test_missing_table_key_is_explained():
     assert done.returncode == 2 and "data.table: expected the path of a dataset CSV" in done.stderr
 
 
-@pytest.mark.parametrize("command", ["import-folder", "extract", "search", "evaluate", "rerank", "demo", "train", "validate"])
+@pytest.mark.parametrize("command", ["import-folder", "extract", "search", "evaluate", "rerank", "icfrr", "demo", "train", "validate"])
 def test_every_command_has_help(command):
     done = run(command, "--help")
     assert done.returncode == 0 and "Usage" in done.stdout
@@ -77,3 +77,20 @@ def test_demo_on_digits_writes_metrics_and_pictures(tmp_path):
     assert list((out / "train" / "checkpoints").glob("best-*.ckpt"))
     for picture in ("grid.png", "cmc.png"):
         assert f"picture: {out / picture}" in done.stdout
+
+
+ICFRR_EXAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "icfrr_example" / "-1"
+
+
+@pytest.mark.skipif(not ICFRR_EXAMPLE.is_dir(), reason=f"{ICFRR_EXAMPLE} not found")
+def test_icfrr_command_prints_every_iteration_and_writes_the_plot(tmp_path):
+    done = run("icfrr", ICFRR_EXAMPLE, "--kg", "10", "--kq", "15", "--n-times", "20", "--output", tmp_path)
+    assert done.returncode == 0, done.stderr
+    records = json.loads((tmp_path / "metrics.json").read_text())
+    assert [round(r["map@all"], 4) for r in records][::6] == [0.5758, 0.798, 0.798, 1.0]  # iterations 0, 6, 12, 18
+    assert "0.7431" in done.stdout and (tmp_path / "icfrr_curve.png").stat().st_size > 1000
+
+
+def test_icfrr_command_names_a_missing_cache_file(tmp_path):
+    done = run("icfrr", tmp_path)
+    assert done.returncode != 0 and "qg_dists.pth" in done.stderr and len(done.stderr.strip().splitlines()) == 1

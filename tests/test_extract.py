@@ -36,7 +36,8 @@ def test_embeddings_are_l2_normalised_and_in_row_order(table):
 def test_lightning_checkpoint_with_prefix_loads(tmp_path, table):
     torch.manual_seed(1)
     trained = Extractor("test_resnet")
-    ckpt = {"state_dict": {f"model.{k}": v for k, v in trained.state_dict().items()}, "epoch": 3}
+    ckpt = {"state_dict": {f"model.{k}": v for k, v in trained.state_dict().items()}, "epoch": 3,
+            "optimizer_states": [{"lr": np.float64(1e-4), "step": np.int64(7)}]}  # numpy scalars, as older checkpoints hold
     torch.save(ckpt, tmp_path / "last.ckpt")
     torch.manual_seed(2)
     fresh = load_weights(Extractor("test_resnet"), tmp_path / "last.ckpt")

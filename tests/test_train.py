@@ -79,10 +79,10 @@ def test_every_epoch_draws_new_batches(table_csv, tmp_path):
 
 
 def test_validate_reproduces_the_last_validation_and_resume_continues(table_csv, tmp_path):
-    first = run_train(config(table_csv, tmp_path, "train.epochs=1"))
+    first = run_train(config(table_csv, tmp_path, "train.epochs=1", "train.scheduler=cosine"))
     again = run_validate(config(table_csv, tmp_path, f"model.weights={first.last_checkpoint}"))
     assert again == pytest.approx(first.metrics, abs=1e-6)
-    resumed = run_train(config(table_csv, tmp_path, "train.epochs=2"), resume="last")
+    resumed = run_train(config(table_csv, tmp_path, "train.epochs=2", "train.scheduler=cosine"), resume="last")
     ckpt = torch.load(resumed.last_checkpoint, map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 2 * 2  # two epochs of 4 labels / p=2 batches: the second continued the first
     assert (tmp_path / "validation" / "metrics_epoch001.json").is_file()

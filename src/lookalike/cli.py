@@ -164,6 +164,36 @@ def rerank(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP)) -> 
     _print_stages(cfg, table_from_config(cfg))
 
 
+@app.command()
+@reports_errors
+def icfrr(
+    cache: Path = typer.Argument(..., help="An ICFRR reference cache folder: qg_dists.pth, gg_dists.pth, optional labels.pth."),
+    kg: int = typer.Option(256, help="Gallery-gallery list length KG."),
+    kq: int = typer.Option(250, help="Voters per query KQ."),
+    beta: float = typer.Option(0.5, help="Weight of the votes."),
+    n_times: int = typer.Option(5, help="Iterations."),
+    output: Path = typer.Option(Path("runs/icfrr"), help="Folder for metrics.json and the per-iteration plot."),
+) -> None:
+    """ICFRR on a reference cache, exactly as the reference computes it: metrics after every iteration and their plot."""
+    import json
+
+    from lookalike.atomic import write_text_atomic
+    from lookalike.rerank import plot_icfrr_curve, run_icfrr_cache
+
+    records = run_icfrr_cache(cache, kg=kg, kq=kq, beta=beta, n_times=n_times)
+    if len(records[0]) == 1:
+        out.print(f"{cache}: no labels.pth, so no metrics; ran {n_times} iterations")
+        return
+    table = Table(title=f"ICFRR KG={kg} KQ={kq} beta={beta}")
+    for key in records[0]:
+        table.add_column(key, justify="right")
+    for r in records:
+        table.add_row(str(r["iteration"]), *(f"{v:.4f}" for k, v in r.items() if k != "iteration"))
+    out.print(table)
+    write_text_atomic(output / "metrics.json", json.dumps(records, indent=2) + "\n")
+    out.print(f"wrote {output / 'metrics.json'}, {plot_icfrr_curve(records, output / 'icfrr_curve.png')}")
+
+
 def _print_comparison(columns: dict[str, dict[str, float]], title: str) -> None:
     """Metrics side by side, one column per stage (e.g. before / after training)."""
     table = Table(title=title)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import timm
 import torch
 from torch import nn
@@ -53,13 +55,19 @@ def _bnneck(dim: int) -> nn.BatchNorm1d:
     return neck
 
 
-def load_weights(module: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load a state dict or a Lightning checkpoint into `module`, finding the key prefix by itself."""
+# plain numbers that other tools (and Lightning optimiser states) store as numpy scalars: data, not code
+NUMPY_SCALAR_GLOBALS = [np._core.multiarray.scalar, np.dtype, *{type(np.dtype(t)) for t in (np.float32, np.float64, np.int64, np.bool_)}]
+
+
+def load_weights(module: nn.Module, path: str | os.PathLike, adapt: Callable[[dict], dict] | None = None) -> nn.Module:
+    """Load a state dict or a Lightning checkpoint into `module`, finding the key prefix by itself; `adapt` may reshape the
+    stripped state first (e.g. resample position embeddings)."""
     path = Path(path)
     if not path.is_file():
         raise LookalikeError(f"model.weights: no such file {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(NUMPY_SCALAR_GLOBALS):
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a file that is not a checkpoint
         raise LookalikeError(f"model.weights: {path} is not a PyTorch checkpoint ({exc.__class__.__name__})") from None
     state = state.get("state_dict", state) if isinstance(state, dict) else state
@@ -67,6 +75,7 @@ def load_weights(module: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise LookalikeError(f"model.weights: {path} holds no state dict")
     prefix = _common_prefix(state, module.state_dict())
     stripped = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    stripped = adapt(stripped) if adapt is not None else stripped
     missing, _ = module.load_state_dict(stripped, strict=False)
     if missing:
         raise LookalikeError(f"model.weights: {path} lacks {len(missing)} weights of this model, e.g. {missing[0]!r} (wrong model.name?)")

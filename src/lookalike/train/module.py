@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import lightning as L
@@ -169,7 +170,7 @@ def _scheduler(optimizer, name: str, warmup: int, epochs: int, steps: list[int])
     def factor(epoch: int) -> float:
         warm = min(1.0, (epoch + 1) / warmup) if warmup else 1.0
         if name == "cosine":
-            return warm * 0.5 * (1 + np.cos(np.pi * epoch / max(epochs, 1)))
+            return warm * 0.5 * (1 + math.cos(math.pi * epoch / max(epochs, 1)))  # a float: numpy scalars break weights_only loading
         if name == "step":
             return warm * 0.1 ** sum(epoch >= s for s in steps)
         return warm
