@@ -57,7 +57,7 @@ def test_missing_table_key_is_explained():
     assert done.returncode == 2 and "data.table: expected the path of a dataset CSV" in done.stderr
 
 
-@pytest.mark.parametrize("command", ["import-folder", "extract", "search", "evaluate", "rerank", "icfrr", "demo", "train", "validate"])
+@pytest.mark.parametrize("command", ["import-folder", "extract", "search", "evaluate", "rerank", "icfrr", "index", "serve", "demo", "train", "validate"])
 def test_every_command_has_help(command):
     done = run(command, "--help")
     assert done.returncode == 0 and "Usage" in done.stdout

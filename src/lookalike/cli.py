@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from tqdm import tqdm
 
-from lookalike.errors import LookalikeError
+from lookalike.errors import LookalikeError, LookalikeWarning, printable
 
 app = typer.Typer(
     help="Image retrieval: import a dataset, extract embeddings, search a gallery, evaluate the ranking.",
@@ -42,10 +44,21 @@ def reports_errors(fn):
         try:
             return fn(*args, **kwargs)
         except LookalikeError as exc:
-            err.print(f"[bold red]error:[/] {_one_line(exc)}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(printable(_one_line(exc)))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A LookalikeWarning (e.g. images skipped) as one 'warning:' line; other warnings as Python shows them."""
+    if issubclass(category, LookalikeWarning):
+        err.print(f"[yellow]warning:[/] {escape(printable(str(message)))}", highlight=False, soft_wrap=True)
+    else:
+        _python_show_warning(message, category, filename, lineno, file, line)
+
+
+_python_show_warning, warnings.showwarning = warnings.showwarning, _show_warning
 
 
 def _quiet_lightning() -> None:
@@ -107,6 +120,37 @@ def import_folder_cmd(
         f"wrote {output}: {len(table)} images, {table.frame['label'].nunique()} labels "
         f"({len(table) - len(val)} train, {len(val)} validation: {int(val['is_query'].sum())} queries, {int(val['is_gallery'].sum())} gallery)"
     )
+
+
+@app.command()
+@reports_errors
+def convert(
+    name: str = typer.Argument(..., help="Published layout: sop, inshop, cub, cars, market1501, dukemtmc, street2shop, deepfashion2, sketchy, tu-berlin, tll, folder."),
+    root: Path = typer.Argument(..., help="The dataset's folder, unpacked as published."),
+    output: Path = typer.Argument(..., help="CSV to write: a dataset table (tll: a pairs table)."),
+    check_images: bool = typer.Option(False, "--check-images", help="Also decode every image (slower); without it images are only checked to exist."),
+    class_split: Optional[Path] = typer.Option(None, help="sketchy, tu-berlin: file of the zero-shot test classes, one per line (the others train)."),
+    validation_fraction: Optional[float] = typer.Option(None, help="folder, tll: share of the classes (pairs) that go to validation."),
+    seed: Optional[int] = typer.Option(None, help="folder, tll: seed of the split."),
+    queries_per_class: Optional[int] = typer.Option(None, help="folder: queries per validation class; default: every image."),
+) -> None:
+    """Turn a public dataset in its published layout into a dataset table; missing or unreadable images are listed, nothing is written."""
+    from lookalike.data.check import describe_problems
+    from lookalike.data.convert import conversion_problems
+    from lookalike.data.convert import convert as run_convert
+
+    options = {"class_split": class_split, "validation_fraction": validation_fraction, "seed": seed, "queries_per_class": queries_per_class}
+    conversion = run_convert(name, root, **options)
+    out.print(f"{name}: {conversion.summary()}", highlight=False)
+    for note in conversion.notes:
+        out.print(f"  note: {escape(printable(note))}", highlight=False)
+    problems, n_checked = conversion_problems(conversion, decode=check_images)
+    for line in describe_problems(problems, n_checked):
+        err.print(f"[bold red]error:[/] {escape(printable(line))}", highlight=False, soft_wrap=True)
+    if problems:
+        raise typer.Exit(2)
+    conversion.table.save(output)
+    out.print(f"wrote {output}" + ("" if check_images else " (images checked to exist; --check-images also decodes them)"))
 
 
 @app.command()
@@ -192,6 +236,39 @@ def icfrr(
     out.print(table)
     write_text_atomic(output / "metrics.json", json.dumps(records, indent=2) + "\n")
     out.print(f"wrote {output / 'metrics.json'}, {plot_icfrr_curve(records, output / 'icfrr_curve.png')}")
+
+
+@app.command()
+@reports_errors
+def index(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP)) -> None:
+    """Embed the gallery (serve.gallery rows of data.table) and write serve.index_dir for `lookalike serve`."""
+    from lookalike.pipeline import extractor_from_config, table_from_config
+    from lookalike.serve import build_index, load_index
+
+    cfg = _config(args)
+    folder = build_index(cfg, table_from_config(cfg), extractor_from_config(cfg), _progress("embedding the gallery"))
+    built = load_index(folder)
+    out.print(f"wrote {folder}: {len(built)} gallery images, {cfg.model.name}, {cfg.search.index} search, "
+              f"re-rankers: {', '.join(built.rerankers) or 'none'}")
+    out.print(f"serve it with: lookalike serve {folder}")
+
+
+@app.command()
+@reports_errors
+def serve(
+    index_dir: Path = typer.Argument(..., help="A folder written by `lookalike index`."),
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 for every interface)."),
+    port: int = typer.Option(8000, help="TCP port."),
+) -> None:
+    """Search the gallery of INDEX_DIR in the browser: upload or pick a query, compare re-rankers side by side."""
+    import uvicorn
+
+    from lookalike.serve import load_index
+    from lookalike.serve.app import create_app
+
+    app_ = create_app(load_index(index_dir))
+    out.print(f"lookalike: serving {index_dir} on http://{host}:{port}/ (API documentation at /docs)")
+    uvicorn.run(app_, host=host, port=port, log_level="warning")
 
 
 def _print_comparison(columns: dict[str, dict[str, float]], title: str) -> None:

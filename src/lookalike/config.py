@@ -25,6 +25,7 @@ class DataConfig(Section):
     crop_fraction: float = 0.875
     batch_size: int = 64
     num_workers: int = 0
+    skip_bad_images: bool = False  # drop rows whose image is missing, empty, truncated or corrupt (or its bbox misses it), with a warning; false: such an image is an error naming it
 
     @field_validator("image_size")
     @classmethod
@@ -122,6 +123,17 @@ class TrainerConfig(Section):
     progress: bool = True
 
 
+class ServeConfig(Section):
+    """`lookalike index` writes index_dir; `lookalike serve index_dir` answers searches over its gallery."""
+
+    index_dir: str = "runs/index"
+    gallery: Literal["all", "validation", "train"] = "all"  # all rows; or one split (validation: its is_gallery rows)
+    candidates: int = 100  # items searched per query; re-rankers re-order these, the page shows the top k
+    max_upload_mb: float = 10.0  # larger uploads get 413
+    max_pixels: int = 40_000_000  # larger images (width x height) get 413, before decoding
+    thumbnail: int = 256  # longest side of the images the page shows
+
+
 class Config(Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -130,6 +142,7 @@ class Config(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     train: TrainConfig = TrainConfig()
     trainer: TrainerConfig = TrainerConfig()
+    serve: ServeConfig = ServeConfig()
     rerank: list[str | dict[str, Any]] = []  # chain, e.g. [centroids, {name: icfrr, kg: 10}, kreciprocal]
 
 

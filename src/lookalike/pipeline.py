@@ -8,6 +8,7 @@ from pathlib import Path
 
 from lookalike.atomic import write_text_atomic
 from lookalike.config import Config
+from lookalike.data.check import skip_bad_images
 from lookalike.data.images import eval_transform
 from lookalike.data.table import DatasetTable, load_table
 from lookalike.embeddings import Embeddings
@@ -21,9 +22,11 @@ from lookalike.viz import save_cmc_curve, save_result_grid, spread_queries
 
 
 def table_from_config(cfg: Config) -> DatasetTable:
-    """Load the dataset table named by data.table (relative paths resolved from data.root)."""
+    """Load the dataset table named by data.table (relative paths resolved from data.root); data.skip_bad_images drops bad rows."""
     if not cfg.data.table:
         raise ConfigError("data.table: expected the path of a dataset CSV, e.g. data.table=dataset.csv")
+    if cfg.data.skip_bad_images:
+        return skip_bad_images(load_table(cfg.data.table, cfg.data.root, check_files=False))
     return load_table(cfg.data.table, cfg.data.root)
 
 

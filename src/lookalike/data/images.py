@@ -1,16 +1,14 @@
-"""Image loading for a dataset table: RGB conversion, bbox crop, torchvision v2 transforms."""
+"""Image loading for a dataset table: rows to tensors through `decode.read_image` (RGB, upright, cropped) and v2 transforms."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import v2
 
+from lookalike.data.decode import read_image
 from lookalike.data.table import BBOX_COLUMNS, DatasetTable
-from lookalike.errors import LookalikeError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -26,18 +24,6 @@ def eval_transform(
     else:
         resize = [v2.Resize(tuple(image_size), antialias=True)]
     return v2.Compose([v2.ToImage(), *resize, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
-
-
-def read_image(path: str, bbox: np.ndarray | None = None) -> Image.Image:
-    """Open an image as RGB (grayscale, palette and alpha images converted), cropped to bbox when given."""
-    try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-    except (FileNotFoundError, UnidentifiedImageError, OSError) as exc:
-        raise LookalikeError(f"{path}: cannot read image ({exc.__class__.__name__}: {exc})") from None
-    if bbox is not None and not np.isnan(bbox).any():
-        img = img.crop(tuple(float(v) for v in bbox))
-    return img
 
 
 class ImageDataset(torch.utils.data.Dataset):

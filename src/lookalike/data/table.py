@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pandas as pd
@@ -20,9 +21,12 @@ _TRUE = {"true", "1", "yes", "y", "t"}
 _FALSE = {"false", "0", "no", "n", "f"}
 
 
+T = TypeVar("T", bound="RowTable")
+
+
 @dataclass(frozen=True)
-class DatasetTable:
-    """A validated table; `frame` has one row per image, `root` resolves relative paths."""
+class RowTable:
+    """A validated CSV table with a `split` column: `frame` holds the rows, `root` resolves relative paths."""
 
     frame: pd.DataFrame
     root: Path
@@ -31,16 +35,20 @@ class DatasetTable:
     def __len__(self) -> int:
         return len(self.frame)
 
-    @property
-    def has_bbox(self) -> bool:
-        return all(c in self.frame.columns for c in BBOX_COLUMNS)
-
-    def split(self, name: str) -> DatasetTable:
+    def split(self: T, name: str) -> T:
         """The rows of one split ('train' or 'validation'), re-indexed from 0."""
         if name not in SPLITS:
             raise TableError(f"{self.source}: unknown split {name!r}; expected one of {', '.join(SPLITS)}")
-        rows = self.frame[self.frame["split"] == name].reset_index(drop=True)
-        return DatasetTable(rows, self.root, self.source)
+        return replace(self, frame=self.frame[self.frame["split"] == name].reset_index(drop=True))
+
+
+@dataclass(frozen=True)
+class DatasetTable(RowTable):
+    """A validated dataset table: one row per image."""
+
+    @property
+    def has_bbox(self) -> bool:
+        return all(c in self.frame.columns for c in BBOX_COLUMNS)
 
     def image_paths(self) -> list[Path]:
         """Absolute image paths, in row order."""
@@ -48,11 +56,17 @@ class DatasetTable:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the table as CSV atomically, paths made relative to the CSV's folder so `load_table(path)` finds them."""
-        folder = Path(path).resolve().parent
-        frame = self.frame.copy()
-        frame["path"] = [p if Path(p).is_absolute() else os.path.relpath((self.root / p).resolve(), folder) for p in frame["path"]]
-        with atomic_path(path) as tmp:
-            frame.to_csv(tmp, index=False)
+        save_csv(self.frame, ("path",), self.root, path)
+
+
+def save_csv(frame: pd.DataFrame, path_columns: tuple[str, ...], root: Path, path: str | os.PathLike) -> None:
+    """Write a table atomically with its path columns re-rooted at the CSV's folder (non-UTF-8 file names kept byte for byte)."""
+    folder = Path(path).resolve().parent
+    frame = frame.copy()
+    for col in path_columns:
+        frame[col] = [p if Path(p).is_absolute() else os.path.relpath((root / p).resolve(), folder) for p in frame[col]]
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False, errors="surrogateescape")
 
 
 def _resolve(root: Path, path: str) -> Path:
@@ -63,32 +77,42 @@ def _resolve(root: Path, path: str) -> Path:
 def load_table(path: str | os.PathLike, root: str | os.PathLike | None = None, check_files: bool = True) -> DatasetTable:
     """Read and validate a dataset CSV; `root` defaults to the CSV's folder."""
     path = Path(path)
-    if not path.is_file():
-        raise TableError(f"{path}: no such dataset table")
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise TableError(f"{path}: not a readable CSV ({str(exc).splitlines()[0]})") from None
+    frame = read_csv_cells(path, "dataset table")
     return validate_table(frame, Path(root) if root is not None else path.parent, str(path), check_files)
+
+
+def read_csv_cells(path: Path, what: str) -> pd.DataFrame:
+    """Every cell of a CSV as a string, header row as column names; bytes that are not UTF-8 kept as in file names."""
+    if not path.is_file():
+        raise TableError(f"{path}: no such {what}")
+    try:
+        raw = pd.read_csv(path, header=None, dtype=str, keep_default_na=False, encoding_errors="surrogateescape")
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError, OSError) as exc:
+        raise TableError(f"{path}: not a readable CSV ({(str(exc).splitlines() or [exc.__class__.__name__])[0]})") from None
+    header = [str(c).strip().lstrip("\ufeff").strip() for c in raw.iloc[0]]
+    dup = pd.Series(header).duplicated().to_numpy()
+    if dup.any():
+        raise TableError(f"{path}, line 1: column {header[first_bad(dup)]!r} appears twice; expected each column once")
+    return pd.DataFrame(raw.iloc[1:].to_numpy(), columns=header)
 
 
 def validate_table(frame: pd.DataFrame, root: str | os.PathLike, source: str = "<table>", check_files: bool = True) -> DatasetTable:
     """Check every column and row of a raw table; raise TableError naming the first bad row and column."""
     frame = frame.reset_index(drop=True)  # positional row numbers in errors, whatever the index
-    frame.columns = [str(c).strip() for c in frame.columns]
+    frame.columns = [str(c).strip().lstrip("\ufeff").strip() for c in frame.columns]
     missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
     if missing:
         raise TableError(
             f"{source}: missing required column {missing[0]!r} (expected columns {', '.join(REQUIRED_COLUMNS)}; "
-            f"found {', '.join(frame.columns) or 'none'})"
+            f"found {column_names(frame.columns)})"
         )
     if len(frame) == 0:
         raise TableError(f"{source}: the table has no rows")
     frame = frame.astype({c: str for c in frame.columns if frame[c].dtype == object or c in REQUIRED_COLUMNS})
     root = Path(root)
-    _check_split(frame, source)
-    _check_non_empty(frame, "label", source)
-    _check_non_empty(frame, "path", source)
+    check_split(frame, source)
+    check_non_empty(frame, "label", source)
+    check_paths(frame, "path", source)
     frame["label"] = _parse_labels(frame["label"])
     is_val = (frame["split"] == "validation").to_numpy()
     for col in ("is_query", "is_gallery"):
@@ -100,40 +124,52 @@ def validate_table(frame: pd.DataFrame, root: str | os.PathLike, source: str = "
     if "sequence" in frame.columns:
         frame["sequence"] = frame["sequence"].replace("", np.nan)
     if check_files:
-        _check_files(frame, root, source)
+        check_files_exist(frame, "path", root, source)
     return DatasetTable(frame.reset_index(drop=True), root, source)
 
 
-def _where(source: str, row: int, column: str) -> str:
+def column_names(columns) -> str:
+    """The columns found, comma-separated on one line (control characters escaped), or 'none'."""
+    return ", ".join(repr(str(c))[1:-1] for c in columns) or "none"
+
+
+def where(source: str, row: int, column: str) -> str:
     return f"{source}, row {row + 1} (line {row + 2}), column {column!r}"
 
 
-def _first_bad(mask: np.ndarray) -> int:
+def first_bad(mask: np.ndarray) -> int:
     return int(np.flatnonzero(mask)[0])
 
 
-def _check_split(frame: pd.DataFrame, source: str) -> None:
+def check_split(frame: pd.DataFrame, source: str) -> None:
     split = frame["split"].str.strip()
     bad = ~split.isin(SPLITS).to_numpy()
     if bad.any():
-        i = _first_bad(bad)
-        raise TableError(f"{_where(source, i, 'split')}: expected 'train' or 'validation', got {frame['split'][i]!r}")
+        i = first_bad(bad)
+        raise TableError(f"{where(source, i, 'split')}: expected 'train' or 'validation', got {frame['split'][i]!r}")
     frame["split"] = split
 
 
-def _check_non_empty(frame: pd.DataFrame, column: str, source: str) -> None:
+def check_non_empty(frame: pd.DataFrame, column: str, source: str) -> None:
     bad = (frame[column].str.strip() == "").to_numpy()
     if bad.any():
-        raise TableError(f"{_where(source, _first_bad(bad), column)}: expected a value, got an empty cell")
+        raise TableError(f"{where(source, first_bad(bad), column)}: expected a value, got an empty cell")
+
+
+def check_paths(frame: pd.DataFrame, column: str, source: str) -> None:
+    """A file path in every cell: not empty, no NUL character."""
+    check_non_empty(frame, column, source)
+    bad = frame[column].str.contains("\x00", regex=False).to_numpy()
+    if bad.any():
+        raise TableError(f"{where(source, first_bad(bad), column)}: expected a file path, got {frame[column][first_bad(bad)]!r} (contains a NUL character)")
 
 
 def _parse_labels(labels: pd.Series) -> pd.Series:
-    """Integer labels when every label is an integer, strings otherwise."""
+    """Integer labels when every label is an integer that int64 holds exactly, strings otherwise."""
     stripped = labels.str.strip()
-    as_int = pd.to_numeric(stripped, errors="coerce")
-    if as_int.notna().all() and (as_int == as_int.round()).all():
-        return as_int.astype(np.int64)
-    return stripped
+    if not stripped.str.fullmatch(r"[+-]?\d{1,18}(\.0*)?").all():
+        return stripped
+    return stripped.str.replace(r"\.0*$", "", regex=True).astype(np.int64)
 
 
 def _parse_bools(values: pd.Series, column: str, required: np.ndarray, source: str) -> pd.Series:
@@ -142,8 +178,8 @@ def _parse_bools(values: pd.Series, column: str, required: np.ndarray, source: s
     true, false, empty = lowered.isin(_TRUE).to_numpy(), lowered.isin(_FALSE).to_numpy(), (lowered == "").to_numpy()
     bad = ~(true | false | empty) | (empty & required)
     if bad.any():
-        i = _first_bad(bad)
-        raise TableError(f"{_where(source, i, column)}: expected a boolean (True/False or 1/0), got {values[i]!r}")
+        i = first_bad(bad)
+        raise TableError(f"{where(source, i, column)}: expected a boolean (True/False or 1/0), got {values[i]!r}")
     return pd.Series(true, index=values.index)
 
 
@@ -158,9 +194,9 @@ def _check_validation_roles(frame: pd.DataFrame, is_val: np.ndarray, source: str
 def _check_duplicate_paths(frame: pd.DataFrame, source: str) -> None:
     dup = frame["path"].duplicated().to_numpy()
     if dup.any():
-        i = _first_bad(dup)
+        i = first_bad(dup)
         first = int(np.flatnonzero((frame["path"] == frame["path"][i]).to_numpy())[0])
-        raise TableError(f"{_where(source, i, 'path')}: duplicate path {frame['path'][i]!r} (first seen in row {first + 1})")
+        raise TableError(f"{where(source, i, 'path')}: duplicate path {frame['path'][i]!r} (first seen in row {first + 1})")
 
 
 def _parse_bbox(frame: pd.DataFrame, source: str) -> None:
@@ -170,28 +206,29 @@ def _parse_bbox(frame: pd.DataFrame, source: str) -> None:
         raise TableError(f"{source}: bbox column {absent[0]!r} missing; expected all of {', '.join(BBOX_COLUMNS)} or none")
     for col in BBOX_COLUMNS:
         text = frame[col].astype(str).str.strip()
-        numbers = pd.to_numeric(text.replace("", np.nan), errors="coerce")
-        bad = (numbers.isna() & (text != "")).to_numpy()
+        numbers = pd.to_numeric(text.replace("", np.nan), errors="coerce").astype(float)
+        bad = ((numbers.isna() | np.isinf(numbers)) & (text != "")).to_numpy()
         if bad.any():
-            i = _first_bad(bad)
-            raise TableError(f"{_where(source, i, col)}: expected a number, got {frame[col][i]!r}")
+            i = first_bad(bad)
+            raise TableError(f"{where(source, i, col)}: expected a number, got {frame[col][i]!r}")
         frame[col] = numbers
     box = frame[list(BBOX_COLUMNS)].to_numpy(dtype=float)
     partial = np.isnan(box).any(1) & ~np.isnan(box).all(1)
     if partial.any():
-        i = _first_bad(partial)
+        i = first_bad(partial)
         col = BBOX_COLUMNS[int(np.flatnonzero(np.isnan(box[i]))[0])]
-        raise TableError(f"{_where(source, i, col)}: expected a number (a bbox needs all four corners), got an empty cell")
+        raise TableError(f"{where(source, i, col)}: expected a number (a bbox needs all four corners), got an empty cell")
     with np.errstate(invalid="ignore"):
         inverted = (box[:, 2] <= box[:, 0]) | (box[:, 3] <= box[:, 1])
     if inverted.any():
-        i = _first_bad(inverted)
+        i = first_bad(inverted)
         col = "x_2" if box[i, 2] <= box[i, 0] else "y_2"
-        raise TableError(f"{_where(source, i, col)}: expected x_1 < x_2 and y_1 < y_2, got box {box[i].tolist()}")
+        raise TableError(f"{where(source, i, col)}: expected x_1 < x_2 and y_1 < y_2, got box {box[i].tolist()}")
 
 
-def _check_files(frame: pd.DataFrame, root: Path, source: str) -> None:
-    exists = np.fromiter((_resolve(root, p).is_file() for p in frame["path"]), dtype=bool, count=len(frame))
+def check_files_exist(frame: pd.DataFrame, column: str, root: Path, source: str) -> None:
+    """Every file named in `column` exists; the first missing one is named with its row."""
+    exists = np.fromiter((_resolve(root, p).is_file() for p in frame[column]), dtype=bool, count=len(frame))
     if not exists.all():
-        i = _first_bad(~exists)
-        raise TableError(f"{_where(source, i, 'path')}: image file not found: {_resolve(root, frame['path'][i])}")
+        i = first_bad(~exists)
+        raise TableError(f"{where(source, i, column)}: image file not found: {_resolve(root, frame[column][i])}")

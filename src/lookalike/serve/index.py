@@ -1,0 +1,254 @@
+"""A served gallery: the model, the gallery images and labels, their embeddings, the search index and the
+re-rankers, written to one folder by `build_index` and read back by `load_index` without re-extracting."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from lookalike.config import Config
+from lookalike.data.images import eval_transform, read_image
+from lookalike.data.table import DatasetTable
+from lookalike.embeddings import Embeddings
+from lookalike.errors import ConfigError, LookalikeError
+from lookalike.extract import Progress, extract_embeddings
+from lookalike.models.extractor import Extractor
+from lookalike.rerank import RerankContext, Reranker, build_chain, check_ascending
+from lookalike.search import FaissIndex, RetrievalResults, exact_knn
+from lookalike.search.results import PAD
+
+FORMAT = 1
+SETTINGS_FILE, MODEL_FILE, GALLERY_FILE, EMBEDDINGS_FILE, FAISS_FILE = (
+    "index.json", "model.pt", "gallery.csv", "embeddings.npz", "faiss.index")
+SERVABLE = ("icfrr", "kreciprocal", "qe", "dba")  # re-rankers that need only embeddings, so they can take an uploaded query
+
+
+@dataclass
+class Column:
+    """One ranking of the page: the top-k gallery positions, their distances, and each item's move against the original."""
+
+    name: str
+    positions: np.ndarray  # [k] gallery positions
+    distances: np.ndarray  # [k] ascending
+    rank_change: list[int | None]  # original rank - new rank (positive: moved up); None: not in the original candidates
+
+
+# ---------------------------------------------------------------- writing an index
+
+
+def gallery_rows(table: DatasetTable, which: str) -> pd.DataFrame:
+    """The gallery the app searches: every row, one split, or the validation split's is_gallery rows."""
+    frame = table.frame
+    if which != "all":
+        frame = frame[frame["split"] == which]
+        if which == "validation" and "is_gallery" in frame.columns:
+            frame = frame[frame["is_gallery"].astype(bool)]
+    if frame.empty:
+        raise ConfigError(f"serve.gallery: the table has no {which} gallery rows")
+    return frame.reset_index(drop=True)
+
+
+def column_name(step: str | dict[str, Any]) -> str:
+    """A re-ranker's column title: its name, with its parameters when the config gives any ("icfrr(kg=10)")."""
+    if isinstance(step, str):
+        return step
+    name, params = (step["name"], {k: v for k, v in step.items() if k != "name"}) if "name" in step else next(iter(step.items()))
+    params = params or {}
+    return f"{name}({', '.join(f'{k}={v}' for k, v in params.items())})" if params else str(name)
+
+
+def servable_rerankers(steps: list[str | dict[str, Any]]) -> dict[str, Reranker]:
+    """Each configured step as its own re-ranker, by column name; a step that needs more than embeddings is an error."""
+    rerankers: dict[str, Reranker] = {}
+    for position, (step, reranker) in enumerate(zip(steps, build_chain(steps))):
+        if reranker.name not in SERVABLE:
+            raise ConfigError(f"rerank[{position}]: {reranker.name!r} cannot run in the web app; expected one of {', '.join(SERVABLE)}")
+        rerankers[column_name(step)] = reranker
+    return rerankers
+
+
+def build_index(cfg: Config, table: DatasetTable, extractor: Extractor, progress: Progress | None = None) -> Path:
+    """Embed the gallery and write serve.index_dir (replaced as a whole, never half-written); return its path."""
+    servable_rerankers(cfg.rerank)  # fail before the long extraction
+    rows = gallery_rows(table, cfg.serve.gallery)
+    gallery = DatasetTable(rows, table.root)
+    dc = extractor.data_config()
+    transform = eval_transform(cfg.data.image_size, cfg.data.crop_fraction, dc["mean"], dc["std"])
+    emb = extract_embeddings(extractor, gallery, transform, cfg.data.batch_size, cfg.data.num_workers, cfg.extract.device, progress)
+    settings = {
+        "format": FORMAT,
+        "model": {"name": cfg.model.name, "embedding_dim": cfg.model.embedding_dim, "normalize": cfg.model.normalize, "bnneck": cfg.model.bnneck},
+        "data": {"image_size": cfg.data.image_size, "crop_fraction": cfg.data.crop_fraction, "mean": list(dc["mean"]), "std": list(dc["std"])},
+        "search": {"metric": cfg.search.metric, "index": cfg.search.index},
+        "serve": cfg.serve.model_dump(),
+        "rerank": cfg.rerank,
+        "gallery_size": len(rows),
+    }
+    target = Path(cfg.serve.index_dir)
+    with _fresh_folder(target) as folder:
+        (folder / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+        torch.save(extractor.state_dict(), folder / MODEL_FILE)
+        paths = [str(p.resolve()) for p in gallery.image_paths()]
+        pd.DataFrame({"path": paths, "label": rows["label"].astype(str)}).to_csv(folder / GALLERY_FILE, index=False)
+        emb.save(folder / EMBEDDINGS_FILE)
+        if cfg.search.index != "exact":
+            import faiss
+
+            faiss.write_index(FaissIndex(cfg.search.index, cfg.search.metric).add(emb.vectors).index, str(folder / FAISS_FILE))
+    return target
+
+
+@contextmanager
+def _fresh_folder(target: Path) -> Iterator[Path]:
+    """A temporary sibling folder that replaces `target` when the block succeeds, and is removed when it fails."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; an index is shared like any output folder
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- serving an index
+
+
+@dataclass
+class GalleryIndex:
+    """Everything a search needs, loaded once. Thread-safe: one search runs the model and re-rankers at a time."""
+
+    extractor: Extractor
+    transform: Any
+    gallery: Embeddings
+    paths: np.ndarray
+    labels: np.ndarray
+    settings: dict
+    rerankers: dict[str, Reranker]
+    faiss: FaissIndex | None = None
+    cache: dict = field(default_factory=dict)  # re-rankers' gallery neighbour lists, shared by all searches
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.thumbnail = lru_cache(maxsize=2048)(self._thumbnail)
+
+    @property
+    def metric(self) -> str:
+        return self.settings["search"]["metric"]
+
+    @property
+    def candidates(self) -> int:
+        return int(self.settings["serve"]["candidates"])
+
+    def __len__(self) -> int:
+        return len(self.gallery)
+
+    def embed(self, image: Image.Image) -> np.ndarray:
+        """The embedding [D] of one RGB image."""
+        batch = self.transform(image.convert("RGB"))[None]
+        with self.lock, torch.inference_mode():
+            return self.extractor(batch)[0].float().numpy()
+
+    def search(self, vector: np.ndarray, k: int, rerankers: list[str] = (), gallery_position: int | None = None) -> list[Column]:
+        """The original top-k and each chosen re-ranker's top-k for one query vector; a gallery item never finds itself."""
+        unknown = [name for name in rerankers if name not in self.rerankers]
+        if unknown:
+            raise LookalikeError(f"rerankers: unknown {unknown[0]!r}; this index has {', '.join(self.rerankers) or 'none'}")
+        own = gallery_position is not None
+        m = min(max(k, self.candidates), len(self) - own)
+        query_id = self.gallery.ids[gallery_position] if own else "query"  # a gallery query is that gallery node (k-reciprocal)
+        queries = Embeddings(vector[None].astype(np.float32), [query_id])
+        exclude = (np.array([gallery_position]), np.arange(len(self))) if own else None
+        with self.lock:
+            original = self._search(queries, m, exclude)
+            columns = [_column("original", original, original, k)]
+            for name in rerankers:
+                context = RerankContext(queries=queries, gallery=self.gallery, metric=self.metric, exclude=exclude, cache=self.cache)
+                reranked = self.rerankers[name].rerank(original, context)
+                check_ascending(reranked)
+                columns.append(_column(name, reranked, original, k))
+        return columns
+
+    def _search(self, queries: Embeddings, m: int, exclude) -> RetrievalResults:
+        if self.faiss is not None:
+            idx, dist = self.faiss.search(queries.vectors, m, exclude)
+        else:
+            idx, dist = exact_knn(queries.vectors, self.gallery.vectors, m, self.metric, exclude=exclude)
+        return RetrievalResults(idx, dist, queries.ids, self.gallery.ids, {"metric": self.metric, "k": m})
+
+    def _thumbnail(self, position: int) -> bytes:
+        """PNG bytes of gallery item `position`, at most serve.thumbnail pixels on its longest side."""
+        image = read_image(str(self.paths[position]))
+        side = int(self.settings["serve"]["thumbnail"])
+        image.thumbnail((side, side))
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return buffer.getvalue()
+
+
+def _column(name: str, results: RetrievalResults, original: RetrievalResults, k: int) -> Column:
+    """The top-k of one query's list, with every item's rank change against the original list."""
+    valid = results.indices[0] != PAD
+    positions, distances = results.indices[0][valid][:k], results.distances[0][valid][:k]
+    new_rank, old_rank = np.nonzero(positions[:, None] == original.indices[0][None, :])
+    change = np.full(len(positions), np.nan)
+    change[new_rank] = old_rank - new_rank
+    return Column(name, positions, distances, [None if np.isnan(c) else int(c) for c in change])
+
+
+def load_index(folder: str | os.PathLike) -> GalleryIndex:
+    """Read a folder written by build_index; a missing or foreign file is a one-line error naming it."""
+    folder = Path(folder)
+    settings_path = folder / SETTINGS_FILE
+    if not settings_path.is_file():
+        raise LookalikeError(f"{settings_path}: missing (expected a folder written by `lookalike index`)")
+    settings = json.loads(settings_path.read_text())
+    if settings.get("format") != FORMAT:
+        raise LookalikeError(f"{settings_path}: format {settings.get('format')!r}, expected {FORMAT}")
+    m = settings["model"]
+    extractor = Extractor(m["name"], pretrained=False, embedding_dim=m["embedding_dim"], normalize=m["normalize"], bnneck=m["bnneck"])
+    extractor.load_state_dict(torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=True))
+    d = settings["data"]
+    gallery = pd.read_csv(folder / GALLERY_FILE, dtype={"label": str}, keep_default_na=False)
+    emb = Embeddings.load(folder / EMBEDDINGS_FILE)
+    if len(emb) != len(gallery):
+        raise LookalikeError(f"{folder / EMBEDDINGS_FILE}: {len(emb)} embeddings for {len(gallery)} gallery rows")
+    return GalleryIndex(
+        extractor.eval(), eval_transform(d["image_size"], d["crop_fraction"], d["mean"], d["std"]), emb,
+        gallery["path"].to_numpy(str), gallery["label"].to_numpy(str), settings, servable_rerankers(settings["rerank"]),
+        _load_faiss(folder, settings),
+    )
+
+
+def _load_faiss(folder: Path, settings: dict) -> FaissIndex | None:
+    """The saved FAISS index, wrapped like a freshly built one; None for exact search."""
+    if settings["search"]["index"] == "exact":
+        return None
+    import faiss
+
+    wrapper = FaissIndex(settings["search"]["index"], settings["search"]["metric"])
+    wrapper.index = faiss.read_index(str(folder / FAISS_FILE))
+    wrapper._tune(wrapper.index)
+    wrapper.size = wrapper.index.ntotal
+    return wrapper

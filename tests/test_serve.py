@@ -1,0 +1,229 @@
+"""The web app: index round trip, the JSON API and its safety rules, a real server under concurrent load, and the
+page driven in Debian's chromium by Playwright."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from lookalike.config import load_config
+from lookalike.data.folder import import_folder
+from lookalike.data.images import read_image
+from lookalike.errors import ConfigError, LookalikeError
+from lookalike.pipeline import extractor_from_config, table_from_config
+from lookalike.serve import build_index, load_index
+from lookalike.serve.app import create_app
+
+LOOKALIKE = str(Path(sys.executable).parent / "lookalike")
+CHROMIUM = Path("/usr/bin/chromium")
+RERANK = "rerank=[kreciprocal, {qe: {n: 3}}]"
+
+
+def index_config(table: Path, folder: Path, *extra: str):
+    return load_config(None, [f"data.table={table}", "model.name=test_resnet", "model.pretrained=false", "data.image_size=32",
+                              "data.batch_size=64", f"serve.index_dir={folder}", "serve.gallery=validation", RERANK, *extra])
+
+
+@pytest.fixture(scope="module")
+def table_csv(omniglot_small, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("serve") / "table.csv"
+    import_folder(omniglot_small, validation_fraction=0.5, seed=0).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def index_dir(table_csv) -> Path:
+    cfg = index_config(table_csv, table_csv.parent / "index", "serve.max_upload_mb=0.2")
+    return build_index(cfg, table_from_config(cfg), extractor_from_config(cfg))
+
+
+@pytest.fixture(scope="module")
+def client(index_dir) -> TestClient:
+    return TestClient(create_app(load_index(index_dir)))
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------- the index folder
+
+
+def test_index_restores_the_model_without_re_extracting(index_dir):
+    index = load_index(index_dir)
+    assert len(index) == 80 and sorted(index.rerankers) == ["kreciprocal", "qe(n=3)"]
+    np.testing.assert_allclose(index.embed(read_image(index.paths[7])), index.gallery.vectors[7], atol=1e-5)
+
+
+def test_rebuilding_replaces_the_folder_and_a_bad_reranker_writes_nothing(table_csv, tmp_path):
+    folder = tmp_path / "index"
+    cfg = index_config(table_csv, folder)
+    build_index(cfg, table_from_config(cfg), extractor_from_config(cfg))
+    bad = index_config(table_csv, folder, "rerank=[centroids]")
+    with pytest.raises(ConfigError, match=r"rerank\[0\]: 'centroids' cannot run in the web app"):
+        build_index(bad, table_from_config(bad), extractor_from_config(bad))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]  # no temporary folder left behind
+    assert len(load_index(folder)) == 80
+    with pytest.raises(LookalikeError, match="index.json: missing"):
+        load_index(tmp_path)
+
+
+# ---------------------------------------------------------------- the API
+
+
+def test_search_by_gallery_item_never_finds_itself_and_reports_rank_changes(client, index_dir):
+    response = client.post("/search", data={"gallery_id": 3, "k": 5, "rerankers": ["kreciprocal", "qe(n=3)"]})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert [c["name"] for c in body["columns"]] == ["original", "kreciprocal", "qe(n=3)"]
+    index = load_index(index_dir)
+    original = index.search(index.gallery.vectors[3], 100, gallery_position=3)[0].positions.tolist()
+    assert 3 not in original and [i["id"] for i in body["columns"][0]["items"]] == original[:5]
+    for column in body["columns"]:
+        items = column["items"]
+        assert len(items) == 5 and all(i["id"] != 3 for i in items)
+        assert np.all(np.diff([i["distance"] for i in items]) >= -1e-6)
+        for rank, item in enumerate(items):
+            expected = original.index(item["id"]) - rank if item["id"] in original else None
+            assert item["rank_change"] == expected
+    assert body["query_label"] == str(index.labels[3])
+
+
+def test_upload_searches_like_the_gallery_embedding(client, index_dir):
+    index = load_index(index_dir)
+    data = Path(index.paths[10]).read_bytes()
+    response = client.post("/search", files={"file": ("q.png", data, "image/png")}, data={"k": 4})
+    assert response.status_code == 200, response.text
+    items = response.json()["columns"][0]["items"]
+    assert items[0]["id"] == 10 and items[0]["distance"] == pytest.approx(0.0, abs=1e-5)  # the same image, not excluded
+
+
+@pytest.mark.parametrize(
+    "content, status, message",
+    [
+        (b"just some text, not a picture\n", 415, "not an image"),
+        (b"", 400, "empty"),
+        (png_bytes(Image.new("L", (7072, 7072))), 413, "50,013,184 pixels is more than the limit of 40,000,000"),
+        (png_bytes(Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 300, 3), dtype=np.uint8))), 413, "bytes is more than"),
+        (png_bytes(Image.new("RGB", (64, 64), "red"))[:60], 400, "cannot be decoded"),
+    ],
+    ids=["text", "empty", "50-megapixel", "too-many-bytes", "truncated"],
+)
+def test_bad_uploads_get_4xx_and_a_message(client, content, status, message):
+    response = client.post("/search", files={"file": ("upload.png", content, "image/png")})
+    assert response.status_code == status and message in response.json()["detail"]
+
+
+def test_images_are_served_by_gallery_id_only(client):
+    assert client.get("/image/0").headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(client.get("/image/0").content)).size[0] <= 256
+    for path, status in [("/image/..%2F..%2Fetc%2Fpasswd", 404), ("/image/etc%2Fpasswd", 404), ("/image/abc", 422),
+                         ("/image/-1", 422), ("/image/80", 404), ("/image/%2Fetc%2Fpasswd", 404)]:
+        assert client.get(path).status_code == status, path
+
+
+def test_query_must_be_one_thing_and_rerankers_known(client):
+    assert client.post("/search", data={"k": 3}).status_code == 400
+    response = client.post("/search", data={"gallery_id": 1, "rerankers": ["icfrr"]})
+    assert response.status_code == 400 and "unknown 'icfrr'" in response.json()["detail"]
+    assert client.post("/search", data={"gallery_id": 1, "k": 0}).status_code == 422
+    health = client.get("/health").json()
+    assert health["gallery_size"] == 80 and health["rerankers"] == ["kreciprocal", "qe(n=3)"]
+    assert "/search" in client.get("/openapi.json").json()["paths"]
+
+
+# ---------------------------------------------------------------- a real server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(index_dir):
+    """`lookalike serve` in a subprocess on a free loopback port; its base URL."""
+    port = free_port()
+    process = subprocess.Popen([LOOKALIKE, "serve", str(index_dir), "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            if process.poll() is not None:
+                pytest.fail(f"lookalike serve exited: {process.stdout.read()}")
+            time.sleep(0.5)
+    else:
+        process.kill()
+        pytest.fail("lookalike serve did not answer /health within 120 s")
+    yield base
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def test_200_concurrent_searches_all_succeed(server, index_dir):
+    uploads = [Path(p).read_bytes() for p in load_index(index_dir).paths[:20]]
+
+    def one(i: int) -> int:
+        files = {"file": ("q.png", uploads[i % 20], "image/png")} if i % 2 else None
+        data = {"k": 10, "rerankers": ["qe(n=3)"] if i % 3 == 0 else []} | ({} if i % 2 else {"gallery_id": i % 80})
+        return httpx.post(f"{server}/search", files=files, data=data, timeout=120).status_code
+
+    with ThreadPoolExecutor(max_workers=16) as pool:  # bounded: at most 16 requests in flight
+        codes = list(pool.map(one, range(200)))
+    assert codes == [200] * 200
+
+
+def chromium() -> Path:
+    """Debian's chromium, installed with apt when missing (as the CI machine starts without it)."""
+    if not CHROMIUM.exists() and shutil.which("apt-get") and os.geteuid() == 0:
+        install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"]
+        if subprocess.run(install, capture_output=True, check=False).returncode != 0:
+            subprocess.run(["apt-get", "update", "-q"], capture_output=True, check=False)
+            subprocess.run(install, capture_output=True, check=False)
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing and apt-get could not install Debian's chromium")
+    return CHROMIUM
+
+
+def test_browser_upload_rerank_and_click(server, index_dir, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    query = load_index(index_dir).paths[0]
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(chromium()))
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.goto(server)
+        expect(page.locator("input.reranker")).to_have_count(2)
+        page.set_input_files("#upload", query)
+        expect(page.locator('[data-column="original"] .result')).to_have_count(10)
+        expect(page.locator("#query-label")).to_have_text("uploaded image")
+        page.check('input.reranker[value="kreciprocal"]')
+        expect(page.locator('[data-column="kreciprocal"] .result')).to_have_count(10)
+        expect(page.locator('[data-column="kreciprocal"] .change').first).to_be_visible()
+        clicked = page.locator('[data-column="original"] .result').nth(2)
+        gallery_id = clicked.get_attribute("data-id")
+        clicked.click()
+        expect(page.locator("#query-label")).to_contain_text(f"gallery #{gallery_id}")
+        expect(page.locator(f'[data-column="original"] .result[data-id="{gallery_id}"]')).to_have_count(0)  # never itself
+        page.screenshot(path=str(tmp_path / "serve.png"), full_page=True)
+        browser.close()
+    assert (tmp_path / "serve.png").stat().st_size > 10_000
