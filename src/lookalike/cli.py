@@ -271,6 +271,42 @@ def serve(
     uvicorn.run(app_, host=host, port=port, log_level="warning")
 
 
+@app.command("extract-pairs")
+@reports_errors
+def extract_pairs(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP)) -> None:
+    """Features of both images of every pair in adapt.pairs (adapt.backbones at their layers), with a PCA fitted on the train pairs; saved to adapt.features."""
+    from lookalike.adapt import extract_from_config, pairs_from_config
+
+    cfg = _config(args)
+    features = extract_from_config(cfg, pairs_from_config(cfg), _progress("extracting"))
+    mirrors = " (and of their mirror images)" if features.has_flip else ""
+    pca = f"; PCA to {features.pca.dim} dimensions fitted on the {int((features.split == 'train').sum())} train pairs" if features.pca else ""
+    out.print(f"wrote {cfg.adapt.features}: {len(features)} pairs, {features.dim} features per image{mirrors}{pca}")
+
+
+@app.command()
+@reports_errors
+def adapt(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP)) -> None:
+    """Learn an adaptation module on frozen features of image pairs over adapt.runs random splits; print top-k accuracy of raw vs adapted features on the test pairs."""
+    from lookalike.adapt import DIRECTIONS, run_adapt
+
+    cfg = _config(args)
+    runs = lambda it, total: tqdm(it, total=total, desc="runs", unit="run", file=sys.stderr, disable=None)  # noqa: E731
+    result = run_adapt(cfg, _progress("extracting"), runs)
+    a, summary = cfg.adapt, result.summary()
+    table = Table(title=f"test top-k accuracy, mean ± std over {len(result.runs)} runs ({result.n_pairs} pairs, {result.dim} features)")
+    for name in ("k", "direction", "raw features", f"adapted ({a.module})"):
+        table.add_column(name, justify="right" if name != "direction" else "left")
+    for k in a.top_k:
+        for direction, label in DIRECTIONS.items():
+            cells = (summary[kind][f"top{k}/{direction}"] for kind in ("raw", "adapted"))
+            table.add_row(str(k), label, *(f"{c['mean']:.4f} ± {c['std']:.4f}" for c in cells))
+    out.print(table)
+    out.print(f"epochs kept (best {a.monitor} on validation pairs): {', '.join(str(r.best_epoch) for r in result.runs)}")
+    out.print(f"features: {'reused ' if result.features_reused else 'extracted to '}{result.features}")
+    out.print(f"wrote {result.output / 'metrics.json'}; TensorBoard curves per run and averaged: {result.output / 'tensorboard'}")
+
+
 def _print_comparison(columns: dict[str, dict[str, float]], title: str) -> None:
     """Metrics side by side, one column per stage (e.g. before / after training)."""
     table = Table(title=title)

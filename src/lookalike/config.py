@@ -134,6 +134,45 @@ class ServeConfig(Section):
     thumbnail: int = 256  # longest side of the images the page shows
 
 
+class BackboneConfig(Section):
+    """One frozen timm backbone of `lookalike adapt`, read at chosen layers."""
+
+    name: str = "resnet50"  # any timm model with forward_intermediates
+    layers: list[int] = [-1]  # indices into the model's feature layers (-1 = the deepest); each pooled and L2-normalised
+    pretrained: bool = True  # download timm's pretrained weights
+    weights: str | None = None  # local state dict or Lightning checkpoint (e.g. a trained lookalike extractor) instead
+    image_size: int | list[int] | None = None  # None = data.image_size
+
+
+class AdaptConfig(Section):
+    """`lookalike adapt`: an adaptation module learnt on frozen features of image pairs (Risser-Maroix et al., ICIP 2021)."""
+
+    pairs: str | None = None  # pairs table CSV (left, right, optional split), or a folder with left/ and right/ paired by file name
+    root: str | None = None  # folder that relative paths start from; default: the CSV's folder
+    subset: str | None = None  # CSV with a column of file names (e.g. the published TLL_obj.csv): keep only those pairs
+    subset_column: str | None = None  # its column of file names; None: its only named column
+    backbones: list[BackboneConfig] = [BackboneConfig()]  # features concatenated across layers and backbones
+    flip: bool = False  # also extract mirror images; training replaces each image by its mirror with probability 1/2
+    features: str = "runs/adapt/features.npz"  # features cache: reused when pairs and extraction settings match
+    pca_dim: int | None = 256  # PCA fitted on each run's training pairs only; None: no PCA
+    module: Literal["linear", "diagonal", "identity"] = "linear"  # published Linear+ReLU, per-feature weights, or none
+    hidden: int = 1024  # output width of the linear module
+    scale: float = 15.0  # inverse temperature of the symmetric InfoNCE
+    lr: float = 1.0e-3  # Adam
+    weight_decay: float = 0.0
+    epochs: int = 100
+    batch_size: int | None = None  # pairs per step; None: full batch
+    monitor: str = "top1/mean"  # validation metric that picks the epoch kept; 'loss' for the lowest loss
+    split: Literal["random", "table"] = "random"  # random: train/validation/test drawn per run; table: the table's validation pairs are the test set
+    validation_fraction: float = 0.1  # random: share of all pairs; table: share of the train pairs
+    test_fraction: float = 0.3  # random only
+    runs: int = 5  # repeated splits (seeds seed, seed+1, ...): mean and std
+    seed: int = 0
+    top_k: list[int] = [1, 3, 5]
+    device: str = "cpu"
+    output: str = "runs/adapt"  # metrics.json, tensorboard/ (per run and average), run{r}/ (adapter, PCA, split)
+
+
 class Config(Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -143,6 +182,7 @@ class Config(Section):
     train: TrainConfig = TrainConfig()
     trainer: TrainerConfig = TrainerConfig()
     serve: ServeConfig = ServeConfig()
+    adapt: AdaptConfig = AdaptConfig()
     rerank: list[str | dict[str, Any]] = []  # chain, e.g. [centroids, {name: icfrr, kg: 10}, kreciprocal]
 
 
