@@ -78,12 +78,12 @@ def requests_for(args: argparse.Namespace, paths: np.ndarray) -> list[dict]:
     return out
 
 
-def over_http(base: str, request: dict) -> tuple[int, float]:
-    """One POST /search; its status and seconds."""
+def over_http(client: httpx.Client, base: str, request: dict) -> tuple[int, float]:
+    """One POST /search on the shared keep-alive client; its status and seconds."""
     files = {"file": ("q.png", request["upload"], "image/png")} if "upload" in request else None
     data = {"k": request["k"], "rerankers": request["rerankers"]} | ({"gallery_id": request["gallery_id"]} if "gallery_id" in request else {})
     started = time.perf_counter()
-    status = httpx.post(f"{base}/search", files=files, data=data, timeout=300).status_code
+    status = client.post(f"{base}/search", files=files, data=data).status_code
     return status, time.perf_counter() - started
 
 
@@ -142,8 +142,9 @@ def main() -> int:
     log(f"server start (process launch to first /health): {startup:.1f} s")
     try:
         started = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=args.concurrency) as pool:
-            answers = list(pool.map(lambda r: over_http(base, r), requests))
+        limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
+        with httpx.Client(timeout=300, limits=limits) as client, ThreadPoolExecutor(max_workers=args.concurrency) as pool:
+            answers = list(pool.map(lambda r: over_http(client, base, r), requests))
         wall = time.perf_counter() - started
     finally:
         process.terminate()

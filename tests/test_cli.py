@@ -75,6 +75,7 @@ def test_demo_on_digits_writes_metrics_and_pictures(tmp_path):
     assert "untrained" in done.stdout and "trained (3 epochs)" in done.stdout
     assert metrics["means"]["map@all"] > untrained["means"]["map@all"] + 0.05  # a minute of training helps on unseen digits
     assert list((out / "train" / "checkpoints").glob("best-*.ckpt"))
+    assert "re-ranked top 5" in done.stdout and (out / "pairwise" / "checkpoints" / "last.ckpt").is_file()  # the STIR step
     for picture in ("grid.png", "cmc.png"):
         assert f"picture: {out / picture}" in done.stdout
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -147,6 +148,29 @@ def test_query_must_be_one_thing_and_rerankers_known(client):
     assert "/search" in client.get("/openapi.json").json()["paths"]
 
 
+def test_pairwise_reranker_scores_the_uploaded_query_against_its_top_n(table_csv, tmp_path):
+    from lookalike.models.pairwise import PairwiseModel, PairwiseSpec, save_pairwise
+
+    torch.manual_seed(0)
+    model = PairwiseModel(PairwiseSpec(name="test_resnet", image_size=32)).eval()
+    weights = save_pairwise(model, tmp_path / "pairwise.ckpt")
+    cfg = index_config(table_csv, tmp_path / "index", f"rerank=[{{pairwise: {{weights: {weights}, top_n: 4}}}}]")
+    folder = build_index(cfg, table_from_config(cfg), extractor_from_config(cfg))
+    weights.unlink()  # the index keeps its own copy
+    index = load_index(folder)
+    client = TestClient(create_app(index))
+    upload = Path(index.paths[20]).read_bytes()
+    body = client.post("/search", files={"file": ("q.png", upload, "image/png")}, data={"k": 6, "rerankers": ["pairwise(weights=pairwise.ckpt, top_n=4)"]})
+    assert body.status_code == 200, body.text
+    original, pairwise = ([i["id"] for i in c["items"]] for c in body.json()["columns"])
+    assert sorted(pairwise[:4]) == sorted(original[:4]) and pairwise[4:] == original[4:]  # only the top_n re-ordered
+    transform = model.transform()
+    query = transform(Image.open(io.BytesIO(upload)).convert("RGB"))[None]
+    with torch.inference_mode():
+        scores = [float(model.distance(query, transform(read_image(index.paths[g]))[None])) for g in original[:4]]
+    assert pairwise[:4] == [original[i] for i in np.argsort(scores, kind="stable")]
+
+
 # ---------------------------------------------------------------- a real server
 
 
@@ -194,11 +218,13 @@ def test_200_concurrent_searches_all_succeed(server, index_dir):
 
 def chromium() -> Path:
     """Debian's chromium, installed with apt when missing (as the CI machine starts without it)."""
-    if not CHROMIUM.exists() and shutil.which("apt-get") and os.geteuid() == 0:
-        install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"]
-        if subprocess.run(install, capture_output=True, check=False).returncode != 0:
-            subprocess.run(["apt-get", "update", "-q"], capture_output=True, check=False)
-            subprocess.run(install, capture_output=True, check=False)
+    root = [] if os.geteuid() == 0 else ["sudo", "-n"] if shutil.which("sudo") else None
+    if not CHROMIUM.exists() and shutil.which("apt-get") and root is not None:
+        install = [*root, "apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"]
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        if subprocess.run(install, capture_output=True, check=False, env=env).returncode != 0:
+            subprocess.run([*root, "apt-get", "update", "-q"], capture_output=True, check=False, env=env)
+            subprocess.run(install, capture_output=True, check=False, env=env)
     if not CHROMIUM.exists():
         pytest.fail(f"{CHROMIUM} is missing and apt-get could not install Debian's chromium")
     return CHROMIUM

@@ -193,7 +193,7 @@ def evaluate(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP)) -
 def _print_stages(cfg, table) -> None:
     from lookalike.pipeline import run_rerank
 
-    stages = run_rerank(cfg, table)
+    stages = run_rerank(cfg, table, grids=True)
     _print_comparison({stage.name: stage.report.means for stage in stages if stage.report}, "metrics before and after each re-ranking stage")
     out.print(f"wrote {cfg.search.reranked_output}")
 
@@ -201,7 +201,7 @@ def _print_stages(cfg, table) -> None:
 @app.command()
 @reports_errors
 def rerank(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP)) -> None:
-    """Re-rank search.output with the chain in `rerank` (centroids, icfrr, kreciprocal, qe, dba); metrics after each stage."""
+    """Re-rank search.output with the chain in `rerank` (centroids, icfrr, kreciprocal, qe, dba, pairwise); metrics after each stage."""
     from lookalike.pipeline import table_from_config
 
     cfg = _config(args)
@@ -271,6 +271,82 @@ def serve(
     uvicorn.run(app_, host=host, port=port, log_level="warning")
 
 
+def _print_comparison(columns: dict[str, dict[str, float]], title: str) -> None:
+    """Metrics side by side, one column per stage (e.g. before / after training)."""
+    table = Table(title=title)
+    table.add_column("metric")
+    for name in columns:
+        table.add_column(name, justify="right")
+    first = next((c for c in columns.values() if c), {})
+    for metric in first:
+        table.add_row(metric, *(f"{c[metric]:.4f}" if metric in c else "-" for c in columns.values()))
+    out.print(table)
+
+
+@app.command()
+@reports_errors
+def train(
+    args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP),
+    resume: Optional[str] = typer.Option(None, "--resume", help="Continue from a checkpoint: its path, or 'last' (train.output/checkpoints/last.ckpt)."),
+) -> None:
+    """Train an extractor with metric losses (Lightning): checkpoints, logs and validation pictures under train.output."""
+    from lookalike.train import run_train
+
+    _quiet_lightning()
+    cfg = _config(args)
+    result = run_train(cfg, resume)
+    if not result.is_global_zero:
+        return
+    _print_comparison({"before": result.metrics_before, "after": result.metrics}, f"validation ({cfg.model.name})")
+    out.print(f"training speed: {result.images_per_second:.1f} images/s")
+    out.print(f"best checkpoint: {result.best_checkpoint}\nlast checkpoint: {result.last_checkpoint}\nlogs: {result.log_dir}")
+
+
+@app.command()
+@reports_errors
+def validate(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP + " `weights=PATH` is short for model.weights=PATH.")) -> None:
+    """Evaluate a trained checkpoint on the validation split, exactly as training validates; with `rerank`, each stage too."""
+    from lookalike.train import run_validate
+
+    _quiet_lightning()
+    args = [f"model.{a}" if a.startswith("weights=") else a for a in args or []]
+    cfg = _config(args)
+    if not cfg.model.weights:
+        raise LookalikeError("model.weights: expected the checkpoint to evaluate, e.g. weights=runs/train/checkpoints/last.ckpt")
+    if cfg.rerank:  # the extractor's lists, then each re-ranking stage (e.g. rerank=[{pairwise: {weights: PATH}}])
+        from lookalike.pipeline import rerank_validation
+
+        stages = rerank_validation(cfg, _progress("embedding"))
+        columns = {stage.name if i == 0 else f"{i}:{stage.name}": stage.report.means for i, stage in enumerate(stages)}
+        _print_comparison(columns, "validation before and after each re-ranking stage")
+        out.print(f"wrote {cfg.train.output}/validation/metrics_rerank.json and grid_rerank_*.png")
+        return
+    metrics = run_validate(cfg)
+    _print_comparison({cfg.model.weights: metrics}, "validation")
+    out.print(f"wrote {cfg.train.output}/validation/metrics_validate.json")
+
+
+@app.command("train-reranker")
+@reports_errors
+def train_reranker(
+    args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP + " `extractor_weights=PATH` is short for model.weights=PATH."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="Continue from a checkpoint: its path, or 'last' (train.output/checkpoints/last.ckpt)."),
+) -> None:
+    """Train the STIR pairwise re-ranker (pairwise.*) on pairs mined with the frozen extractor (model.*); validation re-ranks the top_n."""
+    from lookalike.train.pairwise import run_train_reranker
+
+    _quiet_lightning()
+    args = [f"model.weights={a.split('=', 1)[1]}" if a.startswith("extractor_weights=") else a for a in args or []]
+    cfg = _config(args)
+    result = run_train_reranker(cfg, resume, _progress("embedding"))
+    if not result.is_global_zero:
+        return
+    columns = {"extractor": result.metrics_before, f"re-ranked top {cfg.pairwise.top_n}": result.metrics}
+    _print_comparison(columns, f"validation ({cfg.pairwise.name} re-ranking {cfg.model.name})")
+    out.print(f"training speed: {result.images_per_second:.1f} images/s")
+    out.print(f"best checkpoint: {result.best_checkpoint}\nlast checkpoint: {result.last_checkpoint}\nlogs: {result.log_dir}")
+
+
 @app.command("extract-pairs")
 @reports_errors
 def extract_pairs(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP)) -> None:
@@ -307,71 +383,29 @@ def adapt(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP)) -> N
     out.print(f"wrote {result.output / 'metrics.json'}; TensorBoard curves per run and averaged: {result.output / 'tensorboard'}")
 
 
-def _print_comparison(columns: dict[str, dict[str, float]], title: str) -> None:
-    """Metrics side by side, one column per stage (e.g. before / after training)."""
-    table = Table(title=title)
-    table.add_column("metric")
-    for name in columns:
-        table.add_column(name, justify="right")
-    first = next((c for c in columns.values() if c), {})
-    for metric in first:
-        table.add_row(metric, *(f"{c[metric]:.4f}" if metric in c else "-" for c in columns.values()))
-    out.print(table)
-
-
-@app.command()
-@reports_errors
-def train(
-    args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP),
-    resume: Optional[str] = typer.Option(None, "--resume", help="Continue from a checkpoint: its path, or 'last' (train.output/checkpoints/last.ckpt)."),
-) -> None:
-    """Train an extractor with metric losses (Lightning): checkpoints, logs and validation pictures under train.output."""
-    from lookalike.train import run_train
-
-    _quiet_lightning()
-    cfg = _config(args)
-    result = run_train(cfg, resume)
-    if not result.is_global_zero:
-        return
-    _print_comparison({"before": result.metrics_before, "after": result.metrics}, f"validation ({cfg.model.name})")
-    out.print(f"training speed: {result.images_per_second:.1f} images/s")
-    out.print(f"best checkpoint: {result.best_checkpoint}\nlast checkpoint: {result.last_checkpoint}\nlogs: {result.log_dir}")
-
-
-@app.command()
-@reports_errors
-def validate(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP + " `weights=PATH` is short for model.weights=PATH.")) -> None:
-    """Evaluate a trained checkpoint on the validation split, exactly as training validates."""
-    from lookalike.train import run_validate
-
-    _quiet_lightning()
-    args = [f"model.{a}" if a.startswith("weights=") else a for a in args or []]
-    cfg = _config(args)
-    if not cfg.model.weights:
-        raise LookalikeError("model.weights: expected the checkpoint to evaluate, e.g. weights=runs/train/checkpoints/last.ckpt")
-    metrics = run_validate(cfg)
-    _print_comparison({cfg.model.weights: metrics}, "validation")
-    out.print(f"wrote {cfg.train.output}/validation/metrics_validate.json")
-
-
 @app.command()
 @reports_errors
 def demo(
     images: Optional[Path] = typer.Option(None, help="A class-per-folder image tree; default: scikit-learn's bundled digits."),
     out_dir: Path = typer.Option(Path("runs/demo"), "--out", help="Where the table, embeddings, results, metrics and pictures go."),
     overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides of the demo config (e.g. model.name=resnet34)."),
+    rerank: bool = typer.Option(True, "--rerank/--no-rerank", help="After training, train the STIR pairwise re-ranker briefly and re-rank the top 5."),
 ) -> None:
     """Run the whole pipeline on an embedded dataset: import, evaluate untrained, train, evaluate again, draw."""
     from lookalike.demo import run_demo
 
     _quiet_lightning()
-    run = run_demo(out_dir, images, tuple(overrides or ()), progress=_progress("embedding"))
+    run = run_demo(out_dir, images, tuple(overrides or ()), progress=_progress("embedding"), rerank=rerank)
     if run.training is None:
         _print_report(run.evaluation.report, f"demo ({run.config.model.name}, untrained)")
     else:
         columns = {"untrained": run.untrained.means, f"trained ({run.config.train.epochs} epochs)": run.evaluation.report.means}
         _print_comparison(columns, f"demo: {run.config.model.name} on {run.evaluation.report.n_queries} validation queries")
         out.print(f"training speed: {run.training.images_per_second:.1f} images/s; checkpoint: {run.config.model.weights}")
+    if run.reranking is not None:
+        columns = {"trained extractor": run.reranking.metrics_before, "re-ranked top 5": run.reranking.metrics}
+        _print_comparison(columns, "demo: STIR pairwise re-ranking (a short training of the extractor's backbone on stacked pairs)")
+        out.print(f"re-ranker checkpoint: {run.reranking.last_checkpoint}")
     out.print(f"table: {run.table_path}\nmetrics: {run.config.evaluate.output}")
     for picture in run.evaluation.pictures:
         out.print(f"picture: {picture}")

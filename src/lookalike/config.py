@@ -123,6 +123,25 @@ class TrainerConfig(Section):
     progress: bool = True
 
 
+class PairwiseConfig(Section):
+    """The STIR pairwise re-ranker trained by `lookalike train-reranker`: its model here; the loop (epochs, lr,
+    backbone_lr, p, k, output, ...) in train.*; model.* with model.weights is the frozen extractor that mines pairs."""
+
+    name: str = "vit_small_patch16_224"  # timm model that takes the two images stacked along the height
+    pretrained: bool = True  # timm's pretrained weights (downloads); false to start from scratch
+    model_kwargs: dict[str, Any] = {}  # extra timm.create_model arguments, e.g. {patch_size: 8, depth: 4}
+    image_size: int | list[int] | None = None  # one image of the pair; None = data.image_size
+    init_from_extractor: bool = False  # start the backbone from model.weights (same timm model as model.name)
+    hidden: int = 192  # MLP head's hidden width
+    dropout: float = 0.5
+    tta: bool = False  # average both stacking orders when re-ranking
+    mining: Literal["hard", "random"] = "hard"  # per anchor the hardest (or a random) positive and negative by the extractor
+    freeze_epochs: int = 0  # backbone frozen for the first N epochs (head only), then trained at train.backbone_lr
+    top_n: int = 5  # validation re-ranks each query's top_n
+    batch_size: int = 128  # pairs per batch when re-ranking
+    precision: str = "auto"  # auto: bf16-mixed (else 16-mixed) on CUDA, 32-true on CPU; or any Lightning precision
+
+
 class ServeConfig(Section):
     """`lookalike index` writes index_dir; `lookalike serve index_dir` answers searches over its gallery."""
 
@@ -181,6 +200,7 @@ class Config(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     train: TrainConfig = TrainConfig()
     trainer: TrainerConfig = TrainerConfig()
+    pairwise: PairwiseConfig = PairwiseConfig()
     serve: ServeConfig = ServeConfig()
     adapt: AdaptConfig = AdaptConfig()
     rerank: list[str | dict[str, Any]] = []  # chain, e.g. [centroids, {name: icfrr, kg: 10}, kreciprocal]

@@ -17,6 +17,7 @@ from lookalike.data.table import DatasetTable
 from lookalike.metrics import MetricsReport, cmc_curve
 from lookalike.pipeline import Evaluation, run_evaluate, run_extract, run_search
 from lookalike.train import TrainResult, run_train
+from lookalike.train.pairwise import run_train_reranker
 from lookalike.viz import save_cmc_curve
 
 DEMO_OVERRIDES = (
@@ -36,6 +37,17 @@ DEMO_OVERRIDES = (
     "train.validate_before=false",  # the demo evaluates the untrained model itself
     "trainer.accelerator=cpu",
     "trainer.log_every_n_steps=5",
+)
+PAIRWISE_OVERRIDES = (  # a short STIR training (50 steps) of the trained extractor's backbone at 16 px (the digits are 8 x 8)
+    "pairwise.init_from_extractor=true",
+    "pairwise.pretrained=false",
+    "pairwise.image_size=16",
+    "pairwise.mining=random",
+    "pairwise.top_n=5",
+    "pairwise.batch_size=256",
+    "train.epochs=2",
+    "train.batches_per_epoch=25",
+    "train.lr=1e-3",
 )
 
 
@@ -61,6 +73,7 @@ class DemoRun:
     untrained: MetricsReport
     table_path: Path
     training: TrainResult | None = None
+    reranking: TrainResult | None = None  # the pairwise re-ranker's training: metrics_before = the extractor's lists
 
 
 def demo_config(out_dir: Path, overrides: tuple[str, ...] = ()) -> Config:
@@ -95,8 +108,10 @@ def run_demo(
     overrides: tuple[str, ...] = (),
     seed: int = 0,
     progress: Progress | None = None,
+    rerank: bool = True,
 ) -> DemoRun:
-    """Import the images (digits by default); evaluate the untrained model; train it (train.epochs > 0); evaluate again."""
+    """Import the images (digits by default); evaluate the untrained model; train it (train.epochs > 0); evaluate again;
+    then (rerank) train the STIR pairwise re-ranker briefly and re-rank the trained model's top 5."""
     out_dir = Path(out_dir)
     root = Path(images) if images else write_digits(out_dir / "digits")
     cfg = demo_config(out_dir, overrides + (f"train.seed={seed}",))
@@ -111,7 +126,13 @@ def run_demo(
         curves = {"untrained": cmc_curve(before.report.relevance, before.report.n_relevant),
                   "trained": cmc_curve(after.report.relevance, after.report.n_relevant)}
         save_cmc_curve(curves, cfg.evaluate.cmc_plot)
-    return DemoRun(cfg, after, before.report, Path(cfg.data.table), training)
+    reranking = run_train_reranker(_pairwise_config(cfg, out_dir), progress=progress) if rerank and training is not None else None
+    return DemoRun(cfg, after, before.report, Path(cfg.data.table), training, reranking)
+
+
+def _pairwise_config(cfg: Config, out_dir: Path) -> Config:
+    """The demo config with the short pairwise training's settings, its outputs under out_dir/pairwise."""
+    return load_config(None, (*PAIRWISE_OVERRIDES, f"pairwise.name={cfg.model.name}", f"train.output={out_dir / 'pairwise'}"), base=cfg)
 
 
 def _pipeline(cfg: Config, table: DatasetTable, progress: Progress | None, seed: int) -> Evaluation:

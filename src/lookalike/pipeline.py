@@ -111,8 +111,9 @@ def rerank_context(cfg: Config, table: DatasetTable, results: RetrievalResults, 
     )
 
 
-def run_rerank(cfg: Config, table: DatasetTable) -> list[Stage]:
-    """Re-rank search.output with the chain of `rerank`; save the final list and every stage's metrics."""
+def run_rerank(cfg: Config, table: DatasetTable, grids: bool = False) -> list[Stage]:
+    """Re-rank search.output with the chain of `rerank`; save the final list and every stage's metrics (and with `grids`,
+    result grids of the same queries per stage beside evaluate.grid)."""
     if not cfg.rerank:
         raise ConfigError("rerank: expected a chain of re-rankers, e.g. rerank=[icfrr] or rerank=[centroids,kreciprocal]")
     s, e = cfg.search, cfg.evaluate
@@ -126,4 +127,38 @@ def run_rerank(cfg: Config, table: DatasetTable) -> list[Stage]:
     if e.cmc_plot:
         curves = {stage.name: cmc_curve(stage.report.relevance, stage.report.n_relevant) for stage in stages if stage.report}
         save_cmc_curve(curves, Path(e.cmc_plot).with_name("cmc_rerank.png"))
+    if grids and e.grid:
+        save_stage_grids(stages, table, Path(e.grid).with_suffix(""), e.grid_queries, e.grid_top_k)
+    return stages
+
+
+def save_stage_grids(stages: list[Stage], table: DatasetTable, prefix: str | Path, n_queries: int, top_k: int) -> list[Path]:
+    """Result grids {prefix}_{i}_{stage}.png of the same queries, one per stage that ranks the original gallery images."""
+    queries = spread_queries(stages[0].results.n_queries, n_queries)
+    images = stages[0].results.gallery_ids
+    return [
+        save_result_grid(st.results, f"{prefix}_{i}_{st.name}.png", table.root, st.report.relevance if st.report else None, queries, top_k)
+        for i, st in enumerate(stages)
+        if len(st.results.gallery_ids) == len(images) and (st.results.gallery_ids == images).all()  # not centroids
+    ]
+
+
+def rerank_validation(cfg: Config, progress: Progress | None = None) -> list[Stage]:
+    """The validation split embedded by the extractor, searched, then re-ranked by the chain in `rerank`: every stage
+    scored; metrics_rerank.json and grids of the same queries per stage go to train.output/validation/."""
+    if not cfg.rerank:
+        raise ConfigError("rerank: expected a chain of re-rankers to validate, e.g. rerank=[{pairwise: {weights: PATH}}]")
+    table = table_from_config(cfg).split("validation")
+    extractor = extractor_from_config(cfg)
+    dc, d, e = extractor.data_config(), cfg.data, cfg.evaluate
+    transform = eval_transform(d.image_size, d.crop_fraction, dc["mean"], dc["std"])
+    embeddings = extract_embeddings(extractor, table, transform, d.batch_size, d.num_workers, cfg.extract.device, progress)
+    _, results = search_and_score(cfg, embeddings, table)
+    ks = {"cmc_k": tuple(e.cmc_k), "precision_k": tuple(e.precision_k), "map_k": tuple(e.map_k)}
+    stages = run_chain(results, rerank_context(cfg, table, results, embeddings), build_chain(cfg.rerank), **ks)
+    folder = Path(cfg.train.output) / "validation"
+    record = {stage.name if i == 0 else f"{i}:{stage.name}": stage.report.to_dict() for i, stage in enumerate(stages) if stage.report}
+    write_text_atomic(folder / "metrics_rerank.json", json.dumps(record, indent=2) + "\n")
+    if cfg.train.grid:
+        save_stage_grids(stages, table, folder / "grid_rerank", e.grid_queries, e.grid_top_k)
     return stages

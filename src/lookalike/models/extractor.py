@@ -59,17 +59,22 @@ def _bnneck(dim: int) -> nn.BatchNorm1d:
 NUMPY_SCALAR_GLOBALS = [np._core.multiarray.scalar, np.dtype, *{type(np.dtype(t)) for t in (np.float32, np.float64, np.int64, np.bool_)}]
 
 
+def read_checkpoint(path: str | os.PathLike, field: str = "model.weights") -> object:
+    """torch.load with weights_only (numpy scalars allowed); a missing or foreign file is one error naming `field`."""
+    path = Path(path)
+    if not path.is_file():
+        raise LookalikeError(f"{field}: no such file {path}")
+    try:
+        with torch.serialization.safe_globals(NUMPY_SCALAR_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a file that is not a checkpoint
+        raise LookalikeError(f"{field}: {path} is not a PyTorch checkpoint ({exc.__class__.__name__})") from None
+
+
 def load_weights(module: nn.Module, path: str | os.PathLike, adapt: Callable[[dict], dict] | None = None) -> nn.Module:
     """Load a state dict or a Lightning checkpoint into `module`, finding the key prefix by itself; `adapt` may reshape the
     stripped state first (e.g. resample position embeddings)."""
-    path = Path(path)
-    if not path.is_file():
-        raise LookalikeError(f"model.weights: no such file {path}")
-    try:
-        with torch.serialization.safe_globals(NUMPY_SCALAR_GLOBALS):
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a file that is not a checkpoint
-        raise LookalikeError(f"model.weights: {path} is not a PyTorch checkpoint ({exc.__class__.__name__})") from None
+    state = read_checkpoint(path)
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     if not isinstance(state, dict):
         raise LookalikeError(f"model.weights: {path} holds no state dict")

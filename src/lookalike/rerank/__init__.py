@@ -23,3 +23,6 @@ from lookalike.rerank.centroids import CentroidRanker  # noqa: E402
 from lookalike.rerank.chain import Stage, build_chain, run_chain, stage_report  # noqa: E402
 
 __all__ += ["CentroidRanker", "Stage", "build_chain", "run_chain", "stage_report"]
+from lookalike.rerank.pairwise import PairwiseReranker, merge_top_n  # noqa: E402
+
+__all__ += ["PairwiseReranker", "merge_top_n"]

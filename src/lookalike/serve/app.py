@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Annotated
 
@@ -9,6 +13,7 @@ from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from PIL import Image
 from pydantic import BaseModel
 
 from lookalike import __version__
@@ -97,11 +102,12 @@ def create_app(index: GalleryIndex) -> FastAPI:
             raise HTTPException(404, f"gallery id {gallery_id} does not exist (the gallery has {len(index)} images)")
         names = [n for n in rerankers if n]
         try:
-            if file is not None:
-                vector = index.embed(decode_upload(file.file.read(max_bytes + 1), max_bytes, int(serve["max_pixels"])))
+            if file is None:
+                columns = index.search(index.gallery.vectors[gallery_id], k, names, gallery_position=gallery_id)
             else:
-                vector = index.gallery.vectors[gallery_id]
-            columns = index.search(vector, k, names, gallery_position=gallery_id)
+                image = decode_upload(file.file.read(max_bytes + 1), max_bytes, int(serve["max_pixels"]))
+                with saved_image(image) if index.reads_images(names) else nullcontext() as path:
+                    columns = index.search(index.embed(image), k, names, image_path=path)
         except UploadRejected as exc:
             raise HTTPException(exc.status, str(exc)) from None
         except LookalikeError as exc:
@@ -112,6 +118,15 @@ def create_app(index: GalleryIndex) -> FastAPI:
         )
 
     return app
+
+
+@contextmanager
+def saved_image(image: Image.Image) -> Iterator[str]:
+    """The decoded upload as a PNG file for re-rankers that read images; removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="lookalike-query-") as folder:
+        path = os.path.join(folder, "query.png")
+        image.save(path)
+        yield path
 
 
 def _ranking(column: Column, index: GalleryIndex) -> Ranking:

@@ -23,7 +23,7 @@ from PIL import Image
 
 from lookalike.config import Config
 from lookalike.data.images import eval_transform, read_image
-from lookalike.data.table import DatasetTable
+from lookalike.data.table import BBOX_COLUMNS, DatasetTable
 from lookalike.embeddings import Embeddings
 from lookalike.errors import ConfigError, LookalikeError
 from lookalike.extract import Progress, extract_embeddings
@@ -35,7 +35,8 @@ from lookalike.search.results import PAD
 FORMAT = 1
 SETTINGS_FILE, MODEL_FILE, GALLERY_FILE, EMBEDDINGS_FILE, FAISS_FILE = (
     "index.json", "model.pt", "gallery.csv", "embeddings.npz", "faiss.index")
-SERVABLE = ("icfrr", "kreciprocal", "qe", "dba")  # re-rankers that need only embeddings, so they can take an uploaded query
+SERVABLE = ("icfrr", "kreciprocal", "qe", "dba", "pairwise")  # re-rankers that can take an uploaded query
+IMAGE_RERANKERS = ("pairwise",)  # these also read the images: the gallery table, and the query's image file
 
 
 @dataclass
@@ -63,23 +64,62 @@ def gallery_rows(table: DatasetTable, which: str) -> pd.DataFrame:
     return frame.reset_index(drop=True)
 
 
-def column_name(step: str | dict[str, Any]) -> str:
-    """A re-ranker's column title: its name, with its parameters when the config gives any ("icfrr(kg=10)")."""
+def step_parts(step: str | dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """A config step's re-ranker name and parameters: "icfrr", {"icfrr": {...}} or {"name": "icfrr", ...}."""
     if isinstance(step, str):
-        return step
-    name, params = (step["name"], {k: v for k, v in step.items() if k != "name"}) if "name" in step else next(iter(step.items()))
-    params = params or {}
-    return f"{name}({', '.join(f'{k}={v}' for k, v in params.items())})" if params else str(name)
+        return step, {}
+    if "name" in step:
+        return str(step["name"]), {k: v for k, v in step.items() if k != "name"}
+    name, params = next(iter(step.items()))
+    return str(name), dict(params or {})
 
 
-def servable_rerankers(steps: list[str | dict[str, Any]]) -> dict[str, Reranker]:
-    """Each configured step as its own re-ranker, by column name; a step that needs more than embeddings is an error."""
+def column_name(step: str | dict[str, Any]) -> str:
+    """A re-ranker's column title: its name, with its parameters when the config gives any ("icfrr(kg=10)");
+    a weights file is named by its file name."""
+    name, params = step_parts(step)
+    shown = {k: Path(str(v)).name if k == "weights" else v for k, v in params.items()}
+    return f"{name}({', '.join(f'{k}={v}' for k, v in shown.items())})" if shown else name
+
+
+def servable_rerankers(steps: list[str | dict[str, Any]], names: list[str] | None = None) -> dict[str, Reranker]:
+    """Each configured step as its own re-ranker, by column name (`names`, or made from the steps); a step that cannot
+    take an uploaded query is an error."""
     rerankers: dict[str, Reranker] = {}
-    for position, (step, reranker) in enumerate(zip(steps, build_chain(steps))):
+    names = names or [column_name(step) for step in steps]
+    for position, (name, reranker) in enumerate(zip(names, build_chain(steps))):
         if reranker.name not in SERVABLE:
             raise ConfigError(f"rerank[{position}]: {reranker.name!r} cannot run in the web app; expected one of {', '.join(SERVABLE)}")
-        rerankers[column_name(step)] = reranker
+        rerankers[name] = reranker
     return rerankers
+
+
+def pack_weights(steps: list[str | dict[str, Any]], folder: Path) -> list[str | dict[str, Any]]:
+    """The steps with every `weights` file (a pairwise checkpoint) copied into the index folder and named relative to it."""
+    packed: list[str | dict[str, Any]] = []
+    for position, step in enumerate(steps):
+        name, params = step_parts(step)
+        if "weights" in params:
+            source = Path(str(params["weights"]))
+            if not source.is_file():
+                raise ConfigError(f"rerank[{position}].weights: no such file {source}")
+            params["weights"] = f"rerank{position}_{name}_{source.name}"
+            shutil.copyfile(source, folder / params["weights"])
+        packed.append({name: params} if params else name)
+    return packed
+
+
+def unpack_weights(steps: list[str | dict[str, Any]], folder: Path) -> list[str | dict[str, Any]]:
+    """Steps as written by pack_weights with their weights found in `folder`; image re-rankers without progress bars."""
+    unpacked: list[str | dict[str, Any]] = []
+    for step in steps:
+        name, params = step_parts(step)
+        if "weights" in params:
+            params["weights"] = str(folder / str(params["weights"]))
+        if name in IMAGE_RERANKERS:
+            params.setdefault("progress", False)
+        unpacked.append({name: params} if params else name)
+    return unpacked
 
 
 def build_index(cfg: Config, table: DatasetTable, extractor: Extractor, progress: Progress | None = None) -> Path:
@@ -96,16 +136,18 @@ def build_index(cfg: Config, table: DatasetTable, extractor: Extractor, progress
         "data": {"image_size": cfg.data.image_size, "crop_fraction": cfg.data.crop_fraction, "mean": list(dc["mean"]), "std": list(dc["std"])},
         "search": {"metric": cfg.search.metric, "index": cfg.search.index},
         "serve": cfg.serve.model_dump(),
-        "rerank": cfg.rerank,
         "gallery_size": len(rows),
     }
     target = Path(cfg.serve.index_dir)
     with _fresh_folder(target) as folder:
+        settings["rerank"] = pack_weights(cfg.rerank, folder)
+        settings["columns"] = [column_name(step) for step in cfg.rerank]  # as the user wrote them
         (folder / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
         torch.save(extractor.state_dict(), folder / MODEL_FILE)
         paths = [str(p.resolve()) for p in gallery.image_paths()]
-        pd.DataFrame({"path": paths, "label": rows["label"].astype(str)}).to_csv(folder / GALLERY_FILE, index=False)
-        emb.save(folder / EMBEDDINGS_FILE)
+        boxes = rows[list(BBOX_COLUMNS)] if gallery.has_bbox else pd.DataFrame(index=rows.index)
+        pd.DataFrame({"path": paths, "label": rows["label"].astype(str)}).join(boxes).to_csv(folder / GALLERY_FILE, index=False)
+        Embeddings(emb.vectors, paths, emb.meta).save(folder / EMBEDDINGS_FILE)  # ids = the gallery table's paths
         if cfg.search.index != "exact":
             import faiss
 
@@ -142,8 +184,7 @@ class GalleryIndex:
     extractor: Extractor
     transform: Any
     gallery: Embeddings
-    paths: np.ndarray
-    labels: np.ndarray
+    table: DatasetTable  # the gallery's images (absolute paths), labels and boxes, in gallery order
     settings: dict
     rerankers: dict[str, Reranker]
     faiss: FaissIndex | None = None
@@ -152,6 +193,9 @@ class GalleryIndex:
 
     def __post_init__(self) -> None:
         self.thumbnail = lru_cache(maxsize=2048)(self._thumbnail)
+        self.paths = self.table.frame["path"].to_numpy(str)
+        self.labels = self.table.frame["label"].to_numpy(str)
+        self.boxes = self.table.frame[list(BBOX_COLUMNS)].to_numpy(float) if self.table.has_bbox else None
 
     @property
     def metric(self) -> str:
@@ -170,25 +214,40 @@ class GalleryIndex:
         with self.lock, torch.inference_mode():
             return self.extractor(batch)[0].float().numpy()
 
-    def search(self, vector: np.ndarray, k: int, rerankers: list[str] = (), gallery_position: int | None = None) -> list[Column]:
-        """The original top-k and each chosen re-ranker's top-k for one query vector; a gallery item never finds itself."""
+    def search(
+        self, vector: np.ndarray, k: int, rerankers: list[str] = (), gallery_position: int | None = None, image_path: str | None = None
+    ) -> list[Column]:
+        """The original top-k and each chosen re-ranker's top-k for one query vector; a gallery item never finds itself.
+        Re-rankers that read images (pairwise) need the query's image file: `image_path`, or the gallery item's."""
         unknown = [name for name in rerankers if name not in self.rerankers]
         if unknown:
             raise LookalikeError(f"rerankers: unknown {unknown[0]!r}; this index has {', '.join(self.rerankers) or 'none'}")
         own = gallery_position is not None
         m = min(max(k, self.candidates), len(self) - own)
-        query_id = self.gallery.ids[gallery_position] if own else "query"  # a gallery query is that gallery node (k-reciprocal)
+        query_id = self.gallery.ids[gallery_position] if own else (image_path or "query")  # a gallery query is that gallery node
         queries = Embeddings(vector[None].astype(np.float32), [query_id])
         exclude = (np.array([gallery_position]), np.arange(len(self))) if own else None
+        table = self._table_with(image_path) if not own and self.reads_images(rerankers) else self.table
         with self.lock:
             original = self._search(queries, m, exclude)
             columns = [_column("original", original, original, k)]
             for name in rerankers:
-                context = RerankContext(queries=queries, gallery=self.gallery, metric=self.metric, exclude=exclude, cache=self.cache)
+                context = RerankContext(queries=queries, gallery=self.gallery, metric=self.metric, exclude=exclude, table=table, cache=self.cache)
                 reranked = self.rerankers[name].rerank(original, context)
                 check_ascending(reranked)
                 columns.append(_column(name, reranked, original, k))
         return columns
+
+    def reads_images(self, rerankers: list[str]) -> bool:
+        """Whether any of these re-rankers reads the images (and so needs an uploaded query saved to a file)."""
+        return any(name in self.rerankers and self.rerankers[name].name in IMAGE_RERANKERS for name in rerankers)
+
+    def _table_with(self, image_path: str | None) -> DatasetTable:
+        """The gallery table plus one row for an uploaded query's image file (what image re-rankers read)."""
+        if image_path is None:
+            raise LookalikeError("rerankers: a re-ranker that reads images needs the query image's file")
+        query = pd.DataFrame({"path": [image_path], "label": [""]})
+        return DatasetTable(pd.concat([self.table.frame, query], ignore_index=True), self.table.root, "<gallery + query>")
 
     def _search(self, queries: Embeddings, m: int, exclude) -> RetrievalResults:
         if self.faiss is not None:
@@ -199,7 +258,7 @@ class GalleryIndex:
 
     def _thumbnail(self, position: int) -> bytes:
         """PNG bytes of gallery item `position`, at most serve.thumbnail pixels on its longest side."""
-        image = read_image(str(self.paths[position]))
+        image = read_image(str(self.paths[position]), None if self.boxes is None else self.boxes[position])
         side = int(self.settings["serve"]["thumbnail"])
         image.thumbnail((side, side))
         buffer = io.BytesIO()
@@ -230,13 +289,14 @@ def load_index(folder: str | os.PathLike) -> GalleryIndex:
     extractor = Extractor(m["name"], pretrained=False, embedding_dim=m["embedding_dim"], normalize=m["normalize"], bnneck=m["bnneck"])
     extractor.load_state_dict(torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=True))
     d = settings["data"]
-    gallery = pd.read_csv(folder / GALLERY_FILE, dtype={"label": str}, keep_default_na=False)
+    gallery = pd.read_csv(folder / GALLERY_FILE, dtype={"label": str, "path": str})
+    gallery["label"] = gallery["label"].fillna("")
     emb = Embeddings.load(folder / EMBEDDINGS_FILE)
-    if len(emb) != len(gallery):
-        raise LookalikeError(f"{folder / EMBEDDINGS_FILE}: {len(emb)} embeddings for {len(gallery)} gallery rows")
+    if len(emb) != len(gallery) or not np.array_equal(emb.ids, gallery["path"].to_numpy(str)):
+        raise LookalikeError(f"{folder / EMBEDDINGS_FILE}: its ids are not the {len(gallery)} paths of {GALLERY_FILE} (rebuild with `lookalike index`)")
     return GalleryIndex(
         extractor.eval(), eval_transform(d["image_size"], d["crop_fraction"], d["mean"], d["std"]), emb,
-        gallery["path"].to_numpy(str), gallery["label"].to_numpy(str), settings, servable_rerankers(settings["rerank"]),
+        DatasetTable(gallery, folder, str(folder / GALLERY_FILE)), settings, servable_rerankers(unpack_weights(settings["rerank"], folder), settings["columns"]),
         _load_faiss(folder, settings),
     )
 

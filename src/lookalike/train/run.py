@@ -106,12 +106,17 @@ def run_train(cfg: Config, resume: str | None = None) -> TrainResult:
         trainer.validate(module, datamodule=data, verbose=False)
         before = dict(module.last_report.means) if module.last_report else {}
     trainer.fit(module, datamodule=data, ckpt_path=ckpt)
+    return fit_result(trainer, cfg, module.last_report, before, throughput)
+
+
+def fit_result(trainer: L.Trainer, cfg: Config, report, before: dict[str, float], throughput: Throughput) -> TrainResult:
+    """What a finished fit left: the best and last checkpoints, the last validation's means (`report`), the speed."""
     best, last = trainer.checkpoint_callbacks
     return TrainResult(
         log_dir=Path(cfg.train.output),
         best_checkpoint=Path(best.best_model_path) if best.best_model_path else None,
         last_checkpoint=Path(last.best_model_path) if last.best_model_path else None,
-        metrics=dict(module.last_report.means) if module.last_report else {},
+        metrics=dict(report.means) if report else {},
         metrics_before=before,
         images_per_second=throughput.rate,
         is_global_zero=trainer.is_global_zero,
