@@ -26,6 +26,7 @@ from lookalike.data.images import read_image
 from lookalike.errors import ConfigError, LookalikeError
 from lookalike.pipeline import extractor_from_config, table_from_config
 from lookalike.serve import build_index, load_index
+from lookalike.search import exact_knn
 from lookalike.serve.app import create_app
 
 LOOKALIKE = str(Path(sys.executable).parent / "lookalike")
@@ -82,6 +83,18 @@ def test_rebuilding_replaces_the_folder_and_a_bad_reranker_writes_nothing(table_
     assert len(load_index(folder)) == 80
     with pytest.raises(LookalikeError, match="index.json: missing"):
         load_index(tmp_path)
+
+
+def test_a_faiss_index_is_saved_and_searches_like_exact(table_csv, tmp_path):
+    cfg = index_config(table_csv, tmp_path / "index", "search.index=Flat")
+    folder = build_index(cfg, table_from_config(cfg), extractor_from_config(cfg))
+    flat = load_index(folder)
+    assert (folder / "faiss.index").is_file() and flat.faiss is not None and flat.faiss.size == 80
+    got = flat.search(flat.gallery.vectors[5], 8, gallery_position=5)[0]
+    others = np.delete(np.arange(80), 5)
+    idx, dist = exact_knn(flat.gallery.vectors[5:6], flat.gallery.vectors[others], 8)
+    np.testing.assert_array_equal(got.positions, others[idx[0]])
+    np.testing.assert_allclose(got.distances, dist[0], atol=1e-5)
 
 
 # ---------------------------------------------------------------- the API

@@ -25,16 +25,21 @@ def build_chain(steps: list[str | dict[str, Any]]) -> list[Reranker]:
     return [_build_step(step, i) for i, step in enumerate(steps)]
 
 
-def _build_step(step: str | dict[str, Any], position: int) -> Reranker:
+def step_parts(step: str | dict[str, Any], position: int = 0) -> tuple[str, dict[str, Any]]:
+    """A config step's re-ranker name and parameters: "icfrr", {"icfrr": {...}} or {"name": "icfrr", ...}."""
     if isinstance(step, str):
-        return create_reranker(step)
+        return step, {}
     if isinstance(step, dict) and "name" in step:
-        params = {k: v for k, v in step.items() if k != "name"}
-        return create_reranker(str(step["name"]), **params)
+        return str(step["name"]), {k: v for k, v in step.items() if k != "name"}
     if isinstance(step, dict) and len(step) == 1:
         (name, params), = step.items()
-        return create_reranker(str(name), **(params or {}))
+        return str(name), dict(params or {})
     raise ConfigError(f"rerank[{position}]: expected a re-ranker name or {{name: ..., parameter: value}}, got {step!r}")
+
+
+def _build_step(step: str | dict[str, Any], position: int) -> Reranker:
+    name, params = step_parts(step, position)
+    return create_reranker(name, **params)
 
 
 def stage_report(results: RetrievalResults, context: RerankContext, **metric_kwargs) -> MetricsReport | None:

@@ -46,6 +46,21 @@ class FaissIndex:
         self.index, self.size = index, len(g)
         return self
 
+    def save(self, path: str) -> None:
+        """Write the built index to a file (FAISS's own format)."""
+        if self.index is None:
+            raise LookalikeError("search: the FAISS index is empty; call add(gallery) first")
+        _faiss().write_index(self.index, str(path))
+
+    @classmethod
+    def load(cls, path: str, factory: str, metric: str = "cosine", nprobe: int = 16, ef_search: int = 128) -> FaissIndex:
+        """An index written by `save`, tuned and ready to search as if just built."""
+        loaded = cls(factory, metric, nprobe, ef_search)
+        loaded.index = _faiss().read_index(str(path))
+        loaded._tune(loaded.index)
+        loaded.size = loaded.index.ntotal
+        return loaded
+
     def _tune(self, index) -> None:
         faiss = _faiss()
         params = faiss.ParameterSpace()

@@ -29,6 +29,7 @@ from lookalike.errors import ConfigError, LookalikeError
 from lookalike.extract import Progress, extract_embeddings
 from lookalike.models.extractor import Extractor
 from lookalike.rerank import RerankContext, Reranker, build_chain, check_ascending
+from lookalike.rerank.chain import step_parts
 from lookalike.search import FaissIndex, RetrievalResults, exact_knn
 from lookalike.search.results import PAD
 
@@ -64,16 +65,6 @@ def gallery_rows(table: DatasetTable, which: str) -> pd.DataFrame:
     return frame.reset_index(drop=True)
 
 
-def step_parts(step: str | dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """A config step's re-ranker name and parameters: "icfrr", {"icfrr": {...}} or {"name": "icfrr", ...}."""
-    if isinstance(step, str):
-        return step, {}
-    if "name" in step:
-        return str(step["name"]), {k: v for k, v in step.items() if k != "name"}
-    name, params = next(iter(step.items()))
-    return str(name), dict(params or {})
-
-
 def column_name(step: str | dict[str, Any]) -> str:
     """A re-ranker's column title: its name, with its parameters when the config gives any ("icfrr(kg=10)");
     a weights file is named by its file name."""
@@ -98,7 +89,7 @@ def pack_weights(steps: list[str | dict[str, Any]], folder: Path) -> list[str | 
     """The steps with every `weights` file (a pairwise checkpoint) copied into the index folder and named relative to it."""
     packed: list[str | dict[str, Any]] = []
     for position, step in enumerate(steps):
-        name, params = step_parts(step)
+        name, params = step_parts(step, position)
         if "weights" in params:
             source = Path(str(params["weights"]))
             if not source.is_file():
@@ -149,9 +140,7 @@ def build_index(cfg: Config, table: DatasetTable, extractor: Extractor, progress
         pd.DataFrame({"path": paths, "label": rows["label"].astype(str)}).join(boxes).to_csv(folder / GALLERY_FILE, index=False)
         Embeddings(emb.vectors, paths, emb.meta).save(folder / EMBEDDINGS_FILE)  # ids = the gallery table's paths
         if cfg.search.index != "exact":
-            import faiss
-
-            faiss.write_index(FaissIndex(cfg.search.index, cfg.search.metric).add(emb.vectors).index, str(folder / FAISS_FILE))
+            FaissIndex(cfg.search.index, cfg.search.metric).add(emb.vectors).save(folder / FAISS_FILE)
     return target
 
 
@@ -302,13 +291,6 @@ def load_index(folder: str | os.PathLike) -> GalleryIndex:
 
 
 def _load_faiss(folder: Path, settings: dict) -> FaissIndex | None:
-    """The saved FAISS index, wrapped like a freshly built one; None for exact search."""
-    if settings["search"]["index"] == "exact":
-        return None
-    import faiss
-
-    wrapper = FaissIndex(settings["search"]["index"], settings["search"]["metric"])
-    wrapper.index = faiss.read_index(str(folder / FAISS_FILE))
-    wrapper._tune(wrapper.index)
-    wrapper.size = wrapper.index.ntotal
-    return wrapper
+    """The saved FAISS index; None for exact search."""
+    search = settings["search"]
+    return None if search["index"] == "exact" else FaissIndex.load(folder / FAISS_FILE, search["index"], search["metric"])
