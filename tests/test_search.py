@@ -18,26 +18,66 @@ def unit(rng, n, d=16):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def dense_reference(q, g, k, metric):
+def dense_reference(q, g, k, metric, exclude=None):
     if metric == "cosine":
         d = 1 - q @ g.T
     else:
         d = np.sqrt(np.maximum(((q[:, None, :] - g[None]) ** 2).sum(-1), 0))
+    if exclude is not None:
+        d[exclude[0][:, None] == exclude[1][None]] = np.inf
     idx = np.argsort(d, axis=1, kind="stable")[:, :k]
     return idx, np.take_along_axis(d, idx, 1)
 
 
-@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
-def test_blocked_search_equals_dense_reference(metric):
-    rng = np.random.default_rng(0)
-    q, g = rng.standard_normal((37, 8)).astype(np.float32), rng.standard_normal((101, 8)).astype(np.float32)
+def vectors(rng, n_q, n_g, d, metric):
+    """Gaussian queries and gallery, L2-normalised for cosine."""
+    q, g = rng.standard_normal((n_q, d)).astype(np.float32), rng.standard_normal((n_g, d)).astype(np.float32)
     if metric == "cosine":
         q, g = q / np.linalg.norm(q, axis=1, keepdims=True), g / np.linalg.norm(g, axis=1, keepdims=True)
+    return q, g
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_blocked_search_equals_dense_reference(metric):
+    q, g = vectors(np.random.default_rng(0), 37, 101, 8, metric)
     idx, dist = exact_knn(q, g, 10, metric, query_block=5, gallery_block=7)  # many blocks, ragged edges
     ref_idx, ref_dist = dense_reference(q, g, 10, metric)
     np.testing.assert_array_equal(idx, ref_idx)
     np.testing.assert_allclose(dist, ref_dist, atol=1e-4)
     assert (np.diff(dist, axis=1) >= 0).all()
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_chunk_filter_keeps_every_top_k_item(metric):
+    """Blocks wide enough for the candidate filter (8 x k columns and more), with exclusions and a ragged tail."""
+    q, g = vectors(np.random.default_rng(5), 150, 5003, 16, metric)
+    exclude = (np.arange(150), np.arange(5003) % 150)  # each query loses ~33 gallery items
+    idx, dist = exact_knn(q, g, 20, metric, exclude=exclude, query_block=64, gallery_block=2000)
+    ref_idx, ref_dist = dense_reference(q, g, 20, metric, exclude)
+    np.testing.assert_array_equal(idx, ref_idx)
+    np.testing.assert_allclose(dist, ref_dist, atol=1e-4)
+
+
+def test_duplicated_gallery_ties_give_the_right_distances():
+    rng = np.random.default_rng(6)
+    q, g = unit(rng, 40), np.repeat(unit(rng, 30), 100, axis=0)  # every distance occurs 100 times
+    idx, dist = exact_knn(q, g, 150, gallery_block=2400)
+    ref = np.sort(1 - q @ g.T, axis=1)[:, :150]
+    np.testing.assert_allclose(dist, ref, atol=1e-5)
+    assert all(len(set(row)) == 150 for row in idx)  # no item twice
+    np.testing.assert_allclose(1 - np.einsum("qd,qkd->qk", q, g[idx]), dist, atol=1e-5)
+
+
+def test_torch_mm_path_equals_onednn_path(monkeypatch):
+    from lookalike.search import exact
+
+    rng = np.random.default_rng(7)
+    q, g = unit(rng, 100, 32), unit(rng, 4000, 32)
+    fast = exact_knn(q, g, 15, gallery_block=1500)
+    monkeypatch.setattr(exact, "ONEDNN_LINEAR", None)
+    plain = exact_knn(q, g, 15, gallery_block=1500)
+    np.testing.assert_array_equal(fast[0], plain[0])
+    np.testing.assert_allclose(fast[1], plain[1], atol=1e-6)
 
 
 def test_same_neighbours_as_faiss_flat_ip():
