@@ -100,6 +100,10 @@ def test_stable_argsort_equals_numpy_stable() -> None:
     order, ranked = stable_argsort(key)
     np.testing.assert_array_equal(order, np.argsort(key, axis=1, kind="stable"))
     np.testing.assert_array_equal(ranked, np.sort(key, axis=1))
+    fine = 1.0 + rng.integers(0, 4, (40, 30)) * 1e-12  # equal in float32, ordered only in float64
+    order, ranked = stable_argsort(fine)
+    np.testing.assert_array_equal(order, np.argsort(fine, axis=1, kind="stable"))
+    np.testing.assert_array_equal(ranked, np.sort(fine, axis=1))
 
 
 def test_four_item_toy_by_hand() -> None:

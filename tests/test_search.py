@@ -10,6 +10,7 @@ import pytest
 from lookalike.data.table import validate_table
 from lookalike.embeddings import Embeddings
 from lookalike.errors import LookalikeError
+from lookalike.search.exact import order_by_distance
 from lookalike.search import PAD, FaissIndex, RetrievalResults, exact_knn, search, search_table
 
 
@@ -47,15 +48,22 @@ def test_blocked_search_equals_dense_reference(metric):
     assert (np.diff(dist, axis=1) >= 0).all()
 
 
-@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
-def test_chunk_filter_keeps_every_top_k_item(metric):
-    """Blocks wide enough for the candidate filter (8 x k columns and more), with exclusions and a ragged tail."""
+@pytest.mark.parametrize(("metric", "k"), [("cosine", 20), ("euclidean", 20), ("cosine", 100), ("cosine", 200)])
+def test_chunk_filter_keeps_every_top_k_item(metric, k):
+    """Blocks wide enough for the candidate filter (chunks of 8, 2 and 1 columns for k = 20, 100, 200 in
+    blocks of 2,000), with exclusions and a ragged tail."""
     q, g = vectors(np.random.default_rng(5), 150, 5003, 16, metric)
     exclude = (np.arange(150), np.arange(5003) % 150)  # each query loses ~33 gallery items
-    idx, dist = exact_knn(q, g, 20, metric, exclude=exclude, query_block=64, gallery_block=2000)
-    ref_idx, ref_dist = dense_reference(q, g, 20, metric, exclude)
-    np.testing.assert_array_equal(idx, ref_idx)
-    np.testing.assert_allclose(dist, ref_dist, atol=1e-4)
+    idx, dist = exact_knn(q, g, k, metric, exclude=exclude, query_block=64, gallery_block=2000)
+    ref_idx, ref_dist = dense_reference(q, g, k, metric, exclude)
+    np.testing.assert_allclose(dist, ref_dist, atol=1e-5)
+    full = dense_reference(q, g, len(g), metric, exclude)
+    by_item = np.empty_like(full[1])
+    np.put_along_axis(by_item, full[0], full[1], 1)  # reference distance of every gallery item
+    np.testing.assert_allclose(np.take_along_axis(by_item, idx, 1), dist, atol=1e-5)  # the items have those distances
+    differ = idx != ref_idx  # only swaps of two items at distances equal up to float32 rounding
+    assert differ.mean() < 1e-3
+    np.testing.assert_allclose(np.take_along_axis(by_item, idx, 1)[differ], ref_dist[differ], atol=1e-6)
 
 
 def test_duplicated_gallery_ties_give_the_right_distances():
@@ -66,6 +74,17 @@ def test_duplicated_gallery_ties_give_the_right_distances():
     np.testing.assert_allclose(dist, ref, atol=1e-5)
     assert all(len(set(row)) == 150 for row in idx)  # no item twice
     np.testing.assert_allclose(1 - np.einsum("qd,qkd->qk", q, g[idx]), dist, atol=1e-5)
+
+
+def test_rows_come_out_by_distance_then_gallery_position():
+    index = np.array([[7, 3, PAD, 5, 2, 9]])
+    dist = np.array([[0.5, -0.25, np.inf, 0.5, -0.0, 1e-30]], np.float32)
+    idx, d = order_by_distance(index, dist)
+    np.testing.assert_array_equal(idx, [[3, 2, 9, 5, 7, PAD]])
+    np.testing.assert_array_equal(d, np.array([[-0.25, 0.0, 1e-30, 0.5, 0.5, np.inf]], np.float32))
+    g = np.repeat(unit(np.random.default_rng(8), 5), 4, axis=0)  # each vector four times
+    idx, _ = exact_knn(g[:1], g, 20)
+    assert idx[0, :4].tolist() == [0, 1, 2, 3]  # exact ties: lower gallery position first
 
 
 def test_torch_mm_path_equals_onednn_path(monkeypatch):

@@ -39,6 +39,7 @@ from lookalike.embeddings import Embeddings
 from lookalike.errors import LookalikeError
 from lookalike.metrics import compute_metrics, relevance
 from lookalike.rerank.base import RerankContext, Reranker, register
+from lookalike.rows import pack_rows, sort_rows, sortable_bits
 from lookalike.search.exact import exact_knn
 from lookalike.search.results import PAD, RetrievalResults
 from lookalike.viz import _save, save_result_grid
@@ -158,9 +159,10 @@ def rank_lists(results: RetrievalResults, context: RerankContext, kg: int, chunk
 
 
 def gallery_knn(gallery: np.ndarray, k: int, metric: str = "cosine", chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """Every gallery item's k nearest other items [G, k] and their distances; ties go to the lower gallery position.
+    """Every gallery item's k nearest other items [G, k] and their distances; ties go to the lower gallery position
+    (exact_knn's order), as a stable sort of the dense row would rank them.
 
-    One extra neighbour is fetched so that a tie at the k-th place is broken the same way as a stable sort.
+    One extra neighbour is fetched so that a tie at the k-th place is broken the same way.
     """
     n = len(gallery)
     k = min(k, max(n - 1, 0))
@@ -168,8 +170,7 @@ def gallery_knn(gallery: np.ndarray, k: int, metric: str = "cosine", chunk: int 
         return np.empty((n, 0), np.int64), np.empty((n, 0), np.float32)
     own = np.arange(n)
     idx, dist = exact_knn(gallery, gallery, min(k + 1, n - 1), metric, exclude=(own, own), query_block=_knn_block(n, chunk))
-    order = np.lexsort((idx, dist), axis=1)[:, :k]
-    return np.take_along_axis(idx, order, 1), np.take_along_axis(dist, order, 1)
+    return idx[:, :k], dist[:, :k]
 
 
 def _knn_block(n_gallery: int, chunk: int) -> int:
@@ -197,13 +198,13 @@ def _as_numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:
 
 @dataclass
 class _Chunk:
-    """The state of one chunk of queries, each array [c, M] along the current order of the lists."""
+    """The state of one chunk of queries, each tensor [c, M] along the current order of the lists."""
 
-    items: np.ndarray  # gallery positions, PAD stored as the sink G
-    base: np.ndarray  # the original distances, sorted: they stay with the positions
-    distances: np.ndarray  # the current distances (-score)
-    votes: np.ndarray  # float64: the sum of w(rank) the item gets from the voters counted so far
-    counted: np.ndarray  # bool: the item's own list is among the counted voters
+    items: torch.Tensor  # gallery positions, PAD stored as the sink G
+    base: torch.Tensor  # float64: the original distances, sorted: they stay with the positions
+    distances: torch.Tensor  # float32: the current distances (-score)
+    votes: torch.Tensor  # float64: the sum of w(rank) the item gets from the voters counted so far
+    counted: torch.Tensor  # bool: the item's own list is among the counted voters
 
 
 class _Run:
@@ -211,7 +212,8 @@ class _Run:
 
     A step first brings each row's vote sums up to its current top-KQ (adding the lists of entering voters,
     subtracting those of voters that left: exact, as the sums are exact), then re-sorts the row. After the
-    first step only the voters that changed cost anything.
+    first step only the voters that changed cost anything. Scatters and permutations are torch's (both cores),
+    the sort numpy's (its AVX-512 argsort is 3x torch's on these rows).
     """
 
     def __init__(
@@ -225,10 +227,10 @@ class _Run:
         chunk: int,
         meta: dict,
     ) -> None:
-        self.source, self.weights, self.n_voters, self.m = results, weights, n_voters, m
+        self.source, self.weights, self.n_voters, self.m = results, torch.from_numpy(weights), n_voters, m
         self.beta, self.meta = beta, meta
         self.n_gallery = len(results.gallery_ids)
-        self.neighbours = _with_sink(neighbours, self.n_gallery)
+        self.neighbours = torch.from_numpy(_with_sink(neighbours, self.n_gallery))
         self.chunks = [_start_chunk(results, slice(s, s + chunk), m) for s in range(0, results.n_queries, chunk)]
 
     def step(self) -> None:
@@ -237,44 +239,51 @@ class _Run:
             return
         for ch in self.chunks:
             self._recount(ch)
-            key = ch.base.astype(np.float64) - self.beta * (ch.votes / self.n_voters)
-            order, ranked = stable_argsort(key)
-            flat = (order + np.arange(0, order.size, order.shape[1])[:, None]).ravel()
-            ch.items, ch.votes, ch.counted = (a.ravel().take(flat).reshape(key.shape) for a in (ch.items, ch.votes, ch.counted))
-            ch.distances = ranked.astype(np.float32)
+            key = ch.base - self.beta * (ch.votes / self.n_voters)
+            order, ranked = stable_argsort(key.numpy())
+            order = torch.from_numpy(order)
+            ch.items, ch.votes, ch.counted = (a.gather(1, order) for a in (ch.items, ch.votes, ch.counted))
+            ch.distances = torch.from_numpy(ranked).float()
 
     def _recount(self, ch: _Chunk) -> None:
         """Make the chunk's vote sums those of its current top-KQ: lists of entering voters +w, leaving ones -w."""
-        should = np.zeros(ch.counted.shape, bool)
+        should = torch.zeros(ch.counted.shape, dtype=torch.bool)
         should[:, : self.n_voters] = True
-        r, c = _nonzero(ch.counted != should)
-        if len(r):
-            self._scatter(ch, r, ch.items[r, c], np.where(should[r, c], 1.0, -1.0))
+        rows, cols = (ch.counted != should).nonzero(as_tuple=True)
+        if len(rows):
+            signs = should[rows, cols].double() * 2 - 1
+            self._scatter(ch, rows, ch.items[rows, cols], signs)
         ch.counted = should
 
-    def _scatter(self, ch: _Chunk, voter_rows: np.ndarray, voters: np.ndarray, signs: np.ndarray) -> None:
-        """Add sign * w(rank) of each voter's list to the vote sums of its row's items, a few rows at a time."""
-        width = self.n_gallery + 1  # the last column is the sink of PAD voters and PAD items
+    def _scatter(self, ch: _Chunk, voter_rows: torch.Tensor, voters: torch.Tensor, signs: torch.Tensor) -> None:
+        """Add sign * w(rank) of each voter's list to the vote sums of its row's items, a few rows at a time.
+
+        The voters of a block of rows are packed per row (padded with the sink's list, sign 0), so one
+        scatter_add along the rows adds them all into a [rows, G + 1] accumulator; its last column is the sink.
+        """
+        width = self.n_gallery + 1
         kg = self.neighbours.shape[1]
-        step = max(1, min(SCATTER_ELEMENTS // max(2 * self.n_voters * kg, 1), ACCUMULATOR_BYTES // (8 * width)))
         n_rows = len(ch.items)
-        bounds = np.searchsorted(voter_rows, np.arange(0, n_rows + step, step))
+        per_row = torch.bincount(voter_rows, minlength=n_rows)
+        step = max(1, min(SCATTER_ELEMENTS // max(int(per_row.max()) * kg, 1), ACCUMULATOR_BYTES // (8 * width)))
+        bounds = torch.searchsorted(voter_rows, torch.arange(0, n_rows + step, step)).tolist()
         for first, a, b in zip(range(0, n_rows, step), bounds[:-1], bounds[1:]):
             if a == b:
                 continue
             n = min(step, n_rows - first)
-            targets = self.neighbours[voters[a:b]] + (voter_rows[a:b, None] - first) * width
-            weights = signs[a:b, None] * self.weights[None, :]
-            sums = np.bincount(targets.ravel(), weights=weights.ravel(), minlength=n * width).reshape(n, width)
-            ch.votes[first : first + n] += np.take_along_axis(sums, ch.items[first : first + n], 1)
+            packed_voters, packed_signs = pack_rows(voter_rows[a:b] - first, n, (voters[a:b], self.n_gallery), (signs[a:b], 0.0))
+            targets = self.neighbours.index_select(0, packed_voters.view(-1)).view(n, -1)
+            weights = (packed_signs[:, :, None] * self.weights).view(n, -1)
+            sums = torch.zeros(n, width, dtype=torch.float64).scatter_add_(1, targets, weights)
+            ch.votes[first : first + n] += sums.gather(1, ch.items[first : first + n])
 
     def results(self, iteration: int) -> RetrievalResults:
         """The current state as RetrievalResults: the re-scored head, then the untouched tail of the list."""
         indices, distances = self.source.indices.copy(), self.source.distances.copy()
         if self.chunks:
-            items = np.concatenate([ch.items for ch in self.chunks])
+            items = torch.cat([ch.items for ch in self.chunks]).numpy()
             indices[:, : self.m] = np.where(items == self.n_gallery, PAD, items)
-            distances[:, : self.m] = np.concatenate([ch.distances for ch in self.chunks])
+            distances[:, : self.m] = torch.cat([ch.distances for ch in self.chunks]).numpy()
         meta = dict(self.source.meta)
         meta["rerank"] = [*meta.get("rerank", []), {**self.meta, "iteration": iteration}]
         return RetrievalResults(indices, distances, self.source.query_ids, self.source.gallery_ids, meta)
@@ -283,21 +292,24 @@ class _Run:
 def stable_argsort(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Row-wise argsort in which equal keys keep their order, and the sorted keys.
 
-    numpy's (SIMD) quicksort, then each run of equal keys put back in its original order: about twice as fast
-    as kind="stable" on float64 rows, with the same result.
+    One sort of int64 values, the key rounded to float32 above (rounding never inverts an order) and the
+    position below, so equal keys come out by position; then each run of equal float32 keys is put in
+    (float64 key, position) order. The same result as kind="stable", 3x faster than numpy's argsort.
     """
-    order = np.argsort(key, axis=1)
-    ranked = key.ravel().take((order + np.arange(0, order.size, max(order.shape[1], 1))[:, None]).ravel()).reshape(key.shape)
-    tied = ranked[:, 1:] == ranked[:, :-1]  # position j ties with j + 1
-    if np.isnan(ranked[:, -1:]).any():  # NaN sorts last: equal to each other for this purpose
-        tied |= np.isnan(ranked[:, 1:]) & np.isnan(ranked[:, :-1])
-    r, j = _nonzero(tied)
+    codes = torch.from_numpy(sortable_bits(key))
+    packed = torch.from_numpy(sort_rows(((codes << 32) | torch.arange(key.shape[1])).numpy()))
+    order, rough = (packed & 0xFFFFFFFF).numpy(), packed >> 32
+    r, j = _nonzero((rough[:, 1:] == rough[:, :-1]).numpy())  # position j ties with j + 1 in float32
     if len(r):
+        tied = np.zeros(key.shape, bool)
+        tied[r, j] = True
         member = np.zeros(key.shape, bool)
         member[r, j] = member[r, j + 1] = True
         mr, mj = _nonzero(member)  # row-major: each run of ties is contiguous here
         run = np.cumsum(~((mj > 0) & tied[mr, np.maximum(mj - 1, 0)]))
-        order[mr, mj] = order[mr, mj][np.lexsort((order[mr, mj], run))]
+        positions = order[mr, mj]
+        order[mr, mj] = positions[np.lexsort((positions, key[mr, positions], run))]
+    ranked = torch.from_numpy(key).gather(1, torch.from_numpy(order)).numpy()
     return order, ranked
 
 
@@ -317,7 +329,9 @@ def _start_chunk(results: RetrievalResults, rows: slice, m: int) -> _Chunk:
         np.cumsum(dist[:, 1:] != dist[:, :-1], axis=1, out=runs[:, 1:])
         order = np.argsort(runs * (n_gallery + 1) + idx, axis=1, kind="stable")
     base = np.take_along_axis(dist, order, 1)
-    return _Chunk(np.take_along_axis(idx, order, 1), base, base.copy(), np.zeros(idx.shape), np.zeros(idx.shape, bool))
+    items = torch.from_numpy(np.take_along_axis(idx, order, 1))
+    votes, counted = torch.zeros(items.shape, dtype=torch.float64), torch.zeros(items.shape, dtype=torch.bool)
+    return _Chunk(items, torch.from_numpy(base.astype(np.float64)), torch.from_numpy(base), votes, counted)
 
 
 def _with_sink(neighbours: np.ndarray, n_gallery: int) -> np.ndarray:

@@ -6,10 +6,11 @@ import numpy as np
 import torch
 
 from lookalike.errors import LookalikeError
+from lookalike.rows import argpartition_rows, float_from_sortable_bits, pack_rows, partition_rows, sort_rows, sortable_bits
 from lookalike.search.results import PAD
 
 METRICS = ("cosine", "euclidean")
-CHUNK = 8  # columns per chunk in the top-k candidate filter
+CHUNK = 8  # most columns per chunk in the top-k candidate filter
 COARSE_WIDTH = 4  # coarse chunk maxima per wanted neighbour when bounding the k-th score
 
 
@@ -29,7 +30,8 @@ def exact_knn(
     gallery_block: int = 16384,
     device: torch.device | str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k gallery positions [Q, k] and ascending distances [Q, k] for every query.
+    """Top-k gallery positions [Q, k] and ascending distances [Q, k] for every query; equal distances in
+    gallery order (which of several items tied at the k-th distance stay in is left open).
 
     `exclude=(query_groups, gallery_groups)` (int arrays) hides gallery items whose group equals the
     query's (the item itself, or its sequence). Slots left empty hold PAD and distance inf. Extra
@@ -47,17 +49,14 @@ def exact_knn(
         q = torch.nn.functional.normalize(q, dim=1)
     groups = _group_tensors(exclude, q.device, len(q), len(g))
     buffer = None if _uses_onednn(q) else torch.empty(min(query_block, len(q)) * min(gallery_block, len(g)), device=q.device)
-    scores, indices = [], []
+    index, dist = np.empty((len(q), k), np.int64), np.empty((len(q), k), np.float32)
     with torch.inference_mode():
         for start in range(0, len(q), query_block):
             stop = min(start + query_block, len(q))
             q_groups = groups[0][start:stop] if groups else None
             s, i = _top_scores(q[start:stop], g, metric, k, gallery_block, buffer, q_groups, groups[1] if groups else None)
-            scores.append(s)
-            indices.append(i)
-    score = torch.cat(scores) if scores else torch.empty(0, k, device=q.device)
-    index = torch.cat(indices) if indices else torch.empty(0, k, dtype=torch.int64, device=q.device)
-    return _to_results(score, index, q, metric, k)
+            index[start:stop], dist[start:stop] = _to_results(s, i, q[start:stop], metric)
+    return index, dist
 
 
 def _group_tensors(exclude, device, n_q: int, n_g: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -105,7 +104,7 @@ def _block_scores(q: torch.Tensor, g_block: torch.Tensor, metric: str, buffer: t
 
 
 def _top_scores(q, g, metric, k, gallery_block, buffer, q_groups, g_groups) -> tuple[torch.Tensor, torch.Tensor]:
-    """Running top-k over gallery blocks for one block of queries, sorted by descending score."""
+    """Running top-k scores and gallery positions over gallery blocks for one block of queries, unordered."""
     best_s = torch.full((len(q), k), -torch.inf, device=q.device)
     best_i = torch.full((len(q), k), PAD, dtype=torch.int64, device=q.device)
     for start in range(0, len(g), gallery_block):
@@ -114,11 +113,27 @@ def _top_scores(q, g, metric, k, gallery_block, buffer, q_groups, g_groups) -> t
         if q_groups is not None:
             s.masked_fill_(q_groups[:, None] == g_groups[None, start:stop], -torch.inf)
         cand_s, cand_i = _candidates(s, k, floor=best_s.amin(1))
-        best_s, pos = torch.topk(torch.cat([best_s, cand_s], 1), k, dim=1, sorted=False)
+        best_s, pos = _top_k(torch.cat([best_s, cand_s], 1), k)
         best_i = torch.gather(torch.cat([best_i, cand_i + start], 1), 1, pos)
         del s, cand_s, cand_i  # free this block's scores before the next one is allocated
-    best_s, pos = torch.sort(best_s, dim=1, descending=True, stable=True)
-    return best_s, torch.gather(best_i, 1, pos)
+    return best_s, best_i
+
+
+def _top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's k largest values and their positions, unordered. On the CPU numpy's AVX-512
+    partition, rows in parallel: 1.3-4x faster than torch.topk even on one core (docs/benchmarks.md)."""
+    if x.device.type != "cpu":
+        return torch.topk(x, k, dim=1, sorted=False)
+    width = x.shape[1]
+    pos = torch.from_numpy(np.ascontiguousarray(argpartition_rows(x.numpy(), width - k)[:, width - k :]))
+    return x.gather(1, pos), pos
+
+
+def _kth_largest(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Each row's k-th largest value."""
+    if x.device.type != "cpu":
+        return torch.topk(x, k, dim=1, sorted=False).values.amin(1)
+    return torch.from_numpy(partition_rows(x.numpy(), x.shape[1] - k)[:, x.shape[1] - k])
 
 
 def _candidates(s: torch.Tensor, k: int, floor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,24 +145,25 @@ def _candidates(s: torch.Tensor, k: int, floor: torch.Tensor) -> tuple[torch.Ten
     top-k score: a pass of maxima, then a few hundred candidates per row instead of the whole row.
     """
     n_rows, width = s.shape
-    n_chunks = width // CHUNK
+    chunk = min(CHUNK, width // (2 * COARSE_WIDTH * k))  # at least 4k coarse chunks of 2 fine ones
     columns = torch.arange(width, device=s.device)
-    if n_chunks < k:  # too narrow for the filter to pay: every column is a candidate
+    if chunk < 1:  # too narrow for the filter to pay: every column is a candidate
         return s, columns.expand(n_rows, -1)
-    fine = _strided_max(s, CHUNK)  # [bq, n_chunks]; chunk j holds columns j, j + n_chunks, ...
+    n_chunks = width // chunk
+    fine = _strided_max(s, chunk) if chunk > 1 else s  # [bq, n_chunks]; chunk j holds columns j, j + n_chunks, ...
     bound = floor
     if torch.isinf(floor).any():  # a row has no k-th score yet: bound it from this block's chunks
         coarse = _strided_max(fine, max(1, n_chunks // (COARSE_WIDTH * k)))
-        bound = torch.maximum(torch.topk(coarse, k, dim=1, sorted=False).values.amin(1), floor)
+        bound = torch.maximum(_kth_largest(coarse, k), floor)
     rows, chunks = (fine >= bound[:, None]).nonzero(as_tuple=True)
-    if len(rows) * CHUNK > s.numel() // 4:  # many ties at the bound (duplicates): select directly
-        return torch.topk(s, k, dim=1, sorted=False)
-    cols = chunks[:, None] + torch.arange(0, CHUNK * n_chunks, n_chunks, device=s.device)  # [N, CHUNK]
+    if len(rows) * chunk > s.numel() // 4:  # many ties at the bound (duplicates): select directly
+        return _top_k(s, k)
+    cols = chunks[:, None] + torch.arange(0, chunk * n_chunks, n_chunks, device=s.device)  # [N, chunk]
     values = s.reshape(-1).index_select(0, ((rows * width)[:, None] + cols).reshape(-1))
-    keep = (values.view(-1, CHUNK) >= bound.index_select(0, rows)[:, None]).reshape(-1).nonzero().squeeze(1)
-    rows, cols, values = rows.index_select(0, keep // CHUNK), cols.reshape(-1).index_select(0, keep), values.index_select(0, keep)
-    packed_s, packed_i = _pack_rows(rows, values, cols, n_rows)
-    tail = slice(CHUNK * n_chunks, width)  # the last width % CHUNK columns belong to no chunk
+    keep = (values.view(-1, chunk) >= bound.index_select(0, rows)[:, None]).reshape(-1).nonzero().squeeze(1)
+    rows, cols, values = rows.index_select(0, keep // chunk), cols.reshape(-1).index_select(0, keep), values.index_select(0, keep)
+    packed_s, packed_i = pack_rows(rows, n_rows, (values, -torch.inf), (cols, PAD))
+    tail = slice(chunk * n_chunks, width)  # the last width % chunk columns belong to no chunk
     return torch.cat([packed_s, s[:, tail]], 1), torch.cat([packed_i, columns[tail].expand(n_rows, -1)], 1)
 
 
@@ -157,29 +173,21 @@ def _strided_max(s: torch.Tensor, size: int) -> torch.Tensor:
     return s[:, : n * size].view(len(s), size, n).amax(1)
 
 
-def _pack_rows(rows: torch.Tensor, values: torch.Tensor, index: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scatter (row, value, index) triples, sorted by row, into [n_rows, most per row] padded with -inf / PAD."""
-    counts = torch.bincount(rows, minlength=n_rows)
-    width = int(counts.max()) if len(rows) else 0
-    slot = torch.arange(len(rows), device=rows.device) - (torch.cumsum(counts, 0) - counts).index_select(0, rows)
-    packed_s = torch.full((n_rows, width), -torch.inf, device=values.device)
-    packed_i = torch.full((n_rows, width), PAD, dtype=torch.int64, device=values.device)
-    packed_s[rows, slot] = values
-    packed_i[rows, slot] = index
-    return packed_s, packed_i
-
-
-def _to_results(score, index, q, metric: str, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Convert scores to ascending distances, pad to k columns, mark excluded/missing slots PAD."""
+def _to_results(score, index, q, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Distances from scores, excluded/missing slots as PAD and inf, each row by ascending distance then position."""
     if metric == "cosine":
         dist = 1.0 - score
     else:
         dist = torch.sqrt(torch.clamp(-score + (q * q).sum(1, keepdim=True), min=0.0))
     empty = torch.isinf(score)
-    dist = dist.masked_fill(empty, torch.inf)
-    index = index.masked_fill(empty, PAD)
-    if dist.shape[1] < k:
-        pad = k - dist.shape[1]
-        dist = torch.nn.functional.pad(dist, (0, pad), value=torch.inf)
-        index = torch.nn.functional.pad(index, (0, pad), value=PAD)
-    return index.cpu().numpy(), dist.cpu().numpy().astype(np.float32)
+    dist = dist.masked_fill(empty, torch.inf).cpu().numpy().astype(np.float32)
+    return order_by_distance(index.masked_fill(empty, PAD).cpu().numpy(), dist)
+
+
+def order_by_distance(index: np.ndarray, dist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of (gallery position, float32 distance) sorted by distance, equal distances by position.
+
+    One sort of int64 keys (distance bits above, position below) instead of a two-key lexsort: 10x faster.
+    """
+    keys = sort_rows((sortable_bits(dist) << 32) | (index + 1))  # + 1: PAD (-1) becomes 0; positions fit 32 bits
+    return (keys & 0xFFFFFFFF) - 1, float_from_sortable_bits(keys >> 32)
