@@ -110,6 +110,23 @@ def test_bnneck_splits_metric_and_retrieval_features():
     assert not model.neck.bias.requires_grad and model.neck.weight.requires_grad
 
 
+def test_channels_last_layout_gives_the_same_embeddings(table_csv, tmp_path):
+    from lookalike.train.module import ExtractorModule
+
+    torch.manual_seed(0)
+    images = torch.randn(4, 3, 32, 32)
+    modules = {}
+    for flag in ("true", "false"):
+        torch.manual_seed(0)
+        module = ExtractorModule(Extractor("test_resnet", pretrained=False), config(table_csv, tmp_path, f"trainer.channels_last={flag}"), 8)
+        module.setup("fit")
+        modules[flag] = module.eval()
+    conv = next(m.weight for m in modules["true"].extractor.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    with torch.no_grad():
+        torch.testing.assert_close(modules["true"](images), modules["false"](images), atol=1e-5, rtol=1e-4)
+
+
 def test_mock_instances_load_their_image_flagged_invalid(table_csv):
     from lookalike.data.table import load_table
 
