@@ -1,21 +1,19 @@
-"""Row-parallel numpy sorts and order-preserving float codes."""
+"""Order-preserving float codes and packing ragged rows."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from lookalike.rows import argpartition_rows, float_from_sortable_bits, partition_rows, sort_rows, sortable_bits
+from lookalike.rows import float_from_sortable_bits, pack_rows, sortable_bits
 
 
-def test_parallel_rows_equal_numpy_on_one_thread(monkeypatch):
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((301, 700)).astype(np.float32)  # big enough to split, odd so blocks are uneven
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
-    np.testing.assert_array_equal(sort_rows(x), np.sort(x, axis=1))
-    np.testing.assert_array_equal(partition_rows(x, 650)[:, 650], np.sort(x, axis=1)[:, 650])
-    top = argpartition_rows(x, 650)[:, 650:]
-    np.testing.assert_array_equal(np.sort(np.take_along_axis(x, top, 1), 1), np.sort(x, axis=1)[:, 650:])
+def test_pack_rows_pads_each_row_after_its_entries():
+    rows = torch.tensor([0, 0, 2, 2, 2])
+    values, index = pack_rows(rows, 4, (torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]), -torch.inf), (torch.tensor([7, 8, 9, 10, 11]), -1))
+    assert values.tolist() == [[1.0, 2.0, -np.inf], [-np.inf] * 3, [3.0, 4.0, 5.0], [-np.inf] * 3]
+    assert index.tolist() == [[7, 8, -1], [-1, -1, -1], [9, 10, 11], [-1, -1, -1]] and index.dtype == torch.int64
+    assert pack_rows(torch.empty(0, dtype=torch.int64), 2, (torch.empty(0), 0.0))[0].shape == (2, 0)
 
 
 def test_sortable_bits_keep_the_float_order():

@@ -1,51 +1,11 @@
-"""Row-parallel numpy sorts: numpy's AVX-512 sort and partition beat torch's on the CPU but use one core;
-they release the GIL, so blocks of rows sorted on torch's thread count of Python threads use them all.
-Order-preserving integer codes of floats, to sort (value, position) pairs as single int64 values; and
-ragged per-row entries packed into padded [rows, width] tensors."""
+"""Row helpers for the sorts of search and re-ranking: order-preserving integer codes of floats, to sort
+(value, position) pairs as single int64 values with numpy's AVX-512 sort; and ragged per-row entries
+packed into padded [rows, width] tensors."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 import torch
-
-MIN_ELEMENTS_PER_THREAD = 1 << 16  # below this a thread costs more than it saves
-
-_pools: dict[int, ThreadPoolExecutor] = {}
-
-
-def _pool(threads: int) -> ThreadPoolExecutor:
-    """One lazily made pool per thread count, reused across calls."""
-    if threads not in _pools:
-        _pools[threads] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lookalike-rows")
-    return _pools[threads]
-
-
-def map_rows(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> np.ndarray:
-    """fn(x) for a row-wise fn (each output row depends on its input row only), on blocks of rows in parallel."""
-    threads = min(torch.get_num_threads(), len(x), max(1, x.size // MIN_ELEMENTS_PER_THREAD))
-    if threads <= 1:
-        return fn(x)
-    bounds = np.linspace(0, len(x), threads + 1).astype(int)
-    parts = [_pool(threads).submit(fn, x[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
-    return np.concatenate([part.result() for part in parts])
-
-
-def argpartition_rows(x: np.ndarray, kth: int) -> np.ndarray:
-    """np.argpartition(x, kth, axis=1), rows in parallel."""
-    return map_rows(lambda block: np.argpartition(block, kth, axis=1), x)
-
-
-def partition_rows(x: np.ndarray, kth: int) -> np.ndarray:
-    """np.partition(x, kth, axis=1), rows in parallel."""
-    return map_rows(lambda block: np.partition(block, kth, axis=1), x)
-
-
-def sort_rows(x: np.ndarray) -> np.ndarray:
-    """np.sort(x, axis=1), rows in parallel."""
-    return map_rows(lambda block: np.sort(block, axis=1), x)
 
 
 def sortable_bits(x: np.ndarray) -> np.ndarray:

@@ -39,7 +39,7 @@ from lookalike.embeddings import Embeddings
 from lookalike.errors import LookalikeError
 from lookalike.metrics import compute_metrics, relevance
 from lookalike.rerank.base import RerankContext, Reranker, register
-from lookalike.rows import pack_rows, sort_rows, sortable_bits
+from lookalike.rows import pack_rows, sortable_bits
 from lookalike.search.exact import exact_knn
 from lookalike.search.results import PAD, RetrievalResults
 from lookalike.viz import _save, save_result_grid
@@ -297,7 +297,7 @@ def stable_argsort(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     (float64 key, position) order. The same result as kind="stable", 3x faster than numpy's argsort.
     """
     codes = torch.from_numpy(sortable_bits(key))
-    packed = torch.from_numpy(sort_rows(((codes << 32) | torch.arange(key.shape[1])).numpy()))
+    packed = torch.from_numpy(np.sort(((codes << 32) | torch.arange(key.shape[1])).numpy(), axis=1))
     order, rough = (packed & 0xFFFFFFFF).numpy(), packed >> 32
     r, j = _nonzero((rough[:, 1:] == rough[:, :-1]).numpy())  # position j ties with j + 1 in float32
     if len(r):
