@@ -50,8 +50,8 @@ def test_blocked_search_equals_dense_reference(metric):
 
 @pytest.mark.parametrize(("metric", "k"), [("cosine", 20), ("euclidean", 20), ("cosine", 100), ("cosine", 200)])
 def test_chunk_filter_keeps_every_top_k_item(metric, k):
-    """Blocks wide enough for the candidate filter (chunks of 8, 2 and 1 columns for k = 20, 100, 200 in
-    blocks of 2,000), with exclusions and a ragged tail."""
+    """Blocks of 2,000 columns: the candidate filter (chunks of 8 columns) for k = 20, a direct selection for
+    k = 100 and 200; with exclusions and a ragged tail."""
     q, g = vectors(np.random.default_rng(5), 150, 5003, 16, metric)
     exclude = (np.arange(150), np.arange(5003) % 150)  # each query loses ~33 gallery items
     idx, dist = exact_knn(q, g, k, metric, exclude=exclude, query_block=64, gallery_block=2000)
@@ -118,6 +118,21 @@ def test_self_exclusion_and_padding_when_k_exceeds_gallery():
     assert not (idx[:, :5] == np.arange(6)[:, None]).any()  # nobody retrieves itself
     assert (idx[:, 5:] == PAD).all() and np.isinf(dist[:, 5:]).all()
     assert (idx[:, :5] >= 0).all()
+
+
+@pytest.mark.parametrize("k", [5, 299, 400])
+def test_one_hidden_item_per_query_equals_the_masked_search(k):
+    """Unique gallery groups take the k + 1-then-drop path; groups 0..298 with two queries of group 299 absent."""
+    rng = np.random.default_rng(9)
+    x = unit(rng, 300)
+    q_groups = np.r_[np.arange(298), 999, 999]  # the last two queries hide nothing
+    idx, dist = exact_knn(x, x, k, exclude=(q_groups, np.arange(300)))
+    ref_idx, ref_dist = dense_reference(x, x, k, "cosine", (q_groups, np.arange(300)))
+    ref_idx = np.where(np.isinf(ref_dist), PAD, ref_idx)
+    pad = ((0, 0), (0, k - ref_idx.shape[1]))  # k beyond the gallery: empty slots
+    ref_idx, ref_dist = np.pad(ref_idx, pad, constant_values=PAD), np.pad(ref_dist, pad, constant_values=np.inf)
+    np.testing.assert_array_equal(idx, ref_idx)
+    np.testing.assert_allclose(dist, ref_dist, atol=1e-5)
 
 
 def test_group_exclusion_hides_the_whole_sequence():

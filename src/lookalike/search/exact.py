@@ -11,6 +11,7 @@ from lookalike.search.results import PAD
 
 METRICS = ("cosine", "euclidean")
 CHUNK = 8  # most columns per chunk in the top-k candidate filter
+MIN_CHUNK = 4  # fewer columns per chunk than this: a direct selection is faster than the filter
 COARSE_WIDTH = 4  # coarse chunk maxima per wanted neighbour when bounding the k-th score
 
 
@@ -44,10 +45,13 @@ def exact_knn(
         raise LookalikeError(f"search: queries {tuple(q.shape)} and gallery {tuple(g.shape)} must be [N, D] with equal D")
     if k < 1:
         raise LookalikeError(f"k: expected a positive integer, got {k}")
+    groups = _group_tensors(exclude, q.device, len(q), len(g))
+    if groups is not None and len(torch.unique(groups[1])) == len(g):  # a query hides one item at most: search
+        index, dist = exact_knn(queries, gallery, min(k + 1, len(g)), metric, None, query_block, gallery_block, device)
+        return _drop_hidden(index, dist, exclude, k)  # one more, then drop it: no mask over every score block
     g = g.to(q.device)
     if metric == "cosine":
         q = torch.nn.functional.normalize(q, dim=1)
-    groups = _group_tensors(exclude, q.device, len(q), len(g))
     buffer = None if _uses_onednn(q) else torch.empty(min(query_block, len(q)) * min(gallery_block, len(g)), device=q.device)
     index, dist = np.empty((len(q), k), np.int64), np.empty((len(q), k), np.float32)
     with torch.inference_mode():
@@ -57,6 +61,21 @@ def exact_knn(
             s, i = _top_scores(q[start:stop], g, metric, k, gallery_block, buffer, q_groups, groups[1] if groups else None)
             index[start:stop], dist[start:stop] = _to_results(s, i, q[start:stop], metric)
     return index, dist
+
+
+def _drop_hidden(index: np.ndarray, dist: np.ndarray, exclude: tuple[np.ndarray, np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of an unmasked search for k + 1 (or the whole gallery) without the one item each query hides, k wide."""
+    q_groups, g_groups = (np.asarray(a, dtype=np.int64) for a in exclude)
+    hidden = (index != PAD) & (g_groups[np.maximum(index, 0)] == q_groups[:, None])  # one True per row at most
+    n = index.shape[1]
+    if n <= k:  # the whole gallery was searched: blank the hidden item and move it last
+        index, dist = np.where(hidden, PAD, index), np.where(hidden, np.float32(np.inf), dist)
+        index, dist = order_by_distance(index, dist)
+        pad = ((0, 0), (0, k - n))
+        return np.pad(index, pad, constant_values=PAD), np.pad(dist, pad, constant_values=np.inf)
+    columns = np.arange(n - 1)
+    keep = columns + (columns >= np.where(hidden.any(1), hidden.argmax(1), n - 1)[:, None])  # skip the hidden, or the last
+    return np.take_along_axis(index, keep, 1), np.take_along_axis(dist, keep, 1)
 
 
 def _group_tensors(exclude, device, n_q: int, n_g: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -105,18 +124,27 @@ def _block_scores(q: torch.Tensor, g_block: torch.Tensor, metric: str, buffer: t
 
 def _top_scores(q, g, metric, k, gallery_block, buffer, q_groups, g_groups) -> tuple[torch.Tensor, torch.Tensor]:
     """Running top-k scores and gallery positions over gallery blocks for one block of queries, unordered."""
-    best_s = torch.full((len(q), k), -torch.inf, device=q.device)
-    best_i = torch.full((len(q), k), PAD, dtype=torch.int64, device=q.device)
+    best_s = torch.full((len(q), 0), -torch.inf, device=q.device)
+    best_i = torch.full((len(q), 0), PAD, dtype=torch.int64, device=q.device)
     for start in range(0, len(g), gallery_block):
         stop = min(start + gallery_block, len(g))
         s = _block_scores(q, g[start:stop], metric, buffer)
         if q_groups is not None:
             s.masked_fill_(q_groups[:, None] == g_groups[None, start:stop], -torch.inf)
-        cand_s, cand_i = _candidates(s, k, floor=best_s.amin(1))
-        best_s, pos = _top_k(torch.cat([best_s, cand_s], 1), k)
-        best_i = torch.gather(torch.cat([best_i, cand_i + start], 1), 1, pos)
+        floor = best_s.amin(1) if best_s.shape[1] == k else torch.full((len(q),), -torch.inf, device=q.device)
+        cand_s, cand_i = _candidates(s, k, floor)
+        best_s, best_i = _keep_top_k(torch.cat([best_s, cand_s], 1), torch.cat([best_i, cand_i + start], 1), k)
         del s, cand_s, cand_i  # free this block's scores before the next one is allocated
-    return best_s, best_i
+    return _keep_top_k(best_s, best_i, k)  # padded to k columns when the gallery has fewer items
+
+
+def _keep_top_k(scores: torch.Tensor, index: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best (score, index) columns of each row, unordered; padded with (-inf, PAD) when there are fewer."""
+    if scores.shape[1] > k:
+        scores, pos = _top_k(scores, k)
+        return scores, torch.gather(index, 1, pos)
+    pad = k - scores.shape[1]
+    return torch.nn.functional.pad(scores, (0, pad), value=-torch.inf), torch.nn.functional.pad(index, (0, pad), value=PAD)
 
 
 def _top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,10 +175,10 @@ def _candidates(s: torch.Tensor, k: int, floor: torch.Tensor) -> tuple[torch.Ten
     n_rows, width = s.shape
     chunk = min(CHUNK, width // (2 * COARSE_WIDTH * k))  # at least 4k coarse chunks of 2 fine ones
     columns = torch.arange(width, device=s.device)
-    if chunk < 1:  # too narrow for the filter to pay: every column is a candidate
-        return s, columns.expand(n_rows, -1)
+    if chunk < MIN_CHUNK:  # k too large a share of the row for the filter to pay: select directly
+        return _top_k(s, k) if width > k else (s, columns.expand(n_rows, -1))
     n_chunks = width // chunk
-    fine = _strided_max(s, chunk) if chunk > 1 else s  # [bq, n_chunks]; chunk j holds columns j, j + n_chunks, ...
+    fine = _strided_max(s, chunk)  # [bq, n_chunks]; chunk j holds columns j, j + n_chunks, ...
     bound = floor
     if torch.isinf(floor).any():  # a row has no k-th score yet: bound it from this block's chunks
         coarse = _strided_max(fine, max(1, n_chunks // (COARSE_WIDTH * k)))
