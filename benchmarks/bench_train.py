@@ -228,7 +228,17 @@ def print_results(runs: dict[str, list[SideResult]], failed: bool) -> None:
     if not failed and len(means) == 2:
         (ours_cmc, ours_speed), (oml_cmc, oml_speed) = means["lookalike"], means["OML"]
         log(f"ratio lookalike/OML (means): CMC@1 {ratio(ours_cmc, oml_cmc):.2f}, images/s {ratio(ours_speed, oml_speed):.2f}")
+        log_paired("CMC@1", [s.cmc1 for s in runs["lookalike"]], [s.cmc1 for s in runs["OML"]], ".4f")
+        log_paired("images/s", [s.images_per_second for s in runs["lookalike"]], [s.images_per_second for s in runs["OML"]], ".1f")
     log("(images/s above: per-batch step time, batch loading excluded, as lookalike's Throughput callback times it)")
+
+
+def log_paired(name: str, ours: list[float], theirs: list[float], fmt: str) -> None:
+    """Seed-paired difference lookalike - OML: mean, standard error, a normal 95% interval, seeds ahead."""
+    diff = np.array(ours) - np.array(theirs)
+    se = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else float("nan")
+    log(f"paired lookalike - OML, {name}: {diff.mean():+{fmt}} (standard error {se:{fmt}}, 95% interval "
+        f"{diff.mean() - 1.96 * se:+{fmt}} .. {diff.mean() + 1.96 * se:+{fmt}}); lookalike ahead on {int((diff > 0).sum())} of {len(diff)} seeds")
 
 
 def ratio(ours: float, theirs: float) -> float:
