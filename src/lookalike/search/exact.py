@@ -46,9 +46,9 @@ def exact_knn(
     if k < 1:
         raise LookalikeError(f"k: expected a positive integer, got {k}")
     groups = _group_tensors(exclude, q.device, len(q), len(g))
-    if groups is not None and len(torch.unique(groups[1])) == len(g):  # a query hides one item at most: search
+    if groups is not None and len(torch.unique(groups[1])) == len(g):  # each query hides one item at most:
         index, dist = exact_knn(queries, gallery, min(k + 1, len(g)), metric, None, query_block, gallery_block, device)
-        return _drop_hidden(index, dist, exclude, k)  # one more, then drop it: no mask over every score block
+        return _drop_hidden(index, dist, exclude, k)  # search one more, drop it; no mask over every score block
     g = g.to(q.device)
     if metric == "cosine":
         q = torch.nn.functional.normalize(q, dim=1)
