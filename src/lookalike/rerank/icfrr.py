@@ -213,7 +213,7 @@ class _Run:
     A step first brings each row's vote sums up to its current top-KQ (adding the lists of entering voters,
     subtracting those of voters that left: exact, as the sums are exact), then re-sorts the row. After the
     first step only the voters that changed cost anything. Scatters and permutations are torch's (both cores),
-    the sort numpy's (its AVX-512 argsort is 3x torch's on these rows).
+    the sort numpy's (its AVX-512 sort of int64 values; torch's CPU sort is several times slower).
     """
 
     def __init__(
