@@ -85,6 +85,32 @@ def test_rebuilding_replaces_the_folder_and_a_bad_reranker_writes_nothing(table_
         load_index(tmp_path)
 
 
+def test_a_broken_index_folder_is_a_one_line_error(index_dir, tmp_path):
+    folder = shutil.copytree(index_dir, tmp_path / "index")
+    (folder / "model.pt").unlink()
+    with pytest.raises(LookalikeError, match=r"model\.pt: missing \(the index folder holds"):
+        load_index(folder)
+    (folder / "index.json").write_text("{not json")
+    with pytest.raises(LookalikeError, match=r"index\.json: not valid JSON"):
+        load_index(folder)
+    result = subprocess.run([LOOKALIKE, "serve", str(folder)], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr and "index.json: not valid JSON" in result.stderr
+
+
+def test_non_utf8_gallery_names_survive_the_index(omniglot_small, tmp_path):
+    source = sorted(Path(omniglot_small).rglob("*.png"))[:40]
+    for i, image in enumerate(source):  # two classes, each file named in Latin-1 (not valid UTF-8)
+        folder = os.fsencode(tmp_path / "images" / f"class{i % 2}")
+        os.makedirs(folder, exist_ok=True)
+        shutil.copyfile(image, os.path.join(folder, b"caf\xe9%d.png" % i))
+    table = tmp_path / "table.csv"
+    import_folder(tmp_path / "images", validation_fraction=0.5, seed=0).save(table)
+    cfg = index_config(table, tmp_path / "index", "serve.gallery=all")
+    index = load_index(build_index(cfg, table_from_config(cfg), extractor_from_config(cfg)))
+    assert len(index) == 40 and all(os.fsencode(p).endswith(b".png") and b"caf\xe9" in os.fsencode(p) for p in index.paths)
+    np.testing.assert_allclose(index.embed(read_image(index.paths[3])), index.gallery.vectors[3], atol=1e-5)
+
+
 def test_a_faiss_index_is_saved_and_searches_like_exact(table_csv, tmp_path):
     cfg = index_config(table_csv, tmp_path / "index", "search.index=Flat")
     folder = build_index(cfg, table_from_config(cfg), extractor_from_config(cfg))
@@ -116,6 +142,19 @@ def test_search_by_gallery_item_never_finds_itself_and_reports_rank_changes(clie
             expected = original.index(item["id"]) - rank if item["id"] in original else None
             assert item["rank_change"] == expected
     assert body["query_label"] == str(index.labels[3])
+
+
+def test_an_upload_is_decoded_like_the_same_file_in_the_gallery(tmp_path):
+    from lookalike.serve.uploads import decode_upload
+
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[:4] = (200, 10, 10, 255)  # opaque red top, transparent bottom
+    grey16 = Image.fromarray(np.full((8, 8), 61423, np.uint16))
+    for name, image in (("rgba.png", Image.fromarray(rgba)), ("grey16.png", grey16)):
+        data = png_bytes(image)
+        (tmp_path / name).write_bytes(data)
+        np.testing.assert_array_equal(np.asarray(decode_upload(data, 10**6, 10**6)), np.asarray(read_image(tmp_path / name)))
+    assert np.asarray(decode_upload(png_bytes(Image.fromarray(rgba)), 10**6, 10**6))[7, 0].tolist() == [255, 255, 255]
 
 
 def test_upload_searches_like_the_gallery_embedding(client, index_dir):

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from lookalike.data.decode import display_path, verify_image
-from lookalike.data.table import BBOX_COLUMNS, DatasetTable
+from lookalike.data.table import DatasetTable
 from lookalike.errors import ImageError, LookalikeError, LookalikeWarning
 
 
@@ -67,7 +67,7 @@ def find_image_problems(
 
 def table_image_problems(table: DatasetTable, decode: bool = False) -> list[ImageProblem]:
     """The problems of the images of a dataset table, indexed by row and named by the table's paths."""
-    boxes = table.frame[list(BBOX_COLUMNS)].to_numpy(float) if table.has_bbox else None
+    boxes = table.boxes
     return find_image_problems(table.image_paths(), boxes, decode, names=table.frame["path"].tolist())
 
 

@@ -86,11 +86,16 @@ def _orientation(img: Image.Image) -> int:
         return 1
 
 
+def upright_rgb(img: Image.Image) -> Image.Image:
+    """A loaded image turned upright (EXIF rotation) and converted to 8-bit RGB: the one conversion every image gets."""
+    return to_rgb(ImageOps.exif_transpose(img) if _orientation(img) != 1 else img)
+
+
 def read_image(path: str | os.PathLike, bbox: np.ndarray | None = None) -> Image.Image:
     """Open an image upright (EXIF rotation applied) as 8-bit RGB, cropped to the bbox clipped to the image."""
     with decoding(path), Image.open(path) as img:
         img.load()
-        img = to_rgb(ImageOps.exif_transpose(img) if _orientation(img) != 1 else img)
+        img = upright_rgb(img)
     box = clip_box(bbox, img.size, path) if bbox is not None else None
     return img.crop(box) if box is not None else img
 

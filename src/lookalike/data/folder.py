@@ -14,6 +14,11 @@ from lookalike.errors import TableError
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
+def list_images(folder: Path, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> list[Path]:
+    """Image files under `folder` (recursively), sorted, by extension."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in extensions and p.is_file())
+
+
 def import_folder(
     root: str | os.PathLike,
     validation_fraction: float = 0.5,
@@ -31,7 +36,7 @@ def import_folder(
         raise TableError(f"{root}: not a folder of images")
     if not 0.0 <= validation_fraction <= 1.0:
         raise TableError(f"validation_fraction: expected a number in [0, 1], got {validation_fraction}")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in extensions and p.is_file())
+    files = list_images(root, extensions)
     if not files:
         raise TableError(f"{root}: no images found (looked for {', '.join(extensions)})")
     loose = [p for p in files if p.parent == root]

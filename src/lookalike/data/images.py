@@ -8,7 +8,7 @@ import torch
 from torchvision.transforms import v2
 
 from lookalike.data.decode import read_image
-from lookalike.data.table import BBOX_COLUMNS, DatasetTable
+from lookalike.data.table import DatasetTable
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -31,7 +31,7 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __init__(self, table: DatasetTable, transform: Callable | None = None) -> None:
         self.paths = [str(p) for p in table.image_paths()]
-        self.boxes = table.frame[list(BBOX_COLUMNS)].to_numpy(float) if table.has_bbox else None
+        self.boxes = table.boxes
         self.transform = transform or eval_transform()
 
     def __len__(self) -> int:

@@ -50,6 +50,11 @@ class DatasetTable(RowTable):
     def has_bbox(self) -> bool:
         return all(c in self.frame.columns for c in BBOX_COLUMNS)
 
+    @property
+    def boxes(self) -> np.ndarray | None:
+        """The bbox columns as float [N, 4] (NaN where a row has none), or None when the table has no bbox."""
+        return self.frame[list(BBOX_COLUMNS)].to_numpy(float) if self.has_bbox else None
+
     def image_paths(self) -> list[Path]:
         """Absolute image paths, in row order."""
         return [_resolve(self.root, p) for p in self.frame["path"]]

@@ -7,10 +7,7 @@ import io
 import json
 import os
 import shutil
-import tempfile
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -23,7 +20,9 @@ from PIL import Image
 
 from lookalike.config import Config
 from lookalike.data.images import eval_transform, read_image
-from lookalike.data.table import BBOX_COLUMNS, DatasetTable
+from lookalike.data.decode import to_rgb
+from lookalike.data.table import BBOX_COLUMNS, DatasetTable, save_csv
+from lookalike.atomic import atomic_folder
 from lookalike.embeddings import Embeddings
 from lookalike.errors import ConfigError, LookalikeError
 from lookalike.extract import Progress, extract_embeddings
@@ -127,40 +126,20 @@ def build_index(cfg: Config, table: DatasetTable, extractor: Extractor, progress
         "data": {"image_size": cfg.data.image_size, "crop_fraction": cfg.data.crop_fraction, "mean": list(dc["mean"]), "std": list(dc["std"])},
         "search": {"metric": cfg.search.metric, "index": cfg.search.index},
         "serve": cfg.serve.model_dump(),
-        "gallery_size": len(rows),
     }
     target = Path(cfg.serve.index_dir)
-    with _fresh_folder(target) as folder:
+    with atomic_folder(target) as folder:
         settings["rerank"] = pack_weights(cfg.rerank, folder)
         settings["columns"] = [column_name(step) for step in cfg.rerank]  # as the user wrote them
         (folder / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
         torch.save(extractor.state_dict(), folder / MODEL_FILE)
         paths = [str(p.resolve()) for p in gallery.image_paths()]
         boxes = rows[list(BBOX_COLUMNS)] if gallery.has_bbox else pd.DataFrame(index=rows.index)
-        pd.DataFrame({"path": paths, "label": rows["label"].astype(str)}).join(boxes).to_csv(folder / GALLERY_FILE, index=False)
+        save_csv(pd.DataFrame({"path": paths, "label": rows["label"].astype(str)}).join(boxes), ("path",), folder, folder / GALLERY_FILE)
         Embeddings(emb.vectors, paths, emb.meta).save(folder / EMBEDDINGS_FILE)  # ids = the gallery table's paths
         if cfg.search.index != "exact":
             FaissIndex(cfg.search.index, cfg.search.metric).add(emb.vectors).save(folder / FAISS_FILE)
     return target
-
-
-@contextmanager
-def _fresh_folder(target: Path) -> Iterator[Path]:
-    """A temporary sibling folder that replaces `target` when the block succeeds, and is removed when it fails."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; an index is shared like any output folder
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- serving an index
@@ -184,7 +163,7 @@ class GalleryIndex:
         self.thumbnail = lru_cache(maxsize=2048)(self._thumbnail)
         self.paths = self.table.frame["path"].to_numpy(str)
         self.labels = self.table.frame["label"].to_numpy(str)
-        self.boxes = self.table.frame[list(BBOX_COLUMNS)].to_numpy(float) if self.table.has_bbox else None
+        self.boxes = self.table.boxes
 
     @property
     def metric(self) -> str:
@@ -198,8 +177,8 @@ class GalleryIndex:
         return len(self.gallery)
 
     def embed(self, image: Image.Image) -> np.ndarray:
-        """The embedding [D] of one RGB image."""
-        batch = self.transform(image.convert("RGB"))[None]
+        """The embedding [D] of one image (converted to RGB as gallery images are)."""
+        batch = self.transform(to_rgb(image))[None]
         with self.lock, torch.inference_mode():
             return self.extractor(batch)[0].float().numpy()
 
@@ -271,14 +250,22 @@ def load_index(folder: str | os.PathLike) -> GalleryIndex:
     settings_path = folder / SETTINGS_FILE
     if not settings_path.is_file():
         raise LookalikeError(f"{settings_path}: missing (expected a folder written by `lookalike index`)")
-    settings = json.loads(settings_path.read_text())
-    if settings.get("format") != FORMAT:
-        raise LookalikeError(f"{settings_path}: format {settings.get('format')!r}, expected {FORMAT}")
+    try:
+        settings = json.loads(settings_path.read_text())
+    except ValueError as exc:
+        raise LookalikeError(f"{settings_path}: not valid JSON ({exc}); rebuild with `lookalike index`") from None
+    if not isinstance(settings, dict) or settings.get("format") != FORMAT:
+        found = settings.get("format") if isinstance(settings, dict) else type(settings).__name__
+        raise LookalikeError(f"{settings_path}: format {found!r}, expected {FORMAT}")
+    needed = [MODEL_FILE, GALLERY_FILE, EMBEDDINGS_FILE] + ([FAISS_FILE] if settings["search"]["index"] != "exact" else [])
+    missing = [name for name in needed if not (folder / name).is_file()]
+    if missing:
+        raise LookalikeError(f"{folder / missing[0]}: missing (the index folder holds {', '.join(needed)}; rebuild with `lookalike index`)")
     m = settings["model"]
     extractor = Extractor(m["name"], pretrained=False, embedding_dim=m["embedding_dim"], normalize=m["normalize"], bnneck=m["bnneck"])
     extractor.load_state_dict(torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=True))
     d = settings["data"]
-    gallery = pd.read_csv(folder / GALLERY_FILE, dtype={"label": str, "path": str})
+    gallery = pd.read_csv(folder / GALLERY_FILE, dtype={"label": str, "path": str}, encoding_errors="surrogateescape")
     gallery["label"] = gallery["label"].fillna("")
     emb = Embeddings.load(folder / EMBEDDINGS_FILE)
     if len(emb) != len(gallery) or not np.array_equal(emb.ids, gallery["path"].to_numpy(str)):

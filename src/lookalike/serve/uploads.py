@@ -5,8 +5,9 @@ from __future__ import annotations
 import io
 import warnings
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
+from lookalike.data.decode import upright_rgb
 from lookalike.errors import LookalikeError
 
 
@@ -35,6 +36,6 @@ def decode_upload(data: bytes, max_bytes: int, max_pixels: int) -> Image.Image:
             raise UploadRejected(413, f"upload: {width}x{height} = {width * height:,} pixels is more than the limit of {max_pixels:,}")
         try:
             image.load()
-            return ImageOps.exif_transpose(image).convert("RGB")
-        except (OSError, ValueError, SyntaxError) as exc:
+            return upright_rgb(image)  # as gallery images are read, so an upload embeds like the same file in the gallery
+        except Exception as exc:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, ValueError, struct.error, ... on bad files
             raise UploadRejected(400, f"upload: the image cannot be decoded ({exc})") from None

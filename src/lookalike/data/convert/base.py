@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lookalike.data.folder import IMAGE_EXTENSIONS
+from lookalike.data.folder import list_images  # noqa: F401 - the converters import it from here
 from lookalike.data.decode import display_path
 from lookalike.data.pairs import PairsTable
 from lookalike.data.table import DatasetTable, validate_table
@@ -137,11 +137,6 @@ def split_by_class(labels: pd.Series, last_train_class: int) -> pd.DataFrame:
     """The retrieval protocol of CUB and Cars: classes up to `last_train_class` train, the rest validation (all query and gallery)."""
     train = (labels <= last_train_class).to_numpy()
     return pd.DataFrame({"split": np.where(train, "train", "validation"), "is_query": ~train, "is_gallery": ~train}, index=labels.index)
-
-
-def list_images(folder: Path) -> list[Path]:
-    """Image files under `folder` (recursively), sorted, by extension."""
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
 def relative(paths: list[Path], root: Path) -> list[str]:
