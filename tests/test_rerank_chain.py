@@ -83,3 +83,14 @@ def test_rerank_pipeline_writes_final_list_and_stage_metrics(tmp_path):
     assert (tmp_path / "reranked.npz").is_file() and (tmp_path / "cmc_rerank.png").stat().st_size > 1000
     with pytest.raises(ConfigError, match="rerank: expected a chain"):
         run_rerank(load_config(None, overrides[:-1]), table)
+
+
+def test_a_reranker_used_twice_keeps_both_stages(tmp_path):
+    from lookalike.rerank.chain import stage_reports
+
+    table, emb = clustered_table(tmp_path)
+    results = search_table(emb, table, k=47)
+    stages = run_chain(results, rerank_context(load_config(), table, results, emb), build_chain(["qe", "qe"]))
+    reports = stage_reports(stages)
+    assert list(reports) == ["original", "1:qe", "2:qe"] and reports["2:qe"] is stages[2].report
+

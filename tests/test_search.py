@@ -123,7 +123,7 @@ def test_self_exclusion_and_padding_when_k_exceeds_gallery():
 
 @pytest.mark.parametrize("k", [5, 299, 400])
 def test_one_hidden_item_per_query_equals_the_masked_search(k):
-    """Unique gallery groups take the k + 1-then-drop path; groups 0..298 with two queries of group 299 absent."""
+    """One hidden item per query at most: searched for k + 1 unmasked, then dropped; two queries hide nothing."""
     rng = np.random.default_rng(9)
     x = unit(rng, 300)
     q_groups = np.r_[np.arange(298), 999, 999]  # the last two queries hide nothing
@@ -134,6 +134,11 @@ def test_one_hidden_item_per_query_equals_the_masked_search(k):
     ref_idx, ref_dist = np.pad(ref_idx, pad, constant_values=PAD), np.pad(ref_dist, pad, constant_values=np.inf)
     np.testing.assert_array_equal(idx, ref_idx)
     np.testing.assert_allclose(dist, ref_dist, atol=1e-5)
+
+
+def test_exclusion_against_an_empty_gallery_gives_empty_slots():
+    idx, dist = exact_knn(np.ones((2, 4), np.float32), np.zeros((0, 4), np.float32), 3, exclude=(np.arange(2), np.arange(0)))
+    assert (idx == PAD).all() and np.isinf(dist).all() and idx.shape == (2, 3)
 
 
 def test_group_exclusion_hides_the_whole_sequence():

@@ -192,9 +192,10 @@ def evaluate(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP)) -
 
 def _print_stages(cfg, table) -> None:
     from lookalike.pipeline import run_rerank
+    from lookalike.rerank.chain import stage_reports
 
     stages = run_rerank(cfg, table, grids=True)
-    _print_comparison({stage.name: stage.report.means for stage in stages if stage.report}, "metrics before and after each re-ranking stage")
+    _print_comparison({key: r.means for key, r in stage_reports(stages).items()}, "metrics before and after each re-ranking stage")
     out.print(f"wrote {cfg.search.reranked_output}")
 
 
@@ -315,10 +316,10 @@ def validate(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP + "
         raise LookalikeError("model.weights: expected the checkpoint to evaluate, e.g. weights=runs/train/checkpoints/last.ckpt")
     if cfg.rerank:  # the extractor's lists, then each re-ranking stage (e.g. rerank=[{pairwise: {weights: PATH}}])
         from lookalike.pipeline import rerank_validation
+        from lookalike.rerank.chain import stage_reports
 
         stages = rerank_validation(cfg, _progress("embedding"))
-        columns = {stage.name if i == 0 else f"{i}:{stage.name}": stage.report.means for i, stage in enumerate(stages)}
-        _print_comparison(columns, "validation before and after each re-ranking stage")
+        _print_comparison({key: r.means for key, r in stage_reports(stages).items()}, "validation before and after each re-ranking stage")
         out.print(f"wrote {cfg.train.output}/validation/metrics_rerank.json and grid_rerank_*.png")
         return
     metrics = run_validate(cfg)

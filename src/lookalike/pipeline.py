@@ -17,6 +17,7 @@ from lookalike.extract import Progress, extract_embeddings
 from lookalike.metrics import MetricsReport, cmc_curve, evaluate_table
 from lookalike.models.extractor import Extractor, load_weights
 from lookalike.rerank import RerankContext, Stage, build_chain, run_chain
+from lookalike.rerank.chain import stage_reports
 from lookalike.search import RetrievalResults, exclusion_groups, search_table
 from lookalike.viz import save_cmc_curve, save_result_grid, spread_queries
 
@@ -122,14 +123,19 @@ def run_rerank(cfg: Config, table: DatasetTable, grids: bool = False) -> list[St
     ks = {"cmc_k": tuple(e.cmc_k), "precision_k": tuple(e.precision_k), "map_k": tuple(e.map_k)}
     stages = run_chain(results, context, build_chain(cfg.rerank), **ks)
     stages[-1].results.save(s.reranked_output)
-    record = {stage.name if i == 0 else f"{i}:{stage.name}": stage.report.to_dict() for i, stage in enumerate(stages) if stage.report}
-    write_text_atomic(Path(e.output).with_name("metrics_rerank.json"), json.dumps(record, indent=2) + "\n")
+    write_stage_metrics(stages, Path(e.output).with_name("metrics_rerank.json"))
     if e.cmc_plot:
-        curves = {stage.name: cmc_curve(stage.report.relevance, stage.report.n_relevant) for stage in stages if stage.report}
+        curves = {key: cmc_curve(report.relevance, report.n_relevant) for key, report in stage_reports(stages).items()}
         save_cmc_curve(curves, Path(e.cmc_plot).with_name("cmc_rerank.png"))
     if grids and e.grid:
         save_stage_grids(stages, table, Path(e.grid).with_suffix(""), e.grid_queries, e.grid_top_k)
     return stages
+
+
+def write_stage_metrics(stages: list[Stage], path: Path) -> None:
+    """Every scored stage's metrics as one JSON file, keyed as stage_reports keys them."""
+    record = {key: report.to_dict() for key, report in stage_reports(stages).items()}
+    write_text_atomic(path, json.dumps(record, indent=2) + "\n")
 
 
 def save_stage_grids(stages: list[Stage], table: DatasetTable, prefix: str | Path, n_queries: int, top_k: int) -> list[Path]:
@@ -153,12 +159,12 @@ def rerank_validation(cfg: Config, progress: Progress | None = None) -> list[Sta
     dc, d, e = extractor.data_config(), cfg.data, cfg.evaluate
     transform = eval_transform(d.image_size, d.crop_fraction, dc["mean"], dc["std"])
     embeddings = extract_embeddings(extractor, table, transform, d.batch_size, d.num_workers, cfg.extract.device, progress)
-    _, results = search_and_score(cfg, embeddings, table)
+    s = cfg.search  # the images' top-k (centroids, when wanted, are a stage of the chain: rerank=[centroids, ...])
+    results = search_table(embeddings, table, s.k, metric=s.metric, index=s.index, device=s.device)
     ks = {"cmc_k": tuple(e.cmc_k), "precision_k": tuple(e.precision_k), "map_k": tuple(e.map_k)}
     stages = run_chain(results, rerank_context(cfg, table, results, embeddings), build_chain(cfg.rerank), **ks)
     folder = Path(cfg.train.output) / "validation"
-    record = {stage.name if i == 0 else f"{i}:{stage.name}": stage.report.to_dict() for i, stage in enumerate(stages) if stage.report}
-    write_text_atomic(folder / "metrics_rerank.json", json.dumps(record, indent=2) + "\n")
+    write_stage_metrics(stages, folder / "metrics_rerank.json")
     if cfg.train.grid:
         save_stage_grids(stages, table, folder / "grid_rerank", e.grid_queries, e.grid_top_k)
     return stages

@@ -25,6 +25,15 @@ def float_from_sortable_bits(code: np.ndarray) -> np.ndarray:
     return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).view(np.float32)
 
 
+def sort_by_value(values: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's positions (non-negative, < 2**32; broadcast to `values`) ordered by float32-rounded value,
+    equal values by position, and the sortable_bits codes in that order: one numpy sort of int64 (code above,
+    position below)."""
+    keys = (torch.from_numpy(sortable_bits(values)) << 32) | torch.from_numpy(np.ascontiguousarray(positions))
+    keys = np.sort(keys.numpy(), axis=1)
+    return keys & 0xFFFFFFFF, keys >> 32
+
+
 def pack_rows(rows: torch.Tensor, n_rows: int, *fields: tuple[torch.Tensor, float]) -> list[torch.Tensor]:
     """Per-entry values, entries sorted by row, as [n_rows, most entries in a row] tensors, one per
     (values, fill) field, each row's entries first and the rest of the row filled with `fill`."""

@@ -50,6 +50,11 @@ def stage_report(results: RetrievalResults, context: RerankContext, **metric_kwa
     return compute_metrics(results, context.query_labels, context.gallery_labels, n_relevant=context.n_relevant, exclude=exclude, **metric_kwargs)
 
 
+def stage_reports(stages: list[Stage]) -> dict[str, MetricsReport]:
+    """Each scored stage's report by its key: "original", then "1:icfrr", "2:qe", ... (a re-ranker may appear twice)."""
+    return {stage.name if i == 0 else f"{i}:{stage.name}": stage.report for i, stage in enumerate(stages) if stage.report}
+
+
 def run_chain(results: RetrievalResults, context: RerankContext, rerankers: list[Reranker], **metric_kwargs) -> list[Stage]:
     """Apply the re-rankers in turn; every stage's list is checked (ascending distances) and scored."""
     stages = [Stage("original", results, stage_report(results, context, **metric_kwargs))]

@@ -39,8 +39,8 @@ from lookalike.embeddings import Embeddings
 from lookalike.errors import LookalikeError
 from lookalike.metrics import compute_metrics, relevance
 from lookalike.rerank.base import RerankContext, Reranker, register
-from lookalike.rows import pack_rows, sortable_bits
-from lookalike.search.exact import exact_knn
+from lookalike.rows import pack_rows, sort_by_value
+from lookalike.search.exact import exact_knn, order_by_distance
 from lookalike.search.results import PAD, RetrievalResults
 from lookalike.viz import _save, save_result_grid
 
@@ -159,10 +159,10 @@ def rank_lists(results: RetrievalResults, context: RerankContext, kg: int, chunk
 
 
 def gallery_knn(gallery: np.ndarray, k: int, metric: str = "cosine", chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """Every gallery item's k nearest other items [G, k] and their distances; ties go to the lower gallery position
-    (exact_knn's order), as a stable sort of the dense row would rank them.
-
-    One extra neighbour is fetched so that a tie at the k-th place is broken the same way.
+    """Every gallery item's k nearest other items [G, k] and their distances, equal distances in gallery order
+    (exact_knn's order), as a stable sort of the dense row ranks them. One extra neighbour is fetched so that a tie
+    of two items at the k-th place is broken the same way; with more items tied there (duplicated images), which of
+    them make the list is left to the search, so such rows can differ from the dense reference's.
     """
     n = len(gallery)
     k = min(k, max(n - 1, 0))
@@ -298,10 +298,8 @@ def stable_argsort(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     of equal float32 keys, each such run is put in (float64 key, position) order. The same result as
     kind="stable", 3x faster than numpy's argsort.
     """
-    codes = torch.from_numpy(sortable_bits(key))
-    packed = torch.from_numpy(np.sort(((codes << 32) | torch.arange(key.shape[1])).numpy(), axis=1))
-    order, rough = (packed & 0xFFFFFFFF).numpy(), packed >> 32
-    r, j = _nonzero((rough[:, 1:] == rough[:, :-1]).numpy())  # position j ties with j + 1 in float32
+    order, rough = sort_by_value(key, np.arange(key.shape[1]))
+    r, j = _nonzero(rough[:, 1:] == rough[:, :-1])  # position j ties with j + 1 in float32
     if len(r) and (key[r, order[r, j]] > key[r, order[r, j + 1]]).any():  # float64 keys out of order in a tie
         tied = np.zeros(key.shape, bool)
         tied[r, j] = True
@@ -324,17 +322,9 @@ def _start_chunk(results: RetrievalResults, rows: slice, m: int) -> _Chunk:
     """A chunk's first m items (PAD as the sink G) and distances, ties ordered by gallery position."""
     n_gallery = len(results.gallery_ids)
     idx, dist = np.where(results.indices[rows, :m] == PAD, n_gallery, results.indices[rows, :m]), results.distances[rows, :m]
-    tied = dist[:, 1:] == dist[:, :-1]
-    if (dist[:, 1:] < dist[:, :-1]).any():  # not ascending (against the contract): sort by (distance, position)
-        order = np.lexsort((idx, dist), axis=1)
-    elif (tied & (idx[:, 1:] < idx[:, :-1])).any():  # ascending: only ties to order, by numbering their runs
-        runs = np.zeros(idx.shape, np.int64)
-        np.cumsum(~tied, axis=1, out=runs[:, 1:])
-        order = np.argsort(runs * (n_gallery + 1) + idx, axis=1, kind="stable")
-    else:  # already in (distance, position) order, as exact search returns it
-        order = None
-    if order is not None:
-        idx, dist = np.take_along_axis(idx, order, 1), np.take_along_axis(dist, order, 1)
+    out_of_order = (dist[:, 1:] < dist[:, :-1]) | ((dist[:, 1:] == dist[:, :-1]) & (idx[:, 1:] < idx[:, :-1]))
+    if out_of_order.any():  # exact search returns (distance, position) order already; anything else is sorted so
+        idx, dist = order_by_distance(idx, np.asarray(dist, np.float32))
     base = np.array(dist, np.float32)
     items = torch.from_numpy(np.ascontiguousarray(idx))
     votes, counted = torch.zeros(items.shape, dtype=torch.float64), torch.zeros(items.shape, dtype=torch.bool)

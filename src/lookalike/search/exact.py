@@ -6,8 +6,8 @@ import numpy as np
 import torch
 
 from lookalike.errors import LookalikeError
-from lookalike.rows import float_from_sortable_bits, pack_rows, sortable_bits
-from lookalike.search.results import PAD
+from lookalike.rows import float_from_sortable_bits, pack_rows, sort_by_value
+from lookalike.search.results import PAD, drop_hidden, max_hidden
 
 METRICS = ("cosine", "euclidean")
 CHUNK = 8  # most columns per chunk in the top-k candidate filter
@@ -46,9 +46,10 @@ def exact_knn(
     if k < 1:
         raise LookalikeError(f"k: expected a positive integer, got {k}")
     groups = _group_tensors(exclude, q.device, len(q), len(g))
-    if groups is not None and len(torch.unique(groups[1])) == len(g):  # each query hides one item at most:
-        index, dist = exact_knn(queries, gallery, min(k + 1, len(g)), metric, None, query_block, gallery_block, device)
-        return _drop_hidden(index, dist, exclude, k)  # search one more, drop it; no mask over every score block
+    n_hidden = max_hidden(exclude) if groups is not None and len(g) else None
+    if n_hidden is not None and n_hidden <= k:  # few hidden: search k + that many unmasked, then drop them
+        index, dist = exact_knn(queries, gallery, min(k + n_hidden, len(g)), metric, None, query_block, gallery_block, device)
+        return drop_hidden(index, dist, exclude, k)
     g = g.to(q.device)
     if metric == "cosine":
         q = torch.nn.functional.normalize(q, dim=1)
@@ -61,21 +62,6 @@ def exact_knn(
             s, i = _top_scores(q[start:stop], g, metric, k, gallery_block, buffer, q_groups, groups[1] if groups else None)
             index[start:stop], dist[start:stop] = _to_results(s, i, q[start:stop], metric)
     return index, dist
-
-
-def _drop_hidden(index: np.ndarray, dist: np.ndarray, exclude: tuple[np.ndarray, np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of an unmasked search for k + 1 (or the whole gallery) without the one item each query hides, k wide."""
-    q_groups, g_groups = (np.asarray(a, dtype=np.int64) for a in exclude)
-    hidden = (index != PAD) & (g_groups[np.maximum(index, 0)] == q_groups[:, None])  # one True per row at most
-    n = index.shape[1]
-    if n <= k:  # the whole gallery was searched: blank the hidden item and move it last
-        index, dist = np.where(hidden, PAD, index), np.where(hidden, np.float32(np.inf), dist)
-        index, dist = order_by_distance(index, dist)
-        pad = ((0, 0), (0, k - n))
-        return np.pad(index, pad, constant_values=PAD), np.pad(dist, pad, constant_values=np.inf)
-    columns = np.arange(n - 1)
-    keep = columns + (columns >= np.where(hidden.any(1), hidden.argmax(1), n - 1)[:, None])  # skip the hidden, or the last
-    return np.take_along_axis(index, keep, 1), np.take_along_axis(dist, keep, 1)
 
 
 def _group_tensors(exclude, device, n_q: int, n_g: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -217,5 +203,5 @@ def order_by_distance(index: np.ndarray, dist: np.ndarray) -> tuple[np.ndarray, 
 
     One sort of int64 keys (distance bits above, position below) instead of a two-key lexsort: 10x faster.
     """
-    keys = np.sort((sortable_bits(dist) << 32) | (index + 1), axis=1)  # + 1: PAD (-1) becomes 0; positions fit 32 bits
-    return (keys & 0xFFFFFFFF) - 1, float_from_sortable_bits(keys >> 32)
+    shifted, codes = sort_by_value(dist, index + 1)  # + 1: PAD (-1) becomes 0
+    return shifted - 1, float_from_sortable_bits(codes)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from lookalike.errors import LookalikeError
-from lookalike.search.results import PAD
+from lookalike.search.results import drop_hidden, max_hidden
 
 
 def _faiss():
@@ -75,36 +75,7 @@ class FaissIndex:
         if self.index is None:
             raise LookalikeError("search: the FAISS index is empty; call add(gallery) first")
         q = self._prepare(queries)
-        extra = _max_excluded(exclude) if exclude is not None else 0
-        kk = min(k + extra, self.size)
-        score, index = self.index.search(q, kk)
-        index = index.astype(np.int64)
-        if exclude is not None:
-            qg, gg = (np.asarray(a, dtype=np.int64) for a in exclude)
-            hidden = (index >= 0) & (gg[np.maximum(index, 0)] == qg[:, None])
-            index[hidden] = PAD
+        extra = max_hidden(exclude) if exclude is not None else 0
+        score, index = self.index.search(q, min(k + extra, self.size))
         dist = 1.0 - score if self.metric == "cosine" else np.sqrt(np.maximum(score, 0.0))
-        return _compact(index, dist.astype(np.float32), k)
-
-
-def _max_excluded(exclude: tuple[np.ndarray, np.ndarray]) -> int:
-    """The largest number of gallery items any query can have hidden."""
-    qg, gg = (np.asarray(a, dtype=np.int64) for a in exclude)
-    groups, counts = np.unique(gg, return_counts=True)
-    shared = np.isin(groups, qg)
-    return int(counts[shared].max()) if shared.any() else 0
-
-
-def _compact(index: np.ndarray, dist: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Move filled slots to the front (keeping their order), cut or pad to k columns."""
-    empty = index < 0
-    order = np.argsort(empty, axis=1, kind="stable")
-    index, dist = np.take_along_axis(index, order, 1), np.take_along_axis(dist, order, 1)
-    empty = index < 0
-    dist[empty] = np.inf
-    index[empty] = PAD
-    if index.shape[1] < k:
-        pad = k - index.shape[1]
-        index = np.pad(index, ((0, 0), (0, pad)), constant_values=PAD)
-        dist = np.pad(dist, ((0, 0), (0, pad)), constant_values=np.inf)
-    return index[:, :k], dist[:, :k]
+        return drop_hidden(index.astype(np.int64), dist.astype(np.float32), exclude, k)

@@ -79,3 +79,30 @@ class RetrievalResults:
             raise LookalikeError(f"{path}: no such results file") from None
         except (KeyError, ValueError, OSError) as exc:
             raise LookalikeError(f"{path}: not a results file written by lookalike ({exc})") from None
+
+
+def max_hidden(exclude: tuple[np.ndarray, np.ndarray]) -> int:
+    """The largest number of gallery items any query hides under `exclude=(query_groups, gallery_groups)`."""
+    qg, gg = (np.asarray(a, dtype=np.int64) for a in exclude)
+    groups, counts = np.unique(gg, return_counts=True)
+    shared = np.isin(groups, qg)
+    return int(counts[shared].max()) if shared.any() else 0
+
+
+def drop_hidden(index: np.ndarray, dist: np.ndarray, exclude: tuple[np.ndarray, np.ndarray] | None, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of a search run without `exclude` for k + max_hidden items: the hidden ones removed, the rest moved up
+    in order, cut or padded (PAD, inf) to k columns."""
+    index = index.copy()
+    if exclude is not None:
+        qg, gg = (np.asarray(a, dtype=np.int64) for a in exclude)
+        index[(index >= 0) & (gg[np.maximum(index, 0)] == qg[:, None])] = PAD
+    empty = index < 0
+    order = np.argsort(empty, axis=1, kind="stable")
+    index, dist = np.take_along_axis(index, order, 1), np.take_along_axis(dist, order, 1)
+    empty = index < 0
+    dist[empty] = np.inf
+    index[empty] = PAD
+    if index.shape[1] < k:
+        pad = ((0, 0), (0, k - index.shape[1]))
+        index, dist = np.pad(index, pad, constant_values=PAD), np.pad(dist, pad, constant_values=np.inf)
+    return index[:, :k], dist[:, :k]
