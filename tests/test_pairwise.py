@@ -224,21 +224,22 @@ def _same(a: dict, b: dict) -> bool:
     return all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_the_backbone_stays_frozen_for_the_first_epochs_then_trains(trained, tmp_path):
+@pytest.mark.parametrize("scheduler", ["none", "cosine"])  # a schedule must cover the backbone's group too
+def test_the_backbone_stays_frozen_for_the_first_epochs_then_trains(trained, tmp_path, scheduler):
     _, base = trained
     cfg = load_config(None, [*base, f"train.output={tmp_path}", "train.epochs=3", "pairwise.freeze_epochs=2", "train.backbone_lr=1e-4",
-                             "pairwise.name=test_resnet", "train.val_every=3"])  # a CNN: batch-norm statistics must stay too
+                             "pairwise.name=test_resnet", "train.val_every=3", f"train.scheduler={scheduler}"])  # a CNN: BN too
     L.seed_everything(0)
     module, data = build_pairwise_parts(cfg)
     snapshots = Snapshots()
-    trainer = build_trainer(cfg, [snapshots, FrozenBackbone(2, 1e-4)])
+    trainer = build_trainer(cfg, [snapshots, FrozenBackbone(2)])
     trainer.fit(module, datamodule=data)
     (b0, h0), (b1, h1), (b2, h2), (b3, h3) = snapshots.states
     assert _same(b0, b1) and _same(b1, b2)  # frozen: weights and batch-norm buffers unchanged for two epochs
     assert not _same(h0, h1) and not _same(h1, h2)  # while the head learns
     assert not _same(b2, b3)  # unfrozen in the third epoch
     groups = trainer.optimizers[0].param_groups
-    assert len(groups) == 2 and groups[1]["lr"] == pytest.approx(1e-4)
+    assert len(groups) == 2 and groups[1].get("initial_lr", groups[1]["lr"]) == pytest.approx(1e-4)  # before any schedule
 
 
 def test_train_reranker_validates_by_reranking_and_the_reranker_reproduces_it(trained, tmp_path, monkeypatch):
@@ -314,5 +315,7 @@ def test_cli_trains_a_reranker_and_validate_shows_each_stage(trained, tmp_path):
     assert run.exit_code == 0, run.output
     assert "original" in run.output and "1:pairwise" in run.output
     assert {"grid_rerank_0_original.png", "grid_rerank_1_pairwise.png", "metrics_rerank.json"} <= {p.name for p in (tmp_path / "validation").iterdir()}
+    run = runner.invoke(app, ["validate", *args, f"weights={weights}", f"train.output={tmp_path}", "evaluate.centroids=label", "rerank=[qe]"])
+    assert run.exit_code == 0 and "1:qe" in run.output, run.output  # the chain re-ranks the images' lists, not centroids
     run = runner.invoke(app, ["train-reranker", *args, f"train.output={tmp_path}"])
     assert run.exit_code == 2 and "model.weights" in run.output

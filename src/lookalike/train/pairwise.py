@@ -56,11 +56,12 @@ class PairValidation:
 
 
 class FrozenBackbone(BaseFinetuning):
-    """Backbone frozen (no gradient, not in the optimizer, batch-norm statistics fixed) for `epochs`, then trained at `lr`."""
+    """Backbone frozen (no gradient, so the optimizer skips it; batch-norm statistics fixed) for `epochs`, then trained
+    in its own parameter group (train.backbone_lr), which is in the optimizer and the schedule from the start."""
 
-    def __init__(self, epochs: int, lr: float) -> None:
+    def __init__(self, epochs: int) -> None:
         super().__init__()
-        self.epochs, self.lr = epochs, lr
+        self.epochs = epochs
 
     def freeze_before_training(self, pl_module: PairwiseModule) -> None:
         if self.epochs > 0:
@@ -68,7 +69,7 @@ class FrozenBackbone(BaseFinetuning):
 
     def finetune_function(self, pl_module: PairwiseModule, epoch: int, optimizer: torch.optim.Optimizer) -> None:
         if self.epochs > 0 and epoch == self.epochs:
-            self.unfreeze_and_add_param_group(pl_module.model.backbone, optimizer, lr=self.lr, initial_denom_lr=1.0)
+            self.make_trainable(pl_module.model.backbone)
 
 
 class PairwiseModule(L.LightningModule):
@@ -97,10 +98,9 @@ class PairwiseModule(L.LightningModule):
         return out.loss
 
     def configure_optimizers(self):
-        t, frozen = self.cfg.train, self.cfg.pairwise.freeze_epochs > 0
-        groups = [{"params": list(self.model.head.parameters()), "lr": t.lr}]
-        if not frozen:  # a frozen backbone joins the optimizer when FrozenBackbone unfreezes it
-            groups.append({"params": list(self.model.backbone.parameters()), "lr": t.backbone_lr or t.lr})
+        t = self.cfg.train
+        groups = [{"params": list(self.model.head.parameters()), "lr": t.lr},
+                  {"params": list(self.model.backbone.parameters()), "lr": t.backbone_lr or t.lr}]  # skipped while frozen
         optimizer = _optimizer(t.optimizer, groups, t.lr, t.weight_decay)
         scheduler = _scheduler(optimizer, t.scheduler, t.warmup_epochs, t.epochs, t.step_epochs)
         return optimizer if scheduler is None else {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
@@ -199,9 +199,9 @@ def build_pairwise_parts(cfg: Config, progress: Progress | None = None) -> tuple
     for name, rows in (("train", train_table), ("validation", val_table)):
         if len(rows) == 0:
             raise LookalikeError(f"{table.source}, column 'split': no {name} rows (the pairwise trainer needs both splits)")
-    cached = extract_embeddings(extractor, train_table, embed, d.batch_size, d.num_workers, progress=progress)
+    cached = extract_embeddings(extractor, train_table, embed, d.batch_size, d.num_workers, cfg.extract.device, progress)
     model = new_pairwise_model(cfg)
-    embeddings = extract_embeddings(extractor, val_table, embed, d.batch_size, d.num_workers, progress=progress)
+    embeddings = extract_embeddings(extractor, val_table, embed, d.batch_size, d.num_workers, cfg.extract.device, progress)
     validation = pair_validation(cfg, model, embeddings, val_table)
     t, mc = cfg.train, model.data_config()
     train_set = PairTrainImages(train_table, train_transform(t.augment, model.spec.image_size, d.crop_fraction, mc["mean"], mc["std"]))
@@ -234,7 +234,7 @@ def run_train_reranker(cfg: Config, resume: str | None = None, progress: Progres
     module, data = build_pairwise_parts(cfg, progress)
     throughput = Throughput()
     t = cfg.train
-    freeze = FrozenBackbone(cfg.pairwise.freeze_epochs, t.backbone_lr or t.lr)
+    freeze = FrozenBackbone(cfg.pairwise.freeze_epochs)
     run_cfg = cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update={"precision": auto_precision(cfg)})})
     trainer = build_trainer(run_cfg, [throughput, freeze])
     if freeze.epochs > 0 and trainer.world_size > 1:  # DDP syncs only the parameters that train when it wraps the model
