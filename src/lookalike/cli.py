@@ -64,7 +64,6 @@ _python_show_warning, warnings.showwarning = warnings.showwarning, _show_warning
 def _quiet_lightning() -> None:
     """Keep Lightning's banners and tips and a deprecation warning from inside Lightning off the terminal (logs stay complete)."""
     import logging
-    import warnings
 
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).setLevel(logging.WARNING)

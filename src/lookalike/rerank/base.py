@@ -75,3 +75,10 @@ def check_ascending(results: RetrievalResults) -> None:
     d = np.where(results.valid, results.distances, np.finfo(np.float32).max)  # empty slots last, no inf - inf
     if d.shape[1] > 1 and (np.diff(d, axis=1) < -1e-6).any():
         raise LookalikeError("rerank: distances must stay ascending along each row")
+
+
+def positive_int(value: int, name: str, by: str) -> int:
+    """`value` as an int >= 1, or a one-line error naming the parameter."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise LookalikeError(f"rerank {by}: {name} must be a positive integer, got {value!r}")
+    return int(value)

@@ -38,7 +38,7 @@ from lookalike.atomic import atomic_path
 from lookalike.embeddings import Embeddings
 from lookalike.errors import LookalikeError
 from lookalike.metrics import compute_metrics, relevance
-from lookalike.rerank.base import RerankContext, Reranker, register
+from lookalike.rerank.base import RerankContext, Reranker, positive_int, register
 from lookalike.rows import pack_rows, sort_by_value
 from lookalike.search.exact import exact_knn, order_by_distance
 from lookalike.search.results import PAD, RetrievalResults
@@ -69,8 +69,8 @@ class ICFRR(Reranker):
         exact: bool = False,
         chunk: int = 1024,
     ) -> None:
-        self.kg, self.kq, self.chunk = _positive(kg, "kg"), _positive(kq, "kq"), _positive(chunk, "chunk")
-        self.candidates = _positive(candidates, "candidates")
+        self.kg, self.kq, self.chunk = (positive_int(v, n, self.name) for v, n in ((kg, "kg"), (kq, "kq"), (chunk, "chunk")))
+        self.candidates = positive_int(candidates, "candidates", self.name)
         if self.candidates < self.kq and not exact:
             raise LookalikeError(f"rerank icfrr: candidates must be >= kq ({self.kq}), got {candidates} (or exact=True)")
         if isinstance(n_times, bool) or not isinstance(n_times, (int, np.integer)) or n_times < 0:
@@ -116,13 +116,6 @@ def icfrr_iterations(results: RetrievalResults, context: RerankContext, **params
 def icfrr_weights(n_gallery: int, kg: int) -> np.ndarray:
     """w(r) for ranks r = 0..kg-1: 1 - r/(G-1) as the float32 linspace(1, 0, G) of the reference, in float64."""
     return torch.linspace(1.0, 0.0, n_gallery, dtype=torch.float32)[:kg].double().numpy()
-
-
-def _positive(value: int, name: str) -> int:
-    """A positive integer parameter, or a one-line error naming it."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise LookalikeError(f"rerank icfrr: {name} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 # ---------------------------------------------------------------- gallery-gallery rank lists

@@ -27,7 +27,7 @@ import scipy.sparse as sp
 import torch
 
 from lookalike.errors import LookalikeError
-from lookalike.rerank.base import RerankContext, Reranker, register
+from lookalike.rerank.base import RerankContext, Reranker, positive_int, register
 from lookalike.search.exact import exact_knn
 from lookalike.search.results import PAD, RetrievalResults
 
@@ -175,13 +175,6 @@ def final_distances(
 
 
 # ---- helpers shared by re-rankers that re-sort or re-score the head of each list ----
-
-
-def positive_int(value: int, name: str, by: str) -> int:
-    """`value` as an int >= 1, or a one-line error naming the parameter."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise LookalikeError(f"rerank {by}: {name} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 def context_vectors(results: RetrievalResults, context: RerankContext, by: str) -> tuple[np.ndarray, np.ndarray]:

@@ -32,7 +32,7 @@ from lookalike.data.table import DatasetTable
 from lookalike.errors import LookalikeError
 from lookalike.models.pairwise import PairwiseModel, load_pairwise
 from lookalike.rerank.base import RerankContext, Reranker, register
-from lookalike.rerank.kreciprocal import positive_int
+from lookalike.rerank.base import positive_int
 from lookalike.search.results import PAD, RetrievalResults
 
 MERGE_GAP = np.float32(1000 * np.finfo(np.float32).eps)  # relative gap kept below the first untouched distance

@@ -17,7 +17,8 @@ import numpy as np
 
 from lookalike.errors import LookalikeError
 from lookalike.rerank.base import RerankContext, Reranker, register
-from lookalike.rerank.kreciprocal import context_vectors, drop_excluded, pair_sqdist, positive_int, rerank_head
+from lookalike.rerank.base import positive_int
+from lookalike.rerank.kreciprocal import context_vectors, drop_excluded, pair_sqdist, rerank_head
 from lookalike.search.exact import exact_knn
 from lookalike.search.results import PAD, RetrievalResults
 

@@ -7,7 +7,6 @@ import math
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 from torch import nn
 
