@@ -30,8 +30,8 @@ def sort_by_value(values: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray
     equal values by position, and the sortable_bits codes in that order: one numpy sort of int64 (code above,
     position below)."""
     keys = (torch.from_numpy(sortable_bits(values)) << 32) | torch.from_numpy(np.ascontiguousarray(positions))
-    keys = np.sort(keys.numpy(), axis=1)
-    return keys & 0xFFFFFFFF, keys >> 32
+    keys = torch.from_numpy(np.sort(keys.numpy(), axis=1))
+    return (keys & 0xFFFFFFFF).numpy(), (keys >> 32).numpy()  # torch's elementwise ops: every core
 
 
 def pack_rows(rows: torch.Tensor, n_rows: int, *fields: tuple[torch.Tensor, float]) -> list[torch.Tensor]:

@@ -92,11 +92,16 @@ def max_hidden(exclude: tuple[np.ndarray, np.ndarray]) -> int:
 def drop_hidden(index: np.ndarray, dist: np.ndarray, exclude: tuple[np.ndarray, np.ndarray] | None, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Rows of a search run without `exclude` for k + max_hidden items: the hidden ones removed, the rest moved up
     in order, cut or padded (PAD, inf) to k columns."""
-    index = index.copy()
+    empty = index < 0
     if exclude is not None:
         qg, gg = (np.asarray(a, dtype=np.int64) for a in exclude)
-        index[(index >= 0) & (gg[np.maximum(index, 0)] == qg[:, None])] = PAD
-    empty = index < 0
+        empty |= gg[np.maximum(index, 0)] == qg[:, None]
+    if index.shape[1] > k and (np.count_nonzero(empty, axis=1) <= 1).all():  # one slot at most to skip per row (the
+        columns = np.arange(k)  # common self-exclusion): each row's first k columns, past its empty one if any
+        skip = np.where(empty.any(1), empty.argmax(1), k)[:, None]
+        keep = columns + (columns >= skip)
+        return np.take_along_axis(index, keep, 1), np.take_along_axis(dist, keep, 1)
+    index = np.where(empty, PAD, index)
     order = np.argsort(empty, axis=1, kind="stable")
     index, dist = np.take_along_axis(index, order, 1), np.take_along_axis(dist, order, 1)
     empty = index < 0
