@@ -195,7 +195,8 @@ class _Chunk:
 
     items: torch.Tensor  # gallery positions, PAD stored as the sink G
     base: torch.Tensor  # float64: the original distances, sorted: they stay with the positions
-    distances: torch.Tensor  # float32: the current distances (-score)
+    key: torch.Tensor  # float64: the last step's -score per position before its sort (the base before any step)
+    order: torch.Tensor | None  # that sort; the current distances are key[order], made only when results are read
     votes: torch.Tensor  # float64: the sum of w(rank) the item gets from the voters counted so far
     counted: torch.Tensor  # bool: the item's own list is among the counted voters
 
@@ -232,11 +233,9 @@ class _Run:
             return
         for ch in self.chunks:
             self._recount(ch)
-            key = ch.base - self.beta * (ch.votes / self.n_voters)
-            order, ranked = stable_argsort(key.numpy())
-            order = torch.from_numpy(order)
-            ch.items, ch.votes, ch.counted = (a.gather(1, order) for a in (ch.items, ch.votes, ch.counted))
-            ch.distances = torch.from_numpy(ranked).float()
+            ch.key = ch.base - self.beta * (ch.votes / self.n_voters)
+            ch.order = torch.from_numpy(stable_order(ch.key.numpy()))
+            ch.items, ch.votes, ch.counted = (a.gather(1, ch.order) for a in (ch.items, ch.votes, ch.counted))
 
     def _recount(self, ch: _Chunk) -> None:
         """Make the chunk's vote sums those of its current top-KQ: lists of entering voters +w, leaving ones -w."""
@@ -277,14 +276,25 @@ class _Run:
         if self.chunks:
             items = torch.cat([ch.items for ch in self.chunks]).numpy()
             indices[:, : self.m] = np.where(items == self.n_gallery, PAD, items)
-            distances[:, : self.m] = torch.cat([ch.distances for ch in self.chunks]).numpy()
+            distances[:, : self.m] = torch.cat([_distances(ch) for ch in self.chunks]).numpy()
         meta = dict(self.source.meta)
         meta["rerank"] = [*meta.get("rerank", []), {**self.meta, "iteration": iteration}]
         return RetrievalResults(indices, distances, self.source.query_ids, self.source.gallery_ids, meta)
 
 
+def _distances(ch: _Chunk) -> torch.Tensor:
+    """A chunk's current distances (float32), along the current order of its lists."""
+    return (ch.key if ch.order is None else ch.key.gather(1, ch.order)).float()
+
+
 def stable_argsort(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Row-wise argsort in which equal keys keep their order, and the sorted keys.
+    """Row-wise argsort in which equal keys keep their order, and the sorted keys."""
+    order = stable_order(key)
+    return order, torch.from_numpy(key).gather(1, torch.from_numpy(order)).numpy()
+
+
+def stable_order(key: np.ndarray) -> np.ndarray:
+    """Row-wise argsort in which equal keys keep their order.
 
     One sort of int64 values, the key rounded to float32 above (rounding never inverts an order) and the
     position below, so equal keys come out by position; then, if float64 keys are out of order within a run
@@ -302,8 +312,7 @@ def stable_argsort(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         run = np.cumsum(~((mj > 0) & tied[mr, np.maximum(mj - 1, 0)]))
         positions = order[mr, mj]
         order[mr, mj] = positions[np.lexsort((positions, key[mr, positions], run))]
-    ranked = torch.from_numpy(key).gather(1, torch.from_numpy(order)).numpy()
-    return order, ranked
+    return order
 
 
 def _nonzero(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -321,7 +330,8 @@ def _start_chunk(results: RetrievalResults, rows: slice, m: int) -> _Chunk:
     base = np.array(dist, np.float32)
     items = torch.from_numpy(np.ascontiguousarray(idx))
     votes, counted = torch.zeros(items.shape, dtype=torch.float64), torch.zeros(items.shape, dtype=torch.bool)
-    return _Chunk(items, torch.from_numpy(base.astype(np.float64)), torch.from_numpy(base), votes, counted)
+    base = torch.from_numpy(base.astype(np.float64))
+    return _Chunk(items, base, base, None, votes, counted)
 
 
 def _with_sink(neighbours: np.ndarray, n_gallery: int) -> np.ndarray:
