@@ -58,12 +58,6 @@ class ExtractorModule(L.LightningModule):
             return before, after
         return (nn.functional.normalize(before, dim=1) if self.extractor.normalize else before), after
 
-    def on_train_epoch_start(self) -> None:
-        """New P x K batches every epoch: Lightning calls set_epoch on samplers but not on a batch sampler."""
-        batch_sampler = getattr(self.trainer.train_dataloader, "batch_sampler", None)
-        if hasattr(batch_sampler, "set_epoch"):
-            batch_sampler.set_epoch(self.current_epoch)
-
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels, valid = batch
         metric, logits_in = self.metric_features(self._layout(images))

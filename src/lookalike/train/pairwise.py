@@ -82,12 +82,6 @@ class PairwiseModule(L.LightningModule):
         self.last_report: MetricsReport | None = None
         self._scores: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def on_train_epoch_start(self) -> None:
-        """New P x K batches every epoch (Lightning calls set_epoch on samplers, not on batch samplers)."""
-        sampler = getattr(self.trainer.train_dataloader, "batch_sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(self.current_epoch)
-
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels, valid, rows = batch
         first, second, negative = mine_pairs(self.train_embeddings[rows], labels, valid.bool(), rows, self.cfg.pairwise.mining)

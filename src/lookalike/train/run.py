@@ -61,6 +61,15 @@ def build_parts(cfg: Config) -> tuple[ExtractorModule, RetrievalDataModule]:
     return ExtractorModule(extractor, cfg, data.n_classes, data.val_table), data
 
 
+class NewBatchesEachEpoch(Callback):
+    """New P x K batches every epoch: Lightning calls set_epoch on samplers, not on a batch sampler."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        batch_sampler = getattr(trainer.train_dataloader, "batch_sampler", None)
+        if hasattr(batch_sampler, "set_epoch"):
+            batch_sampler.set_epoch(trainer.current_epoch)
+
+
 def build_trainer(cfg: Config, callbacks: list[Callback] = (), validate_only: bool = False) -> L.Trainer:
     """A Trainer with checkpoints (best by train.monitor, and last), TensorBoard + CSV logs and a progress bar."""
     t, tr = cfg.train, cfg.trainer
@@ -70,7 +79,7 @@ def build_trainer(cfg: Config, callbacks: list[Callback] = (), validate_only: bo
     )
     # Lightning 2.6 writes save_last only at steps where a best checkpoint was written: keep "last" with a checkpoint of its own
     last = ModelCheckpoint(dirpath=out / "checkpoints", filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
-    cbs = [*callbacks, best, last] if not validate_only else list(callbacks)
+    cbs = [NewBatchesEachEpoch(), *callbacks, best, last] if not validate_only else list(callbacks)
     if tr.progress:
         cbs.append(TQDMProgressBar())
     return L.Trainer(
