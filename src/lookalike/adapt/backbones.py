@@ -66,7 +66,7 @@ def create_layer_features(
     if not hasattr(model, "forward_intermediates") or not getattr(model, "feature_info", None):
         raise LookalikeError(f"{field}.name: timm model {name!r} cannot return intermediate layers (no forward_intermediates)")
     if weights:
-        load_weights(model, weights)
+        load_weights(model, weights, field=f"{field}.weights")
     return LayerFeatures(model, resolve_layers(list(layers), len(model.feature_info), f"{field}.layers"), name)
 
 

@@ -71,19 +71,22 @@ def read_checkpoint(path: str | os.PathLike, field: str = "model.weights") -> ob
         raise LookalikeError(f"{field}: {path} is not a PyTorch checkpoint ({exc.__class__.__name__})") from None
 
 
-def load_weights(module: nn.Module, path: str | os.PathLike, adapt: Callable[[dict], dict] | None = None) -> nn.Module:
+def load_weights(
+    module: nn.Module, path: str | os.PathLike, adapt: Callable[[dict], dict] | None = None, field: str = "model.weights",
+    checkpoint: object | None = None,
+) -> nn.Module:
     """Load a state dict or a Lightning checkpoint into `module`, finding the key prefix by itself; `adapt` may reshape the
-    stripped state first (e.g. resample position embeddings)."""
-    state = read_checkpoint(path)
+    stripped state first (e.g. resample position embeddings). Errors name `field`; `checkpoint` is the file already read."""
+    state = read_checkpoint(path, field) if checkpoint is None else checkpoint
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     if not isinstance(state, dict):
-        raise LookalikeError(f"model.weights: {path} holds no state dict")
+        raise LookalikeError(f"{field}: {path} holds no state dict")
     prefix = _common_prefix(state, module.state_dict())
     stripped = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     stripped = adapt(stripped) if adapt is not None else stripped
     missing, _ = module.load_state_dict(stripped, strict=False)
     if missing:
-        raise LookalikeError(f"model.weights: {path} lacks {len(missing)} weights of this model, e.g. {missing[0]!r} (wrong model.name?)")
+        raise LookalikeError(f"{field}: {path} lacks {len(missing)} weights of this model, e.g. {missing[0]!r} (wrong model name?)")
     return module
 
 

@@ -136,7 +136,7 @@ def load_pairwise(path: str | os.PathLike, tta: bool | None = None) -> PairwiseM
     spec = PairwiseSpec(**checkpoint[SPEC_KEY])
     if tta is not None:
         spec.tta = bool(tta)
-    return load_weights(PairwiseModel(spec), path).eval()
+    return load_weights(PairwiseModel(spec), path, field="pairwise weights", checkpoint=checkpoint).eval()
 
 
 def save_pairwise(model: PairwiseModel, path: str | os.PathLike) -> Path:
