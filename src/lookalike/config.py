@@ -73,6 +73,10 @@ class EvaluateConfig(Section):
     centroids: Literal["none", "label", "label_sequence"] = "none"  # rank per-label gallery centroids (CTL) instead of images
     grid_top_k: int = 6
 
+    def metric_kwargs(self) -> dict[str, tuple[int, ...]]:
+        """The cut-offs, as compute_metrics and the re-ranking chain take them."""
+        return {"cmc_k": tuple(self.cmc_k), "precision_k": tuple(self.precision_k), "map_k": tuple(self.map_k)}
+
 
 class LossConfig(Section):
     triplet: float = 1.0  # weight of the triplet loss (0 turns it off)

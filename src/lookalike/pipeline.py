@@ -43,12 +43,16 @@ def extractor_from_config(cfg: Config) -> Extractor:
 def run_extract(cfg: Config, table: DatasetTable, progress: Progress | None = None) -> Embeddings:
     """Embed the rows of extract.split (or all rows) and save them to extract.output."""
     rows = table.split(cfg.extract.split) if cfg.extract.split else table
-    extractor = extractor_from_config(cfg)
-    dc = extractor.data_config()
-    transform = eval_transform(cfg.data.image_size, cfg.data.crop_fraction, dc["mean"], dc["std"])
-    emb = extract_embeddings(extractor, rows, transform, cfg.data.batch_size, cfg.data.num_workers, cfg.extract.device, progress)
+    emb = embed_table(cfg, extractor_from_config(cfg), rows, progress)
     emb.save(cfg.extract.output)
     return emb
+
+
+def embed_table(cfg: Config, extractor: Extractor, table: DatasetTable, progress: Progress | None = None) -> Embeddings:
+    """Every row of `table` embedded by the extractor with its evaluation transform, on extract.device."""
+    d, dc = cfg.data, extractor.data_config()
+    transform = eval_transform(d.image_size, d.crop_fraction, dc["mean"], dc["std"])
+    return extract_embeddings(extractor, table, transform, d.batch_size, d.num_workers, cfg.extract.device, progress)
 
 
 def run_search(cfg: Config, table: DatasetTable, embeddings: Embeddings | None = None) -> RetrievalResults:
@@ -63,7 +67,7 @@ def run_search(cfg: Config, table: DatasetTable, embeddings: Embeddings | None =
 def search_and_score(cfg: Config, embeddings: Embeddings, table: DatasetTable) -> tuple[MetricsReport, RetrievalResults]:
     """Search the validation queries against the gallery images, or their per-label centroids (evaluate.centroids), and score."""
     s, e = cfg.search, cfg.evaluate
-    ks = {"cmc_k": tuple(e.cmc_k), "precision_k": tuple(e.precision_k), "map_k": tuple(e.map_k)}
+    ks = e.metric_kwargs()
     if e.centroids != "none":
         from lookalike.search.centroids import evaluate_centroids
 
@@ -120,7 +124,7 @@ def run_rerank(cfg: Config, table: DatasetTable, grids: bool = False) -> list[St
     s, e = cfg.search, cfg.evaluate
     results = RetrievalResults.load(e.results or s.output)
     context = rerank_context(cfg, table, results, Embeddings.load(s.embeddings or cfg.extract.output))
-    ks = {"cmc_k": tuple(e.cmc_k), "precision_k": tuple(e.precision_k), "map_k": tuple(e.map_k)}
+    ks = e.metric_kwargs()
     stages = run_chain(results, context, build_chain(cfg.rerank), **ks)
     stages[-1].results.save(s.reranked_output)
     write_stage_metrics(stages, Path(e.output).with_name("metrics_rerank.json"))
@@ -155,13 +159,10 @@ def rerank_validation(cfg: Config, progress: Progress | None = None) -> list[Sta
     if not cfg.rerank:
         raise ConfigError("rerank: expected a chain of re-rankers to validate, e.g. rerank=[{pairwise: {weights: PATH}}]")
     table = table_from_config(cfg).split("validation")
-    extractor = extractor_from_config(cfg)
-    dc, d, e = extractor.data_config(), cfg.data, cfg.evaluate
-    transform = eval_transform(d.image_size, d.crop_fraction, dc["mean"], dc["std"])
-    embeddings = extract_embeddings(extractor, table, transform, d.batch_size, d.num_workers, cfg.extract.device, progress)
+    embeddings, e = embed_table(cfg, extractor_from_config(cfg), table, progress), cfg.evaluate
     s = cfg.search  # the images' top-k (centroids, when wanted, are a stage of the chain: rerank=[centroids, ...])
     results = search_table(embeddings, table, s.k, metric=s.metric, index=s.index, device=s.device)
-    ks = {"cmc_k": tuple(e.cmc_k), "precision_k": tuple(e.precision_k), "map_k": tuple(e.map_k)}
+    ks = e.metric_kwargs()
     stages = run_chain(results, rerank_context(cfg, table, results, embeddings), build_chain(cfg.rerank), **ks)
     folder = Path(cfg.train.output) / "validation"
     write_stage_metrics(stages, folder / "metrics_rerank.json")

@@ -25,8 +25,9 @@ from lookalike.data.table import BBOX_COLUMNS, DatasetTable, save_csv
 from lookalike.atomic import atomic_folder
 from lookalike.embeddings import Embeddings
 from lookalike.errors import ConfigError, LookalikeError
-from lookalike.extract import Progress, extract_embeddings
+from lookalike.extract import Progress
 from lookalike.models.extractor import Extractor
+from lookalike.pipeline import embed_table
 from lookalike.rerank import RerankContext, Reranker, build_chain, check_ascending
 from lookalike.rerank.chain import step_parts
 from lookalike.search import FaissIndex, RetrievalResults, exact_knn
@@ -117,9 +118,8 @@ def build_index(cfg: Config, table: DatasetTable, extractor: Extractor, progress
     servable_rerankers(cfg.rerank)  # fail before the long extraction
     rows = gallery_rows(table, cfg.serve.gallery)
     gallery = DatasetTable(rows, table.root)
+    emb = embed_table(cfg, extractor, gallery, progress)
     dc = extractor.data_config()
-    transform = eval_transform(cfg.data.image_size, cfg.data.crop_fraction, dc["mean"], dc["std"])
-    emb = extract_embeddings(extractor, gallery, transform, cfg.data.batch_size, cfg.data.num_workers, cfg.extract.device, progress)
     settings = {
         "format": FORMAT,
         "model": {"name": cfg.model.name, "embedding_dim": cfg.model.embedding_dim, "normalize": cfg.model.normalize, "bnneck": cfg.model.bnneck},
@@ -196,11 +196,11 @@ class GalleryIndex:
         queries = Embeddings(vector[None].astype(np.float32), [query_id])
         exclude = (np.array([gallery_position]), np.arange(len(self))) if own else None
         table = self._table_with(image_path) if not own and self.reads_images(rerankers) else self.table
+        context = RerankContext(queries=queries, gallery=self.gallery, metric=self.metric, exclude=exclude, table=table, cache=self.cache)
         with self.lock:
             original = self._search(queries, m, exclude)
             columns = [_column("original", original, original, k)]
             for name in rerankers:
-                context = RerankContext(queries=queries, gallery=self.gallery, metric=self.metric, exclude=exclude, table=table, cache=self.cache)
                 reranked = self.rerankers[name].rerank(original, context)
                 check_ascending(reranked)
                 columns.append(_column(name, reranked, original, k))

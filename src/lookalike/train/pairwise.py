@@ -20,12 +20,11 @@ from lightning.pytorch.callbacks import BaseFinetuning
 
 from lookalike.atomic import write_text_atomic
 from lookalike.config import Config
-from lookalike.data.images import eval_transform
 from lookalike.data.sampler import PKSampler, decode_index
 from lookalike.data.table import DatasetTable
 from lookalike.embeddings import Embeddings
 from lookalike.errors import ConfigError, LookalikeError
-from lookalike.extract import Progress, extract_embeddings
+from lookalike.extract import Progress
 from lookalike.losses.pairwise import mine_pairs, pair_bce
 from lookalike.metrics import MetricsReport, evaluate_table
 from lookalike.models.pairwise import SPEC_KEY, PairwiseModel, PairwiseSpec, init_from_extractor
@@ -179,7 +178,7 @@ class PairwiseDataModule(L.LightningDataModule):
 
 def build_pairwise_parts(cfg: Config, progress: Progress | None = None) -> tuple[PairwiseModule, PairwiseDataModule]:
     """Embed the train split with the frozen extractor, search the validation split, and build the module and data."""
-    from lookalike.pipeline import extractor_from_config, table_from_config
+    from lookalike.pipeline import embed_table, extractor_from_config, table_from_config
 
     if not cfg.model.weights:
         raise ConfigError("model.weights: expected the trained extractor's checkpoint, e.g. extractor_weights=runs/omniglot/checkpoints/last.ckpt")
@@ -187,15 +186,13 @@ def build_pairwise_parts(cfg: Config, progress: Progress | None = None) -> tuple
         raise ConfigError("evaluate.centroids: the pairwise re-ranker compares images, so validation needs evaluate.centroids=none")
     _check_monitor(cfg)
     table, extractor, d = table_from_config(cfg), extractor_from_config(cfg), cfg.data
-    dc = extractor.data_config()
-    embed = eval_transform(d.image_size, d.crop_fraction, dc["mean"], dc["std"])
     train_table, val_table = table.split("train"), table.split("validation")
     for name, rows in (("train", train_table), ("validation", val_table)):
         if len(rows) == 0:
             raise LookalikeError(f"{table.source}, column 'split': no {name} rows (the pairwise trainer needs both splits)")
-    cached = extract_embeddings(extractor, train_table, embed, d.batch_size, d.num_workers, cfg.extract.device, progress)
+    cached = embed_table(cfg, extractor, train_table, progress)
     model = new_pairwise_model(cfg)
-    embeddings = extract_embeddings(extractor, val_table, embed, d.batch_size, d.num_workers, cfg.extract.device, progress)
+    embeddings = embed_table(cfg, extractor, val_table, progress)
     validation = pair_validation(cfg, model, embeddings, val_table)
     t, mc = cfg.train, model.data_config()
     train_set = PairTrainImages(train_table, train_transform(t.augment, model.spec.image_size, d.crop_fraction, mc["mean"], mc["std"]))
@@ -218,8 +215,7 @@ def pair_validation(cfg: Config, model: PairwiseModel, embeddings: Embeddings, v
     e = cfg.evaluate
     report, results = search_and_score(cfg, embeddings, val_table)
     reranker = PairwiseReranker(model, top_n=cfg.pairwise.top_n, batch_size=cfg.pairwise.batch_size, num_workers=cfg.data.num_workers)
-    kwargs = {"cmc_k": tuple(e.cmc_k), "precision_k": tuple(e.precision_k), "map_k": tuple(e.map_k)}
-    return PairValidation(val_table, results, report, reranker.pair_batches(results, val_table), kwargs)
+    return PairValidation(val_table, results, report, reranker.pair_batches(results, val_table), e.metric_kwargs())
 
 
 def run_train_reranker(cfg: Config, resume: str | None = None, progress: Progress | None = None) -> TrainResult:
