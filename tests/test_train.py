@@ -112,17 +112,23 @@ def test_bnneck_splits_metric_and_retrieval_features():
 
 def test_channels_last_layout_gives_the_same_embeddings(table_csv, tmp_path):
     from lookalike.train.module import ExtractorModule
+    from lookalike.train.run import build_trainer
 
     torch.manual_seed(0)
     images = torch.randn(4, 3, 32, 32)
     modules = {}
     for flag in ("true", "false"):
         torch.manual_seed(0)
-        module = ExtractorModule(Extractor("test_resnet", pretrained=False), config(table_csv, tmp_path, f"trainer.channels_last={flag}"), 8)
-        module.setup("fit")
+        cfg = config(table_csv, tmp_path, f"trainer.channels_last={flag}")
+        module = ExtractorModule(Extractor("test_resnet", pretrained=False), cfg, 8)
+        trainer = build_trainer(cfg, validate_only=True)
+        for callback in trainer.callbacks:  # what the Trainer does at setup
+            callback.setup(trainer, module, "fit")
         modules[flag] = module.eval()
     conv = next(m.weight for m in modules["true"].extractor.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    plain = next(m.weight for m in modules["false"].extractor.modules() if isinstance(m, torch.nn.Conv2d))
+    assert plain.is_contiguous()
     with torch.no_grad():
         torch.testing.assert_close(modules["true"](images), modules["false"](images), atol=1e-5, rtol=1e-4)
 

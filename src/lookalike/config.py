@@ -122,7 +122,7 @@ class TrainerConfig(Section):
     strategy: str = "auto"  # ddp for several processes
     num_nodes: int = 1
     precision: str = "32-true"  # 16-mixed, bf16-mixed, ...
-    channels_last: bool = True  # NHWC model and image batches: faster convolutions (oneDNN on CPU, tensor cores on GPU)
+    channels_last: bool = True  # NHWC model while training (both trainers): faster convolutions (oneDNN on CPU, tensor cores on GPU)
     limit_train_batches: int | float | None = None
     log_every_n_steps: int = 10
     progress: bool = True

@@ -37,18 +37,7 @@ class ExtractorModule(L.LightningModule):
         self._val_parts: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.extractor(self._layout(images))
-
-    def setup(self, stage: str) -> None:
-        """The model in channels-last layout when configured (8-10% more images/s for a ResNet-18 on CPU)."""
-        if self.cfg.trainer.channels_last:
-            self.extractor.to(memory_format=torch.channels_last)
-
-    def _layout(self, images: torch.Tensor) -> torch.Tensor:
-        """Image batches in the model's memory layout."""
-        if self.cfg.trainer.channels_last and images.ndim == 4:
-            return images.contiguous(memory_format=torch.channels_last)
-        return images
+        return self.extractor(images)
 
     def metric_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(features for the metric losses, features for the classifier): with a BNNeck the metric losses see the
@@ -60,7 +49,7 @@ class ExtractorModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels, valid = batch
-        metric, logits_in = self.metric_features(self._layout(images))
+        metric, logits_in = self.metric_features(images)
         parts = self._losses(metric, logits_in, labels, valid.bool())
         total = sum(weight * out.loss for weight, out in parts.values())
         self.log("train/loss", total, prog_bar=True, batch_size=len(images))
