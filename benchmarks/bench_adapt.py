@@ -2,7 +2,7 @@
 
 Run from the repository root with the project's python, after unpacking the Omniglot subset once:
 
-    unzip -q ../shared/data/omniglot_background_small1.zip -d data/omniglot
+    unzip -q src/lookalike/data/bundled/omniglot_background_small1.zip -d data/omniglot
     .venv/bin/python benchmarks/bench_adapt.py                 # both backbones below, 5 runs each (a few minutes)
     .venv/bin/python benchmarks/bench_adapt.py --pairs-only    # just write data/omniglot/pairs.csv
 
@@ -73,7 +73,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
     if not IMAGES.is_dir():
-        sys.exit(f"{IMAGES} not found: unzip -q ../shared/data/omniglot_background_small1.zip -d data/omniglot")
+        sys.exit(f"{IMAGES} not found: unzip -q src/lookalike/data/bundled/omniglot_background_small1.zip -d data/omniglot")
     drawer_pairs(IMAGES).save(PAIRS)
     print(f"wrote {PAIRS}")
     if args.pairs_only:

@@ -26,9 +26,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from lookalike.data.bundled import OMNIGLOT_ZIP
+
 from bench_metrics import ROOT, log
 
-DATA_ZIP = ROOT.parent / "shared" / "data" / "omniglot_background_small1.zip"
+DATA_ZIP = OMNIGLOT_ZIP
 CACHE = ROOT / ".bench-cache" / "bench_serve"
 LOOKALIKE = str(Path(sys.executable).parent / "lookalike")
 

@@ -37,9 +37,11 @@ from pathlib import Path
 
 import numpy as np
 
+from lookalike.data.bundled import OMNIGLOT_ZIP
+
 from bench_metrics import ROOT, VENV, ensure_oml_venv, log, run_step
 
-DATA_ZIP = ROOT.parent / "shared" / "data" / "omniglot_background_small1.zip"
+DATA_ZIP = OMNIGLOT_ZIP
 CACHE = ROOT / ".bench-cache" / "bench_train"
 WORKER = Path(__file__).resolve().with_name("_oml_train_worker.py")
 MARGIN = 0.2

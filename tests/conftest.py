@@ -1,4 +1,4 @@
-"""Shared fixtures: a small real dataset (Omniglot subset from ../shared/data) unpacked once per session."""
+"""Shared fixtures: a small real dataset (the Omniglot subset bundled with the package) unpacked once per session."""
 
 from __future__ import annotations
 
@@ -7,15 +7,12 @@ from pathlib import Path
 
 import pytest
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-OMNIGLOT_ZIP = SHARED / "omniglot_background_small1.zip"
+from lookalike.data.bundled import OMNIGLOT_ZIP
 
 
 @pytest.fixture(scope="session")
 def omniglot_small(tmp_path_factory) -> Path:
     """Eight characters of one alphabet (8 x 20 drawings), as alphabet/characterNN/*.png."""
-    if not OMNIGLOT_ZIP.is_file():
-        pytest.skip(f"{OMNIGLOT_ZIP} not found")
     root = tmp_path_factory.mktemp("omniglot")
     with zipfile.ZipFile(OMNIGLOT_ZIP) as zf:
         names = [n for n in zf.namelist() if n.endswith(".png") and "/Balinese/character0" in n and int(n.split("character")[1][:2]) <= 8]

@@ -80,10 +80,9 @@ def test_demo_on_digits_writes_metrics_and_pictures(tmp_path):
         assert f"picture: {out / picture}" in done.stdout
 
 
-ICFRR_EXAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "icfrr_example" / "-1"
+ICFRR_EXAMPLE = Path(__file__).resolve().parent / "data" / "icfrr_example" / "-1"
 
 
-@pytest.mark.skipif(not ICFRR_EXAMPLE.is_dir(), reason=f"{ICFRR_EXAMPLE} not found")
 def test_icfrr_command_prints_every_iteration_and_writes_the_plot(tmp_path):
     done = run("icfrr", ICFRR_EXAMPLE, "--kg", "10", "--kq", "15", "--n-times", "20", "--output", tmp_path)
     assert done.returncode == 0, done.stderr
