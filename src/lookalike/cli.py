@@ -128,7 +128,7 @@ def convert(
     root: Path = typer.Argument(..., help="The dataset's folder, unpacked as published."),
     output: Path = typer.Argument(..., help="CSV to write: a dataset table (tll: a pairs table)."),
     check_images: bool = typer.Option(False, "--check-images", help="Also decode every image (slower); without it images are only checked to exist."),
-    class_split: Optional[Path] = typer.Option(None, help="sketchy, tu-berlin: file of the zero-shot test classes, one per line (the others train)."),
+    class_split: Optional[Path] = typer.Option(None, help="sketchy, tu-berlin: file of the zero-shot test classes, one per line (the others train); in ICFRR's layout (png_ready/, file lists) the split to read: zs1 or zs2 (Sketchy; TU-Berlin's one split is read without it)."),
     validation_fraction: Optional[float] = typer.Option(None, help="folder, tll: share of the classes (pairs) that go to validation."),
     seed: Optional[int] = typer.Option(None, help="folder, tll: seed of the split."),
     queries_per_class: Optional[int] = typer.Option(None, help="folder: queries per validation class; default: every image."),
