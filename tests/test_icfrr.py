@@ -20,12 +20,14 @@ from lookalike.rerank import ICFRR, RerankContext, check_ascending, create_reran
 from lookalike.rerank.chain import build_chain, run_chain
 from lookalike.rerank.icfrr import (
     GALLERY_KNN_KEY,
+    RankStrips,
     dense_gallery_distances,
     dense_query_distances,
     icfrr_cache_inputs,
     icfrr_weights,
     load_icfrr_cache,
     plot_icfrr_curve,
+    reference_image_ids,
     results_from_distances,
     run_icfrr_cache,
     save_icfrr_cache,
@@ -467,3 +469,29 @@ def test_icfrr_command_errors_are_one_line(tmp_path: Path) -> None:
     (images / "gallery" / "00.png").unlink()
     done = CliRunner().invoke(app, ["icfrr", str(EXAMPLE / "-1"), "--query-idxs-to-vis", "0", "--image-root", str(images)])
     assert done.exit_code == 2 and f"{images / 'gallery'}: 49 images for the cache's 50 gallery items" in done.stderr
+
+
+def test_rank_strips_of_a_sketch_dataset_follow_its_zero_shot_lists(tmp_path: Path) -> None:
+    """--dataset tuberlin: rows are the zero list's sketches and columns its photos; per_class keeps the first of each
+    class number, class by class (the reference's per_class); strips are drawn after every iteration."""
+    root = tmp_path / "TUBerlin"
+    lists = {"png_ready": [("png_ready/cow/1.png", 1), ("png_ready/bee/2.png", 0), ("png_ready/cow/3.png", 1)],
+             "ImageResized_ready": [("ImageResized_ready/cow/a.jpg", 1), ("ImageResized_ready/bee/b.jpg", 0), ("ImageResized_ready/bee/c.jpg", 0)]}
+    for prefix, rows in lists.items():
+        (root / "zeroshot").mkdir(parents=True, exist_ok=True)
+        (root / "zeroshot" / f"{prefix}_filelist_zero.txt").write_text("".join(f"{p} {n}\n" for p, n in rows))
+        for i, (path, _) in enumerate(rows):
+            (root / path).parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (10, 10), (40 * i, 90, 9)).save(root / path)
+    assert reference_image_ids(root, 3, 3, "tuberlin") == ([p for p, _ in lists["png_ready"]], [p for p, _ in lists["ImageResized_ready"]])
+    queries, gallery = reference_image_ids(root, 2, 2, "tuberlin", per_class=1)
+    assert queries == ["png_ready/bee/2.png", "png_ready/cow/1.png"] and gallery == ["ImageResized_ready/bee/b.jpg", "ImageResized_ready/cow/a.jpg"]
+    with pytest.raises(LookalikeError, match=r"png_ready_filelist_zero\.txt: 3 images for the cache's 4 query items"):
+        reference_image_ids(root, 4, 3, "tuberlin")
+    with pytest.raises(LookalikeError, match=r"zeroshot1/sketch_tx_000000000000_ready_filelist_zero\.txt: missing"):
+        reference_image_ids(root, 3, 3, "sketchy_zs1")
+    save_icfrr_cache(tmp_path / "cache", np.array([[0.1, 0.2, 0.3], [0.3, 0.1, 0.2], [0.2, 0.3, 0.1]]), np.ones((3, 3)) - np.eye(3))
+    ids = reference_image_ids(root, 3, 3, "tuberlin")
+    strips = RankStrips(root, *ids, queries=[0, 2], top_k=2)
+    run_icfrr_cache(tmp_path / "cache", kg=2, kq=2, n_times=2, output=tmp_path / "out", strips=strips)
+    assert sorted(p.name for p in (tmp_path / "out" / "vis").iterdir()) == [f"reranking_iter_{i}.png" for i in range(3)]

@@ -224,7 +224,7 @@ def icfrr(
     query_idxs_to_vis: Optional[list[str]] = typer.Option(None, "--query-idxs-to-vis", "--query_idxs_to_vis",
                                                           help="Queries (cache rows) to draw after every iteration: repeat the option or separate by commas."),
     num_gallery_ims_to_vis: int = typer.Option(20, "--num-gallery-ims-to-vis", "--num_gallery_ims_to_vis", help="Gallery images per drawn query."),
-    image_root: Optional[Path] = typer.Option(None, "--image-root", help="With --query-idxs-to-vis: the folder holding query/ and gallery/ (the reference's custom layout; labels.json gives the order)."),
+    image_root: Optional[Path] = typer.Option(None, "--image-root", help="With --query-idxs-to-vis: the folder holding query/ and gallery/ (custom; labels.json gives the order), or with --dataset sketchy_zs1|sketchy_zs2|tuberlin the dataset folder with its zero-shot file lists."),
 ) -> None:
     """ICFRR on a reference cache, exactly as the reference computes it: the ranking after every iteration, metrics and their plot when there are labels, rank strips of chosen queries."""
     import json
@@ -238,7 +238,7 @@ def icfrr(
     if cache is None:
         cache = cache_folder(cache_root or Path("cache"), dataset or "tuberlin", per_class)
         output = cache_folder(output, dataset or "tuberlin", per_class)
-    strips = _rank_strips(cache, query_idxs_to_vis, num_gallery_ims_to_vis, image_root, load_icfrr_cache)
+    strips = _rank_strips(cache, query_idxs_to_vis, num_gallery_ims_to_vis, image_root, load_icfrr_cache, dataset, per_class)
     records = run_icfrr_cache(cache, kg=kg, kq=kq, beta=beta, n_times=n_times, output=output, strips=strips)
     written = [output / RANKS_DIR, output / RANKINGS_NPZ] + ([output / VIS_DIR] if strips else [])
     if len(records[0]) == 1:
@@ -256,7 +256,8 @@ def icfrr(
     out.print("wrote " + ", ".join(map(str, [output / "metrics.json", plot, *written])))
 
 
-def _rank_strips(cache: Path, queries: Optional[list[str]], top_k: int, image_root: Optional[Path], load_cache):
+def _rank_strips(cache: Path, queries: Optional[list[str]], top_k: int, image_root: Optional[Path], load_cache,
+                 dataset: Optional[str] = None, per_class: int = -1):
     """The rank strips `lookalike icfrr` draws (None without --query-idxs-to-vis): chosen rows, images from image_root."""
     from lookalike.rerank.icfrr import RankStrips, reference_image_ids
 
@@ -270,7 +271,7 @@ def _rank_strips(cache: Path, queries: Optional[list[str]], top_k: int, image_ro
     if image_root is None:
         raise LookalikeError("--query-idxs-to-vis: needs --image-root, the folder holding the query/ and gallery/ images")
     qg = load_cache(cache)[0]
-    query_ids, gallery_ids = reference_image_ids(image_root, *qg.shape)
+    query_ids, gallery_ids = reference_image_ids(image_root, *qg.shape, dataset, per_class)
     return RankStrips(image_root, query_ids, gallery_ids, rows, top_k)
 
 

@@ -46,6 +46,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from lookalike.atomic import atomic_path
+from lookalike.data.convert.sketch import FILE_LISTS, read_file_list
 from lookalike.embeddings import Embeddings
 from lookalike.errors import LookalikeError
 from lookalike.metrics import compute_metrics, relevance
@@ -66,6 +67,7 @@ PAIR_BLOCK_ELEMENTS = 1 << 24  # pair_distances: gathered gallery vectors per bl
 CURVES = (("map@all", "mAP@all"), ("map@200", "mAP@200"), ("prec@100", "P@100"), ("prec@200", "P@200"))  # the reference's four
 RANKS_DIR, RANKS_FILE, RANKINGS_NPZ = "ranks", "reranking_iter_{}.pth", "rankings.npz"  # the reference's ranks/ layout, + one npz
 VIS_DIR, VIS_FILE = "vis", "reranking_iter_{}.png"
+ICFRR_DATASETS = {"sketchy_zs1": ("sketchy", "zeroshot1"), "sketchy_zs2": ("sketchy", "zeroshot2"), "tuberlin": ("tu-berlin", "zeroshot")}
 
 
 @register
@@ -686,13 +688,20 @@ class RankingsWriter:
         self._atomic.__exit__(*exc)
 
 
-def reference_image_ids(image_root: str | os.PathLike, n_queries: int, n_gallery: int) -> tuple[list[str], list[str]]:
-    """The image of every cache row and column in the reference's custom layout: image_root/query/, image_root/gallery/.
+def reference_image_ids(
+    image_root: str | os.PathLike, n_queries: int, n_gallery: int, dataset: str | None = None, per_class: int = -1
+) -> tuple[list[str], list[str]]:
+    """The image of every cache row and column, relative to image_root, numbered as the reference numbers them.
 
-    The reference numbers the files in the order its folder listing returns them, which differs between machines;
-    labels.json (written with the cache) keeps that order, so its keys are used when present, else sorted names.
+    custom (or no dataset): image_root/query/ and image_root/gallery/. The reference numbers their files in the order
+    its folder listing returns them, which differs between machines; labels.json (written with the cache) keeps that
+    order, so its keys are used when present, else sorted names. sketchy_zs1, sketchy_zs2, tuberlin: image_root is
+    the dataset folder (Sketchy/, TUBerlin/) and the rows are its zero-shot lists' sketches and photos, in list order,
+    with per_class > 0 the first per_class of each class number, class by class, as the reference takes them.
     """
     root = Path(image_root)
+    if dataset is not None and dataset != "custom":
+        return _listed_image_ids(root, dataset, per_class, (n_queries, n_gallery))
     order = _labels_json_order(root / "labels.json")
     ids = []
     for split, n in (("query", n_queries), ("gallery", n_gallery)):
@@ -703,6 +712,26 @@ def reference_image_ids(image_root: str | os.PathLike, n_queries: int, n_gallery
         if len(names) != n:
             raise LookalikeError(f"{folder}: {len(names)} images for the cache's {n} {split} items")
         ids.append([f"{split}/{name}" for name in names])
+    return ids[0], ids[1]
+
+
+def _listed_image_ids(root: Path, dataset: str, per_class: int, sizes: tuple[int, int]) -> tuple[list[str], list[str]]:
+    """Query (sketch) and gallery (photo) paths from a sketch dataset's zero-shot file lists, as the reference reads them."""
+    if dataset not in ICFRR_DATASETS:
+        raise LookalikeError(f"--dataset: expected one of custom, {', '.join(ICFRR_DATASETS)}, got {dataset!r}")
+    name, split_folder = ICFRR_DATASETS[dataset]
+    ids = []
+    for (domain, prefix), n in zip(FILE_LISTS[name].items(), sizes):
+        path = root / split_folder / f"{prefix}_filelist_zero.txt"
+        if not path.is_file():
+            raise LookalikeError(f"{path}: missing (the {domain} images of {dataset}'s zero-shot split; --image-root is the dataset folder)")
+        rows = read_file_list(path)
+        if per_class > 0:
+            numbers = rows["number"].to_numpy()
+            rows = rows.iloc[np.concatenate([np.flatnonzero(numbers == c)[:per_class] for c in np.unique(numbers)])]
+        if len(rows) != n:
+            raise LookalikeError(f"{path}: {len(rows)} images for the cache's {n} {'query' if domain == 'sketch' else 'gallery'} items")
+        ids.append(rows["path"].tolist())
     return ids[0], ids[1]
 
 
