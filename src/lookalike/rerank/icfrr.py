@@ -46,7 +46,6 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from lookalike.atomic import atomic_path
-from lookalike.data.convert.sketch import FILE_LISTS, read_file_list
 from lookalike.embeddings import Embeddings
 from lookalike.errors import LookalikeError
 from lookalike.metrics import compute_metrics, relevance
@@ -717,6 +716,8 @@ def reference_image_ids(
 
 def _listed_image_ids(root: Path, dataset: str, per_class: int, sizes: tuple[int, int]) -> tuple[list[str], list[str]]:
     """Query (sketch) and gallery (photo) paths from a sketch dataset's zero-shot file lists, as the reference reads them."""
+    from lookalike.data.convert.sketch import FILE_LISTS, read_file_list  # here: the converters import scipy
+
     if dataset not in ICFRR_DATASETS:
         raise LookalikeError(f"--dataset: expected one of custom, {', '.join(ICFRR_DATASETS)}, got {dataset!r}")
     name, split_folder = ICFRR_DATASETS[dataset]
