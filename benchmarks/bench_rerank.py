@@ -105,12 +105,12 @@ def icfrr_peer(dense: Dense, args: argparse.Namespace) -> tuple[np.ndarray, floa
 
 def icfrr_exact(args: argparse.Namespace) -> Reranker:
     """ICFRR re-scoring the whole list."""
-    return ICFRR(kg=args.kg, kq=args.kq, beta=args.beta, n_times=args.n_times, exact=True)
+    return ICFRR(kg=args.kg, kq=args.kq, beta=args.beta, n_times=args.n_times, exact=True, distance="search")
 
 
 def icfrr_scale(args: argparse.Namespace) -> Reranker:
     """ICFRR on the top --candidates of each list."""
-    return ICFRR(kg=args.kg, kq=args.kq, beta=args.beta, n_times=args.n_times, candidates=args.candidates)
+    return ICFRR(kg=args.kg, kq=args.kq, beta=args.beta, n_times=args.n_times, candidates=args.candidates, distance="search")
 
 
 # ---------------------------------------------------------------- k-reciprocal

@@ -413,6 +413,74 @@ def test_tu_berlin(tmp_path):
     assert set(frame.loc[frame["label"] == "alarm clock", "split"]) == {"train"}
 
 
+def icfrr_lists(root: Path, folder: str, prefix: str, split: str, rows: list[tuple[str, int]]) -> None:
+    """One of ICFRR's file lists ('<path> <class number>' lines) and the images it names."""
+    for path, _ in rows:
+        image(root / path, 200 if "sketch" in path or "png" in path else 60)
+    write(root / folder / f"{prefix}_filelist_{split}.txt", "".join(f"{path} {number}\n" for path, number in rows))
+
+
+@pytest.fixture
+def sketchy_icfrr(tmp_path) -> Path:
+    """ICFRR's Sketchy: 256x256/{sketch,photo}/tx_000000000000_ready/<class>/, EXTEND_image_sketchy_ready/, and file lists
+    of two zero-shot splits (zeroshot1: cat unseen; zeroshot2: dog unseen), class numbers restarting in each list."""
+    root = tmp_path / "Sketchy"
+    sketch, photo = "256x256/sketch/tx_000000000000_ready", "256x256/photo/tx_000000000000_ready"
+    for folder, unseen, seen in (("zeroshot1", "cat", ("dog", "sea turtle")), ("zeroshot2", "dog", ("cat", "sea turtle"))):
+        for split, classes in (("train", seen), ("zero", (unseen,))):
+            icfrr_lists(root, folder, "sketch_tx_000000000000_ready", split,
+                        [(f"{sketch}/{c}/n0{i}_1-{k}.png", i) for i, c in enumerate(classes) for k in (1, 2)])
+            icfrr_lists(root, folder, "all_photo", split,
+                        [(f"{photo}/{c}/n0{i}_1.jpg", i) for i, c in enumerate(classes)] + [(f"EXTEND_image_sketchy_ready/{c}/ext_{i}.jpg", i) for i, c in enumerate(classes)])
+    return root
+
+
+def test_sketchy_in_icfrr_layout_reads_the_chosen_zero_shot_split(sketchy_icfrr):
+    with pytest.raises(LookalikeError, match=r"ICFRR's zero-shot splits zeroshot1, zeroshot2 are here; choose one with --class-split \(zs1, zs2\)"):
+        convert("sketchy", sketchy_icfrr)
+    for split, unseen in (("zs1", "cat"), ("zs2", "dog"), ("zeroshot2", "dog")):
+        conversion = convert("sketchy", sketchy_icfrr, class_split=Path(split))
+        frame = conversion.table.frame
+        val = frame[frame["split"] == "validation"]
+        assert set(val["label"]) == {unseen} and unseen not in set(frame.loc[frame["split"] == "train", "label"])
+        assert conversion.counts() == {"images": 12, "labels": 3, "train": 8, "validation": 4, "queries": 2, "gallery": 2,
+                                       "domain photo": 6, "domain sketch": 6}
+        assert f"EXTEND_image_sketchy_ready/{unseen}/ext_0.jpg" in set(val.loc[val["is_gallery"], "path"])
+        assert conversion_problems(conversion)[0] == [] and "read ICFRR's file lists" in conversion.notes[0]
+    assert set(convert("sketchy", sketchy_icfrr, class_split=sketchy_icfrr / "zeroshot1").table.frame.query("is_query")["label"]) == {"cat"}
+
+
+def test_sketchy_icfrr_layout_errors(sketchy_icfrr, tmp_path):
+    with pytest.raises(LookalikeError, match=r"--class-split zs3: no zs3/ folder|zs3"):
+        convert("sketchy", sketchy_icfrr, class_split=Path("zs3"))
+    (sketchy_icfrr / "zeroshot2" / "all_photo_filelist_zero.txt").write_text("256x256/photo/tx_000000000000_ready/dog/n00_1.jpg\n")
+    with pytest.raises(LookalikeError, match=r"all_photo_filelist_zero\.txt, line 1: expected '<image path> <class number>', got '256x256/photo/"):
+        convert("sketchy", sketchy_icfrr, class_split=Path("zs2"))
+    (sketchy_icfrr / "zeroshot2" / "all_photo_filelist_zero.txt").unlink()
+    with pytest.raises(LookalikeError, match=r"zeroshot2: expected ICFRR's file lists \(sketch_tx_000000000000_ready_filelist_zero\.txt, all_photo_filelist_zero\.txt\)"):
+        convert("sketchy", sketchy_icfrr, class_split=Path("zs2"))
+    conversion = convert("sketchy", sketchy_icfrr)  # one split left: read without --class-split
+    assert set(conversion.table.frame.query("is_query")["label"]) == {"cat"}
+    frame = convert("sketchy", sketchy_icfrr, class_split=write(tmp_path / "unseen.txt", "dog\n")).table.frame  # class folders
+    assert "256x256/sketch/tx_000000000000_ready/dog/n00_1-1.png" in set(frame.loc[frame["is_query"], "path"])
+
+
+def test_tu_berlin_in_icfrr_layout_with_the_cli(tmp_path):
+    """png_ready/ and ImageResized_ready/ with zeroshot/ lists: read without --class-split (its only split)."""
+    root = tmp_path / "TUBerlin"
+    icfrr_lists(root, "zeroshot", "png_ready", "train", [("png_ready/airplane/1.png", 0), ("png_ready/airplane/2.png", 0)])
+    icfrr_lists(root, "zeroshot", "ImageResized_ready", "train", [("ImageResized_ready/airplane/n1 copy.JPEG", 0)])
+    icfrr_lists(root, "zeroshot", "png_ready", "zero", [("png_ready/alarm clock/3.png", 0), ("png_ready/bear/4.png", 1)])
+    icfrr_lists(root, "zeroshot", "ImageResized_ready", "zero", [("ImageResized_ready/alarm clock/a.JPEG", 0), ("ImageResized_ready/bear/b.JPEG", 1)])
+    done = subprocess.run([LOOKALIKE, "convert", "tu-berlin", str(root), str(tmp_path / "tub.csv")], check=False, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "7 images, 3 labels, 3 train, 4 validation, 2 queries, 2 gallery" in done.stdout
+    frame = load_table(tmp_path / "tub.csv").frame.set_index("path")  # paths relative to the table's folder
+    assert frame.loc["TUBerlin/ImageResized_ready/airplane/n1 copy.JPEG", "split"] == "train"
+    sketch = frame.loc["TUBerlin/png_ready/alarm clock/3.png"]
+    assert sketch["label"] == "alarm clock" and sketch["is_query"] and sketch["domain"] == "sketch"
+
+
 # --- Totally-Looks-Like pairs and the generic folder --------------------------------------------------------------
 
 

@@ -128,7 +128,7 @@ def convert(
     root: Path = typer.Argument(..., help="The dataset's folder, unpacked as published."),
     output: Path = typer.Argument(..., help="CSV to write: a dataset table (tll: a pairs table)."),
     check_images: bool = typer.Option(False, "--check-images", help="Also decode every image (slower); without it images are only checked to exist."),
-    class_split: Optional[Path] = typer.Option(None, help="sketchy, tu-berlin: file of the zero-shot test classes, one per line (the others train)."),
+    class_split: Optional[Path] = typer.Option(None, help="sketchy, tu-berlin: file of the zero-shot test classes, one per line (the others train); in ICFRR's layout (png_ready/, file lists) the split to read: zs1 or zs2 (Sketchy; TU-Berlin's one split is read without it)."),
     validation_fraction: Optional[float] = typer.Option(None, help="folder, tll: share of the classes (pairs) that go to validation."),
     seed: Optional[int] = typer.Option(None, help="folder, tll: seed of the split."),
     queries_per_class: Optional[int] = typer.Option(None, help="folder: queries per validation class; default: every image."),
@@ -211,22 +211,39 @@ def rerank(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP)) -> 
 @app.command()
 @reports_errors
 def icfrr(
-    cache: Path = typer.Argument(..., help="An ICFRR reference cache folder: qg_dists.pth, gg_dists.pth, optional labels.pth."),
-    kg: int = typer.Option(256, help="Gallery-gallery list length KG."),
-    kq: int = typer.Option(250, help="Voters per query KQ."),
+    cache: Optional[Path] = typer.Argument(None, help="An ICFRR cache folder: qg_dists.pth, gg_dists.pth, optional labels.pth (or give --cache-root and --dataset)."),
+    cache_root: Optional[Path] = typer.Option(None, "--cache-root", "--cache_root", help="The reference's layout: the cache is CACHE_ROOT/DATASET/PER_CLASS."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="The reference's dataset name (tuberlin, sketchy_zs1, sketchy_zs2, custom) under --cache-root."),
+    per_class: int = typer.Option(-1, "--per-class", "--per_class", help="The reference's images per class of the cache (-1: all)."),
+    kg: int = typer.Option(256, "--kg", "--KG", help="Gallery-gallery list length KG."),
+    kq: int = typer.Option(250, "--kq", "--KQ", help="Voters per query KQ."),
     beta: float = typer.Option(0.5, help="Weight of the votes."),
-    n_times: int = typer.Option(5, help="Iterations."),
-    output: Path = typer.Option(Path("runs/icfrr"), help="Folder for metrics.json and the per-iteration plot."),
+    n_times: int = typer.Option(5, "--n-times", "--n_times", help="Iterations."),
+    output: Path = typer.Option(Path("runs/icfrr"), "--output", "--rerank-results-dir", "--rerank_results_dir",
+                                help="Folder for ranks/, rankings.npz, metrics.json, the plot and vis/ (with --dataset: OUTPUT/DATASET/PER_CLASS)."),
+    query_idxs_to_vis: Optional[list[str]] = typer.Option(None, "--query-idxs-to-vis", "--query_idxs_to_vis",
+                                                          help="Queries (cache rows) to draw after every iteration: repeat the option or separate by commas."),
+    num_gallery_ims_to_vis: int = typer.Option(20, "--num-gallery-ims-to-vis", "--num_gallery_ims_to_vis", help="Gallery images per drawn query."),
+    image_root: Optional[Path] = typer.Option(None, "--image-root", help="With --query-idxs-to-vis: the folder holding query/ and gallery/ (custom; labels.json gives the order), or with --dataset sketchy_zs1|sketchy_zs2|tuberlin the dataset folder with its zero-shot file lists."),
 ) -> None:
-    """ICFRR on a reference cache, exactly as the reference computes it: metrics after every iteration and their plot."""
+    """ICFRR on a reference cache, exactly as the reference computes it: the ranking after every iteration, metrics and their plot when there are labels, rank strips of chosen queries."""
     import json
 
     from lookalike.atomic import write_text_atomic
     from lookalike.rerank import plot_icfrr_curve, run_icfrr_cache
+    from lookalike.rerank.icfrr import RANKINGS_NPZ, RANKS_DIR, VIS_DIR, cache_folder, load_icfrr_cache
 
-    records = run_icfrr_cache(cache, kg=kg, kq=kq, beta=beta, n_times=n_times)
+    if (cache is None) == (cache_root is None and dataset is None):
+        raise LookalikeError("icfrr: give a cache folder, or --cache-root and --dataset (the reference's CACHE_ROOT/DATASET/PER_CLASS), not both")
+    if cache is None:
+        cache = cache_folder(cache_root or Path("cache"), dataset or "tuberlin", per_class)
+        output = cache_folder(output, dataset or "tuberlin", per_class)
+    strips = _rank_strips(cache, query_idxs_to_vis, num_gallery_ims_to_vis, image_root, load_icfrr_cache, dataset, per_class)
+    records = run_icfrr_cache(cache, kg=kg, kq=kq, beta=beta, n_times=n_times, output=output, strips=strips)
+    written = [output / RANKS_DIR, output / RANKINGS_NPZ] + ([output / VIS_DIR] if strips else [])
     if len(records[0]) == 1:
-        out.print(f"{cache}: no labels.pth, so no metrics; ran {n_times} iterations")
+        out.print(f"{cache}: no labels (labels.pth missing or all -1), so no metrics; ran {n_times} iterations")
+        out.print("wrote " + ", ".join(map(str, written)))
         return
     table = Table(title=f"ICFRR KG={kg} KQ={kq} beta={beta}")
     for key in records[0]:
@@ -235,7 +252,27 @@ def icfrr(
         table.add_row(str(r["iteration"]), *(f"{v:.4f}" for k, v in r.items() if k != "iteration"))
     out.print(table)
     write_text_atomic(output / "metrics.json", json.dumps(records, indent=2) + "\n")
-    out.print(f"wrote {output / 'metrics.json'}, {plot_icfrr_curve(records, output / 'icfrr_curve.png')}")
+    plot = plot_icfrr_curve(records, output / "icfrr_curve.png")
+    out.print("wrote " + ", ".join(map(str, [output / "metrics.json", plot, *written])))
+
+
+def _rank_strips(cache: Path, queries: Optional[list[str]], top_k: int, image_root: Optional[Path], load_cache,
+                 dataset: Optional[str] = None, per_class: int = -1):
+    """The rank strips `lookalike icfrr` draws (None without --query-idxs-to-vis): chosen rows, images from image_root."""
+    from lookalike.rerank.icfrr import RankStrips, reference_image_ids
+
+    if not queries:
+        return None
+    rows = []
+    for part in ",".join(queries).split(","):
+        if not part.strip().lstrip("-").isdigit():
+            raise LookalikeError(f"--query-idxs-to-vis: expected query numbers (cache rows), got {part!r}")
+        rows.append(int(part))
+    if image_root is None:
+        raise LookalikeError("--query-idxs-to-vis: needs --image-root, the folder holding the query/ and gallery/ images")
+    qg = load_cache(cache)[0]
+    query_ids, gallery_ids = reference_image_ids(image_root, *qg.shape, dataset, per_class)
+    return RankStrips(image_root, query_ids, gallery_ids, rows, top_k)
 
 
 @app.command()

@@ -15,6 +15,13 @@ gallery position, every re-sort is stable (tied scores keep their current order)
 row is ranked by a stable sort. delta is summed in float64 from the float32 weights: the sum is exact, so neither
 the summation order nor the chunking can change a ranking.
 
+Distances (`distance`): the reference adds its votes to torch.cdist distances, Euclidean between the features. So
+by default (`euclidean`) the incoming list is re-scored with the Euclidean distances of its items computed from the
+embeddings and re-sorted (ties by gallery position), and the gallery-gallery lists are Euclidean too: the chain on
+embeddings ranks as the reference does on a cache of the same embeddings. `cosine` does the same with cosine
+distances; `search` keeps the incoming list's own distances and order (e.g. after another re-ranker) and ranks the
+gallery by the search metric.
+
 At scale: the gallery-gallery lists are the top-KG neighbours of every gallery item (exact k-NN, never a dense
 G x G matrix unless the caller passes one), queries run in chunks, and only the top-M items of each incoming list
 are re-scored (exact=True re-scores the whole list). Beyond the per-item state of the lists (output-sized,
@@ -23,7 +30,11 @@ Q x M) the memory is O(G * KG + chunk * M): the rank lists, one chunk's temporar
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import json
 import os
+import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +61,12 @@ CACHE_FILES = {"qg": "qg_dists.pth", "gg": "gg_dists.pth", "labels": "labels.pth
 SCATTER_ELEMENTS = 1 << 21  # votes scattered per step (voters x KG per query): bounds the temporaries
 ACCUMULATOR_BYTES = 1 << 21  # float64 vote accumulator per step, small enough to stay in cache
 KNN_BLOCK_ELEMENTS = 1 << 24  # gallery-gallery search: its score buffer stays <= 64 MiB
-CURVES = (("map@all", "mAP@all"), ("map@200", "mAP@200"), ("prec@100", "P@100"))
+DISTANCES = ("euclidean", "cosine", "search")  # the base distances: recomputed from the embeddings, or the list's own
+PAIR_BLOCK_ELEMENTS = 1 << 24  # pair_distances: gathered gallery vectors per block (64 MiB of float32)
+CURVES = (("map@all", "mAP@all"), ("map@200", "mAP@200"), ("prec@100", "P@100"), ("prec@200", "P@200"))  # the reference's four
+RANKS_DIR, RANKS_FILE, RANKINGS_NPZ = "ranks", "reranking_iter_{}.pth", "rankings.npz"  # the reference's ranks/ layout, + one npz
+VIS_DIR, VIS_FILE = "vis", "reranking_iter_{}.png"
+ICFRR_DATASETS = {"sketchy_zs1": ("sketchy", "zeroshot1"), "sketchy_zs2": ("sketchy", "zeroshot2"), "tuberlin": ("tu-berlin", "zeroshot")}
 
 
 @register
@@ -68,6 +84,7 @@ class ICFRR(Reranker):
         candidates: int = 2000,
         exact: bool = False,
         chunk: int = 1024,
+        distance: str = "euclidean",
     ) -> None:
         self.kg, self.kq, self.chunk = (positive_int(v, n, self.name) for v, n in ((kg, "kg"), (kq, "kq"), (chunk, "chunk")))
         self.candidates = positive_int(candidates, "candidates", self.name)
@@ -77,12 +94,14 @@ class ICFRR(Reranker):
             raise LookalikeError(f"rerank icfrr: n_times must be an integer >= 0, got {n_times!r}")
         if isinstance(beta, bool) or not isinstance(beta, (int, float, np.floating)) or not 0 <= beta < np.inf:
             raise LookalikeError(f"rerank icfrr: beta must be a finite number >= 0, got {beta!r}")
-        self.beta, self.n_times, self.exact = float(beta), int(n_times), bool(exact)
+        if distance not in DISTANCES:
+            raise LookalikeError(f"rerank icfrr: distance must be one of {', '.join(DISTANCES)}, got {distance!r}")
+        self.beta, self.n_times, self.exact, self.distance = float(beta), int(n_times), bool(exact), distance
 
     def params(self) -> dict[str, Any]:
         """The parameters, as recorded in the results' meta."""
         return {"kg": self.kg, "kq": self.kq, "beta": self.beta, "n_times": self.n_times,
-                "candidates": self.candidates, "exact": self.exact}
+                "candidates": self.candidates, "exact": self.exact, "distance": self.distance}
 
     def rerank(self, results: RetrievalResults, context: RerankContext) -> RetrievalResults:
         """The results after n_times iterations: rows re-sorted by the new score, distances = -score."""
@@ -101,7 +120,10 @@ class ICFRR(Reranker):
     def _start(self, results: RetrievalResults, context: RerankContext) -> _Run:
         """Neighbour lists (cached in the context) and the sorted candidate lists, ready to iterate."""
         n_gallery = len(results.gallery_ids)
-        neighbours, source = rank_lists(results, context, self.kg, self.chunk)
+        if self.distance != "search":
+            results = rescore(results, context, self.distance)
+        metric = context.metric if self.distance == "search" else self.distance
+        neighbours, source = rank_lists(results, context, self.kg, self.chunk, metric)
         m = results.k if self.exact else min(self.candidates, results.k)
         meta = {"name": self.name, **self.params(), "m": m, "neighbours": source}
         return _Run(results, neighbours, icfrr_weights(n_gallery, neighbours.shape[1]), min(self.kq, results.k),
@@ -109,7 +131,7 @@ class ICFRR(Reranker):
 
 
 def icfrr_iterations(results: RetrievalResults, context: RerankContext, **params: Any) -> Iterator[RetrievalResults]:
-    """The results after each ICFRR iteration; params as for ICFRR (kg, kq, beta, n_times, candidates, exact, chunk)."""
+    """The results after each ICFRR iteration; params as for ICFRR (kg, kq, beta, n_times, candidates, exact, chunk, distance)."""
     return ICFRR(**params).iterations(results, context)
 
 
@@ -118,15 +140,61 @@ def icfrr_weights(n_gallery: int, kg: int) -> np.ndarray:
     return torch.linspace(1.0, 0.0, n_gallery, dtype=torch.float32)[:kg].double().numpy()
 
 
+# ---------------------------------------------------------------- base distances
+
+
+def rescore(results: RetrievalResults, context: RerankContext, metric: str) -> RetrievalResults:
+    """The list's items with their `metric` distances from the context's embeddings, re-sorted stably (ties by
+    gallery position): the reference's base, torch.cdist distances sorted, whatever metric the search used."""
+    if context.queries is None or context.gallery is None:
+        raise LookalikeError(f"rerank icfrr: distance={metric} needs the query and gallery embeddings; "
+                             "give distance=search to use the list's own distances")
+    for name, emb, n in (("query", context.queries, results.n_queries), ("gallery", context.gallery, len(results.gallery_ids))):
+        if len(emb) != n:
+            raise LookalikeError(f"rerank icfrr: {len(emb)} {name} embeddings for results over {n} {name} items")
+    distances = pair_distances(context.queries.vectors, context.gallery.vectors, results.indices, metric)
+    indices, distances = order_by_distance(results.indices, distances)
+    return RetrievalResults(indices, distances, results.query_ids, results.gallery_ids, results.meta)
+
+
+def pair_distances(queries: np.ndarray, gallery: np.ndarray, indices: np.ndarray, metric: str) -> np.ndarray:
+    """Distances [Q, K] (float32) of each query to the gallery items its row lists (PAD: inf), by `metric`.
+
+    Each pair on its own (a difference and a norm, or a dot product of unit vectors), so a pair's distance does not
+    depend on which other pairs are computed with it: the dense [Q, G] matrix of a cache holds the same numbers.
+    """
+    if metric not in ("euclidean", "cosine"):
+        raise LookalikeError(f"metric: expected euclidean or cosine, got {metric!r}")
+    q, g = torch.from_numpy(np.ascontiguousarray(queries, np.float32)), torch.from_numpy(np.ascontiguousarray(gallery, np.float32))
+    if metric == "cosine":
+        q, g = torch.nn.functional.normalize(q, dim=1), torch.nn.functional.normalize(g, dim=1)
+    valid = indices != PAD
+    items = torch.from_numpy(np.where(valid, indices, 0))
+    out = torch.empty(indices.shape, dtype=torch.float32)
+    rows = max(1, PAIR_BLOCK_ELEMENTS // max(1, indices.shape[1] * q.shape[1]))
+    with torch.inference_mode():
+        for s in range(0, len(q), rows):
+            vectors, query = g[items[s : s + rows]], q[s : s + rows, None]
+            if metric == "euclidean":
+                out[s : s + rows] = torch.linalg.vector_norm(vectors - query, dim=2)
+            else:
+                out[s : s + rows] = 1.0 - (vectors * query).sum(2)
+    return np.where(valid, out.numpy(), np.float32(np.inf))
+
+
 # ---------------------------------------------------------------- gallery-gallery rank lists
 
 
-def rank_lists(results: RetrievalResults, context: RerankContext, kg: int, chunk: int = 1024) -> tuple[np.ndarray, str]:
+def rank_lists(
+    results: RetrievalResults, context: RerankContext, kg: int, chunk: int = 1024, metric: str | None = None
+) -> tuple[np.ndarray, str]:
     """Each gallery item's top-KG other items in rank order [G, min(KG, G-1)], and where they came from.
 
     From context.gallery_distances when given (ranked like the reference), else from the gallery embeddings
-    by exact k-NN; either way cached in context.cache so later stages and calls reuse them.
+    by exact k-NN by `metric` (default: context.metric); either way cached in context.cache so later stages
+    and calls reuse them.
     """
+    metric = metric or context.metric
     n_gallery = len(results.gallery_ids)
     k = min(kg, max(n_gallery - 1, 0))
     if context.gallery_distances is not None:
@@ -143,10 +211,10 @@ def rank_lists(results: RetrievalResults, context: RerankContext, kg: int, chunk
     if len(context.gallery) != n_gallery:
         raise LookalikeError(f"rerank icfrr: {len(context.gallery)} gallery embeddings for results over {n_gallery} gallery items")
     cached = context.cache.get(GALLERY_KNN_KEY)
-    fresh = isinstance(cached, dict) and cached.get("vectors") is context.gallery.vectors and cached.get("metric") == context.metric
+    fresh = isinstance(cached, dict) and cached.get("vectors") is context.gallery.vectors and cached.get("metric") == metric
     if not (fresh and cached["indices"].shape[1] >= k):
-        idx, dist = gallery_knn(context.gallery.vectors, k, context.metric, chunk)
-        cached = {"vectors": context.gallery.vectors, "metric": context.metric, "indices": idx, "distances": dist}
+        idx, dist = gallery_knn(context.gallery.vectors, k, metric, chunk)
+        cached = {"vectors": context.gallery.vectors, "metric": metric, "indices": idx, "distances": dist}
         context.cache[GALLERY_KNN_KEY] = cached
     return cached["indices"][:, :k], "embeddings"
 
@@ -396,18 +464,20 @@ def _load_labels(path: Path, qg_shape: tuple[int, int]) -> dict[str, torch.Tenso
 
 def save_icfrr_cache(
     folder: str | os.PathLike,
-    qg: RetrievalResults | np.ndarray | torch.Tensor,
+    qg: Embeddings | RetrievalResults | np.ndarray | torch.Tensor,
     gg: Embeddings | np.ndarray | torch.Tensor,
     labels: dict[str, Sequence] | None = None,
-    metric: str = "cosine",
+    metric: str = "euclidean",
 ) -> Path:
     """Write qg_dists.pth, gg_dists.pth (and labels.pth, else remove a stale one) atomically in the reference's format.
 
-    qg: results that list the whole gallery (K = G), or a [Q, G] matrix; gg: the gallery embeddings (distances
-    by `metric`) or a [G, G] matrix; labels: {'query': [Q], 'gallery': [G]} ints or strings (coded together).
+    qg: the query embeddings (distances by `metric` to the gallery embeddings gg, each pair as the icfrr re-ranker
+    computes it), results that list the whole gallery (K = G), or a [Q, G] matrix; gg: the gallery embeddings
+    (distances by `metric`) or a [G, G] matrix; labels: {'query': [Q], 'gallery': [G]} ints or strings (coded
+    together). The default metric is the reference's: torch.cdist, Euclidean.
     """
     folder = Path(folder)
-    qg_t = torch.from_numpy(dense_query_distances(qg) if isinstance(qg, RetrievalResults) else _matrix(qg, "qg"))
+    qg_t = torch.from_numpy(_query_matrix(qg, gg, metric))
     n_gallery = qg_t.shape[1]
     gg_t = torch.from_numpy(dense_gallery_distances(gg, metric) if isinstance(gg, Embeddings) else _matrix(gg, "gg"))
     if gg_t.shape != (n_gallery, n_gallery):
@@ -420,6 +490,17 @@ def save_icfrr_cache(
     else:
         _save_tensor(coded, folder / CACHE_FILES["labels"])
     return folder
+
+
+def _query_matrix(qg: Embeddings | RetrievalResults | np.ndarray | torch.Tensor, gg: Any, metric: str) -> np.ndarray:
+    """The dense [Q, G] query-gallery distances of save_icfrr_cache's qg."""
+    if isinstance(qg, RetrievalResults):
+        return dense_query_distances(qg)
+    if not isinstance(qg, Embeddings):
+        return _matrix(qg, "qg")
+    if not isinstance(gg, Embeddings):
+        raise LookalikeError("qg: query embeddings need the gallery embeddings as gg (not a matrix)")
+    return pair_distances(qg.vectors, gg.vectors, np.broadcast_to(np.arange(len(gg)), (len(qg), len(gg))), metric)
 
 
 def _matrix(x: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
@@ -522,15 +603,155 @@ def icfrr_cache_inputs(
 
 
 def run_icfrr_cache(
-    folder: str | os.PathLike, kg: int = 256, kq: int = 250, beta: float = 0.5, n_times: int = 5, chunk: int = 1024
+    folder: str | os.PathLike,
+    kg: int = 256,
+    kq: int = 250,
+    beta: float = 0.5,
+    n_times: int = 5,
+    chunk: int = 1024,
+    output: str | os.PathLike | None = None,
+    strips: RankStrips | None = None,
 ) -> list[dict[str, float]]:
-    """ICFRR on a reference cache folder, exactly (whole lists): one record per iteration, 0 = before.
+    """ICFRR on a reference cache folder, exactly (whole lists, the cache's distances): one record per iteration, 0 = before.
 
-    Each record holds 'iteration' and, when the folder has labels, the icfrr_metrics of that iteration.
+    Each record holds 'iteration' and, when the folder has labels, the icfrr_metrics of that iteration. With `output`,
+    the ranking of every iteration is written as the reference writes it (output/ranks/reranking_iter_{i}.pth, a
+    LongTensor [Q, G]) and all of them in output/rankings.npz (arrays reranking_iter_{i}, readable without torch);
+    with `strips` too, output/vis/reranking_iter_{i}.png shows the chosen queries' top images after iteration i.
     """
-    results, context, labels = icfrr_cache_inputs(folder)
-    steps = ICFRR(kg=kg, kq=kq, beta=beta, n_times=n_times, exact=True, chunk=chunk).iterations(results, context)
-    return [_record(i, r, labels) for i, r in enumerate([results, *steps])]
+    ids = (strips.query_ids, strips.gallery_ids) if strips is not None else (None, None)
+    results, context, labels = icfrr_cache_inputs(folder, *ids)
+    if strips is not None:
+        strips.check(results.n_queries)
+    reranker = ICFRR(kg=kg, kq=kq, beta=beta, n_times=n_times, exact=True, chunk=chunk, distance="search")
+    records = []
+    with RankingsWriter(output) if output is not None else contextlib.nullcontext() as writer:
+        for i, current in enumerate(itertools.chain([results], reranker.iterations(results, context))):
+            records.append(_record(i, current, labels))
+            if writer is not None:
+                writer.add(i, current.indices)
+            if strips is not None and output is not None:
+                strips.draw(current, Path(output) / VIS_DIR / VIS_FILE.format(i), labels)
+    return records
+
+
+@dataclass(frozen=True)
+class RankStrips:
+    """Which queries' rank strips to draw from a cache: their rows, how many gallery images, and the image files.
+
+    query_ids / gallery_ids: the image of every cache row and column, relative to image_root (reference_image_ids).
+    """
+
+    image_root: Path
+    query_ids: Sequence[str]
+    gallery_ids: Sequence[str]
+    queries: Sequence[int]
+    top_k: int = 20
+
+    def check(self, n_queries: int) -> None:
+        """Fail with one line when a chosen query is not a row of the cache."""
+        bad = [q for q in self.queries if not 0 <= q < n_queries]
+        if bad:
+            raise LookalikeError(f"--query-idxs-to-vis: query {bad[0]} is not a row of the cache (it has {n_queries} queries: 0..{n_queries - 1})")
+        if self.top_k < 1:
+            raise LookalikeError(f"--num-gallery-ims-to-vis: expected a positive number of images, got {self.top_k}")
+
+    def draw(self, results: RetrievalResults, path: Path, labels: dict[str, np.ndarray] | None) -> Path:
+        """One PNG of the chosen queries after one iteration (green/red frames with labels, grey without)."""
+        q, g = (labels["query"], labels["gallery"]) if labels is not None else (None, None)
+        return save_rank_strips(results, path, self.image_root, q, g, list(self.queries), self.top_k)
+
+
+class RankingsWriter:
+    """Writes each iteration's ranking [Q, G] as it comes: ranks/reranking_iter_{i}.pth (torch, the reference's
+    layout) and one member of rankings.npz (numpy's zip format, built member by member, renamed into place at the end)."""
+
+    def __init__(self, output: str | os.PathLike) -> None:
+        self.output = Path(output)
+        self._atomic = atomic_path(self.output / RANKINGS_NPZ, suffix=".npz")
+        self._zip: zipfile.ZipFile | None = None
+
+    def __enter__(self) -> RankingsWriter:  # noqa: PYI034
+        self._zip = zipfile.ZipFile(self._atomic.__enter__(), "w", allowZip64=True)
+        return self
+
+    def add(self, iteration: int, ranking: np.ndarray) -> None:
+        """Write one iteration's ranking (gallery positions, best first) to both files."""
+        ranking = np.ascontiguousarray(ranking, dtype=np.int64)
+        _save_tensor(torch.from_numpy(ranking), self.output / RANKS_DIR / RANKS_FILE.format(iteration))
+        with self._zip.open(f"reranking_iter_{iteration}.npy", "w", force_zip64=True) as member:
+            np.lib.format.write_array(member, ranking, allow_pickle=False)
+
+    def __exit__(self, *exc: object) -> None:
+        self._zip.close()
+        self._atomic.__exit__(*exc)
+
+
+def reference_image_ids(
+    image_root: str | os.PathLike, n_queries: int, n_gallery: int, dataset: str | None = None, per_class: int = -1
+) -> tuple[list[str], list[str]]:
+    """The image of every cache row and column, relative to image_root, numbered as the reference numbers them.
+
+    custom (or no dataset): image_root/query/ and image_root/gallery/. The reference numbers their files in the order
+    its folder listing returns them, which differs between machines; labels.json (written with the cache) keeps that
+    order, so its keys are used when present, else sorted names. sketchy_zs1, sketchy_zs2, tuberlin: image_root is
+    the dataset folder (Sketchy/, TUBerlin/) and the rows are its zero-shot lists' sketches and photos, in list order,
+    with per_class > 0 the first per_class of each class number, class by class, as the reference takes them.
+    """
+    root = Path(image_root)
+    if dataset is not None and dataset != "custom":
+        return _listed_image_ids(root, dataset, per_class, (n_queries, n_gallery))
+    order = _labels_json_order(root / "labels.json")
+    ids = []
+    for split, n in (("query", n_queries), ("gallery", n_gallery)):
+        folder = root / split
+        if not folder.is_dir():
+            raise LookalikeError(f"{folder}: no such folder (an image root holds query/ and gallery/, as the reference's custom dataset)")
+        names = order.get(split) or sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+        if len(names) != n:
+            raise LookalikeError(f"{folder}: {len(names)} images for the cache's {n} {split} items")
+        ids.append([f"{split}/{name}" for name in names])
+    return ids[0], ids[1]
+
+
+def _listed_image_ids(root: Path, dataset: str, per_class: int, sizes: tuple[int, int]) -> tuple[list[str], list[str]]:
+    """Query (sketch) and gallery (photo) paths from a sketch dataset's zero-shot file lists, as the reference reads them."""
+    from lookalike.data.convert.sketch import FILE_LISTS, read_file_list  # here: the converters import scipy
+
+    if dataset not in ICFRR_DATASETS:
+        raise LookalikeError(f"--dataset: expected one of custom, {', '.join(ICFRR_DATASETS)}, got {dataset!r}")
+    name, split_folder = ICFRR_DATASETS[dataset]
+    ids = []
+    for (domain, prefix), n in zip(FILE_LISTS[name].items(), sizes):
+        path = root / split_folder / f"{prefix}_filelist_zero.txt"
+        if not path.is_file():
+            raise LookalikeError(f"{path}: missing (the {domain} images of {dataset}'s zero-shot split; --image-root is the dataset folder)")
+        rows = read_file_list(path)
+        if per_class > 0:
+            numbers = rows["number"].to_numpy()
+            rows = rows.iloc[np.concatenate([np.flatnonzero(numbers == c)[:per_class] for c in np.unique(numbers)])]
+        if len(rows) != n:
+            raise LookalikeError(f"{path}: {len(rows)} images for the cache's {n} {'query' if domain == 'sketch' else 'gallery'} items")
+        ids.append(rows["path"].tolist())
+    return ids[0], ids[1]
+
+
+def _labels_json_order(path: Path) -> dict[str, list[str]]:
+    """The file names of labels.json's 'query' and 'gallery' objects in their order ({} without the file)."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise LookalikeError(f"{path}: not a readable JSON file ({exc.__class__.__name__})") from None
+    if not isinstance(data, dict) or not all(isinstance(data.get(k, {}), dict) for k in ("query", "gallery")):
+        raise LookalikeError(f"{path}: expected {{'query': {{file: label}}, 'gallery': {{file: label}}}}")
+    return {k: list(data[k]) for k in ("query", "gallery") if k in data}
+
+
+def cache_folder(cache_root: str | os.PathLike, dataset: str, per_class: int = -1) -> Path:
+    """The reference's cache folder for a dataset: cache_root/dataset/per_class (e.g. cache/tuberlin/-1)."""
+    return Path(cache_root) / dataset / str(per_class)
 
 
 def _record(iteration: int, results: RetrievalResults, labels: dict[str, np.ndarray] | None) -> dict[str, float]:
@@ -540,14 +761,14 @@ def _record(iteration: int, results: RetrievalResults, labels: dict[str, np.ndar
 
 
 def plot_icfrr_curve(records: Sequence[dict[str, float]], path: str | os.PathLike) -> Path:
-    """Write a PNG of mAP@all, mAP@200 and P@100 against the iteration (records from run_icfrr_cache)."""
+    """Write a PNG of mAP@all, mAP@200, P@100 and P@200 against the iteration (the reference's four curves)."""
     if not records or any(key not in records[0] for key, _ in CURVES):
         keys = ", ".join(k for k, _ in CURVES)
         raise LookalikeError(f"records: expected per-iteration records with {keys} (run_icfrr_cache with labels)")
     x = [r["iteration"] for r in records]
     fig = Figure(figsize=(5, 3.6), dpi=100)
     ax = fig.subplots()
-    for (key, label), marker in zip(CURVES, "oos"):
+    for (key, label), marker in zip(CURVES, "ooss"):
         ax.plot(x, [r[key] for r in records], marker=marker if len(x) <= 30 else None, label=label)
     ax.set_xlabel("iteration")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
