@@ -3,18 +3,28 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from lookalike.data.folder import import_folder
+from lookalike.embeddings import Embeddings
+
 LOOKALIKE = str(Path(sys.executable).parent / "lookalike")
 FAST_MODEL = ["model.name=test_resnet", "model.pretrained=false", "data.image_size=32", "data.batch_size=32"]
 
 
-def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([LOOKALIKE, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300)
+def run(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([LOOKALIKE, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300, env=env)
+
+
+def offline_env(home: Path) -> dict[str, str]:
+    """This environment with the hub at a closed local port, no proxy and an empty weights cache: a machine offline."""
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and not k.startswith("HF_")}
+    return {**env, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_ETAG_TIMEOUT": "1", "HF_HOME": str(home), "TORCH_HOME": str(home)}
 
 
 def test_pipeline_import_extract_search_evaluate(omniglot_small, tmp_path):
@@ -44,6 +54,26 @@ def test_bad_table_is_one_line_and_writes_nothing(tmp_path):
     assert done.stderr.strip().count("\n") == 0
     assert "row 1 (line 2), column 'is_query'" in done.stderr and "'maybe'" in done.stderr
     assert not (tmp_path / "e.npz").exists()
+
+
+def test_offline_pretrained_model_is_one_line(omniglot_small, tmp_path):
+    table = tmp_path / "table.csv"
+    import_folder(omniglot_small, validation_fraction=0.5).save(table)
+    # the README's first model command, as a machine without internet runs it (tests/test_hub.py: at once, no retries)
+    done = run("extract", f"data.table={table}", f"extract.output={tmp_path / 'e.npz'}", "model.name=resnet18", "data.image_size=32",
+               env=offline_env(tmp_path / "home"))
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0, done.stderr
+    assert "model.pretrained: could not download weights for resnet18 (http://127.0.0.1:9 unreachable" in done.stderr
+    assert "use model.pretrained=false to train from scratch, or model.weights=PATH for a local file" in done.stderr
+    assert not (tmp_path / "e.npz").exists()
+
+
+def test_extract_device_auto_runs(omniglot_small, tmp_path):
+    table = tmp_path / "table.csv"
+    import_folder(omniglot_small, validation_fraction=0.5).save(table)
+    done = run("extract", f"data.table={table}", f"extract.output={tmp_path / 'e.npz'}", *FAST_MODEL, "extract.device=auto")
+    assert done.returncode == 0, done.stderr
+    assert Embeddings.load(tmp_path / "e.npz").vectors.shape[0] == 80  # the validation split
 
 
 def test_unknown_key_lists_the_valid_ones():
