@@ -29,7 +29,8 @@ from lookalike.viz import save_cmc_curve
 
 # configs/omniglot.yaml's recipe (ResNet-18 from scratch, 64 px, 16 x 4 batch-hard triplets) cut to 8 epochs, and
 # configs/omniglot_pairwise.yaml's STIR recipe (ResNet-18 from scratch on two stacked 32 px characters, random pairs)
-# cut to 450 steps: together about 4 minutes on 2 idle CPU cores (docs/benchmarks.md has the run).
+# cut to 450 steps. Estimated from the training speeds recorded in docs/benchmarks.md (343 and ~320 images/s on 2 idle
+# cores): 15,360 + 54,000 training images, about 4 minutes with the evaluations; not yet timed end to end.
 DEMO_OVERRIDES = (
     "model.name=resnet18",
     "model.pretrained=false",
