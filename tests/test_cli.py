@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from lookalike.data.folder import import_folder
+from lookalike.embeddings import Embeddings
+
 LOOKALIKE = str(Path(sys.executable).parent / "lookalike")
 FAST_MODEL = ["model.name=test_resnet", "model.pretrained=false", "data.image_size=32", "data.batch_size=32"]
 
 
-def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([LOOKALIKE, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300)
+def run(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([LOOKALIKE, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env)
+
+
+def offline_env(home: Path) -> dict[str, str]:
+    """This environment with the hub at a closed local port, no proxy and an empty weights cache: a machine offline."""
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and not k.startswith("HF_")}
+    return {**env, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_ETAG_TIMEOUT": "1", "HF_HOME": str(home), "TORCH_HOME": str(home)}
 
 
 def test_pipeline_import_extract_search_evaluate(omniglot_small, tmp_path):
@@ -46,6 +57,26 @@ def test_bad_table_is_one_line_and_writes_nothing(tmp_path):
     assert not (tmp_path / "e.npz").exists()
 
 
+def test_offline_pretrained_model_is_one_line(omniglot_small, tmp_path):
+    table = tmp_path / "table.csv"
+    import_folder(omniglot_small, validation_fraction=0.5).save(table)
+    # the README's first model command, as a machine without internet runs it (tests/test_hub.py: at once, no retries)
+    done = run("extract", f"data.table={table}", f"extract.output={tmp_path / 'e.npz'}", "model.name=resnet18", "data.image_size=32",
+               env=offline_env(tmp_path / "home"))
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0, done.stderr
+    assert "model.pretrained: could not download weights for resnet18 (http://127.0.0.1:9 unreachable" in done.stderr
+    assert "use model.pretrained=false to train from scratch, or model.weights=PATH for a local file" in done.stderr
+    assert not (tmp_path / "e.npz").exists()
+
+
+def test_extract_device_auto_runs(omniglot_small, tmp_path):
+    table = tmp_path / "table.csv"
+    import_folder(omniglot_small, validation_fraction=0.5).save(table)
+    done = run("extract", f"data.table={table}", f"extract.output={tmp_path / 'e.npz'}", *FAST_MODEL, "extract.device=auto")
+    assert done.returncode == 0, done.stderr
+    assert Embeddings.load(tmp_path / "e.npz").vectors.shape[0] == 80  # the validation split
+
+
 def test_unknown_key_lists_the_valid_ones():
     done = run("search", "search.kk=3")
     assert done.returncode == 2
@@ -63,21 +94,32 @@ def test_every_command_has_help(command):
     assert done.returncode == 0 and "Usage" in done.stdout
 
 
-def test_demo_on_digits_writes_metrics_and_pictures(tmp_path):
-    done = run("demo", "--out", tmp_path / "demo", "model.name=test_resnet", "data.image_size=32", "trainer.progress=false")
+STAGE_LINE = re.compile(r"^stage (.+): (CMC@1|mAP@all) ([\d.]+) -> ([\d.]+) \(([+-][\d.]+) points\)$", re.MULTILINE)
+
+
+def test_demo_on_omniglot_prints_a_gain_for_every_stage(tmp_path):
+    done = run("demo", "--out", tmp_path / "demo", "trainer.progress=false", timeout=1200)  # `make demo` as shipped: ~4 min idle
     assert done.returncode == 0, done.stderr
+    stages = STAGE_LINE.findall(done.stdout)
+    assert [s[0] for s in stages] == ["trained extractor", "k-reciprocal re-ranking", "STIR pairwise re-ranker (top 5)"], done.stdout
+    for name, _, before, after, points in stages:
+        assert float(after) > float(before) and float(points) > 0, f"stage {name} hurts: {done.stdout}"
     out = tmp_path / "demo"
-    assert len(list((out / "digits").glob("*/*.png"))) == 1797
     metrics = json.loads((out / "metrics.json").read_text())
-    untrained = json.loads((out / "metrics_untrained.json").read_text())
-    assert metrics["n_evaluated"] == metrics["n_queries"] > 500
-    assert metrics["complete_ranking"]
-    assert "untrained" in done.stdout and "trained (3 epochs)" in done.stdout
-    assert metrics["means"]["map@all"] > untrained["means"]["map@all"] + 0.05  # a minute of training helps on unseen digits
-    assert list((out / "train" / "checkpoints").glob("best-*.ckpt"))
-    assert "re-ranked top 5" in done.stdout and (out / "pairwise" / "checkpoints" / "last.ckpt").is_file()  # the STIR step
+    assert metrics["n_evaluated"] == metrics["n_queries"] == 820 and metrics["complete_ranking"]  # 41 characters x 20
+    reranked = json.loads((out / "metrics_rerank.json").read_text())
+    assert list(reranked) == ["original", "1:kreciprocal", "2:pairwise"]
+    assert reranked["2:pairwise"]["means"]["cmc@1"] == pytest.approx(float(stages[2][3]), abs=5e-4)
     for picture in ("grid.png", "cmc.png"):
-        assert f"picture: {out / picture}" in done.stdout
+        assert f"picture: {out / picture}" in done.stdout and (out / picture).stat().st_size > 1000
+
+
+def test_demo_keeps_the_digits_as_an_option(tmp_path):
+    done = run("demo", "--dataset", "digits", "--no-rerank", "--out", tmp_path, "model.name=test_resnet", "data.image_size=32",
+               "train.epochs=1", "trainer.progress=false")
+    assert done.returncode == 0, done.stderr
+    assert len(list((tmp_path / "digits").glob("*/*.png"))) == 1797
+    assert STAGE_LINE.findall(done.stdout)[0][0] == "trained extractor" and (tmp_path / "metrics_untrained.json").is_file()
 
 
 ICFRR_EXAMPLE = Path(__file__).resolve().parent / "data" / "icfrr_example" / "-1"

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, field_validator
 
+from lookalike.devices import check_device
 from lookalike.errors import ConfigError
+
+Device = Annotated[str, AfterValidator(check_device)]  # auto (cuda, else mps, else cpu), cpu, cuda, cuda:N, mps
 
 
 class Section(BaseModel):
@@ -47,7 +50,7 @@ class ModelConfig(Section):
 
 class ExtractConfig(Section):
     output: str = "runs/embeddings.npz"
-    device: str = "cpu"
+    device: Device = "cpu"
     split: str | None = "validation"  # embed only this split; None embeds every row
 
 
@@ -57,7 +60,7 @@ class SearchConfig(Section):
     k: int = 100
     metric: str = "cosine"  # cosine | euclidean
     index: str = "exact"  # exact, or a FAISS factory string: Flat, IVF256,Flat, HNSW32, ...
-    device: str = "cpu"
+    device: Device = "cpu"
     reranked_output: str = "runs/results_reranked.npz"  # the list after the last re-ranking stage
 
 
@@ -193,7 +196,7 @@ class AdaptConfig(Section):
     runs: int = 5  # repeated splits (seeds seed, seed+1, ...): mean and std
     seed: int = 0
     top_k: list[int] = [1, 3, 5]
-    device: str = "cpu"
+    device: Device = "cpu"
     output: str = "runs/adapt"  # metrics.json, tensorboard/ (per run and average), run{r}/ (adapter, PCA, split)
 
 

@@ -1,9 +1,11 @@
-"""The embedded demo: the whole pipeline on scikit-learn's bundled digits (or any class-per-folder tree), before and after training."""
+"""The embedded demo: the whole pipeline on the bundled Omniglot subset (or scikit-learn's digits, or any class-per-folder
+tree), every stage scored on the same validation queries so each one's gain shows: untrained -> trained extractor ->
+k-reciprocal re-ranking -> the STIR pairwise re-ranker trained briefly."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -11,44 +13,98 @@ import torch
 from PIL import Image
 
 from lookalike.config import Config, load_config
+from lookalike.data.bundled import unpack_omniglot
 from lookalike.data.folder import import_folder
-from lookalike.extract import Progress
 from lookalike.data.table import DatasetTable
+from lookalike.embeddings import Embeddings
+from lookalike.extract import Progress
 from lookalike.metrics import MetricsReport, cmc_curve
-from lookalike.pipeline import Evaluation, run_evaluate, run_extract, run_search
+from lookalike.pipeline import Evaluation, rerank_context, run_evaluate, run_extract, run_search, write_stage_metrics
+from lookalike.rerank import Stage, build_chain, run_chain
+from lookalike.rerank.chain import stage_reports
+from lookalike.search.results import RetrievalResults
 from lookalike.train import TrainResult, run_train
 from lookalike.train.pairwise import run_train_reranker
 from lookalike.viz import save_cmc_curve
 
+# configs/omniglot.yaml's recipe (ResNet-18 from scratch, 64 px, 16 x 4 batch-hard triplets) cut to 8 epochs, and
+# configs/omniglot_pairwise.yaml's STIR recipe (ResNet-18 from scratch on two stacked 32 px characters, random pairs)
+# cut to 450 steps. Estimated from the training speeds recorded in docs/benchmarks.md (343 and ~320 images/s on 2 idle
+# cores): 15,360 + 54,000 training images, about 4 minutes with the evaluations; not yet timed end to end.
 DEMO_OVERRIDES = (
     "model.name=resnet18",
     "model.pretrained=false",
+    "model.embedding_dim=128",
     "data.image_size=64",
     "data.crop_fraction=1.0",
     "data.batch_size=128",
-    "search.k=1000",
-    "train.epochs=3",
-    "train.batches_per_epoch=20",
-    "train.p=5",
-    "train.k=8",
+    "search.k=1000",  # every gallery item: mAP@all over the whole list
+    "train.epochs=8",
+    "train.batches_per_epoch=30",
+    "train.p=16",
+    "train.k=4",
     "train.lr=1e-3",
+    "train.scheduler=cosine",
     "train.augment=none",
     "train.grid=false",
+    "train.val_every=8",  # validate once, at the end
     "train.validate_before=false",  # the demo evaluates the untrained model itself
     "trainer.accelerator=cpu",
-    "trainer.log_every_n_steps=5",
+    "trainer.log_every_n_steps=10",
 )
-PAIRWISE_OVERRIDES = (  # a short STIR training (50 steps) of the trained extractor's backbone at 16 px (the digits are 8 x 8)
-    "pairwise.init_from_extractor=true",
+PAIRWISE_OVERRIDES = (  # pairwise.name is model.name
     "pairwise.pretrained=false",
-    "pairwise.image_size=16",
+    "pairwise.image_size=32",
     "pairwise.mining=random",
     "pairwise.top_n=5",
     "pairwise.batch_size=256",
-    "train.epochs=2",
-    "train.batches_per_epoch=25",
+    "train.epochs=3",
+    "train.batches_per_epoch=150",
+    "train.val_every=3",
+    "train.p=30",
+    "train.k=4",
     "train.lr=1e-3",
+    "train.scheduler=none",
 )
+DIGITS_OVERRIDES = (  # the 8 x 8 digits: 3 short epochs, a 50-step STIR of the extractor's backbone at 16 px
+    "model.embedding_dim=null", "train.epochs=3", "train.batches_per_epoch=20", "train.p=5", "train.k=8", "train.scheduler=none",
+    "train.val_every=1",
+)
+DIGITS_PAIRWISE = ("pairwise.init_from_extractor=true", "pairwise.image_size=16", "train.epochs=2", "train.batches_per_epoch=25", "train.p=5", "train.val_every=1")
+TRAINING_FREE = "kreciprocal"  # k-reciprocal re-ranking with its defaults: on Omniglot it lifts mAP@all the most (docs/benchmarks.md)
+METRIC_NAMES = {"cmc@1": "CMC@1", "map@all": "mAP@all"}
+
+
+@dataclass
+class StageGain:
+    """One stage of the demo and the change of its headline metric over the stage before it."""
+
+    name: str
+    metric: str  # a key of MetricsReport.means
+    before: float
+    after: float
+
+    @property
+    def points(self) -> float:
+        """The gain in percentage points."""
+        return 100 * (self.after - self.before)
+
+    def line(self) -> str:
+        """E.g. 'stage trained extractor: CMC@1 0.412 -> 0.731 (+31.9 points)'."""
+        label = METRIC_NAMES.get(self.metric, self.metric)
+        return f"stage {self.name}: {label} {self.before:.3f} -> {self.after:.3f} ({self.points:+.1f} points)"
+
+
+@dataclass
+class DemoRun:
+    config: Config
+    evaluation: Evaluation  # of the trained model (or the untrained one when training is off)
+    untrained: MetricsReport
+    table_path: Path
+    training: TrainResult | None = None
+    reranking: TrainResult | None = None  # the pairwise re-ranker's training
+    stages: list[Stage] = field(default_factory=list)  # the trained list, then each re-ranker's (run_chain)
+    gains: list[StageGain] = field(default_factory=list)
 
 
 def write_digits(folder: str | os.PathLike, scale: int = 4) -> Path:
@@ -66,22 +122,13 @@ def write_digits(folder: str | os.PathLike, scale: int = 4) -> Path:
     return folder
 
 
-@dataclass
-class DemoRun:
-    config: Config
-    evaluation: Evaluation  # of the trained model (or the untrained one when training is off)
-    untrained: MetricsReport
-    table_path: Path
-    training: TrainResult | None = None
-    reranking: TrainResult | None = None  # the pairwise re-ranker's training: metrics_before = the extractor's lists
-
-
 def demo_config(out_dir: Path, overrides: tuple[str, ...] = ()) -> Config:
     """The demo's config: a small timm model at low resolution trained briefly from scratch, outputs under out_dir."""
     paths = (
         f"data.table={out_dir / 'table.csv'}",
         f"extract.output={out_dir / 'embeddings.npz'}",
         f"search.output={out_dir / 'results.npz'}",
+        f"search.reranked_output={out_dir / 'results_reranked.npz'}",
         f"evaluate.output={out_dir / 'metrics.json'}",
         f"evaluate.grid={out_dir / 'grid.png'}",
         f"evaluate.cmc_plot={out_dir / 'cmc.png'}",
@@ -102,6 +149,15 @@ def _untrained_config(cfg: Config) -> Config:
     )
 
 
+def demo_images(out_dir: Path, dataset: str, images: str | os.PathLike | None) -> tuple[Path, tuple[str, ...], tuple[str, ...]]:
+    """The image tree and its extra extractor and pairwise settings: a given folder, the digits, or the bundled Omniglot."""
+    if images:
+        return Path(images), (), ()
+    if dataset == "digits":
+        return write_digits(out_dir / "digits"), DIGITS_OVERRIDES, DIGITS_PAIRWISE
+    return unpack_omniglot(out_dir), (), ()
+
+
 def run_demo(
     out_dir: str | os.PathLike = "runs/demo",
     images: str | os.PathLike | None = None,
@@ -109,34 +165,87 @@ def run_demo(
     seed: int = 0,
     progress: Progress | None = None,
     rerank: bool = True,
+    dataset: str = "omniglot",
+    validation_fraction: float = 0.3,
+    pairwise_overrides: tuple[str, ...] = (),
 ) -> DemoRun:
-    """Import the images (digits by default); evaluate the untrained model; train it (train.epochs > 0); evaluate again;
-    then (rerank) train the STIR pairwise re-ranker briefly and re-rank the trained model's top 5."""
+    """Import the images (the bundled Omniglot by default; `images` or dataset="digits" instead), evaluate the untrained
+    model, train it (train.epochs > 0) and evaluate again; then (rerank) re-rank the trained list with k-reciprocal and
+    with a briefly trained STIR pairwise model (`pairwise_overrides` change its training), each stage scored on the same
+    queries: `gains` has one line per stage."""
     out_dir = Path(out_dir)
-    root = Path(images) if images else write_digits(out_dir / "digits")
-    cfg = demo_config(out_dir, overrides + (f"train.seed={seed}",))
-    table = import_folder(root, validation_fraction=0.5, seed=seed)
+    root, extra, pairwise_extra = demo_images(out_dir, dataset, images)
+    cfg = demo_config(out_dir, extra + overrides + (f"train.seed={seed}",))
+    table = import_folder(root, validation_fraction=validation_fraction, seed=seed)
     table.save(cfg.data.table)
     before = _pipeline(_untrained_config(cfg), table, progress, seed)
-    training = run_train(cfg) if cfg.train.epochs > 0 else None
-    if training is not None:
-        cfg.model.weights = str(training.best_checkpoint or training.last_checkpoint)
+    if cfg.train.epochs <= 0:
+        return DemoRun(cfg, before.evaluation, before.evaluation.report, Path(cfg.data.table))
+    training = run_train(cfg)
+    cfg.model.weights = str(training.last_checkpoint or training.best_checkpoint)
     after = _pipeline(cfg, table, progress, seed)
-    if cfg.evaluate.cmc_plot and training is not None:
-        curves = {"untrained": cmc_curve(before.report.relevance, before.report.n_relevant),
-                  "trained": cmc_curve(after.report.relevance, after.report.n_relevant)}
-        save_cmc_curve(curves, cfg.evaluate.cmc_plot)
-    reranking = run_train_reranker(_pairwise_config(cfg, out_dir), progress=progress) if rerank and training is not None else None
-    return DemoRun(cfg, after, before.report, Path(cfg.data.table), training, reranking)
+    gains = [StageGain("trained extractor", "cmc@1", before.evaluation.report.means["cmc@1"], after.evaluation.report.means["cmc@1"])]
+    run = DemoRun(cfg, after.evaluation, before.evaluation.report, Path(cfg.data.table), training, gains=gains)
+    if rerank:
+        run.reranking = run_train_reranker(_pairwise_config(cfg, out_dir, pairwise_extra + pairwise_overrides), progress=progress)
+        run.stages = _rerank_stages(cfg, table, after, str(run.reranking.last_checkpoint))
+        run.gains += stage_gains(run.stages)
+    _save_curves(cfg, before.evaluation.report, after.evaluation.report, run.stages)
+    return run
 
 
-def _pairwise_config(cfg: Config, out_dir: Path) -> Config:
-    """The demo config with the short pairwise training's settings, its outputs under out_dir/pairwise."""
-    return load_config(None, (*PAIRWISE_OVERRIDES, f"pairwise.name={cfg.model.name}", f"train.output={out_dir / 'pairwise'}"), base=cfg)
+@dataclass
+class _Pass:
+    """One extract -> search -> evaluate pass: its embeddings, list and evaluation."""
+
+    embeddings: Embeddings
+    results: RetrievalResults
+    evaluation: Evaluation
 
 
-def _pipeline(cfg: Config, table: DatasetTable, progress: Progress | None, seed: int) -> Evaluation:
+def _pipeline(cfg: Config, table: DatasetTable, progress: Progress | None, seed: int) -> _Pass:
     """Extract, search, evaluate with one config (the untrained backbone's random weights seeded, so numbers repeat)."""
     torch.manual_seed(seed)
     embeddings = run_extract(cfg, table, progress)
-    return run_evaluate(cfg, table, run_search(cfg, table, embeddings))
+    results = run_search(cfg, table, embeddings)
+    return _Pass(embeddings, results, run_evaluate(cfg, table, results))
+
+
+def _pairwise_config(cfg: Config, out_dir: Path, extra: tuple[str, ...] = ()) -> Config:
+    """The demo config with the short pairwise training's settings, its outputs under out_dir/pairwise."""
+    paths = (f"pairwise.name={cfg.model.name}", f"train.output={out_dir / 'pairwise'}")
+    return load_config(None, (*PAIRWISE_OVERRIDES, *paths, *extra), base=cfg)
+
+
+def _rerank_stages(cfg: Config, table: DatasetTable, trained: _Pass, pairwise_weights: str) -> list[Stage]:
+    """The trained list re-ranked by k-reciprocal, then its top 5 by the pairwise model; every stage scored and saved
+    (metrics_rerank.json, the final list in search.reranked_output)."""
+    p = load_config(None, PAIRWISE_OVERRIDES).pairwise
+    chain = [TRAINING_FREE, {"pairwise": {"weights": pairwise_weights, "top_n": p.top_n, "batch_size": p.batch_size, "progress": False}}]
+    context = rerank_context(cfg, table, trained.results, trained.embeddings)
+    stages = run_chain(trained.results, context, build_chain(chain), **cfg.evaluate.metric_kwargs())
+    stages[-1].results.save(cfg.search.reranked_output)
+    write_stage_metrics(stages, Path(cfg.evaluate.output).with_name("metrics_rerank.json"))
+    return stages
+
+
+STAGE_TITLES = {"kreciprocal": ("k-reciprocal re-ranking", "map@all"), "pairwise": ("STIR pairwise re-ranker (top 5)", "cmc@1")}
+
+
+def stage_gains(stages: list[Stage]) -> list[StageGain]:
+    """Each re-ranking stage's headline metric against the stage before it: mAP@all for k-reciprocal (it re-orders the
+    whole list), CMC@1 for the pairwise model (it re-orders the top 5)."""
+    gains = []
+    for previous, stage in zip(stages, stages[1:]):
+        title, metric = STAGE_TITLES.get(stage.name, (stage.name, "cmc@1"))
+        gains.append(StageGain(title, metric, previous.report.means[metric], stage.report.means[metric]))
+    return gains
+
+
+def _save_curves(cfg: Config, untrained: MetricsReport, trained: MetricsReport, stages: list[Stage]) -> None:
+    """CMC curves of every stage in evaluate.cmc_plot (the trained list's own curve is replaced by this comparison)."""
+    if not cfg.evaluate.cmc_plot:
+        return
+    reports = {"untrained": untrained, "trained extractor": trained}
+    reports |= {STAGE_TITLES.get(k.split(":")[-1], (k,))[0]: r for k, r in stage_reports(stages).items() if k != "original"}
+    save_cmc_curve({name: cmc_curve(r.relevance, r.n_relevant) for name, r in reports.items()}, cfg.evaluate.cmc_plot)

@@ -9,6 +9,7 @@ import torch
 
 from lookalike.data.images import ImageDataset
 from lookalike.data.table import DatasetTable
+from lookalike.devices import resolve_device
 from lookalike.embeddings import Embeddings
 from lookalike.models.extractor import Extractor
 
@@ -24,7 +25,8 @@ def extract_embeddings(
     device: str | torch.device = "cpu",
     progress: Progress | None = None,
 ) -> Embeddings:
-    """Embed every row of `table` in row order; `progress(batches, total)` may wrap the batch loop."""
+    """Embed every row of `table` in row order on `device` (auto: the best present); `progress(batches, total)` may wrap the batch loop."""
+    device = resolve_device(device, "extract.device")
     loader = torch.utils.data.DataLoader(
         ImageDataset(table, transform), batch_size=batch_size, num_workers=num_workers, shuffle=False
     )

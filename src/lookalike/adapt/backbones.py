@@ -15,6 +15,7 @@ from lookalike.data.decode import read_image
 from lookalike.data.images import eval_transform
 from lookalike.errors import LookalikeError
 from lookalike.models.extractor import load_weights
+from lookalike.models.hub import create_timm_model
 
 Progress = Callable[[Iterable, int], Iterable]
 
@@ -54,15 +55,9 @@ def create_layer_features(
     """A frozen timm model (pretrained weights downloaded unless a local `weights` file, e.g. a lookalike checkpoint, is given)."""
     if weights and not Path(weights).is_file():
         raise LookalikeError(f"{field}.weights: no such file {weights}")
-    try:
-        with torch.random.fork_rng(devices=[]):  # a random-initialised backbone is the same one every time
-            torch.manual_seed(seed)
-            model = timm.create_model(name, pretrained=pretrained and not weights, num_classes=0)
-    except RuntimeError as exc:  # timm raises RuntimeError for an unknown model name
-        raise LookalikeError(f"{field}.name: {exc}") from None
-    except OSError as exc:  # the hub cannot be reached and the weights are not cached
-        reason = (str(exc).splitlines() or [""])[0]
-        raise LookalikeError(f"{field}.pretrained: cannot get the pretrained weights of {name} ({reason}); offline, use pretrained: false or weights: PATH") from None
+    with torch.random.fork_rng(devices=[]):  # a random-initialised backbone is the same one every time
+        torch.manual_seed(seed)
+        model = create_timm_model(name, field, pretrained=pretrained and not weights, num_classes=0)
     if not hasattr(model, "forward_intermediates") or not getattr(model, "feature_info", None):
         raise LookalikeError(f"{field}.name: timm model {name!r} cannot return intermediate layers (no forward_intermediates)")
     if weights:

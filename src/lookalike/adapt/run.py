@@ -20,6 +20,7 @@ from lookalike.adapt.train import FitResult, TrainSettings, fit_adapter
 from lookalike.atomic import atomic_path, write_text_atomic
 from lookalike.config import Config
 from lookalike.data.pairs import PairsTable, load_pairs, read_name_list, subset_pairs
+from lookalike.devices import resolve_device
 from lookalike.errors import ConfigError, LookalikeError
 
 SPLIT_NAMES = ("train", "validation", "test")
@@ -98,7 +99,7 @@ def extract_from_config(cfg: Config, pairs: PairsTable, progress: Progress | Non
         raise ConfigError("adapt.backbones: expected at least one backbone, e.g. [{name: resnet50, layers: [-1]}]")
     backbones = [create_layer_features(b.name, b.layers, b.pretrained, b.weights, f"adapt.backbones[{i}]") for i, b in enumerate(a.backbones)]
     sizes = [b.image_size or d.image_size for b in a.backbones]
-    features = extract_pair_features(pairs, backbones, sizes, d.crop_fraction, a.flip, d.batch_size, d.num_workers, a.device, progress)
+    features = extract_pair_features(pairs, backbones, sizes, d.crop_fraction, a.flip, d.batch_size, d.num_workers, resolve_device(a.device, "adapt.device"), progress)
     features.meta["settings"] = extraction_settings(cfg)
     features = with_table_pca(features, a.pca_dim, a.seed)
     features.save(a.features)
@@ -150,7 +151,8 @@ def run_pca(features: PairFeatures, split: np.ndarray, dim: int | None, seed: in
 
 def settings_from_config(cfg: Config) -> TrainSettings:
     a = cfg.adapt
-    return TrainSettings(a.module, a.hidden, a.scale, a.lr, a.weight_decay, a.epochs, a.batch_size, a.monitor, tuple(a.top_k), a.device)
+    device = str(resolve_device(a.device, "adapt.device"))
+    return TrainSettings(a.module, a.hidden, a.scale, a.lr, a.weight_decay, a.epochs, a.batch_size, a.monitor, tuple(a.top_k), device)
 
 
 def score_test(module: nn.Module, test: PairFeatures, ks: tuple[int, ...], device: str) -> dict[str, float]:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from lookalike.errors import LookalikeError
+from lookalike.models.hub import create_timm_model
 
 
 class Extractor(nn.Module):
@@ -22,10 +23,7 @@ class Extractor(nn.Module):
         self, name: str, pretrained: bool = False, embedding_dim: int | None = None, normalize: bool = True, bnneck: bool = False
     ) -> None:
         super().__init__()
-        try:
-            self.backbone = timm.create_model(name, pretrained=pretrained, num_classes=0)
-        except RuntimeError as exc:  # timm raises RuntimeError for an unknown model name
-            raise LookalikeError(f"model.name: {exc}") from None
+        self.backbone = create_timm_model(name, "model", pretrained=pretrained, num_classes=0)
         features = self.backbone.num_features
         self.projection = nn.Linear(features, embedding_dim) if embedding_dim else nn.Identity()
         self.dim = embedding_dim or features

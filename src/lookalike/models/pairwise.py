@@ -23,6 +23,7 @@ from torchvision.ops import MLP
 from lookalike.data.images import eval_transform
 from lookalike.errors import LookalikeError
 from lookalike.models.extractor import load_weights, read_checkpoint
+from lookalike.models.hub import create_timm_model
 
 SPEC_KEY = "pairwise_model"  # where a checkpoint keeps the PairwiseSpec (plain types: loads with weights_only=True)
 
@@ -90,14 +91,15 @@ def create_backbone(spec: PairwiseSpec, pretrained: bool = False) -> nn.Module:
     """The timm model without classifier, told the doubled input height when it takes an img_size (transformers)."""
     h, w = spec.size
     kwargs = {"pretrained": pretrained, "num_classes": 0, **spec.model_kwargs}
+    local = "init_from_extractor=true to start from the extractor's weights"  # the pairwise model has no weights field
     try:
         try:
-            return timm.create_model(spec.name, img_size=(2 * h, w), **kwargs)
+            return create_timm_model(spec.name, "pairwise", local=local, img_size=(2 * h, w), **kwargs)
         except TypeError as exc:  # a CNN takes any input size and no img_size argument
             if "img_size" not in str(exc):
                 raise
-            return timm.create_model(spec.name, **kwargs)
-    except (RuntimeError, TypeError) as exc:  # unknown model name or argument
+            return create_timm_model(spec.name, "pairwise", local=local, **kwargs)
+    except TypeError as exc:  # an argument the model does not take
         raise LookalikeError(f"pairwise.name: {exc}") from None
 
 

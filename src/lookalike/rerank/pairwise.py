@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from lookalike.data.images import ImageDataset
 from lookalike.data.table import DatasetTable
+from lookalike.devices import resolve_device
 from lookalike.errors import LookalikeError
 from lookalike.models.pairwise import PairwiseModel, load_pairwise
 from lookalike.rerank.base import RerankContext, Reranker, register
@@ -59,7 +60,7 @@ class PairwiseReranker(Reranker):
         self.top_n = positive_int(top_n, "top_n", self.name)
         self.batch_size = positive_int(batch_size, "batch_size", self.name)
         self.cache_mb = positive_int(cache_mb, "cache_mb", self.name)
-        self.weights, self.tta, self.device, self.amp = weights, tta, torch.device(device), bool(amp)
+        self.weights, self.tta, self.device, self.amp = weights, tta, resolve_device(device, "pairwise.device"), bool(amp)
         self.num_workers, self.progress = int(num_workers), bool(progress)
         self._model: PairwiseModel | None = None
 

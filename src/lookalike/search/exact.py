@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from lookalike.devices import resolve_device
 from lookalike.errors import LookalikeError
 from lookalike.rows import float_from_sortable_bits, pack_rows, sort_by_value
 from lookalike.search.results import PAD, drop_hidden, max_hidden
@@ -16,9 +17,9 @@ COARSE_WIDTH = 4  # coarse chunk maxima per wanted neighbour when bounding the k
 
 
 def as_tensor(x: np.ndarray | torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
-    """A float32 tensor on `device` (or where it already lives), without copying when possible."""
+    """A float32 tensor on `device` (auto: the best present; None: where it already lives), without copying when possible."""
     t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
-    return t.to(device=device or t.device, dtype=torch.float32)
+    return t.to(device=resolve_device(device, "search.device") if device is not None else t.device, dtype=torch.float32)
 
 
 def exact_knn(
