@@ -449,11 +449,18 @@ def config_show(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP 
     typer.echo(config_yaml(_config(args)), nl=False)
 
 
+def _with_config_docs(epilog: str | None) -> str:
+    """A command's own epilog (if any) followed by CONFIG_DOCS_EPILOG, once."""
+    if epilog and CONFIG_DOCS_EPILOG in epilog:
+        return epilog
+    return f"{epilog}\n\n{CONFIG_DOCS_EPILOG}" if epilog else CONFIG_DOCS_EPILOG
+
+
 def _add_config_epilog(typer_app: typer.Typer) -> None:
     """End the --help of the app, of every command and of every command group with CONFIG_DOCS_EPILOG."""
-    typer_app.info.epilog = CONFIG_DOCS_EPILOG
+    typer_app.info.epilog = _with_config_docs(typer_app.info.epilog)
     for command in typer_app.registered_commands:
-        command.epilog = CONFIG_DOCS_EPILOG
+        command.epilog = _with_config_docs(command.epilog)
     for group in typer_app.registered_groups:
         _add_config_epilog(group.typer_instance)
 
