@@ -1,8 +1,8 @@
 """Visual-similarity adaptation on Omniglot pairs: raw vs adapted top-k over repeated random splits.
 
-Run from the repository root with the project's python, after unpacking the Omniglot subset once:
+Run from the repository root with the project's python (it unpacks the bundled Omniglot subset into data/omniglot
+first, as `lookalike data omniglot data/omniglot` does):
 
-    unzip -q src/lookalike/data/bundled/omniglot_background_small1.zip -d data/omniglot
     .venv/bin/python benchmarks/bench_adapt.py                 # both backbones below, 5 runs each (a few minutes)
     .venv/bin/python benchmarks/bench_adapt.py --pairs-only    # just write data/omniglot/pairs.csv
 
@@ -20,11 +20,7 @@ Prints a markdown table of top-k mean ± std (ddof=1) over the runs for raw and 
 from __future__ import annotations
 
 import argparse
-import re
-import sys
 from pathlib import Path
-
-import pandas as pd
 
 import numpy as np
 
@@ -32,27 +28,14 @@ from lookalike.adapt import run_adapt, topk_accuracy
 from lookalike.adapt.backbones import extract_image_features
 from lookalike.adapt.run import draw_split
 from lookalike.config import Config, load_config
+from lookalike.data.bundled import prepare_omniglot
 from lookalike.data.images import eval_transform
-from lookalike.data.pairs import PairsTable, load_pairs, validate_pairs
+from lookalike.data.pairs import load_pairs
 from lookalike.models.extractor import Extractor, load_weights
 
 ROOT = Path("data/omniglot")
-IMAGES = ROOT / "images_background_small1"
-PAIRS = ROOT / "pairs.csv"
 CONFIG = "configs/omniglot_adapt.yaml"
 CHECKPOINT = "runs/omniglot/checkpoints/best-epoch013.ckpt"
-DRAWING = re.compile(r"(\d+)_(\d+)\.png")
-
-
-def drawer_pairs(images: Path, left: int = 1, right: int = 2) -> PairsTable:
-    """One pair per character folder: the drawing of drawer `left` and of drawer `right`, by file name."""
-    rows = []
-    for folder in sorted(p for p in images.glob("*/*") if p.is_dir()):
-        drawers = {int(m.group(2)): f for f in folder.iterdir() if (m := DRAWING.fullmatch(f.name))}
-        if left not in drawers or right not in drawers:
-            raise SystemExit(f"{folder}: no drawing by drawer {left:02d} or {right:02d}")
-        rows.append({"left": drawers[left].relative_to(ROOT).as_posix(), "right": drawers[right].relative_to(ROOT).as_posix()})
-    return validate_pairs(pd.DataFrame(rows), ROOT, str(PAIRS))
 
 
 def embedding_reference(cfg: Config, seeds: range) -> list[float]:
@@ -72,10 +55,7 @@ def main() -> None:
     parser.add_argument("--pairs-only", action="store_true", help="only write data/omniglot/pairs.csv")
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
-    if not IMAGES.is_dir():
-        sys.exit(f"{IMAGES} not found: unzip -q src/lookalike/data/bundled/omniglot_background_small1.zip -d data/omniglot")
-    drawer_pairs(IMAGES).save(PAIRS)
-    print(f"wrote {PAIRS}")
+    print(f"wrote {prepare_omniglot(ROOT).pairs_path}")
     if args.pairs_only:
         return
     backbones = {

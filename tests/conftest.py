@@ -21,3 +21,48 @@ def omniglot_small(tmp_path_factory) -> Path:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(zf.read(name))
     return root
+
+
+# ---- a skipped test is a failure, unless its reason names an optional component ----
+# A clone must run every test: data the tests need ships in the repository (tests/data, the bundled Omniglot zip).
+# The only tests allowed to skip are those of components a machine may lack by design; their skip reason must start
+# with "optional: <component>", <component> from this list.
+OPTIONAL_COMPONENTS = {
+    "cuda": "a CUDA GPU (the suite runs on CPU; GPU-only checks skip without one)",
+}
+
+
+def allowed_skip(reason: str) -> bool:
+    """True when `reason` reads 'optional: <component> ...' with <component> in OPTIONAL_COMPONENTS."""
+    prefix, _, rest = reason.partition("optional: ")
+    return not prefix.strip() and rest.split(" ", 1)[0].rstrip(":,;") in OPTIONAL_COMPONENTS
+
+
+def skip_reason(report: pytest.TestReport | pytest.CollectReport) -> str:
+    """The reason of a skip report ('Skipped: ' prefix removed)."""
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+    return reason.removeprefix("Skipped: ")
+
+
+def _fail_unlisted_skip(report: pytest.TestReport | pytest.CollectReport) -> None:
+    """Turn a skip whose reason names no optional component into a failure that says why."""
+    if report.skipped and not hasattr(report, "wasxfail") and not allowed_skip(skip_reason(report)):
+        listed = ", ".join(OPTIONAL_COMPONENTS)
+        report.outcome = "failed"
+        report.longrepr = (f"skipped without naming an optional component ({skip_reason(report)!r}); every test must run "
+                           f"in a clone, or skip with a reason 'optional: <component>' where <component> is one of: {listed}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Skips in setup (skipif, fixtures) or in the test body are failures unless allowed."""
+    outcome = yield
+    _fail_unlisted_skip(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    """A module-level pytest.skip (or importorskip) is a failure unless allowed."""
+    outcome = yield
+    _fail_unlisted_skip(outcome.get_result())

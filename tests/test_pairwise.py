@@ -276,7 +276,7 @@ def test_train_reranker_validates_by_reranking_and_the_reranker_reproduces_it(tr
     # the same pairs scored one by one give the same head; a tiny cache (many chunks) gives the same lists
     model = reranker.model
     transform = model.transform()
-    image = lambda row: transform(image_io.read_image(str(table.image_paths()[row])))[None]
+    image = lambda row: transform(image_io.read_image(str(table.image_paths()[row])))[None]  # noqa: E731
     with torch.no_grad():
         q = 3
         direct = [float(model.distance(image(q_rows[q]), image(g_rows[g]))) for g in before.indices[q, :4]]

@@ -456,7 +456,60 @@ def demo(
     out.print(f"demo time: {time.perf_counter() - started:.0f} s")
 
 
+# ---- setting up: `lookalike data ...`, `lookalike config show`, and where every --help says config keys are documented ----
+
+CONFIG_DOCS_EPILOG = ("Config keys, with their defaults and meanings: docs/config.md in the repository; "
+                      "`lookalike config show CONFIG key=value ...` prints a resolved config (both optional).")
+data_app = typer.Typer(help="Prepare the datasets the example configs use.", no_args_is_help=True)
+config_app = typer.Typer(help="Inspect configs.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(config_app, name="config")
+
+
+@data_app.command("omniglot")
+@reports_errors
+def data_omniglot(
+    target: Path = typer.Argument(Path("data/omniglot"), help="Folder to unpack into; the Omniglot configs read data/omniglot."),
+    validation_fraction: float = typer.Option(0.3, help="Share of the characters that go to validation."),
+    seed: int = typer.Option(0, help="Seed of the character split."),
+) -> None:
+    """Unpack the bundled Omniglot subset and write omniglot.csv (dataset table) and pairs.csv (drawer pairs) beside it."""
+    from lookalike.data.bundled import prepare_omniglot
+
+    prepared = prepare_omniglot(target, validation_fraction, seed)
+    split = prepared.table.frame["split"]
+    out.print(f"images: {prepared.images} ({len(prepared.table)} images, {prepared.table.frame['label'].nunique()} characters)", highlight=False)
+    out.print(f"wrote {prepared.table_path}: {int((split == 'train').sum())} train, {int((split == 'validation').sum())} validation", highlight=False)
+    out.print(f"wrote {prepared.pairs_path}: {len(prepared.pairs)} pairs", highlight=False)
+
+
+@config_app.command("show")
+@reports_errors
+def config_show(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP + " Without them: the defaults.")) -> None:
+    """Print the resolved config (file, then overrides, over every default) as YAML that loads back to the same config."""
+    from lookalike.config_doc import config_yaml
+
+    typer.echo(config_yaml(_config(args)), nl=False)
+
+
+def _with_config_docs(epilog: str | None) -> str:
+    """A command's own epilog (if any) followed by CONFIG_DOCS_EPILOG, once."""
+    if epilog and CONFIG_DOCS_EPILOG in epilog:
+        return epilog
+    return f"{epilog}\n\n{CONFIG_DOCS_EPILOG}" if epilog else CONFIG_DOCS_EPILOG
+
+
+def _add_config_epilog(typer_app: typer.Typer) -> None:
+    """End the --help of the app, of every command and of every command group with CONFIG_DOCS_EPILOG."""
+    typer_app.info.epilog = _with_config_docs(typer_app.info.epilog)
+    for command in typer_app.registered_commands:
+        command.epilog = _with_config_docs(command.epilog)
+    for group in typer_app.registered_groups:
+        _add_config_epilog(group.typer_instance)
+
+
 def main() -> None:
+    _add_config_epilog(app)
     app()
 
 

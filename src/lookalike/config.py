@@ -25,9 +25,9 @@ class DataConfig(Section):
     table: str | None = None  # dataset CSV
     root: str | None = None  # folder that relative paths start from; default: the CSV's folder
     image_size: int | list[int] = 224  # square side, or [height, width] (resized exactly, no crop; re-ID uses [256, 128])
-    crop_fraction: float = 0.875
-    batch_size: int = 64
-    num_workers: int = 0
+    crop_fraction: float = 0.875  # evaluation: resize the short side to image_size / crop_fraction, then centre-crop (1.0: no crop)
+    batch_size: int = 64  # images per batch when embedding
+    num_workers: int = 0  # DataLoader worker processes that decode images (0: in the main process)
     skip_bad_images: bool = False  # drop rows whose image is missing, empty, truncated or corrupt (or its bbox misses it), with a warning; false: such an image is an error naming it
 
     @field_validator("image_size")
@@ -49,32 +49,32 @@ class ModelConfig(Section):
 
 
 class ExtractConfig(Section):
-    output: str = "runs/embeddings.npz"
-    device: Device = "cpu"
+    output: str = "runs/embeddings.npz"  # embeddings file (.npz) that extract writes and search reads
+    device: Device = "cpu"  # torch device of the extractor: auto, cpu, cuda, cuda:1, mps
     split: str | None = "validation"  # embed only this split; None embeds every row
 
 
 class SearchConfig(Section):
     embeddings: str | None = None  # default: extract.output
-    output: str = "runs/results.npz"
-    k: int = 100
+    output: str = "runs/results.npz"  # RetrievalResults file (.npz) that search writes and evaluate reads
+    k: int = 100  # gallery items kept per query
     metric: str = "cosine"  # cosine | euclidean
     index: str = "exact"  # exact, or a FAISS factory string: Flat, IVF256,Flat, HNSW32, ...
-    device: Device = "cpu"
+    device: Device = "cpu"  # torch device of exact search (FAISS indexes run on the CPU)
     reranked_output: str = "runs/results_reranked.npz"  # the list after the last re-ranking stage
 
 
 class EvaluateConfig(Section):
     results: str | None = None  # default: search.output
-    output: str = "runs/metrics.json"
-    cmc_k: list[int] = [1, 5, 10]
-    precision_k: list[int] = [5, 10]
-    map_k: list[int] = [5, 10, 100]
+    output: str = "runs/metrics.json"  # metrics JSON
+    cmc_k: list[int] = [1, 5, 10]  # cut-offs of CMC@k
+    precision_k: list[int] = [5, 10]  # cut-offs of precision@k
+    map_k: list[int] = [5, 10, 100]  # cut-offs of mAP@k
     grid: str | None = "runs/grid.png"  # picture of queries and their top results; null to skip
-    cmc_plot: str | None = "runs/cmc.png"
-    grid_queries: int = 8
+    cmc_plot: str | None = "runs/cmc.png"  # CMC curve picture; null to skip
+    grid_queries: int = 8  # queries shown in the result grid
     centroids: Literal["none", "label", "label_sequence"] = "none"  # rank per-label gallery centroids (CTL) instead of images
-    grid_top_k: int = 6
+    grid_top_k: int = 6  # results shown per query in the result grid
 
     def metric_kwargs(self) -> dict[str, tuple[int, ...]]:
         """The cut-offs, as compute_metrics and the re-ranking chain take them."""
@@ -84,27 +84,27 @@ class EvaluateConfig(Section):
 class LossConfig(Section):
     triplet: float = 1.0  # weight of the triplet loss (0 turns it off)
     margin: float | None = 0.2  # triplet margin; null = soft margin, log(1 + exp(d_ap - d_an))
-    miner: Literal["all", "batch_hard", "n_hard"] = "batch_hard"
+    miner: Literal["all", "batch_hard", "n_hard"] = "batch_hard"  # every valid triplet, the hardest positive + negative per anchor, or the n hardest
     n_positives: int = 1  # n_hard: hardest positives per anchor
     n_negatives: int = 1  # n_hard: hardest negatives per anchor
     memory_size: int = 0  # cross-batch memory of past embeddings mined as extra positives/negatives; 0 = off
     centroid: float = 0.0  # weight of the centroid triplet loss (CTL)
-    centroid_margin: float = 0.5
+    centroid_margin: float = 0.5  # margin of the centroid triplet loss
     cross_entropy: float = 0.0  # weight of cross-entropy on a classifier over the (BNNeck) embedding
-    label_smoothing: float = 0.1
+    label_smoothing: float = 0.1  # label smoothing of the cross-entropy loss
     center: float = 0.0  # weight of the center loss
     center_lr: float | None = None  # learning rate of the class centres (their own parameter group); None = train.lr
 
 
 class TrainConfig(Section):
     output: str = "runs/train"  # checkpoints/, tensorboard/, csv/ and validation grids land here
-    seed: int = 0
-    epochs: int = 10
-    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    lr: float = 1e-4
+    seed: int = 0  # seed of weights, sampler and augmentation (Lightning seed_everything)
+    epochs: int = 10  # training epochs
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"  # optimizer of all parameter groups
+    lr: float = 1e-4  # learning rate (of the head, and of the backbone unless backbone_lr)
     backbone_lr: float | None = None  # a lower rate for the backbone; None = lr
-    weight_decay: float = 0.0
-    scheduler: Literal["none", "cosine", "step"] = "none"
+    weight_decay: float = 0.0  # weight decay of the optimizer
+    scheduler: Literal["none", "cosine", "step"] = "none"  # learning-rate schedule after the warm-up: constant, cosine to 0, or /10 at step_epochs
     warmup_epochs: int = 0  # linear warm-up of the learning rate
     step_epochs: list[int] = []  # scheduler=step: epochs at which the rate is divided by 10
     p: int = 8  # labels per batch
@@ -121,14 +121,14 @@ class TrainConfig(Section):
 
 class TrainerConfig(Section):
     accelerator: str = "auto"  # cpu, gpu, auto
-    devices: int | str = 1
+    devices: int | str = 1  # devices (processes) per node, as Lightning takes it: a count, 'auto' or a list such as '0,1'
     strategy: str = "auto"  # ddp for several processes
-    num_nodes: int = 1
+    num_nodes: int = 1  # machines for multi-node training
     precision: str = "32-true"  # 16-mixed, bf16-mixed, ...
     channels_last: bool = True  # NHWC model while training (both trainers): faster convolutions (oneDNN on CPU, tensor cores on GPU)
-    limit_train_batches: int | float | None = None
-    log_every_n_steps: int = 10
-    progress: bool = True
+    limit_train_batches: int | float | None = None  # train on only this many batches (int) or this share (float) of each epoch; None: all
+    log_every_n_steps: int = 10  # steps between logged training losses
+    progress: bool = True  # Lightning's progress bar
 
 
 class PairwiseConfig(Section):
@@ -141,7 +141,7 @@ class PairwiseConfig(Section):
     image_size: int | list[int] | None = None  # one image of the pair; None = data.image_size
     init_from_extractor: bool = False  # start the backbone from model.weights (same timm model as model.name)
     hidden: int = 192  # MLP head's hidden width
-    dropout: float = 0.5
+    dropout: float = 0.5  # dropout of the MLP head
     tta: bool = False  # average both stacking orders when re-ranking
     mining: Literal["hard", "random"] = "hard"  # per anchor the hardest (or a random) positive and negative by the extractor
     freeze_epochs: int = 0  # backbone frozen for the first N epochs (head only), then trained at train.backbone_lr
@@ -153,7 +153,7 @@ class PairwiseConfig(Section):
 class ServeConfig(Section):
     """`lookalike index` writes index_dir; `lookalike serve index_dir` answers searches over its gallery."""
 
-    index_dir: str = "runs/index"
+    index_dir: str = "runs/index"  # folder that `lookalike index` writes and `lookalike serve` reads
     gallery: Literal["all", "validation", "train"] = "all"  # all rows; or one split (validation: its is_gallery rows)
     candidates: int = 100  # items searched per query; re-rankers re-order these, the page shows the top k
     max_upload_mb: float = 10.0  # larger uploads get 413
@@ -186,17 +186,17 @@ class AdaptConfig(Section):
     hidden: int = 1024  # output width of the linear module
     scale: float = 15.0  # inverse temperature of the symmetric InfoNCE
     lr: float = 1.0e-3  # Adam
-    weight_decay: float = 0.0
-    epochs: int = 100
+    weight_decay: float = 0.0  # Adam weight decay
+    epochs: int = 100  # training epochs per run (the best on the validation pairs is kept)
     batch_size: int | None = None  # pairs per step; None: full batch
     monitor: str = "top1/mean"  # validation metric that picks the epoch kept; 'loss' for the lowest loss
     split: Literal["random", "table"] = "random"  # random: train/validation/test drawn per run; table: the table's validation pairs are the test set
     validation_fraction: float = 0.1  # random: share of all pairs; table: share of the train pairs
     test_fraction: float = 0.3  # random only
     runs: int = 5  # repeated splits (seeds seed, seed+1, ...): mean and std
-    seed: int = 0
-    top_k: list[int] = [1, 3, 5]
-    device: Device = "cpu"
+    seed: int = 0  # seed of the first run's split and initialisation
+    top_k: list[int] = [1, 3, 5]  # k of the reported top-k accuracy
+    device: Device = "cpu"  # torch device of feature extraction and training
     output: str = "runs/adapt"  # metrics.json, tensorboard/ (per run and average), run{r}/ (adapter, PCA, split)
 
 

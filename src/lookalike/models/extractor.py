@@ -65,7 +65,7 @@ def read_checkpoint(path: str | os.PathLike, field: str = "model.weights") -> ob
     try:
         with torch.serialization.safe_globals(NUMPY_SCALAR_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a file that is not a checkpoint
+    except Exception as exc:  # noqa: BLE001  torch raises many types for a file that is not a checkpoint
         raise LookalikeError(f"{field}: {path} is not a PyTorch checkpoint ({exc.__class__.__name__})") from None
 
 

@@ -223,7 +223,6 @@ def run_train_reranker(cfg: Config, resume: str | None = None, progress: Progres
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     module, data = build_pairwise_parts(cfg, progress)
     throughput = Throughput()
-    t = cfg.train
     freeze = FrozenBackbone(cfg.pairwise.freeze_epochs)
     run_cfg = cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update={"precision": auto_precision(cfg)})})
     trainer = build_trainer(run_cfg, [throughput, freeze])
