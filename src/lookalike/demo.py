@@ -4,6 +4,7 @@ k-reciprocal re-ranking -> the STIR pairwise re-ranker trained briefly."""
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,7 +237,7 @@ def stage_gains(stages: list[Stage]) -> list[StageGain]:
     """Each re-ranking stage's headline metric against the stage before it: mAP@all for k-reciprocal (it re-orders the
     whole list), CMC@1 for the pairwise model (it re-orders the top 5)."""
     gains = []
-    for previous, stage in zip(stages, stages[1:]):
+    for previous, stage in itertools.pairwise(stages):
         title, metric = STAGE_TITLES.get(stage.name, (stage.name, "cmc@1"))
         gains.append(StageGain(title, metric, previous.report.means[metric], stage.report.means[metric]))
     return gains

@@ -671,7 +671,7 @@ class RankingsWriter:
         self._atomic = atomic_path(self.output / RANKINGS_NPZ, suffix=".npz")
         self._zip: zipfile.ZipFile | None = None
 
-    def __enter__(self) -> RankingsWriter:  # noqa: PYI034
+    def __enter__(self) -> RankingsWriter:
         self._zip = zipfile.ZipFile(self._atomic.__enter__(), "w", allowZip64=True)
         return self
 
