@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
+from pydantic import ValidationError
 
 from lookalike.config import Config, ServeConfig
 from lookalike.data.images import eval_transform, read_image, resize_side
@@ -166,7 +168,11 @@ class GalleryIndex:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
-        self.limits = ServeConfig.model_validate(self.settings["serve"])  # an older index gets today's defaults
+        try:
+            self.limits = ServeConfig.model_validate(self.settings["serve"])  # an older index gets today's defaults
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            raise LookalikeError(f"{SETTINGS_FILE}: serve.{'.'.join(map(str, error['loc']))}: {error['msg']} (rebuild with `lookalike index`)") from None
         self.thumbnail = lru_cache(maxsize=2048)(self._thumbnail)
         self.paths = self.table.frame["path"].to_numpy(str)
         self.labels = self.table.frame["label"].to_numpy(str)
@@ -214,9 +220,9 @@ class GalleryIndex:
         unknown = [name for name in rerankers if name not in self.rerankers]
         if unknown:
             raise LookalikeError(f"rerankers: unknown {unknown[0]!r}; this index has {', '.join(self.rerankers) or 'none'}")
-        repeated = next((name for name in rerankers if rerankers.count(name) > 1), None)
-        if repeated is not None:  # with each name once, a search runs at most every configured stage once
-            raise LookalikeError(f"rerankers: {repeated!r} is given {list(rerankers).count(repeated)} times; give each re-ranker once")
+        repeated = [(name, n) for name, n in Counter(rerankers).items() if n > 1]
+        if repeated:  # with each name once, a search runs at most every configured stage once
+            raise LookalikeError(f"rerankers: {repeated[0][0]!r} is given {repeated[0][1]} times; give each re-ranker once")
         own = gallery_position is not None
         m = min(max(k, self.candidates), len(self) - own)
         query_id = self.gallery.ids[gallery_position] if own else (image_path or "query")  # a gallery query is that gallery node
