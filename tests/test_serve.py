@@ -241,7 +241,9 @@ def test_new_serve_limits_must_be_positive():
         for bad in ("0", "-1", "nan"):
             with pytest.raises(ConfigError, match=f"serve.{field}.*expected a number > 0"):
                 load_config(None, [f"serve.{field}={bad}"])
-    assert load_config(None, ["serve.allowed_hosts=[gallery.lan]"]).serve.allowed_hosts == ["gallery.lan"]
+    assert load_config(None, ["serve.allowed_hosts=[gallery.lan, '*.example.com']"]).serve.allowed_hosts == ["gallery.lan", "*.example.com"]
+    with pytest.raises(ConfigError, match=r"serve.allowed_hosts.*patterns like '\*.example.com', got 'gal\*lery'"):
+        load_config(None, ["serve.allowed_hosts=['gal*lery']"])
 
 
 def test_a_reranker_named_twice_is_refused_at_once(client):
@@ -295,6 +297,8 @@ def test_security_headers_host_check_and_no_cdn_docs(client, index_dir):
     assert client.get("/health", headers={"host": "rebound.attacker.example"}).status_code == 400  # DNS rebinding
     for host in ["127.0.0.1:8000", "localhost", "[::1]:8000"]:
         assert client.get("/health", headers={"host": host}).status_code == 200, host
+    with pytest.raises(LookalikeError, match=r"--allow-host: serve.allowed_hosts: .*got '\*example'"):
+        create_app(load_index(index_dir), "0.0.0.0", ["*example"])
     public = TestClient(create_app(load_index(index_dir), "0.0.0.0", ["gallery.lan"]), base_url="http://gallery.lan")
     assert public.get("/health").status_code == 200 and public.get("/health", headers={"host": "192.168.1.5"}).status_code == 400
     docs = client.get("/docs")  # no Swagger page loading its assets from a CDN: the schema itself

@@ -169,6 +169,14 @@ class ServeConfig(Section):
             raise ValueError("expected a number > 0")
         return value
 
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_patterns(cls, hosts: list[str]) -> list[str]:
+        bad = [h for h in hosts if not h or "*" in h[1:] or (h.startswith("*") and h != "*" and not h.startswith("*."))]
+        if bad:
+            raise ValueError(f"expected host names, '*' or patterns like '*.example.com', got {bad[0]!r}")
+        return hosts
+
 
 class BackboneConfig(Section):
     """One frozen timm backbone of `lookalike adapt`, read at chosen layers."""

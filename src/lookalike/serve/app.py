@@ -24,7 +24,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from lookalike import __version__
 from lookalike.errors import LookalikeError
 from lookalike.serve.guards import BodyGuard, SecurityHeaders, allowed_hosts, header_deadline_protocol
-from lookalike.serve.index import Column, GalleryIndex, IndexBusy
+from lookalike.serve.index import Column, GalleryIndex, IndexBusy, serve_limits
 from lookalike.serve.uploads import UploadRejected, decode_upload
 
 STATIC = Path(__file__).with_name("static")
@@ -73,7 +73,8 @@ def create_app(index: GalleryIndex, host: str = "127.0.0.1", extra_hosts: tuple[
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     worker = SearchWorker(limits.search_timeout)
     app.add_middleware(BodyGuard, max_bytes=max_bytes + FORM_OVERHEAD, idle=limits.read_timeout, total=limits.upload_timeout)
-    app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(host, [*limits.allowed_hosts, *extra_hosts]))
+    hosts = serve_limits({**limits.model_dump(), "allowed_hosts": [*limits.allowed_hosts, *extra_hosts]}, "--allow-host").allowed_hosts
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(host, hosts))
     app.add_middleware(SecurityHeaders)
 
     @app.get("/", include_in_schema=False)

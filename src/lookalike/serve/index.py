@@ -168,11 +168,7 @@ class GalleryIndex:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
-        try:
-            self.limits = ServeConfig.model_validate(self.settings["serve"])  # an older index gets today's defaults
-        except ValidationError as exc:
-            error = exc.errors()[0]
-            raise LookalikeError(f"{SETTINGS_FILE}: serve.{'.'.join(map(str, error['loc']))}: {error['msg']} (rebuild with `lookalike index`)") from None
+        self.limits = serve_limits(self.settings["serve"], SETTINGS_FILE)  # an older index gets today's defaults
         self.thumbnail = lru_cache(maxsize=2048)(self._thumbnail)
         self.paths = self.table.frame["path"].to_numpy(str)
         self.labels = self.table.frame["label"].to_numpy(str)
@@ -265,6 +261,15 @@ class GalleryIndex:
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         return buffer.getvalue()
+
+
+def serve_limits(values: dict[str, Any], where: str) -> ServeConfig:
+    """The serve section from `values` (an index's settings, or with hosts added); a bad value is one line naming it."""
+    try:
+        return ServeConfig.model_validate(values)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        raise LookalikeError(f"{where}: serve.{'.'.join(map(str, error['loc']))}: {error['msg']}") from None
 
 
 def _column(name: str, results: RetrievalResults, original: RetrievalResults, k: int) -> Column:
