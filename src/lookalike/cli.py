@@ -297,16 +297,18 @@ def serve(
     index_dir: Path = typer.Argument(..., help="A folder written by `lookalike index`."),
     host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 for every interface)."),
     port: int = typer.Option(8000, help="TCP port."),
+    allow_host: Optional[list[str]] = typer.Option(None, "--allow-host", help="Host header name to answer besides loopback names and --host (repeat; also serve.allowed_hosts)."),
 ) -> None:
     """Search the gallery of INDEX_DIR in the browser: upload or pick a query, compare re-rankers side by side."""
     import uvicorn
 
     from lookalike.serve import load_index
-    from lookalike.serve.app import create_app
+    from lookalike.serve.app import create_app, server_config
 
-    app_ = create_app(load_index(index_dir))
-    out.print(f"lookalike: serving {index_dir} on http://{host}:{port}/ (API documentation at /docs)")
-    uvicorn.run(app_, host=host, port=port, log_level="warning")
+    index = load_index(index_dir)
+    app_ = create_app(index, host, allow_host or [])
+    out.print(f"lookalike: serving {index_dir} on http://{host}:{port}/ (API schema at /openapi.json)")
+    uvicorn.Server(server_config(app_, index, host, port)).run()
 
 
 def _print_comparison(columns: dict[str, dict[str, float]], title: str) -> None:

@@ -159,6 +159,26 @@ class ServeConfig(Section):
     max_upload_mb: float = 10.0  # larger uploads get 413
     max_pixels: int = 40_000_000  # larger images (width x height) get 413, before decoding
     thumbnail: int = 256  # longest side of the images the page shows
+    max_aspect_ratio: float = 20.0  # uploads whose longer side is more times the shorter one get 413, before decoding
+    search_timeout: float = 30.0  # seconds a search waits for the model (searches run one at a time); then 503
+    read_timeout: float = 10.0  # seconds a request body may stall between bytes; then 408 and the connection is closed
+    upload_timeout: float = 60.0  # seconds a whole request body may take to arrive; then 408 and the connection is closed
+    allowed_hosts: list[str] = []  # Host header names accepted besides loopback names and --host ("*" any, "*.example.com")
+
+    @field_validator("max_aspect_ratio", "search_timeout", "read_timeout", "upload_timeout")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if not value > 0:
+            raise ValueError("expected a number > 0")
+        return value
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_patterns(cls, hosts: list[str]) -> list[str]:
+        bad = [h for h in hosts if not h or "*" in h[1:] or (h.startswith("*") and h != "*" and not h.startswith("*."))]
+        if bad:
+            raise ValueError(f"expected host names, '*' or patterns like '*.example.com', got {bad[0]!r}")
+        return hosts
 
 
 class BackboneConfig(Section):

@@ -14,13 +14,18 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def resize_side(image_size: int | list[int], crop_fraction: float) -> int | None:
+    """The side eval_transform resizes an image's shorter side to (None: resized to exactly [height, width])."""
+    return int(round(image_size / crop_fraction)) if isinstance(image_size, int) else None
+
+
 def eval_transform(
     image_size: int | list[int] = 224, crop_fraction: float = 0.875, mean: tuple = IMAGENET_MEAN, std: tuple = IMAGENET_STD
 ) -> v2.Compose:
     """Square size: resize the short side to size / crop_fraction and centre-crop. [height, width] (re-ID's 256 x 128):
     resize to exactly that. Then scale to float and normalise."""
     if isinstance(image_size, int):
-        resize = [v2.Resize(int(round(image_size / crop_fraction)), antialias=True), v2.CenterCrop(image_size)]
+        resize = [v2.Resize(resize_side(image_size, crop_fraction), antialias=True), v2.CenterCrop(image_size)]
     else:
         resize = [v2.Resize(tuple(image_size), antialias=True)]
     return v2.Compose([v2.ToImage(), *resize, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])

@@ -8,6 +8,9 @@ import json
 import os
 import shutil
 import threading
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -17,9 +20,10 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
+from pydantic import ValidationError
 
-from lookalike.config import Config
-from lookalike.data.images import eval_transform, read_image
+from lookalike.config import Config, ServeConfig
+from lookalike.data.images import eval_transform, read_image, resize_side
 from lookalike.data.decode import to_rgb
 from lookalike.data.table import BBOX_COLUMNS, DatasetTable, save_csv
 from lookalike.atomic import atomic_folder
@@ -38,6 +42,10 @@ SETTINGS_FILE, MODEL_FILE, GALLERY_FILE, EMBEDDINGS_FILE, FAISS_FILE = (
     "index.json", "model.pt", "gallery.csv", "embeddings.npz", "faiss.index")
 SERVABLE = ("icfrr", "kreciprocal", "qe", "dba", "pairwise")  # re-rankers that can take an uploaded query
 IMAGE_RERANKERS = ("pairwise",)  # these also read the images: the gallery table, and the query's image file
+
+
+class IndexBusy(LookalikeError):
+    """The model stayed busy with other searches for longer than serve.search_timeout (the app answers 503)."""
 
 
 @dataclass
@@ -160,6 +168,7 @@ class GalleryIndex:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
+        self.limits = serve_limits(self.settings["serve"], SETTINGS_FILE)  # an older index gets today's defaults
         self.thumbnail = lru_cache(maxsize=2048)(self._thumbnail)
         self.paths = self.table.frame["path"].to_numpy(str)
         self.labels = self.table.frame["label"].to_numpy(str)
@@ -171,7 +180,24 @@ class GalleryIndex:
 
     @property
     def candidates(self) -> int:
-        return int(self.settings["serve"]["candidates"])
+        return self.limits.candidates
+
+    @property
+    def short_side(self) -> int | None:
+        """The side the transform resizes an image's shorter side to (None: resized to a fixed size)."""
+        data = self.settings["data"]
+        return resize_side(data["image_size"], data["crop_fraction"])
+
+    @contextmanager
+    def _model(self) -> Iterator[None]:
+        """Hold the lock for one search, waiting at most serve.search_timeout: a queue of searches cannot grow unbounded waits."""
+        timeout = self.limits.search_timeout
+        if not self.lock.acquire(timeout=timeout):
+            raise IndexBusy(f"search: the server is busy (waited {timeout:g} s for other searches to finish); try again")
+        try:
+            yield
+        finally:
+            self.lock.release()
 
     def __len__(self) -> int:
         return len(self.gallery)
@@ -179,7 +205,7 @@ class GalleryIndex:
     def embed(self, image: Image.Image) -> np.ndarray:
         """The embedding [D] of one image (converted to RGB as gallery images are)."""
         batch = self.transform(to_rgb(image))[None]
-        with self.lock, torch.inference_mode():
+        with self._model(), torch.inference_mode():
             return self.extractor(batch)[0].float().numpy()
 
     def search(
@@ -190,6 +216,9 @@ class GalleryIndex:
         unknown = [name for name in rerankers if name not in self.rerankers]
         if unknown:
             raise LookalikeError(f"rerankers: unknown {unknown[0]!r}; this index has {', '.join(self.rerankers) or 'none'}")
+        repeated = [(name, n) for name, n in Counter(rerankers).items() if n > 1]
+        if repeated:  # with each name once, a search runs at most every configured stage once
+            raise LookalikeError(f"rerankers: {repeated[0][0]!r} is given {repeated[0][1]} times; give each re-ranker once")
         own = gallery_position is not None
         m = min(max(k, self.candidates), len(self) - own)
         query_id = self.gallery.ids[gallery_position] if own else (image_path or "query")  # a gallery query is that gallery node
@@ -197,7 +226,7 @@ class GalleryIndex:
         exclude = (np.array([gallery_position]), np.arange(len(self))) if own else None
         table = self._table_with(image_path) if not own and self.reads_images(rerankers) else self.table
         context = RerankContext(queries=queries, gallery=self.gallery, metric=self.metric, exclude=exclude, table=table, cache=self.cache)
-        with self.lock:
+        with self._model():
             original = self._search(queries, m, exclude)
             columns = [_column("original", original, original, k)]
             for name in rerankers:
@@ -232,6 +261,15 @@ class GalleryIndex:
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         return buffer.getvalue()
+
+
+def serve_limits(values: dict[str, Any], where: str) -> ServeConfig:
+    """The serve section from `values` (an index's settings, or with hosts added); a bad value is one line naming it."""
+    try:
+        return ServeConfig.model_validate(values)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        raise LookalikeError(f"{where}: serve.{'.'.join(map(str, error['loc']))}: {error['msg']}") from None
 
 
 def _column(name: str, results: RetrievalResults, original: RetrievalResults, k: int) -> Column:
