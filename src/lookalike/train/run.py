@@ -152,7 +152,7 @@ def run_train(cfg: Config, resume: str | None = None) -> TrainResult:
         module.validation_tag = "before"
         trainer.validate(module, datamodule=data, verbose=False)
         before = dict(module.last_report.means) if module.last_report else {}
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt, weights_only=True)  # a resumed checkpoint may come from anyone
     return fit_result(trainer, cfg, module.last_report, before, throughput)
 
 
