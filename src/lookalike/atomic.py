@@ -3,8 +3,8 @@
 A temporary is named `.{target name}.{pid}-{8 random characters}{suffix}` and held with `fcntl.flock` while it is
 written; every later write of the same target first removes the temporaries whose process is gone (kill -9, power
 loss). Files and folders get the permissions of the umask, as any other output would. Replacing a folder holds
-`.{target name}.lock` beside it, so concurrent writers of one folder take turns. Locking needs fcntl (POSIX); without
-it writes stay atomic but unlocked, and only temporaries of dead processes are removed.
+`.{target name}.lock` beside it (removed afterwards), so concurrent writers of one folder take turns. Locking needs
+fcntl (POSIX); without it writes stay atomic but unlocked, and only temporaries of dead processes are removed.
 """
 
 from __future__ import annotations
@@ -166,11 +166,20 @@ def _swap_folder(tmp: Path, target: Path) -> None:
 
 @contextlib.contextmanager
 def _held(lock_file: Path) -> Iterator[None]:
-    """An exclusive flock on `lock_file` (created with the umask's mode, kept: removing it would race other holders)."""
-    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
+    """An exclusive flock on `lock_file`, which is removed on release: a waiter that then gets the lock of the removed
+    file sees that the name no longer leads to it and locks the new one instead."""
+    while True:
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
+        if fcntl is None:
+            break
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.fstat(fd), os.stat(lock_file)):
+                break
+        os.close(fd)
     try:
-        if fcntl is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
+        if fcntl is not None:
+            lock_file.unlink(missing_ok=True)  # still held: nobody else can be inside
         os.close(fd)
