@@ -89,6 +89,17 @@ def test_validate_reproduces_the_last_validation_and_resume_continues(table_csv,
     assert (tmp_path / "csv" / "version_0" / "metrics.csv").is_file() and (tmp_path / "csv" / "version_1" / "metrics.csv").is_file()
 
 
+def test_resume_after_a_killed_run_keeps_one_best_checkpoint(table_csv, tmp_path):
+    first = run_train(config(table_csv, tmp_path, "train.epochs=1", "train.validate_before=false"))
+    # what kill -9 leaves between the two checkpoint callbacks of epoch 1: the best callback wrote best-epoch001.ckpt
+    # and removed best-epoch000.ckpt (save_top_k=1), last.ckpt is still the one of epoch 0 that --resume reads
+    first.best_checkpoint.rename(first.best_checkpoint.with_name("best-epoch001.ckpt"))
+    resumed = run_train(config(table_csv, tmp_path, "train.epochs=2", "train.validate_before=false"), resume="last")
+    bests = sorted((tmp_path / "checkpoints").glob("best-*.ckpt"))
+    assert bests == [resumed.best_checkpoint]  # was: the killed run's file next to best-epoch001-v1.ckpt, or a best that is gone
+    assert torch.load(bests[0], map_location="cpu", weights_only=False)["epoch"] == 1  # written by the resumed run
+
+
 def test_ctl_recipe_trains_with_bnneck_and_mock_instances(table_csv, tmp_path):
     recipe = ["model.bnneck=true", "train.k=24", "train.few_images=pad", "train.loss.centroid=1", "train.loss.cross_entropy=1",
               "train.loss.center=0.0005", "train.augment=reid", "train.scheduler=step", "train.warmup_epochs=1", "train.step_epochs=[1]",

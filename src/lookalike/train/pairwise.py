@@ -228,5 +228,5 @@ def run_train_reranker(cfg: Config, resume: str | None = None, progress: Progres
     trainer = build_trainer(run_cfg, [throughput, freeze])
     if freeze.epochs > 0 and trainer.world_size > 1:  # DDP syncs only the parameters that train when it wraps the model
         raise ConfigError("pairwise.freeze_epochs: a backbone unfrozen later would not be synchronised across DDP processes; use 0 with several devices")
-    trainer.fit(module, datamodule=data, ckpt_path=_resume_path(cfg, resume))
+    trainer.fit(module, datamodule=data, ckpt_path=_resume_path(cfg, resume), weights_only=True)
     return fit_result(trainer, cfg, module.last_report, dict(module.validation.report.means), throughput)

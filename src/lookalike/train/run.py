@@ -17,6 +17,9 @@ from lookalike.errors import ConfigError, LookalikeError
 from lookalike.train.data import RetrievalDataModule, train_transform
 from lookalike.train.module import ExtractorModule
 
+BEST_PREFIX = "best-"
+
+
 @dataclass
 class TrainResult:
     """What a training run left behind; `metrics` are the last validation's means."""
@@ -80,12 +83,35 @@ class ChannelsLast(Callback):
         pl_module.to(memory_format=torch.channels_last)
 
 
+class BestCheckpoint(ModelCheckpoint):
+    """The best checkpoint by train.monitor, kept as one file across --resume: a killed run can leave a best-*.ckpt
+    written after the checkpoint it resumes from, which the restored state does not know and would never remove."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if trainer.ckpt_path is not None:
+            self.drop_untracked(trainer.is_global_zero)
+
+    def drop_untracked(self, remove_files: bool = True) -> None:
+        """Remove best-*.ckpt files the restored state does not track; forget a tracked one that is gone, so that the
+        next validation writes a new best instead of comparing with a file that no longer exists."""
+        tracked = {Path(p).resolve() for p in self.best_k_models if Path(p).is_file()}
+        if remove_files:
+            for path in Path(self.dirpath).glob(f"{BEST_PREFIX}*{self.FILE_EXTENSION}"):
+                if path.resolve() not in tracked:
+                    path.unlink(missing_ok=True)
+        if not tracked:
+            self.best_k_models, self.best_model_path, self.best_model_score = {}, "", None
+            self.kth_best_model_path = ""
+            self.kth_value = torch.tensor(-torch.inf if self.mode == "max" else torch.inf)
+
+
 def build_trainer(cfg: Config, callbacks: list[Callback] = (), validate_only: bool = False) -> L.Trainer:
     """A Trainer with checkpoints (best by train.monitor, and last), TensorBoard + CSV logs and a progress bar."""
     t, tr = cfg.train, cfg.trainer
     out = Path(t.output)
-    best = ModelCheckpoint(
-        dirpath=out / "checkpoints", filename="best-epoch{epoch:03d}", monitor=f"val/{t.monitor}", mode="max", auto_insert_metric_name=False
+    best = BestCheckpoint(
+        dirpath=out / "checkpoints", filename=BEST_PREFIX + "epoch{epoch:03d}", monitor=f"val/{t.monitor}", mode="max", auto_insert_metric_name=False
     )
     # Lightning 2.6 writes save_last only at steps where a best checkpoint was written: keep "last" with a checkpoint of its own
     last = ModelCheckpoint(dirpath=out / "checkpoints", filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
@@ -126,7 +152,7 @@ def run_train(cfg: Config, resume: str | None = None) -> TrainResult:
         module.validation_tag = "before"
         trainer.validate(module, datamodule=data, verbose=False)
         before = dict(module.last_report.means) if module.last_report else {}
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt, weights_only=True)  # a resumed checkpoint may come from anyone
     return fit_result(trainer, cfg, module.last_report, before, throughput)
 
 
