@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from lookalike.errors import ConfigError
+
+PositiveInt = Annotated[int, Field(gt=0)]
+Count = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0, lt=1)]  # a share: 0 <= x < 1
 
 
 class Section(BaseModel):
@@ -22,9 +28,9 @@ class DataConfig(Section):
     table: str | None = None  # dataset CSV
     root: str | None = None  # folder that relative paths start from; default: the CSV's folder
     image_size: int | list[int] = 224  # square side, or [height, width] (resized exactly, no crop; re-ID uses [256, 128])
-    crop_fraction: float = 0.875
-    batch_size: int = 64
-    num_workers: int = 0
+    crop_fraction: Annotated[float, Field(gt=0, le=1)] = 0.875  # eval: resize to size / crop_fraction, then centre-crop size
+    batch_size: PositiveInt = 64
+    num_workers: Count = 0
     skip_bad_images: bool = False  # drop rows whose image is missing, empty, truncated or corrupt (or its bbox misses it), with a warning; false: such an image is an error naming it
 
     @field_validator("image_size")
@@ -40,7 +46,7 @@ class ModelConfig(Section):
     name: str = "resnet50"  # any timm model name
     pretrained: bool = True  # download timm's pretrained weights
     weights: str | None = None  # local state dict or Lightning checkpoint, loaded after creation
-    embedding_dim: int | None = None  # linear projection after pooling; None keeps the backbone's features
+    embedding_dim: PositiveInt | None = None  # linear projection after pooling; None keeps the backbone's features
     normalize: bool = True  # L2-normalise embeddings
     bnneck: bool = False  # batch-norm neck after the projection (BoT / CTL recipe); embeddings taken after it
 
@@ -54,7 +60,7 @@ class ExtractConfig(Section):
 class SearchConfig(Section):
     embeddings: str | None = None  # default: extract.output
     output: str = "runs/results.npz"
-    k: int = 100
+    k: PositiveInt = 100
     metric: str = "cosine"  # cosine | euclidean
     index: str = "exact"  # exact, or a FAISS factory string: Flat, IVF256,Flat, HNSW32, ...
     device: str = "cpu"
@@ -64,14 +70,14 @@ class SearchConfig(Section):
 class EvaluateConfig(Section):
     results: str | None = None  # default: search.output
     output: str = "runs/metrics.json"
-    cmc_k: list[int] = [1, 5, 10]
-    precision_k: list[int] = [5, 10]
-    map_k: list[int] = [5, 10, 100]
+    cmc_k: list[PositiveInt] = [1, 5, 10]
+    precision_k: list[PositiveInt] = [5, 10]
+    map_k: list[PositiveInt] = [5, 10, 100]
     grid: str | None = "runs/grid.png"  # picture of queries and their top results; null to skip
     cmc_plot: str | None = "runs/cmc.png"
-    grid_queries: int = 8
+    grid_queries: PositiveInt = 8
     centroids: Literal["none", "label", "label_sequence"] = "none"  # rank per-label gallery centroids (CTL) instead of images
-    grid_top_k: int = 6
+    grid_top_k: PositiveInt = 6
 
     def metric_kwargs(self) -> dict[str, tuple[int, ...]]:
         """The cut-offs, as compute_metrics and the re-ranking chain take them."""
@@ -79,37 +85,37 @@ class EvaluateConfig(Section):
 
 
 class LossConfig(Section):
-    triplet: float = 1.0  # weight of the triplet loss (0 turns it off)
+    triplet: NonNegativeFloat = 1.0  # weight of the triplet loss (0 turns it off)
     margin: float | None = 0.2  # triplet margin; null = soft margin, log(1 + exp(d_ap - d_an))
     miner: Literal["all", "batch_hard", "n_hard"] = "batch_hard"
-    n_positives: int = 1  # n_hard: hardest positives per anchor
-    n_negatives: int = 1  # n_hard: hardest negatives per anchor
-    memory_size: int = 0  # cross-batch memory of past embeddings mined as extra positives/negatives; 0 = off
-    centroid: float = 0.0  # weight of the centroid triplet loss (CTL)
+    n_positives: PositiveInt = 1  # n_hard: hardest positives per anchor
+    n_negatives: PositiveInt = 1  # n_hard: hardest negatives per anchor
+    memory_size: Count = 0  # cross-batch memory of past embeddings mined as extra positives/negatives; 0 = off
+    centroid: NonNegativeFloat = 0.0  # weight of the centroid triplet loss (CTL)
     centroid_margin: float = 0.5
-    cross_entropy: float = 0.0  # weight of cross-entropy on a classifier over the (BNNeck) embedding
-    label_smoothing: float = 0.1
-    center: float = 0.0  # weight of the center loss
-    center_lr: float | None = None  # learning rate of the class centres (their own parameter group); None = train.lr
+    cross_entropy: NonNegativeFloat = 0.0  # weight of cross-entropy on a classifier over the (BNNeck) embedding
+    label_smoothing: Fraction = 0.1
+    center: NonNegativeFloat = 0.0  # weight of the center loss
+    center_lr: PositiveFloat | None = None  # learning rate of the class centres (their own parameter group); None = train.lr
 
 
 class TrainConfig(Section):
     output: str = "runs/train"  # checkpoints/, tensorboard/, csv/ and validation grids land here
     seed: int = 0
-    epochs: int = 10
+    epochs: PositiveInt = 10
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    lr: float = 1e-4
-    backbone_lr: float | None = None  # a lower rate for the backbone; None = lr
-    weight_decay: float = 0.0
+    lr: PositiveFloat = 1e-4
+    backbone_lr: PositiveFloat | None = None  # a lower rate for the backbone; None = lr
+    weight_decay: NonNegativeFloat = 0.0
     scheduler: Literal["none", "cosine", "step"] = "none"
-    warmup_epochs: int = 0  # linear warm-up of the learning rate
-    step_epochs: list[int] = []  # scheduler=step: epochs at which the rate is divided by 10
-    p: int = 8  # labels per batch
-    k: int = 4  # images per label in a batch
-    batches_per_epoch: int | None = None  # None: an epoch is one pass over the labels; set it when there are few labels
+    warmup_epochs: Count = 0  # linear warm-up of the learning rate
+    step_epochs: list[PositiveInt] = []  # scheduler=step: epochs at which the rate is divided by 10
+    p: PositiveInt = 8  # labels per batch
+    k: PositiveInt = 4  # images per label in a batch
+    batches_per_epoch: PositiveInt | None = None  # None: an epoch is one pass over the labels; set it when there are few labels
     few_images: Literal["repeat", "pad", "drop"] = "repeat"  # labels with < k images: draw with repetition, pad with mock images (never anchors, never mined), or skip
     augment: Literal["none", "light", "reid"] = "light"  # light: random resized crop + flip; reid: pad-crop + flip + random erasing
-    val_every: int = 1  # validate every N epochs
+    val_every: PositiveInt = 1  # validate every N epochs
     monitor: str = "cmc@1"  # validation metric that picks the best checkpoint (higher is better)
     grid: bool = True  # write a result grid picture per validation
     validate_before: bool = True  # validate the untrained model first, to show what training changed
@@ -120,11 +126,11 @@ class TrainerConfig(Section):
     accelerator: str = "auto"  # cpu, gpu, auto
     devices: int | str = 1
     strategy: str = "auto"  # ddp for several processes
-    num_nodes: int = 1
+    num_nodes: PositiveInt = 1
     precision: str = "32-true"  # 16-mixed, bf16-mixed, ...
     channels_last: bool = True  # NHWC model while training (both trainers): faster convolutions (oneDNN on CPU, tensor cores on GPU)
     limit_train_batches: int | float | None = None
-    log_every_n_steps: int = 10
+    log_every_n_steps: PositiveInt = 10
     progress: bool = True
 
 
@@ -137,13 +143,13 @@ class PairwiseConfig(Section):
     model_kwargs: dict[str, Any] = {}  # extra timm.create_model arguments, e.g. {patch_size: 8, depth: 4}
     image_size: int | list[int] | None = None  # one image of the pair; None = data.image_size
     init_from_extractor: bool = False  # start the backbone from model.weights (same timm model as model.name)
-    hidden: int = 192  # MLP head's hidden width
-    dropout: float = 0.5
+    hidden: PositiveInt = 192  # MLP head's hidden width
+    dropout: Fraction = 0.5
     tta: bool = False  # average both stacking orders when re-ranking
     mining: Literal["hard", "random"] = "hard"  # per anchor the hardest (or a random) positive and negative by the extractor
-    freeze_epochs: int = 0  # backbone frozen for the first N epochs (head only), then trained at train.backbone_lr
-    top_n: int = 5  # validation re-ranks each query's top_n
-    batch_size: int = 128  # pairs per batch when re-ranking
+    freeze_epochs: Count = 0  # backbone frozen for the first N epochs (head only), then trained at train.backbone_lr
+    top_n: PositiveInt = 5  # validation re-ranks each query's top_n
+    batch_size: PositiveInt = 128  # pairs per batch when re-ranking
     precision: str = "auto"  # auto: bf16-mixed (else 16-mixed) on CUDA, 32-true on CPU; or any Lightning precision
 
 
@@ -152,10 +158,10 @@ class ServeConfig(Section):
 
     index_dir: str = "runs/index"
     gallery: Literal["all", "validation", "train"] = "all"  # all rows; or one split (validation: its is_gallery rows)
-    candidates: int = 100  # items searched per query; re-rankers re-order these, the page shows the top k
-    max_upload_mb: float = 10.0  # larger uploads get 413
-    max_pixels: int = 40_000_000  # larger images (width x height) get 413, before decoding
-    thumbnail: int = 256  # longest side of the images the page shows
+    candidates: PositiveInt = 100  # items searched per query; re-rankers re-order these, the page shows the top k
+    max_upload_mb: PositiveFloat = 10.0  # larger uploads get 413
+    max_pixels: PositiveInt = 40_000_000  # larger images (width x height) get 413, before decoding
+    thumbnail: PositiveInt = 256  # longest side of the images the page shows
 
 
 class BackboneConfig(Section):
@@ -178,21 +184,21 @@ class AdaptConfig(Section):
     backbones: list[BackboneConfig] = [BackboneConfig()]  # features concatenated across layers and backbones
     flip: bool = False  # also extract mirror images; training replaces each image by its mirror with probability 1/2
     features: str = "runs/adapt/features.npz"  # features cache: reused when pairs and extraction settings match
-    pca_dim: int | None = 256  # PCA fitted on each run's training pairs only; None: no PCA
+    pca_dim: PositiveInt | None = 256  # PCA fitted on each run's training pairs only; None: no PCA
     module: Literal["linear", "diagonal", "identity"] = "linear"  # published Linear+ReLU, per-feature weights, or none
-    hidden: int = 1024  # output width of the linear module
-    scale: float = 15.0  # inverse temperature of the symmetric InfoNCE
-    lr: float = 1.0e-3  # Adam
-    weight_decay: float = 0.0
-    epochs: int = 100
-    batch_size: int | None = None  # pairs per step; None: full batch
+    hidden: PositiveInt = 1024  # output width of the linear module
+    scale: PositiveFloat = 15.0  # inverse temperature of the symmetric InfoNCE
+    lr: PositiveFloat = 1.0e-3  # Adam
+    weight_decay: NonNegativeFloat = 0.0
+    epochs: PositiveInt = 100
+    batch_size: PositiveInt | None = None  # pairs per step; None: full batch
     monitor: str = "top1/mean"  # validation metric that picks the epoch kept; 'loss' for the lowest loss
     split: Literal["random", "table"] = "random"  # random: train/validation/test drawn per run; table: the table's validation pairs are the test set
-    validation_fraction: float = 0.1  # random: share of all pairs; table: share of the train pairs
-    test_fraction: float = 0.3  # random only
-    runs: int = 5  # repeated splits (seeds seed, seed+1, ...): mean and std
+    validation_fraction: Fraction = 0.1  # random: share of all pairs; table: share of the train pairs
+    test_fraction: Fraction = 0.3  # random only
+    runs: PositiveInt = 5  # repeated splits (seeds seed, seed+1, ...): mean and std
     seed: int = 0
-    top_k: list[int] = [1, 3, 5]
+    top_k: list[PositiveInt] = [1, 3, 5]
     device: str = "cpu"
     output: str = "runs/adapt"  # metrics.json, tensorboard/ (per run and average), run{r}/ (adapter, PCA, split)
 
@@ -252,18 +258,35 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     _check_keys(OmegaConf.to_container(dotlist), "override")
     merged = OmegaConf.merge(merged, dotlist)
     try:
-        return Config.model_validate(OmegaConf.to_container(merged, resolve=True))
+        values = OmegaConf.to_container(merged, resolve=True)
+    except OmegaConfBaseException as exc:  # e.g. ${nope}: an interpolation of a key that does not exist
+        where = getattr(exc, "full_key", None) or "config"
+        raise ConfigError(f"{where}: cannot resolve the interpolation ({str(exc).splitlines()[0]})") from None
+    try:
+        return Config.model_validate(values)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        raise ConfigError(f"{where}: {err['msg']}, got {err.get('input')!r}") from None
+        raise ConfigError(_validation_message(exc.errors()[0])) from None
+
+
+BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+
+
+def _validation_message(err: dict) -> str:
+    """One pydantic error as 'section.key: what was expected, got VALUE' (bounds as 'must be > 0')."""
+    where = ".".join(str(p) for p in err["loc"])
+    if err["type"] in BOUNDS:
+        bound = next(iter((err.get("ctx") or {}).values()))
+        return f"{where}: must be {BOUNDS[err['type']]} {bound:g}, got {err.get('input')!r}"
+    return f"{where}: {err['msg']}, got {err.get('input')!r}"
 
 
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     _check_keys(values, str(path))
