@@ -9,12 +9,18 @@ from typing import Annotated, Any, Literal
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from lookalike.devices import check_device
 from lookalike.errors import ConfigError
 
 Device = Annotated[str, AfterValidator(check_device)]  # auto (cuda, else mps, else cpu), cpu, cuda, cuda:N, mps
+
+PositiveInt = Annotated[int, Field(gt=0)]
+Count = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0, lt=1)]  # a share: 0 <= x < 1
 
 
 class Section(BaseModel):
@@ -25,9 +31,9 @@ class DataConfig(Section):
     table: str | None = None  # dataset CSV
     root: str | None = None  # folder that relative paths start from; default: the CSV's folder
     image_size: int | list[int] = 224  # square side, or [height, width] (resized exactly, no crop; re-ID uses [256, 128])
-    crop_fraction: float = 0.875  # evaluation: resize the short side to image_size / crop_fraction, then centre-crop (1.0: no crop)
-    batch_size: int = 64  # images per batch when embedding
-    num_workers: int = 0  # DataLoader worker processes that decode images (0: in the main process)
+    crop_fraction: Annotated[float, Field(gt=0, le=1)] = 0.875  # evaluation: resize the short side to image_size / crop_fraction, then centre-crop (1.0: no crop)
+    batch_size: PositiveInt = 64  # images per batch when embedding
+    num_workers: Count = 0  # DataLoader worker processes that decode images (0: in the main process)
     skip_bad_images: bool = False  # drop rows whose image is missing, empty, truncated or corrupt (or its bbox misses it), with a warning; false: such an image is an error naming it
 
     @field_validator("image_size")
@@ -43,7 +49,7 @@ class ModelConfig(Section):
     name: str = "resnet50"  # any timm model name
     pretrained: bool = True  # download timm's pretrained weights
     weights: str | None = None  # local state dict or Lightning checkpoint, loaded after creation
-    embedding_dim: int | None = None  # linear projection after pooling; None keeps the backbone's features
+    embedding_dim: PositiveInt | None = None  # linear projection after pooling; None keeps the backbone's features
     normalize: bool = True  # L2-normalise embeddings
     bnneck: bool = False  # batch-norm neck after the projection (BoT / CTL recipe); embeddings taken after it
 
@@ -57,7 +63,7 @@ class ExtractConfig(Section):
 class SearchConfig(Section):
     embeddings: str | None = None  # default: extract.output
     output: str = "runs/results.npz"  # RetrievalResults file (.npz) that search writes and evaluate reads
-    k: int = 100  # gallery items kept per query
+    k: PositiveInt = 100  # gallery items kept per query
     metric: str = "cosine"  # cosine | euclidean
     index: str = "exact"  # exact, or a FAISS factory string: Flat, IVF256,Flat, HNSW32, ...
     device: Device = "cpu"  # torch device of exact search (FAISS indexes run on the CPU)
@@ -67,14 +73,14 @@ class SearchConfig(Section):
 class EvaluateConfig(Section):
     results: str | None = None  # default: search.output
     output: str = "runs/metrics.json"  # metrics JSON
-    cmc_k: list[int] = [1, 5, 10]  # cut-offs of CMC@k
-    precision_k: list[int] = [5, 10]  # cut-offs of precision@k
-    map_k: list[int] = [5, 10, 100]  # cut-offs of mAP@k
+    cmc_k: list[PositiveInt] = [1, 5, 10]  # cut-offs of CMC@k
+    precision_k: list[PositiveInt] = [5, 10]  # cut-offs of precision@k
+    map_k: list[PositiveInt] = [5, 10, 100]  # cut-offs of mAP@k
     grid: str | None = "runs/grid.png"  # picture of queries and their top results; null to skip
     cmc_plot: str | None = "runs/cmc.png"  # CMC curve picture; null to skip
-    grid_queries: int = 8  # queries shown in the result grid
+    grid_queries: PositiveInt = 8  # queries shown in the result grid
     centroids: Literal["none", "label", "label_sequence"] = "none"  # rank per-label gallery centroids (CTL) instead of images
-    grid_top_k: int = 6  # results shown per query in the result grid
+    grid_top_k: PositiveInt = 6  # results shown per query in the result grid
 
     def metric_kwargs(self) -> dict[str, tuple[int, ...]]:
         """The cut-offs, as compute_metrics and the re-ranking chain take them."""
@@ -82,37 +88,37 @@ class EvaluateConfig(Section):
 
 
 class LossConfig(Section):
-    triplet: float = 1.0  # weight of the triplet loss (0 turns it off)
+    triplet: NonNegativeFloat = 1.0  # weight of the triplet loss (0 turns it off)
     margin: float | None = 0.2  # triplet margin; null = soft margin, log(1 + exp(d_ap - d_an))
     miner: Literal["all", "batch_hard", "n_hard"] = "batch_hard"  # every valid triplet, the hardest positive + negative per anchor, or the n hardest
-    n_positives: int = 1  # n_hard: hardest positives per anchor
-    n_negatives: int = 1  # n_hard: hardest negatives per anchor
-    memory_size: int = 0  # cross-batch memory of past embeddings mined as extra positives/negatives; 0 = off
-    centroid: float = 0.0  # weight of the centroid triplet loss (CTL)
+    n_positives: PositiveInt = 1  # n_hard: hardest positives per anchor
+    n_negatives: PositiveInt = 1  # n_hard: hardest negatives per anchor
+    memory_size: Count = 0  # cross-batch memory of past embeddings mined as extra positives/negatives; 0 = off
+    centroid: NonNegativeFloat = 0.0  # weight of the centroid triplet loss (CTL)
     centroid_margin: float = 0.5  # margin of the centroid triplet loss
-    cross_entropy: float = 0.0  # weight of cross-entropy on a classifier over the (BNNeck) embedding
-    label_smoothing: float = 0.1  # label smoothing of the cross-entropy loss
-    center: float = 0.0  # weight of the center loss
-    center_lr: float | None = None  # learning rate of the class centres (their own parameter group); None = train.lr
+    cross_entropy: NonNegativeFloat = 0.0  # weight of cross-entropy on a classifier over the (BNNeck) embedding
+    label_smoothing: Fraction = 0.1  # label smoothing of the cross-entropy loss
+    center: NonNegativeFloat = 0.0  # weight of the center loss
+    center_lr: PositiveFloat | None = None  # learning rate of the class centres (their own parameter group); None = train.lr
 
 
 class TrainConfig(Section):
     output: str = "runs/train"  # checkpoints/, tensorboard/, csv/ and validation grids land here
     seed: int = 0  # seed of weights, sampler and augmentation (Lightning seed_everything)
-    epochs: int = 10  # training epochs
+    epochs: PositiveInt = 10  # training epochs
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"  # optimizer of all parameter groups
-    lr: float = 1e-4  # learning rate (of the head, and of the backbone unless backbone_lr)
-    backbone_lr: float | None = None  # a lower rate for the backbone; None = lr
-    weight_decay: float = 0.0  # weight decay of the optimizer
+    lr: PositiveFloat = 1e-4  # learning rate (of the head, and of the backbone unless backbone_lr)
+    backbone_lr: PositiveFloat | None = None  # a lower rate for the backbone; None = lr
+    weight_decay: NonNegativeFloat = 0.0  # weight decay of the optimizer
     scheduler: Literal["none", "cosine", "step"] = "none"  # learning-rate schedule after the warm-up: constant, cosine to 0, or /10 at step_epochs
-    warmup_epochs: int = 0  # linear warm-up of the learning rate
-    step_epochs: list[int] = []  # scheduler=step: epochs at which the rate is divided by 10
-    p: int = 8  # labels per batch
-    k: int = 4  # images per label in a batch
-    batches_per_epoch: int | None = None  # None: an epoch is one pass over the labels; set it when there are few labels
+    warmup_epochs: Count = 0  # linear warm-up of the learning rate
+    step_epochs: list[PositiveInt] = []  # scheduler=step: epochs at which the rate is divided by 10
+    p: PositiveInt = 8  # labels per batch
+    k: PositiveInt = 4  # images per label in a batch
+    batches_per_epoch: PositiveInt | None = None  # None: an epoch is one pass over the labels; set it when there are few labels
     few_images: Literal["repeat", "pad", "drop"] = "repeat"  # labels with < k images: draw with repetition, pad with mock images (never anchors, never mined), or skip
     augment: Literal["none", "light", "reid"] = "light"  # light: random resized crop + flip; reid: pad-crop + flip + random erasing
-    val_every: int = 1  # validate every N epochs
+    val_every: PositiveInt = 1  # validate every N epochs
     monitor: str = "cmc@1"  # validation metric that picks the best checkpoint (higher is better)
     grid: bool = True  # write a result grid picture per validation
     validate_before: bool = True  # validate the untrained model first, to show what training changed
@@ -123,11 +129,11 @@ class TrainerConfig(Section):
     accelerator: str = "auto"  # cpu, gpu, auto
     devices: int | str = 1  # devices (processes) per node, as Lightning takes it: a count, 'auto' or a list such as '0,1'
     strategy: str = "auto"  # ddp for several processes
-    num_nodes: int = 1  # machines for multi-node training
+    num_nodes: PositiveInt = 1  # machines for multi-node training
     precision: str = "32-true"  # 16-mixed, bf16-mixed, ...
     channels_last: bool = True  # NHWC model while training (both trainers): faster convolutions (oneDNN on CPU, tensor cores on GPU)
     limit_train_batches: int | float | None = None  # train on only this many batches (int) or this share (float) of each epoch; None: all
-    log_every_n_steps: int = 10  # steps between logged training losses
+    log_every_n_steps: PositiveInt = 10  # steps between logged training losses
     progress: bool = True  # Lightning's progress bar
 
 
@@ -140,13 +146,13 @@ class PairwiseConfig(Section):
     model_kwargs: dict[str, Any] = {}  # extra timm.create_model arguments, e.g. {patch_size: 8, depth: 4}
     image_size: int | list[int] | None = None  # one image of the pair; None = data.image_size
     init_from_extractor: bool = False  # start the backbone from model.weights (same timm model as model.name)
-    hidden: int = 192  # MLP head's hidden width
-    dropout: float = 0.5  # dropout of the MLP head
+    hidden: PositiveInt = 192  # MLP head's hidden width
+    dropout: Fraction = 0.5  # dropout of the MLP head
     tta: bool = False  # average both stacking orders when re-ranking
     mining: Literal["hard", "random"] = "hard"  # per anchor the hardest (or a random) positive and negative by the extractor
-    freeze_epochs: int = 0  # backbone frozen for the first N epochs (head only), then trained at train.backbone_lr
-    top_n: int = 5  # validation re-ranks each query's top_n
-    batch_size: int = 128  # pairs per batch when re-ranking
+    freeze_epochs: Count = 0  # backbone frozen for the first N epochs (head only), then trained at train.backbone_lr
+    top_n: PositiveInt = 5  # validation re-ranks each query's top_n
+    batch_size: PositiveInt = 128  # pairs per batch when re-ranking
     precision: str = "auto"  # auto: bf16-mixed (else 16-mixed) on CUDA, 32-true on CPU; or any Lightning precision
 
 
@@ -155,10 +161,10 @@ class ServeConfig(Section):
 
     index_dir: str = "runs/index"  # folder that `lookalike index` writes and `lookalike serve` reads
     gallery: Literal["all", "validation", "train"] = "all"  # all rows; or one split (validation: its is_gallery rows)
-    candidates: int = 100  # items searched per query; re-rankers re-order these, the page shows the top k
-    max_upload_mb: float = 10.0  # larger uploads get 413
-    max_pixels: int = 40_000_000  # larger images (width x height) get 413, before decoding
-    thumbnail: int = 256  # longest side of the images the page shows
+    candidates: PositiveInt = 100  # items searched per query; re-rankers re-order these, the page shows the top k
+    max_upload_mb: PositiveFloat = 10.0  # larger uploads get 413
+    max_pixels: PositiveInt = 40_000_000  # larger images (width x height) get 413, before decoding
+    thumbnail: PositiveInt = 256  # longest side of the images the page shows
     max_aspect_ratio: float = 20.0  # uploads whose longer side is more times the shorter one get 413, before decoding
     search_timeout: float = 30.0  # seconds a search waits for the model (searches run one at a time); then 503
     read_timeout: float = 10.0  # seconds a request body may stall between bytes; then 408 and the connection is closed
@@ -201,21 +207,21 @@ class AdaptConfig(Section):
     backbones: list[BackboneConfig] = [BackboneConfig()]  # features concatenated across layers and backbones
     flip: bool = False  # also extract mirror images; training replaces each image by its mirror with probability 1/2
     features: str = "runs/adapt/features.npz"  # features cache: reused when pairs and extraction settings match
-    pca_dim: int | None = 256  # PCA fitted on each run's training pairs only; None: no PCA
+    pca_dim: PositiveInt | None = 256  # PCA fitted on each run's training pairs only; None: no PCA
     module: Literal["linear", "diagonal", "identity"] = "linear"  # published Linear+ReLU, per-feature weights, or none
-    hidden: int = 1024  # output width of the linear module
-    scale: float = 15.0  # inverse temperature of the symmetric InfoNCE
-    lr: float = 1.0e-3  # Adam
-    weight_decay: float = 0.0  # Adam weight decay
-    epochs: int = 100  # training epochs per run (the best on the validation pairs is kept)
-    batch_size: int | None = None  # pairs per step; None: full batch
+    hidden: PositiveInt = 1024  # output width of the linear module
+    scale: PositiveFloat = 15.0  # inverse temperature of the symmetric InfoNCE
+    lr: PositiveFloat = 1.0e-3  # Adam
+    weight_decay: NonNegativeFloat = 0.0  # Adam weight decay
+    epochs: PositiveInt = 100  # training epochs per run (the best on the validation pairs is kept)
+    batch_size: PositiveInt | None = None  # pairs per step; None: full batch
     monitor: str = "top1/mean"  # validation metric that picks the epoch kept; 'loss' for the lowest loss
     split: Literal["random", "table"] = "random"  # random: train/validation/test drawn per run; table: the table's validation pairs are the test set
-    validation_fraction: float = 0.1  # random: share of all pairs; table: share of the train pairs
-    test_fraction: float = 0.3  # random only
-    runs: int = 5  # repeated splits (seeds seed, seed+1, ...): mean and std
+    validation_fraction: Fraction = 0.1  # random: share of all pairs; table: share of the train pairs
+    test_fraction: Fraction = 0.3  # random only
+    runs: PositiveInt = 5  # repeated splits (seeds seed, seed+1, ...): mean and std
     seed: int = 0  # seed of the first run's split and initialisation
-    top_k: list[int] = [1, 3, 5]  # k of the reported top-k accuracy
+    top_k: list[PositiveInt] = [1, 3, 5]  # k of the reported top-k accuracy
     device: Device = "cpu"  # torch device of feature extraction and training
     output: str = "runs/adapt"  # metrics.json, tensorboard/ (per run and average), run{r}/ (adapter, PCA, split)
 
@@ -275,18 +281,35 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     _check_keys(OmegaConf.to_container(dotlist), "override")
     merged = OmegaConf.merge(merged, dotlist)
     try:
-        return Config.model_validate(OmegaConf.to_container(merged, resolve=True))
+        values = OmegaConf.to_container(merged, resolve=True)
+    except OmegaConfBaseException as exc:  # e.g. ${nope}: an interpolation of a key that does not exist
+        where = getattr(exc, "full_key", None) or "config"
+        raise ConfigError(f"{where}: cannot resolve the interpolation ({str(exc).splitlines()[0]})") from None
+    try:
+        return Config.model_validate(values)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        raise ConfigError(f"{where}: {err['msg']}, got {err.get('input')!r}") from None
+        raise ConfigError(_validation_message(exc.errors()[0])) from None
+
+
+BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+
+
+def _validation_message(err: dict) -> str:
+    """One pydantic error as 'section.key: what was expected, got VALUE' (bounds as 'must be > 0')."""
+    where = ".".join(str(p) for p in err["loc"])
+    if err["type"] in BOUNDS:
+        bound = next(iter((err.get("ctx") or {}).values()))
+        return f"{where}: must be {BOUNDS[err['type']]} {bound:g}, got {err.get('input')!r}"
+    return f"{where}: {err['msg']}, got {err.get('input')!r}"
 
 
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     _check_keys(values, str(path))

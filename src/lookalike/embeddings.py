@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,5 +64,5 @@ class Embeddings:
                 return cls(data["vectors"], data["ids"], json.loads(str(data["meta"])))
         except FileNotFoundError:
             raise LookalikeError(f"{path}: no such embeddings file") from None
-        except (KeyError, ValueError, OSError) as exc:
+        except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:  # a truncated file is not a zip
             raise LookalikeError(f"{path}: not an embeddings file written by lookalike ({exc})") from None

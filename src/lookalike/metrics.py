@@ -99,6 +99,7 @@ def compute_metrics(
     query_categories: np.ndarray | None = None,
 ) -> MetricsReport:
     """CMC@k, precision@k, mAP@k, mAP@all (AP over the ranking) and R-precision for every query."""
+    _check_cutoffs(cmc_k=cmc_k, precision_k=precision_k, map_k=map_k)
     rel = relevance(results, query_labels, gallery_labels)
     n_rel = count_relevant(query_labels, gallery_labels, exclude) if n_relevant is None else np.asarray(n_relevant)
     hits = np.cumsum(rel, axis=1, dtype=np.int64)
@@ -120,6 +121,14 @@ def compute_metrics(
         relevance=rel,
         n_relevant=n_rel,
     )
+
+
+def _check_cutoffs(**cutoffs: tuple[int, ...]) -> None:
+    """Every cut-off k is a positive integer: cmc@0 would count an empty list as a hit."""
+    for name, ks in cutoffs.items():
+        bad = [k for k in ks if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1]
+        if bad:
+            raise LookalikeError(f"metrics: {name} must be positive integers, got {bad[0]!r}")
 
 
 def _per_query(rel, hits, n_rel, cmc_k, precision_k, map_k) -> dict[str, np.ndarray]:

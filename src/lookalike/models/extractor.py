@@ -79,13 +79,42 @@ def load_weights(
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     if not isinstance(state, dict):
         raise LookalikeError(f"{field}: {path} holds no state dict")
-    prefix = _common_prefix(state, module.state_dict())
-    stripped = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    own = module.state_dict()
+    prefix = _common_prefix(state, own)
+    stripped = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix) and k[len(prefix) :] not in _dropped_head(module)}
     stripped = adapt(stripped) if adapt is not None else stripped
-    missing, _ = module.load_state_dict(stripped, strict=False)
-    if missing:
-        raise LookalikeError(f"{field}: {path} lacks {len(missing)} weights of this model, e.g. {missing[0]!r} (wrong model name?)")
+    check_state(stripped, own, f"{field}: {path}")
+    module.load_state_dict(stripped)
     return module
+
+
+def check_state(state: dict, own: dict, where: str) -> None:
+    """Refuse a state dict that does not fit a model: missing or unexpected keys (a few named), or a shape mismatch."""
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        parts = [f"lacks {len(missing)} weights of this model, e.g. {_few(missing)}"] if missing else []
+        parts += [f"has {len(unexpected)} weights this model does not, e.g. {_few(unexpected)}"] if unexpected else []
+        raise LookalikeError(f"{where} {' and '.join(parts)} (wrong model name?)")
+    for key, value in own.items():
+        theirs = state[key]
+        if not isinstance(theirs, torch.Tensor) or theirs.shape != value.shape:
+            got = list(theirs.shape) if isinstance(theirs, torch.Tensor) else type(theirs).__name__
+            raise LookalikeError(f"{where}: {key!r} has shape {got}, this model expects {list(value.shape)} (another embedding size or model?)")
+
+
+def _few(keys: list[str], n: int = 3) -> str:
+    """The first n keys, quoted, and how many more."""
+    shown = ", ".join(repr(k) for k in keys[:n])
+    return shown + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+def _dropped_head(module: nn.Module) -> set[str]:
+    """Classifier keys of a timm checkpoint that a head-less timm model (num_classes=0) leaves out, as timm itself does."""
+    if getattr(module, "num_classes", None) != 0:
+        return set()
+    names = (getattr(module, "pretrained_cfg", None) or {}).get("classifier") or ()
+    return {f"{name}.{part}" for name in ([names] if isinstance(names, str) else names) for part in ("weight", "bias")}
 
 
 def _common_prefix(state: dict, own: dict) -> str:

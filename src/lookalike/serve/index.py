@@ -30,10 +30,11 @@ from lookalike.atomic import atomic_folder
 from lookalike.embeddings import Embeddings
 from lookalike.errors import ConfigError, LookalikeError
 from lookalike.extract import Progress
-from lookalike.models.extractor import Extractor
+from lookalike.models.extractor import Extractor, load_weights
 from lookalike.pipeline import embed_table
 from lookalike.rerank import RerankContext, Reranker, build_chain, check_ascending
 from lookalike.rerank.chain import step_parts
+from lookalike.rerank.pairwise import PairwiseReranker
 from lookalike.search import FaissIndex, RetrievalResults, exact_knn
 from lookalike.search.results import PAD
 
@@ -83,12 +84,14 @@ def column_name(step: str | dict[str, Any]) -> str:
 
 def servable_rerankers(steps: list[str | dict[str, Any]], names: list[str] | None = None) -> dict[str, Reranker]:
     """Each configured step as its own re-ranker, by column name (`names`, or made from the steps); a step that cannot
-    take an uploaded query is an error."""
+    take an uploaded query is an error, and so is a weights file that does not load (now, not at the first search)."""
     rerankers: dict[str, Reranker] = {}
     names = names or [column_name(step) for step in steps]
     for position, (name, reranker) in enumerate(zip(names, build_chain(steps))):
         if reranker.name not in SERVABLE:
             raise ConfigError(f"rerank[{position}]: {reranker.name!r} cannot run in the web app; expected one of {', '.join(SERVABLE)}")
+        if isinstance(reranker, PairwiseReranker):
+            reranker.model  # noqa: B018 -- loads and checks the weights
         rerankers[name] = reranker
     return rerankers
 
@@ -301,7 +304,7 @@ def load_index(folder: str | os.PathLike) -> GalleryIndex:
         raise LookalikeError(f"{folder / missing[0]}: missing (the index folder holds {', '.join(needed)}; rebuild with `lookalike index`)")
     m = settings["model"]
     extractor = Extractor(m["name"], pretrained=False, embedding_dim=m["embedding_dim"], normalize=m["normalize"], bnneck=m["bnneck"])
-    extractor.load_state_dict(torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=True))
+    load_weights(extractor, folder / MODEL_FILE, field="index folder")  # a truncated or foreign model.pt: one line naming it
     d = settings["data"]
     gallery = pd.read_csv(folder / GALLERY_FILE, dtype={"label": str, "path": str}, encoding_errors="surrogateescape")
     gallery["label"] = gallery["label"].fillna("")

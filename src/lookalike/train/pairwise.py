@@ -33,7 +33,7 @@ from lookalike.rerank.pairwise import PairBatches, PairwiseReranker, merge_top_n
 from lookalike.search.results import RetrievalResults
 from lookalike.train.data import LabelledImages, train_transform
 from lookalike.train.module import _optimizer, _scheduler
-from lookalike.train.run import Throughput, TrainResult, _check_monitor, _resume_path, build_trainer, fit_result
+from lookalike.train.run import Throughput, TrainResult, _check_monitor, build_trainer, fit_result, resume_checkpoint
 
 
 class PairTrainImages(LabelledImages):
@@ -225,8 +225,9 @@ def run_train_reranker(cfg: Config, resume: str | None = None, progress: Progres
     throughput = Throughput()
     freeze = FrozenBackbone(cfg.pairwise.freeze_epochs)
     run_cfg = cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update={"precision": auto_precision(cfg)})})
+    ckpt = resume_checkpoint(cfg, resume, module)  # before the trainer: a bad file leaves no logs behind
     trainer = build_trainer(run_cfg, [throughput, freeze])
     if freeze.epochs > 0 and trainer.world_size > 1:  # DDP syncs only the parameters that train when it wraps the model
         raise ConfigError("pairwise.freeze_epochs: a backbone unfrozen later would not be synchronised across DDP processes; use 0 with several devices")
-    trainer.fit(module, datamodule=data, ckpt_path=_resume_path(cfg, resume), weights_only=True)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt, weights_only=True)
     return fit_result(trainer, cfg, module.last_report, dict(module.validation.report.means), throughput)

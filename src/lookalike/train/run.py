@@ -14,6 +14,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lookalike.config import Config
 from lookalike.data.images import eval_transform
 from lookalike.errors import ConfigError, LookalikeError
+from lookalike.models.extractor import check_state, read_checkpoint
 from lookalike.train.data import RetrievalDataModule, train_transform
 from lookalike.train.module import ExtractorModule
 
@@ -145,9 +146,9 @@ def run_train(cfg: Config, resume: str | None = None) -> TrainResult:
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     module, data = build_parts(cfg)
     throughput = Throughput()
+    ckpt = resume_checkpoint(cfg, resume, module)  # before the trainer: a bad file leaves no logs behind
     trainer = build_trainer(cfg, [throughput])
     before = {}
-    ckpt = _resume_path(cfg, resume)
     if cfg.train.validate_before and ckpt is None:
         module.validation_tag = "before"
         trainer.validate(module, datamodule=data, verbose=False)
@@ -178,13 +179,23 @@ def run_validate(cfg: Config) -> dict[str, float]:
     return dict(module.last_report.means)
 
 
-def _resume_path(cfg: Config, resume: str | None) -> str | None:
-    """The checkpoint to resume from: a path, or 'last' for train.output/checkpoints/last.ckpt."""
+RESUME_KEYS = ("state_dict", "optimizer_states", "lr_schedulers", "loops", "epoch", "global_step")  # what Lightning restores
+
+
+def resume_checkpoint(cfg: Config, resume: str | None, module: L.LightningModule) -> str | None:
+    """The checkpoint to resume from (a path, or 'last' for train.output/checkpoints/last.ckpt), checked to be a Lightning
+    training checkpoint of this very module, so that a wrong file fails in one line before any log folder exists."""
     if resume is None:
         return None
     path = Path(cfg.train.output) / "checkpoints" / "last.ckpt" if resume == "last" else Path(resume)
     if not path.is_file():
         raise LookalikeError(f"--resume: no checkpoint at {path}")
+    checkpoint = read_checkpoint(path, "--resume")
+    lacking = [key for key in RESUME_KEYS if key not in checkpoint] if isinstance(checkpoint, dict) else list(RESUME_KEYS)
+    if lacking:
+        raise LookalikeError(f"--resume: {path} is not a Lightning training checkpoint (no {', '.join(map(repr, lacking[:3]))}); "
+                             "resume from a checkpoints/*.ckpt file that training wrote")
+    check_state(checkpoint["state_dict"], module.state_dict(), f"--resume: {path}")
     return str(path)
 
 
