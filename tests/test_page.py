@@ -23,6 +23,15 @@ ICFRR = "icfrr(kg=10, kq=10)"
 BROKEN_IMAGES = """() => [...document.images]
     .filter((img) => img.getClientRects().length && getComputedStyle(img).visibility !== 'hidden')
     .filter((img) => img.complete && img.naturalWidth === 0).map((img) => img.id || img.src)"""
+# the query preview canvas, once visible: how many of its pixels are dark (the drawing's strokes), and a fingerprint
+QUERY_DRAWING = """async () => {
+    const canvas = document.getElementById('query-image');
+    while (canvas.hidden || !canvas.getClientRects().length) await new Promise((done) => setTimeout(done, 50));
+    const { data } = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height);
+    let dark = 0, hash = 0;
+    for (let i = 0; i < data.length; i += 4) if (data[i] < 128) { dark += 1; hash = (hash * 31 + i) % 1000000007; }
+    return [dark, hash];
+}"""
 # a real drop / paste event carrying a File made from the given bytes
 SEND_FILE = """([how, data, name, type]) => {
     const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
@@ -92,6 +101,11 @@ def broken_images(page) -> list[str]:
     return page.evaluate(BROKEN_IMAGES)
 
 
+def query_drawing(page) -> tuple[int, int]:
+    """The visible query preview's count of dark pixels and a fingerprint of where they are."""
+    return tuple(page.evaluate(QUERY_DRAWING))
+
+
 def send_file(page, how: str, path: str | Path, name: str = "query.png", type_: str = "image/png") -> bool:
     """Drop or paste a file on the page as a real DragEvent / ClipboardEvent; whether the page took it."""
     return page.evaluate(SEND_FILE, [how, base64.b64encode(Path(path).read_bytes()).decode(), name, type_])
@@ -105,14 +119,15 @@ def test_no_broken_query_image_before_or_after_a_rejected_upload(page, index_dir
     page.set_input_files("#upload", load_index(index_dir).paths[0])
     expect(page.locator('[data-column="original"] .result')).to_have_count(10)
     expect(page.locator("#query-image")).to_be_visible()
-    assert broken_images(page) == []
+    assert query_drawing(page)[0] > 50 and broken_images(page) == []  # the upload is drawn: strokes on white
 
     page.set_input_files("#upload", {"name": "notes.txt", "mimeType": "text/plain", "buffer": b"just some text, not a picture\n"})
     expect(page.locator("#error")).to_be_visible()
     expect(page.locator("#error")).to_contain_text("not an image")
     expect(page.locator(".result")).to_have_count(0)  # the old results are gone
     expect(page.locator("#query")).to_be_hidden()
-    assert page.locator("#query-image").get_attribute("src") is None and broken_images(page) == []
+    expect(page.locator("#query-image")).to_be_hidden()
+    assert broken_images(page) == []
 
 
 def test_busy_indicator_shows_while_a_search_runs(page, index_dir):
@@ -144,8 +159,11 @@ def test_drop_and_paste_an_image_search_with_it(page, index_dir):
     expect(first.locator(".value")).to_have_text("d = 0")  # float noise (|d| < 1e-6) is not printed as -1.19e-07
     expect(page.locator("#query-label")).to_have_text("uploaded image")
     expect(page.locator("#drop")).not_to_have_class("drop dragging")
+    dropped = query_drawing(page)
     assert send_file(page, "paste", paths[9])  # the page handled the paste (preventDefault)
     expect(first).to_have_attribute("data-id", "9")
+    pasted = query_drawing(page)
+    assert pasted[0] > 50 and pasted != dropped  # the preview shows the pasted image now
     assert broken_images(page) == []
 
 
@@ -186,6 +204,28 @@ def test_rerank_and_click_a_result_to_search_with_it(page, index_dir, tmp_path):
     clicked.click()
     expect(page.locator("#query-label")).to_contain_text(f"gallery #{gallery_id}")
     expect(page.locator(f'[data-column="original"] .result[data-id="{gallery_id}"]')).to_have_count(0)  # never itself
-    assert broken_images(page) == []
+    assert query_drawing(page)[0] > 50 and broken_images(page) == []
     page.screenshot(path=str(tmp_path / "serve.png"), full_page=True)
     assert (tmp_path / "serve.png").stat().st_size > 10_000
+
+
+def test_the_page_works_under_a_strict_content_security_policy(browser, server, index_dir):  # noqa: F811
+    from playwright.sync_api import expect
+
+    policy = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; object-src 'none'"
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    violations = []
+    page.on("console", lambda message: "Content Security Policy" in message.text and violations.append(message.text))
+
+    def with_policy(route) -> None:
+        response = route.fetch()
+        route.fulfill(response=response, headers={**response.headers, "content-security-policy": policy})
+
+    page.route(f"{server}/", with_policy)  # the page itself, under the policy
+    page.goto(server)
+    expect(page.locator("input.reranker")).to_have_count(2)
+    assert send_file(page, "drop", load_index(index_dir).paths[6])
+    expect(page.locator('[data-column="original"] .result')).to_have_count(10)
+    assert query_drawing(page)[0] > 50 and broken_images(page) == []  # no inline script, style or blob: image needed
+    assert violations == []
+    page.close()

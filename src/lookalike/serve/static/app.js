@@ -1,8 +1,8 @@
 // The lookalike search page: talks to the JSON API (POST /search, GET /image/{id}, GET /health); no build step.
 "use strict";
 
-// query: {file} or {galleryId}; preview: the object URL of the shown upload; latest: the newest search's number
-const state = { query: null, queryLabel: null, preview: null, latest: 0 };
+// query: {file} or {galleryId}; latest: the newest search's number
+const state = { query: null, queryLabel: null, latest: 0 };
 // Re-rankers whose "distance" is a negated similarity score (ICFRR): their columns show the score, higher = closer.
 const SCORE_RERANKERS = new Set(["icfrr"]);
 const $ = (id) => document.getElementById(id);
@@ -91,10 +91,20 @@ function columnTitle(name, score) {
   return title;
 }
 
-function showPreview(query) {
-  if (state.preview) URL.revokeObjectURL(state.preview);
-  state.preview = query.file ? URL.createObjectURL(query.file) : null;
-  $("query-image").src = state.preview || `/image/${query.galleryId}`;
+// The query drawn on a canvas, letterboxed: an upload needs no blob: or data: URL (a strict img-src 'self' allows this).
+async function showPreview(query, number) {
+  const source = query.file || await (await fetch(`/image/${query.galleryId}`)).blob();
+  const bitmap = await createImageBitmap(source);
+  if (number !== state.latest) return;
+  const canvas = $("query-image");
+  const context = canvas.getContext("2d");
+  const scale = Math.min(canvas.width / bitmap.width, canvas.height / bitmap.height);
+  const width = bitmap.width * scale, height = bitmap.height * scale;
+  context.fillStyle = "#fff";
+  context.fillRect(0, 0, canvas.width, canvas.height);
+  context.drawImage(bitmap, (canvas.width - width) / 2, (canvas.height - height) / 2, width, height);
+  bitmap.close();
+  canvas.hidden = false;
 }
 
 function render(response, query) {
@@ -110,8 +120,9 @@ function render(response, query) {
       ...ranking.items.map((item, rank) => resultCard(item, rank, ranking.name !== "original", score)));
     columns.append(column);
   }
-  showPreview(query);
   $("query").hidden = false;
+  $("query-image").hidden = true;  // until the new preview is drawn
+  showPreview(query, state.latest).catch(() => {});  // the browser cannot draw it: the label says what the query was
   $("query-label").textContent = response.query_label === null ? "uploaded image" : `gallery #${response.query_gallery_id} · label ${response.query_label}`;
 }
 
@@ -121,9 +132,6 @@ function clearResults(message) {
   state.queryLabel = null;
   $("columns").replaceChildren();
   $("query").hidden = true;
-  $("query-image").removeAttribute("src");
-  if (state.preview) URL.revokeObjectURL(state.preview);
-  state.preview = null;
   showError(message);
 }
 
