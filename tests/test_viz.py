@@ -9,15 +9,7 @@ from matplotlib.colors import to_hex
 
 from lookalike.data.folder import import_folder
 from lookalike.search.results import PAD, RetrievalResults
-from lookalike.viz import (
-    QUERY,
-    RIGHT,
-    WRONG,
-    format_distance,
-    result_grid_figure,
-    save_result_grid,
-    table_labels,
-)
+from lookalike.viz import QUERY, RIGHT, WRONG, format_distance, result_grid_figure, save_result_grid, table_labels
 
 
 @pytest.fixture(scope="module")

@@ -19,13 +19,7 @@ from lookalike.models.extractor import Extractor, load_weights
 from lookalike.rerank import RerankContext, Stage, build_chain, run_chain
 from lookalike.rerank.chain import stage_reports
 from lookalike.search import RetrievalResults, exclusion_groups, search_table
-from lookalike.viz import (
-    SCORE_RERANKERS,
-    save_cmc_curve,
-    save_result_grid,
-    spread_queries,
-    table_labels,
-)
+from lookalike.viz import SCORE_RERANKERS, save_cmc_curve, save_result_grid, spread_queries, table_labels
 
 
 def table_from_config(cfg: Config) -> DatasetTable:
