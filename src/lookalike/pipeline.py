@@ -19,7 +19,7 @@ from lookalike.models.extractor import Extractor, load_weights
 from lookalike.rerank import RerankContext, Stage, build_chain, run_chain
 from lookalike.rerank.chain import stage_reports
 from lookalike.search import RetrievalResults, exclusion_groups, search_table
-from lookalike.viz import save_cmc_curve, save_result_grid, spread_queries
+from lookalike.viz import SCORE_RERANKERS, save_cmc_curve, save_result_grid, spread_queries, table_labels
 
 
 def table_from_config(cfg: Config) -> DatasetTable:
@@ -95,7 +95,8 @@ def run_evaluate(cfg: Config, table: DatasetTable, results: RetrievalResults | N
     pictures = []
     if e.grid and e.centroids == "none":  # centroids are not images: no grid for them
         queries = spread_queries(results.n_queries, e.grid_queries)
-        pictures.append(save_result_grid(results, e.grid, table.root, report.relevance, queries, e.grid_top_k))
+        labels = table_labels(table, results)
+        pictures.append(save_result_grid(results, e.grid, table.root, report.relevance, queries, e.grid_top_k, labels=labels))
     if e.cmc_plot:
         pictures.append(save_cmc_curve({"CMC": cmc_curve(report.relevance, report.n_relevant)}, e.cmc_plot))
     return Evaluation(report, pictures)
@@ -145,9 +146,10 @@ def write_stage_metrics(stages: list[Stage], path: Path) -> None:
 def save_stage_grids(stages: list[Stage], table: DatasetTable, prefix: str | Path, n_queries: int, top_k: int) -> list[Path]:
     """Result grids {prefix}_{i}_{stage}.png of the same queries, one per stage that ranks the original gallery images."""
     queries = spread_queries(stages[0].results.n_queries, n_queries)
-    images = stages[0].results.gallery_ids
+    images, labels = stages[0].results.gallery_ids, table_labels(table, stages[0].results)
     return [
-        save_result_grid(st.results, f"{prefix}_{i}_{st.name}.png", table.root, st.report.relevance if st.report else None, queries, top_k)
+        save_result_grid(st.results, f"{prefix}_{i}_{st.name}.png", table.root, st.report.relevance if st.report else None, queries, top_k,
+                         labels=labels, scores=st.name in SCORE_RERANKERS)
         for i, st in enumerate(stages)
         if len(st.results.gallery_ids) == len(images) and (st.results.gallery_ids == images).all()  # not centroids
     ]

@@ -134,7 +134,7 @@ class ExtractorModule(L.LightningModule):
 
     def _write_validation(self, report: MetricsReport, results) -> None:
         """metrics JSON (latest and per epoch) and a result grid in the log dir."""
-        from lookalike.viz import save_result_grid, spread_queries
+        from lookalike.viz import save_result_grid, spread_queries, table_labels
 
         folder = Path(self.cfg.train.output) / "validation"
         record = {"epoch": self.current_epoch, "step": self.global_step, "trained": self.trainer.state.fn == "fit", **report.to_dict()}
@@ -145,7 +145,8 @@ class ExtractorModule(L.LightningModule):
         if self.cfg.train.grid and results.n_queries and self.cfg.evaluate.centroids == "none":
             e = self.cfg.evaluate
             queries = spread_queries(results.n_queries, e.grid_queries)
-            save_result_grid(results, folder / f"grid_{tag}.png", self.val_table.root, report.relevance, queries, e.grid_top_k)
+            labels = table_labels(self.val_table, results)
+            save_result_grid(results, folder / f"grid_{tag}.png", self.val_table.root, report.relevance, queries, e.grid_top_k, labels=labels)
 
 
 def _optimizer(name: str, groups: list[dict], lr: float, weight_decay: float) -> torch.optim.Optimizer:
