@@ -11,11 +11,13 @@ import sys
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from lookalike import __version__
 from lookalike.data.folder import import_folder
 from lookalike.progress import INTERVAL_ENV, ProgressReporter, interval_from_env, progress_line
+from lookalike.search.exact import exact_knn
 
 LOOKALIKE = str(Path(sys.executable).parent / "lookalike")
 SLOW_SMALL = ["model.name=test_resnet", "model.pretrained=false", "data.image_size=32", "data.batch_size=2"]  # 40 batches
@@ -111,6 +113,15 @@ def test_quiet_reporter_passes_items_through_and_writes_nothing():
 def test_without_a_total_and_long_runs_the_line_still_reads():
     assert progress_line("runs", 4, None, 8.0, "run") == "runs: 4 runs, 0.5 runs/s, 8 s elapsed"
     assert progress_line("embedding", 1, 1000, 10.0).endswith("2 h 46 min left")
+
+
+def test_exact_search_reports_its_query_blocks():
+    rng = np.random.default_rng(0)
+    queries, gallery = rng.normal(size=(25, 8)).astype(np.float32), rng.normal(size=(40, 8)).astype(np.float32)
+    calls: list[int] = []
+    with_progress = exact_knn(queries, gallery, 5, query_block=10, progress=lambda it, n: calls.append(n) or it)
+    assert calls == [3]
+    np.testing.assert_array_equal(with_progress[0], exact_knn(queries, gallery, 5, query_block=10)[0])
 
 
 @pytest.mark.parametrize(("value", "expected"), [("2.5", 2.5), ("0", 5.0), ("soon", 5.0)])

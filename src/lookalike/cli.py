@@ -220,7 +220,9 @@ def extract(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP)) ->
     from lookalike.pipeline import run_extract, table_from_config
 
     cfg = _config(args)
-    emb = run_extract(cfg, table_from_config(cfg), _progress("embedding"))
+    table = table_from_config(cfg)
+    _debug(f"table {cfg.data.table}: {len(table)} rows")
+    emb = run_extract(cfg, table, _progress("embedding"))
     out.print(f"wrote {cfg.extract.output}: {len(emb)} embeddings of dimension {emb.dim}")
 
 
@@ -231,7 +233,9 @@ def search(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP)) -> 
     from lookalike.pipeline import run_search, table_from_config
 
     cfg = _config(args)
-    results = run_search(cfg, table_from_config(cfg))
+    table = table_from_config(cfg)
+    _debug(f"table {cfg.data.table}: {len(table)} rows")
+    results = run_search(cfg, table, progress=_progress("searching", unit="query block"))
     out.print(f"wrote {cfg.search.output}: top-{results.k} of {results.n_queries} queries in {len(results.gallery_ids)} gallery items")
 
 
@@ -243,7 +247,9 @@ def evaluate(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP)) -
 
     cfg = _config(args)
     table = table_from_config(cfg)
+    _debug(f"table {cfg.data.table}: {len(table)} rows")
     evaluation = run_evaluate(cfg, table)
+    _debug(f"scored {evaluation.report.n_queries} queries, wrote {cfg.evaluate.output} and {len(evaluation.pictures)} pictures")
     _print_report(evaluation.report)
     out.print(f"wrote {cfg.evaluate.output}" + "".join(f", {p}" for p in evaluation.pictures))
     if cfg.rerank:

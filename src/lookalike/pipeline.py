@@ -73,13 +73,13 @@ def embed_table(cfg: Config, extractor: Extractor, table: DatasetTable, progress
     return extract_embeddings(extractor, table, transform, d.batch_size, d.num_workers, cfg.extract.device, progress)
 
 
-def run_search(cfg: Config, table: DatasetTable, embeddings: Embeddings | None = None) -> RetrievalResults:
+def run_search(cfg: Config, table: DatasetTable, embeddings: Embeddings | None = None, progress: Progress | None = None) -> RetrievalResults:
     """Search the table's validation queries against its gallery and save the results to search.output."""
     s = cfg.search
     emb = embeddings if embeddings is not None else load_embeddings(cfg, "search")
     if embeddings is not None and KEY in emb.meta:
         check_input(emb.meta, "the embeddings", cfg, "search", "extract")
-    results = search_table(emb, table, s.k, metric=s.metric, index=s.index, device=s.device)
+    results = search_table(emb, table, s.k, metric=s.metric, index=s.index, device=s.device, progress=progress)
     results = RetrievalResults(results.indices, results.distances, results.query_ids, results.gallery_ids, with_record(results.meta, cfg))
     results.save(s.output)
     return results
