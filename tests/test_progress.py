@@ -128,3 +128,13 @@ def test_exact_search_reports_its_query_blocks():
 def test_interval_from_the_environment(monkeypatch, value, expected):
     monkeypatch.setenv(INTERVAL_ENV, value)
     assert interval_from_env() == expected
+
+
+def test_quiet_also_turns_off_lightnings_progress_bar(monkeypatch):
+    from lookalike import cli
+
+    monkeypatch.setattr(cli, "_output", cli._Output(quiet=True))
+    assert cli._config(["model.name=resnet18"]).trainer.progress is False
+    assert cli._config(["trainer.progress=true"]).trainer.progress is True  # what the user asked for wins
+    monkeypatch.setattr(cli, "_output", cli._Output())
+    assert cli._config([]).trainer.progress is True

@@ -123,6 +123,8 @@ def _config(args: list[str] | None):
 
     args = list(args or [])
     path = args.pop(0) if args and "=" not in args[0] else None
+    if _output.quiet and not any(a.startswith("trainer.progress=") for a in args):
+        args.append("trainer.progress=false")  # -q: no Lightning progress bar either
     cfg = load_config(path, args)
     if _output.verbose:
         from lookalike.provenance import changed_settings
