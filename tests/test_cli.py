@@ -38,9 +38,11 @@ def test_pipeline_import_extract_search_evaluate(omniglot_small, tmp_path):
         f"data:\n  table: {table}\nextract:\n  output: {tmp_path}/emb.npz\nsearch:\n  output: {tmp_path}/res.npz\n  k: 10\n"
         f"evaluate:\n  output: {tmp_path}/metrics.json\n  grid: {tmp_path}/grid.png\n  cmc_plot: {tmp_path}/cmc.png\n"
     )
-    for step in ("extract", "search", "evaluate"):
+    loops = {"extract": "embedding: 3/3 batches done in ", "search": "searching: 1/1 query blocks done in ", "evaluate": ""}
+    for step, loop in loops.items():
         done = run(step, cfg, *FAST_MODEL)
         assert done.returncode == 0, f"{step}: {done.stderr}"
+        assert loop in done.stderr  # stderr is a pipe here: progress as plain lines
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["n_queries"] == 80 and 0 <= metrics["means"]["cmc@1"] <= 1
     assert "cmc@1" in done.stdout and "map@10" in done.stdout

@@ -8,6 +8,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from lookalike.config import load_config
 from lookalike.data import images as image_io
@@ -252,6 +253,9 @@ def test_train_reranker_validates_by_reranking_and_the_reranker_reproduces_it(tr
     assert record["epoch"] == 1 and record["top_n"] == 4 and record["after"]["means"] == pytest.approx(result.metrics)
     assert record["before"]["means"] == pytest.approx(result.metrics_before)
     assert {"grid_0_extractor.png", "grid_1_epoch001.png"} <= {p.name for p in (tmp_path / "validation").iterdir()}
+    hparams = yaml.safe_load(next(tmp_path.glob("tensorboard/version_*/hparams.yaml")).read_text())
+    assert hparams["pairwise.top_n"] == 4 and hparams["pairwise.tta"] is True and hparams["model.weights"] == cfg.model.weights
+    assert record["provenance"]["model"]["weights"] == cfg.model.weights and record["provenance"]["model"]["weights_sha256"]
 
     # the re-ranker, loaded from the last checkpoint, re-ranks the extractor's lists into the same metrics
     table = table_from_config(cfg).split("validation")

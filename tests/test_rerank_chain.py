@@ -79,7 +79,8 @@ def test_rerank_pipeline_writes_final_list_and_stage_metrics(tmp_path):
     stages = run_rerank(cfg, table)
     assert [s.name for s in stages] == ["original", "qe", "kreciprocal"]
     record = json.loads((tmp_path / "metrics_rerank.json").read_text())
-    assert list(record) == ["original", "1:qe", "2:kreciprocal"]
+    assert list(record) == ["original", "1:qe", "2:kreciprocal", "provenance"]
+    assert record["provenance"]["table"]["path"] == str(tmp_path / "table.csv")
     assert (tmp_path / "reranked.npz").is_file() and (tmp_path / "cmc_rerank.png").stat().st_size > 1000
     with pytest.raises(ConfigError, match="rerank: expected a chain"):
         run_rerank(load_config(None, overrides[:-1]), table)

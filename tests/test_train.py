@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import lightning as L
 import torch
+import yaml
 
 from lookalike.config import load_config
 from lookalike.data.folder import import_folder
@@ -57,6 +58,11 @@ def test_training_writes_checkpoints_logs_pictures_and_changes_the_metrics(table
     logged = pd.read_csv(tmp_path / "csv" / "version_0" / "metrics.csv")
     assert {"train/loss", "train/triplet_active", "train/triplet_pos_dist", "train/triplet_neg_dist", "val/cmc@1"} <= set(logged.columns)
     assert list(tmp_path.glob("tensorboard/version_0/events.out.tfevents.*"))
+    hparams = yaml.safe_load((tmp_path / "tensorboard" / "version_0" / "hparams.yaml").read_text())  # the resolved config, flattened
+    assert hparams["model.name"] == "test_resnet" and hparams["train.p"] == 2 and hparams["data.table"] == str(table_csv)
+    events = b"".join(p.read_bytes() for p in tmp_path.glob("tensorboard/version_0/events.out.tfevents.*"))
+    assert b"train.loss.margin" in events and b"test_resnet" in events  # TensorBoard's hparams tab
+    assert last["provenance"]["table"]["path"] == str(table_csv) and last["provenance"]["model"]["name"] == "test_resnet"
 
 
 class BatchRecorder(L.Callback):

@@ -6,6 +6,7 @@ import functools
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -13,9 +14,10 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-from tqdm import tqdm
 
+from lookalike import __version__
 from lookalike.errors import LookalikeError, LookalikeWarning, printable
+from lookalike.progress import INTERVAL_ENV, ProgressReporter, interval_from_env, plural
 
 app = typer.Typer(
     help="Image retrieval: import a dataset, extract embeddings, search a gallery, evaluate the ranking.",
@@ -27,6 +29,50 @@ out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
 ARGS_HELP = "An optional YAML config, then key=value overrides (e.g. model.name=resnet18 data.root=/data/sop)."
+
+
+@dataclass
+class _Output:
+    """The global flags: -q (no progress, no info lines), -v (debug lines), the progress line interval."""
+
+    quiet: bool = False
+    verbose: bool = False
+    interval: float = interval_from_env()
+    started: float = time.perf_counter()
+
+
+_output = _Output()
+
+
+def _print_version(value: bool) -> None:
+    """--version: `lookalike X.Y.Z`, then exit."""
+    if value:
+        out.print(f"lookalike {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _global_options(
+    ctx: typer.Context,
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print no progress and no info lines (warnings, errors and exit codes stay)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also print debug lines: the resolved settings and how long each step took."),
+    progress_seconds: float = typer.Option(
+        interval_from_env(), "--progress-seconds", min=0.01, envvar=INTERVAL_ENV,
+        help="Seconds between progress lines when stderr is not a terminal (a log file, a pipe); a terminal gets bars.",
+    ),
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Image retrieval: import a dataset, extract embeddings, search a gallery, evaluate the ranking."""
+    _output.quiet, _output.verbose, _output.interval = quiet, verbose and not quiet, progress_seconds
+    out.quiet = quiet
+    _output.started = time.perf_counter()
+    ctx.call_on_close(lambda: _debug(f"{ctx.invoked_subcommand} finished"))
+
+
+def _debug(message: str) -> None:
+    """A -v line on stderr, stamped with the seconds since the command started."""
+    if _output.verbose:
+        err.print(f"[dim]debug [{time.perf_counter() - _output.started:7.1f} s][/] {escape(printable(message))}", highlight=False, soft_wrap=True)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -77,11 +123,27 @@ def _config(args: list[str] | None):
 
     args = list(args or [])
     path = args.pop(0) if args and "=" not in args[0] else None
-    return load_config(path, args)
+    if _output.quiet and not any(a.startswith("trainer.progress=") for a in args):
+        args.append("trainer.progress=false")  # -q: no Lightning progress bar either
+    cfg = load_config(path, args)
+    if _output.verbose:
+        from lookalike.provenance import changed_settings
+
+        _debug(f"config {path or '(defaults)'} + {len(args)} overrides; settings other than the defaults: "
+               + (", ".join(f"{k}={v}" for k, v in changed_settings(cfg).items()) or "none"))
+    return cfg
 
 
-def _progress(desc: str):
-    return lambda it, total: tqdm(it, total=total, desc=desc, unit="batch", file=sys.stderr, disable=None)
+def _progress(desc: str, unit: str = "batch"):
+    """The CLI's progress for one loop: a bar on a terminal, a line every few seconds in a log, nothing under -q."""
+    reporter = ProgressReporter(sys.stderr, _output.interval, enabled=not _output.quiet)
+    track = reporter.track(desc, unit)
+
+    def timed(iterable, total):
+        _debug(f"{desc}: {total} {plural(unit)} to go")
+        return track(iterable, total)
+
+    return timed
 
 
 def _print_report(report, title: str = "metrics") -> None:
@@ -160,7 +222,9 @@ def extract(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP)) ->
     from lookalike.pipeline import run_extract, table_from_config
 
     cfg = _config(args)
-    emb = run_extract(cfg, table_from_config(cfg), _progress("embedding"))
+    table = table_from_config(cfg)
+    _debug(f"table {cfg.data.table}: {len(table)} rows")
+    emb = run_extract(cfg, table, _progress("embedding"))
     out.print(f"wrote {cfg.extract.output}: {len(emb)} embeddings of dimension {emb.dim}")
 
 
@@ -171,7 +235,9 @@ def search(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP)) -> 
     from lookalike.pipeline import run_search, table_from_config
 
     cfg = _config(args)
-    results = run_search(cfg, table_from_config(cfg))
+    table = table_from_config(cfg)
+    _debug(f"table {cfg.data.table}: {len(table)} rows")
+    results = run_search(cfg, table, progress=_progress("searching", unit="query block"))
     out.print(f"wrote {cfg.search.output}: top-{results.k} of {results.n_queries} queries in {len(results.gallery_ids)} gallery items")
 
 
@@ -183,7 +249,9 @@ def evaluate(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP)) -
 
     cfg = _config(args)
     table = table_from_config(cfg)
+    _debug(f"table {cfg.data.table}: {len(table)} rows")
     evaluation = run_evaluate(cfg, table)
+    _debug(f"scored {evaluation.report.n_queries} queries, wrote {cfg.evaluate.output} and {len(evaluation.pictures)} pictures")
     _print_report(evaluation.report)
     out.print(f"wrote {cfg.evaluate.output}" + "".join(f", {p}" for p in evaluation.pictures))
     if cfg.rerank:
@@ -407,8 +475,7 @@ def adapt(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP)) -> N
     from lookalike.adapt import DIRECTIONS, run_adapt
 
     cfg = _config(args)
-    runs = lambda it, total: tqdm(it, total=total, desc="runs", unit="run", file=sys.stderr, disable=None)  # noqa: E731
-    result = run_adapt(cfg, _progress("extracting"), runs)
+    result = run_adapt(cfg, _progress("extracting"), _progress("runs", unit="run"))
     a, summary = cfg.adapt, result.summary()
     table = Table(title=f"test top-k accuracy, mean ± std over {len(result.runs)} runs ({result.n_pairs} pairs, {result.dim} features)")
     for name in ("k", "direction", "raw features", f"adapted ({a.module})"):

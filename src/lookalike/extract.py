@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -12,8 +12,7 @@ from lookalike.data.table import DatasetTable
 from lookalike.devices import resolve_device
 from lookalike.embeddings import Embeddings
 from lookalike.models.extractor import Extractor
-
-Progress = Callable[[Iterable, int], Iterable]
+from lookalike.progress import Progress
 
 
 def extract_embeddings(

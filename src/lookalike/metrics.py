@@ -48,9 +48,10 @@ class MetricsReport:
             "complete_ranking": self.complete_ranking,
         }
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the summary (not the per-query arrays) as JSON atomically."""
-        write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
+    def save(self, path: str | os.PathLike, provenance: dict | None = None) -> None:
+        """Write the summary (not the per-query arrays), with the run's provenance record when given, as JSON atomically."""
+        extra = {"provenance": provenance} if provenance else {}
+        write_text_atomic(path, json.dumps({**self.to_dict(), **extra}, indent=2) + "\n")
 
 
 def relevance(results: RetrievalResults, query_labels: np.ndarray, gallery_labels: np.ndarray) -> np.ndarray:

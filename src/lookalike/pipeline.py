@@ -16,6 +16,7 @@ from lookalike.errors import ConfigError
 from lookalike.extract import Progress, extract_embeddings
 from lookalike.metrics import MetricsReport, cmc_curve, evaluate_table
 from lookalike.models.extractor import Extractor, load_weights
+from lookalike.provenance import KEY, check_input, record, with_record
 from lookalike.rerank import RerankContext, Stage, build_chain, run_chain
 from lookalike.rerank.chain import stage_reports
 from lookalike.search import RetrievalResults, exclusion_groups, search_table
@@ -44,8 +45,25 @@ def run_extract(cfg: Config, table: DatasetTable, progress: Progress | None = No
     """Embed the rows of extract.split (or all rows) and save them to extract.output."""
     rows = table.split(cfg.extract.split) if cfg.extract.split else table
     emb = embed_table(cfg, extractor_from_config(cfg), rows, progress)
+    emb = Embeddings(emb.vectors, emb.ids, with_record(emb.meta, cfg))
     emb.save(cfg.extract.output)
     return emb
+
+
+def load_embeddings(cfg: Config, command: str) -> Embeddings:
+    """search.embeddings (default extract.output), refused when made from another table or model than `cfg` names."""
+    path = cfg.search.embeddings or cfg.extract.output
+    emb = Embeddings.load(path)
+    check_input(emb.meta, path, cfg, command, "extract")
+    return emb
+
+
+def load_results(cfg: Config, command: str) -> RetrievalResults:
+    """evaluate.results (default search.output), refused when made from another table or model than `cfg` names."""
+    path = cfg.evaluate.results or cfg.search.output
+    results = RetrievalResults.load(path)
+    check_input(results.meta, path, cfg, command, "search")
+    return results
 
 
 def embed_table(cfg: Config, extractor: Extractor, table: DatasetTable, progress: Progress | None = None) -> Embeddings:
@@ -55,11 +73,14 @@ def embed_table(cfg: Config, extractor: Extractor, table: DatasetTable, progress
     return extract_embeddings(extractor, table, transform, d.batch_size, d.num_workers, cfg.extract.device, progress)
 
 
-def run_search(cfg: Config, table: DatasetTable, embeddings: Embeddings | None = None) -> RetrievalResults:
+def run_search(cfg: Config, table: DatasetTable, embeddings: Embeddings | None = None, progress: Progress | None = None) -> RetrievalResults:
     """Search the table's validation queries against its gallery and save the results to search.output."""
     s = cfg.search
-    emb = embeddings if embeddings is not None else Embeddings.load(s.embeddings or cfg.extract.output)
-    results = search_table(emb, table, s.k, metric=s.metric, index=s.index, device=s.device)
+    emb = embeddings if embeddings is not None else load_embeddings(cfg, "search")
+    if embeddings is not None and KEY in emb.meta:
+        check_input(emb.meta, "the embeddings", cfg, "search", "extract")
+    results = search_table(emb, table, s.k, metric=s.metric, index=s.index, device=s.device, progress=progress)
+    results = RetrievalResults(results.indices, results.distances, results.query_ids, results.gallery_ids, with_record(results.meta, cfg))
     results.save(s.output)
     return results
 
@@ -87,11 +108,13 @@ def run_evaluate(cfg: Config, table: DatasetTable, results: RetrievalResults | N
     """Compute metrics (against gallery images, or per-label centroids of the embeddings), write the JSON and pictures."""
     e = cfg.evaluate
     if e.centroids != "none":
-        report, results = search_and_score(cfg, Embeddings.load(cfg.search.embeddings or cfg.extract.output), table)
+        report, results = search_and_score(cfg, load_embeddings(cfg, "evaluate"), table)
     else:
-        results = results if results is not None else RetrievalResults.load(e.results or cfg.search.output)
-        report = evaluate_table(results, table, cmc_k=tuple(e.cmc_k), precision_k=tuple(e.precision_k), map_k=tuple(e.map_k))
-    report.save(e.output)
+        if results is not None and KEY in results.meta:
+            check_input(results.meta, "the results", cfg, "evaluate", "search")
+        results = results if results is not None else load_results(cfg, "evaluate")
+        report = evaluate_table(results, table, **e.metric_kwargs())
+    report.save(e.output, record(cfg))
     pictures = []
     if e.grid and e.centroids == "none":  # centroids are not images: no grid for them
         queries = spread_queries(results.n_queries, e.grid_queries)
@@ -123,12 +146,13 @@ def run_rerank(cfg: Config, table: DatasetTable, grids: bool = False) -> list[St
     if not cfg.rerank:
         raise ConfigError("rerank: expected a chain of re-rankers, e.g. rerank=[icfrr] or rerank=[centroids,kreciprocal]")
     s, e = cfg.search, cfg.evaluate
-    results = RetrievalResults.load(e.results or s.output)
-    context = rerank_context(cfg, table, results, Embeddings.load(s.embeddings or cfg.extract.output))
+    results = load_results(cfg, "rerank")
+    context = rerank_context(cfg, table, results, load_embeddings(cfg, "rerank"))
     ks = e.metric_kwargs()
     stages = run_chain(results, context, build_chain(cfg.rerank), **ks)
-    stages[-1].results.save(s.reranked_output)
-    write_stage_metrics(stages, Path(e.output).with_name("metrics_rerank.json"))
+    final = stages[-1].results
+    RetrievalResults(final.indices, final.distances, final.query_ids, final.gallery_ids, with_record(final.meta, cfg)).save(s.reranked_output)
+    write_stage_metrics(stages, Path(e.output).with_name("metrics_rerank.json"), record(cfg))
     if e.cmc_plot:
         curves = {key: cmc_curve(report.relevance, report.n_relevant) for key, report in stage_reports(stages).items()}
         save_cmc_curve(curves, Path(e.cmc_plot).with_name("cmc_rerank.png"))
@@ -137,10 +161,10 @@ def run_rerank(cfg: Config, table: DatasetTable, grids: bool = False) -> list[St
     return stages
 
 
-def write_stage_metrics(stages: list[Stage], path: Path) -> None:
-    """Every scored stage's metrics as one JSON file, keyed as stage_reports keys them."""
-    record = {key: report.to_dict() for key, report in stage_reports(stages).items()}
-    write_text_atomic(path, json.dumps(record, indent=2) + "\n")
+def write_stage_metrics(stages: list[Stage], path: Path, provenance: dict | None = None) -> None:
+    """Every scored stage's metrics as one JSON file, keyed as stage_reports keys them (and the run's provenance)."""
+    metrics = {key: report.to_dict() for key, report in stage_reports(stages).items()}
+    write_text_atomic(path, json.dumps({**metrics, **({KEY: provenance} if provenance else {})}, indent=2) + "\n")
 
 
 def save_stage_grids(stages: list[Stage], table: DatasetTable, prefix: str | Path, n_queries: int, top_k: int) -> list[Path]:
@@ -167,7 +191,7 @@ def rerank_validation(cfg: Config, progress: Progress | None = None) -> list[Sta
     ks = e.metric_kwargs()
     stages = run_chain(results, rerank_context(cfg, table, results, embeddings), build_chain(cfg.rerank), **ks)
     folder = Path(cfg.train.output) / "validation"
-    write_stage_metrics(stages, folder / "metrics_rerank.json")
+    write_stage_metrics(stages, folder / "metrics_rerank.json", record(cfg))
     if cfg.train.grid:
         save_stage_grids(stages, table, folder / "grid_rerank", e.grid_queries, e.grid_top_k)
     return stages

@@ -22,6 +22,7 @@ from lookalike.config import Config
 from lookalike.data.pairs import PairsTable, load_pairs, read_name_list, subset_pairs
 from lookalike.devices import resolve_device
 from lookalike.errors import ConfigError, LookalikeError
+from lookalike.provenance import record as provenance
 
 SPLIT_NAMES = ("train", "validation", "test")
 
@@ -226,5 +227,6 @@ def run_adapt(cfg: Config, progress: Progress | None = None, runs_progress: Call
         results.append(result)
     log_average(out / "tensorboard" / "average", results)
     adapt = AdaptResult(results, Path(a.features), reused, out, len(features), features.dim)
-    write_text_atomic(out / "metrics.json", json.dumps({**adapt.to_dict(), "adapt": a.model_dump()}, indent=2) + "\n")
+    record = {**adapt.to_dict(), "adapt": a.model_dump(), "provenance": provenance(cfg)}
+    write_text_atomic(out / "metrics.json", json.dumps(record, indent=2) + "\n")
     return adapt

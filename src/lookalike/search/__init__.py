@@ -8,6 +8,7 @@ import torch
 from lookalike.data.table import DatasetTable
 from lookalike.embeddings import Embeddings
 from lookalike.errors import LookalikeError
+from lookalike.progress import Progress
 from lookalike.search.centroids import Centroids, evaluate_centroids, gallery_centroids, search_centroids
 from lookalike.search.exact import exact_knn
 from lookalike.search.faiss_index import FaissIndex
@@ -38,10 +39,12 @@ def search(
     index: str = "exact",
     exclude: tuple[np.ndarray, np.ndarray] | None = None,
     device: torch.device | str | None = None,
+    progress: Progress | None = None,
 ) -> RetrievalResults:
-    """Top-k gallery items of every query; `index` is 'exact' or a FAISS factory string ('Flat', 'HNSW32', ...)."""
+    """Top-k gallery items of every query; `index` is 'exact' or a FAISS factory string ('Flat', 'HNSW32', ...);
+    `progress` may wrap exact search's loop over query blocks."""
     if index == "exact":
-        idx, dist = exact_knn(queries.vectors, gallery.vectors, k, metric, exclude=exclude, device=device)
+        idx, dist = exact_knn(queries.vectors, gallery.vectors, k, metric, exclude=exclude, device=device, progress=progress)
     else:
         if queries.dim != gallery.dim:
             raise LookalikeError(f"search: query dim {queries.dim} differs from gallery dim {gallery.dim}")

@@ -18,6 +18,7 @@ from lookalike.losses import CenterLoss, CentroidTripletLoss, LossOutput, Triple
 from lookalike.metrics import MetricsReport
 from lookalike.models.extractor import Extractor
 from lookalike.pipeline import search_and_score
+from lookalike.provenance import KEY, flat_config, record
 
 
 class ExtractorModule(L.LightningModule):
@@ -25,6 +26,7 @@ class ExtractorModule(L.LightningModule):
 
     def __init__(self, extractor: Extractor, cfg: Config, n_classes: int, val_table: DatasetTable | None = None) -> None:
         super().__init__()
+        self.save_hyperparameters(flat_config(cfg))  # the resolved config: TensorBoard's hparams tab, hparams.yaml, checkpoints
         self.extractor, self.cfg, self.val_table = extractor, cfg, val_table
         loss = cfg.train.loss
         self.triplet = TripletLoss(loss.margin, loss.miner, loss.n_positives, loss.n_negatives, loss.memory_size, dim=extractor.dim)
@@ -137,8 +139,8 @@ class ExtractorModule(L.LightningModule):
         from lookalike.viz import save_result_grid, spread_queries, table_labels
 
         folder = Path(self.cfg.train.output) / "validation"
-        record = {"epoch": self.current_epoch, "step": self.global_step, "trained": self.trainer.state.fn == "fit", **report.to_dict()}
-        text = json.dumps(record, indent=2) + "\n"
+        metrics = {"epoch": self.current_epoch, "step": self.global_step, "trained": self.trainer.state.fn == "fit", **report.to_dict()}
+        text = json.dumps({**metrics, KEY: record(self.cfg)}, indent=2) + "\n"
         tag = f"epoch{self.current_epoch:03d}" if self.trainer.state.fn == "fit" else self.validation_tag
         write_text_atomic(folder / f"metrics_{tag}.json", text)
         write_text_atomic(folder / "metrics_last.json", text)

@@ -28,6 +28,8 @@ from lookalike.extract import Progress
 from lookalike.losses.pairwise import mine_pairs, pair_bce
 from lookalike.metrics import MetricsReport, evaluate_table
 from lookalike.models.pairwise import SPEC_KEY, PairwiseModel, PairwiseSpec, init_from_extractor
+from lookalike.provenance import KEY, flat_config
+from lookalike.provenance import record as provenance
 from lookalike.rerank.chain import Stage
 from lookalike.rerank.pairwise import PairBatches, PairwiseReranker, merge_top_n
 from lookalike.search.results import RetrievalResults
@@ -76,6 +78,7 @@ class PairwiseModule(L.LightningModule):
 
     def __init__(self, model: PairwiseModel, train_embeddings: torch.Tensor, cfg: Config, validation: PairValidation) -> None:
         super().__init__()
+        self.save_hyperparameters(flat_config(cfg))  # the resolved config: TensorBoard's hparams tab, hparams.yaml, checkpoints
         self.model, self.cfg, self.validation = model, cfg, validation
         self.register_buffer("train_embeddings", train_embeddings, persistent=False)  # [N train rows, D], follows the device
         self.last_report: MetricsReport | None = None
@@ -129,7 +132,7 @@ class PairwiseModule(L.LightningModule):
         """metrics before/after re-ranking (JSON per epoch and latest) and result grids of the same queries."""
         folder = Path(self.cfg.train.output) / "validation"
         record = {"epoch": self.current_epoch, "top_n": self.validation.batches.shape[1],
-                  "before": self.validation.report.to_dict(), "after": report.to_dict()}
+                  "before": self.validation.report.to_dict(), "after": report.to_dict(), KEY: provenance(self.cfg)}
         text = json.dumps(record, indent=2) + "\n"
         write_text_atomic(folder / f"metrics_epoch{self.current_epoch:03d}.json", text)
         write_text_atomic(folder / "metrics_last.json", text)
