@@ -86,7 +86,8 @@ class LossConfig(Section):
     n_negatives: int = 1  # n_hard: hardest negatives per anchor
     memory_size: int = 0  # cross-batch memory of past embeddings mined as extra positives/negatives; 0 = off
     centroid: float = 0.0  # weight of the centroid triplet loss (CTL)
-    centroid_margin: float = 0.5
+    centroid_margin: float | None = 0.5  # null = soft margin
+    centroid_mode: Literal["official", "equation"] = "official"  # official centroids-reid code (queries + centroids mined together) or the paper's equation
     cross_entropy: float = 0.0  # weight of cross-entropy on a classifier over the (BNNeck) embedding
     label_smoothing: float = 0.1
     center: float = 0.0  # weight of the center loss

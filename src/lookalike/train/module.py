@@ -28,7 +28,7 @@ class ExtractorModule(L.LightningModule):
         self.extractor, self.cfg, self.val_table = extractor, cfg, val_table
         loss = cfg.train.loss
         self.triplet = TripletLoss(loss.margin, loss.miner, loss.n_positives, loss.n_negatives, loss.memory_size, dim=extractor.dim)
-        self.centroid = CentroidTripletLoss(loss.centroid_margin)
+        self.centroid = CentroidTripletLoss(loss.centroid_margin, loss.centroid_mode)
         self.classifier = nn.Linear(extractor.dim, n_classes, bias=False) if loss.cross_entropy > 0 else None
         self.center = CenterLoss(n_classes, extractor.dim) if loss.center > 0 else None
         self.cross_entropy = nn.CrossEntropyLoss(label_smoothing=loss.label_smoothing)
