@@ -91,7 +91,8 @@ class LossConfig(Section):
     cross_entropy: float = 0.0  # weight of cross-entropy on a classifier over the (BNNeck) embedding
     label_smoothing: float = 0.1
     center: float = 0.0  # weight of the center loss
-    center_lr: float | None = None  # learning rate of the class centres (their own parameter group); None = train.lr
+    center_optimizer: Literal["sgd", "shared"] = "sgd"  # sgd: the centres' own plain SGD on the unweighted loss (official CTL); shared: a group of train.optimizer
+    center_lr: float | None = None  # learning rate of the class centres; None = 0.5 (sgd, the official value) or train.lr (shared)
 
 
 class TrainConfig(Section):
