@@ -131,6 +131,22 @@ def test_centres_step_by_their_own_sgd_on_the_unweighted_center_loss(table_csv, 
     assert isinstance(optimizer, torch.optim.Adam) and len(optimizer.param_groups) == 2
 
 
+def test_repeated_runs_report_mean_and_std_of_the_final_metrics(table_csv, tmp_path):
+    args = [*FAST, f"data.table={table_csv}", f"train.output={tmp_path}", "train.epochs=1", "train.validate_before=false",
+            "train.grid=false", "train.runs=2", "train.seed=3"]
+    done = subprocess.run([LOOKALIKE, "train", *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    record = json.loads((tmp_path / "runs.json").read_text())
+    assert [r["seed"] for r in record["runs"]] == [3, 4]
+    finals = [json.loads((tmp_path / f"run{r}" / "validation" / "metrics_last.json").read_text())["means"] for r in range(2)]
+    assert [r["metrics"] for r in record["runs"]] == [pytest.approx(f) for f in finals]
+    values = np.array([f["cmc@1"] for f in finals])
+    assert record["summary"]["cmc@1"] == pytest.approx({"mean": values.mean(), "std": values.std(ddof=1)})
+    assert "mean ± std over 2 runs (seeds 3, 4)" in done.stdout and "cmc@1" in done.stdout
+    resumed = subprocess.run([LOOKALIKE, "train", *args, "--resume", "last"], capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 2 and resumed.stderr.strip().count("\n") == 0 and "--resume: continues one run" in resumed.stderr
+
+
 def test_bnneck_splits_metric_and_retrieval_features():
     torch.manual_seed(0)
     model = Extractor("test_resnet", embedding_dim=16, bnneck=True).train()

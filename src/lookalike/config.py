@@ -98,6 +98,7 @@ class LossConfig(Section):
 class TrainConfig(Section):
     output: str = "runs/train"  # checkpoints/, tensorboard/, csv/ and validation grids land here
     seed: int = 0
+    runs: int = 1  # repeated runs with seeds seed, seed+1, ... under output/run{r}/: mean and std of the final metrics (runs.json)
     epochs: int = 10
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     lr: float = 1e-4
