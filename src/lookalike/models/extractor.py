@@ -75,13 +75,18 @@ def load_weights(
     module: nn.Module, path: str | os.PathLike, adapt: Callable[[dict], dict] | None = None, field: str = "model.weights",
     checkpoint: object | None = None,
 ) -> nn.Module:
-    """Load a state dict or a Lightning checkpoint into `module`, finding the key prefix by itself; `adapt` may reshape the
+    """Load a state dict or a Lightning checkpoint into `module`, finding the key prefix by itself, or into module.backbone
+    when no key fits the module (a backbone-only file such as ImageNet or IBN-Net weights); `adapt` may reshape the
     stripped state first (e.g. resample position embeddings). Errors name `field`; `checkpoint` is the file already read."""
     state = read_checkpoint(path, field) if checkpoint is None else checkpoint
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     if not isinstance(state, dict):
         raise LookalikeError(f"{field}: {path} holds no state dict")
     prefix = _common_prefix(state, module.state_dict())
+    if prefix is None and isinstance(getattr(module, "backbone", None), nn.Module):  # the backbone's own weights (e.g. ImageNet)
+        load_weights(module.backbone, path, adapt, field, state)
+        return module
+    prefix = prefix or ""
     stripped = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     stripped = adapt(stripped) if adapt is not None else stripped
     missing, _ = module.load_state_dict(stripped, strict=False)
@@ -90,7 +95,7 @@ def load_weights(
     return module
 
 
-def _common_prefix(state: dict, own: dict) -> str:
-    """The prefix that, removed from checkpoint keys, matches the most of the model's own keys."""
+def _common_prefix(state: dict, own: dict) -> str | None:
+    """The prefix that, removed from checkpoint keys, matches the most of the model's own keys; None when no key matches."""
     votes = Counter(k[: len(k) - len(o)] for k in state for o in own if k.endswith(o) and (len(k) == len(o) or k[len(k) - len(o) - 1] == "."))
-    return votes.most_common(1)[0][0] if votes else ""
+    return votes.most_common(1)[0][0] if votes else None
