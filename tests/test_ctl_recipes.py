@@ -21,7 +21,8 @@ def test_recipe_has_the_official_values(name, precision):
     assert (t.optimizer, t.lr, t.weight_decay, t.epochs, t.warmup_epochs, t.step_epochs) == ("adam", 3.5e-4, 5e-4, 120, 10, [40, 70])
     assert (t.p, t.k, t.few_images, t.runs, t.val_every) == (16, 4, "pad", 3, 40)
     assert (loss.margin, loss.centroid_margin, loss.centroid_mode) == (0.5, 0.5, "official")
-    assert (loss.center, loss.center_optimizer, loss.center_lr, loss.cross_entropy, loss.label_smoothing) == (5e-4, "sgd", 0.5, 1.0, 0.1)
+    assert (loss.center, loss.center_scale, loss.center_optimizer, loss.center_lr) == (5e-4, 1.0, "sgd", 0.5)
+    assert (loss.cross_entropy, loss.label_smoothing) == (1.0, 0.1)
     assert cfg.trainer.precision == precision  # Market's script turns mixed precision off, Duke's keeps the yml's True
     assert cfg.model.bnneck and cfg.data.image_size == [256, 128] and cfg.evaluate.centroids == "label_sequence"
 

@@ -388,6 +388,20 @@ def test_center_loss_value_and_gradients():
     torch.testing.assert_close(center.centers.grad, torch.tensor([[-0.5, -0.5], [-1.0, 0.0]], dtype=torch.float64))
 
 
+def test_center_loss_scale_one_is_the_official_ctl_definition():
+    # official CTL: sum over the batch of ||x - c||^2 / batch size (no 1/2): (2 + 4) / 2 = 3
+    center = CenterLoss(num_classes=2, dim=2, scale=1.0).double()
+    with torch.no_grad():
+        center.centers.copy_(torch.tensor([[0.0, 0.0], [1.0, 2.0]]))
+    x = torch.tensor([[1.0, 1.0], [3.0, 2.0]], dtype=torch.float64, requires_grad=True)
+    out = center(x, torch.tensor([0, 1]))
+    assert out.loss.item() == pytest.approx(3.0)
+    out.loss.backward()
+    torch.testing.assert_close(center.centers.grad, torch.tensor([[-1.0, -1.0], [-2.0, 0.0]], dtype=torch.float64))
+    with pytest.raises(LookalikeError, match="center scale"):
+        CenterLoss(2, 2, scale=0.0)
+
+
 def test_center_loss_rejects_bad_labels_and_width():
     center = CenterLoss(num_classes=2, dim=2)
     with pytest.raises(LookalikeError, match="labels"):

@@ -91,6 +91,7 @@ class LossConfig(Section):
     cross_entropy: float = 0.0  # weight of cross-entropy on a classifier over the (BNNeck) embedding
     label_smoothing: float = 0.1
     center: float = 0.0  # weight of the center loss
+    center_scale: float = 0.5  # center loss scale * ||x - c||^2: 0.5 is Wen et al.'s 1/2, 1.0 the official CTL code's
     center_optimizer: Literal["sgd", "shared"] = "sgd"  # sgd: the centres' own plain SGD on the unweighted loss (official CTL); shared: a group of train.optimizer
     center_lr: float | None = None  # learning rate of the class centres; None = 0.5 (sgd, the official value) or train.lr (shared)
 

@@ -32,7 +32,7 @@ class ExtractorModule(L.LightningModule):
         self.triplet = TripletLoss(loss.margin, loss.miner, loss.n_positives, loss.n_negatives, loss.memory_size, dim=extractor.dim)
         self.centroid = CentroidTripletLoss(loss.centroid_margin, loss.centroid_mode)
         self.classifier = nn.Linear(extractor.dim, n_classes, bias=False) if loss.cross_entropy > 0 else None
-        self.center = CenterLoss(n_classes, extractor.dim) if loss.center > 0 else None
+        self.center = CenterLoss(n_classes, extractor.dim, loss.center_scale) if loss.center > 0 else None
         self.cross_entropy = nn.CrossEntropyLoss(label_smoothing=loss.label_smoothing)
         self.last_report: MetricsReport | None = None
         self.validation_tag = "validate"  # file tag of a validation outside fit ("before" for the pre-training one)
