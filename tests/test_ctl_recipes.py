@@ -24,7 +24,7 @@ def test_recipe_has_the_official_values(name, precision):
     assert (loss.center, loss.center_scale, loss.center_optimizer, loss.center_lr) == (5e-4, 1.0, "sgd", 0.5)
     assert (loss.cross_entropy, loss.label_smoothing) == (1.0, 0.1)
     assert cfg.trainer.precision == precision  # Market's script turns mixed precision off, Duke's keeps the yml's True
-    assert cfg.model.bnneck and cfg.data.image_size == [256, 128] and cfg.evaluate.centroids == "label_sequence"
+    assert cfg.model.bnneck and cfg.model.last_stride == 1 and cfg.data.image_size == [256, 128] and cfg.evaluate.centroids == "label_sequence"
 
 
 @pytest.mark.parametrize("name", ["market", "duke"])

@@ -1,4 +1,4 @@
-"""ResNet50-IBN-a registered with timm: layout (IBN in stages 1-3 only), forward, local weights, official key names."""
+"""The CTL backbones: ResNet50-IBN-a registered with timm (IBN in stages 1-3 only, forward, local weights, official key names) and last stride 1."""
 
 from __future__ import annotations
 
@@ -88,3 +88,22 @@ def test_pretrained_without_a_file_is_one_line_error(omniglot_small, tmp_path):
                            f"extract.output={tmp_path / 'emb.npz'}"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0
     assert "model.pretrained: resnet50_ibn_a has no weights to download" in done.stderr and not (tmp_path / "emb.npz").exists()
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50_ibn_a"])
+def test_last_stride_one_doubles_the_last_feature_map_with_the_same_weights(name):
+    torch.manual_seed(0)
+    plain, strided = Extractor(name), Extractor(name, last_stride=1)
+    strided.load_state_dict(plain.state_dict())  # the same parameters: only the stride differs
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert plain.backbone.forward_features(images).shape[-2:] == (2, 2)
+        assert strided.backbone.forward_features(images).shape[-2:] == (4, 4)
+        assert strided(images).shape == plain(images).shape
+
+
+def test_last_stride_needs_a_resnet_stage():
+    with pytest.raises(LookalikeError, match="model.last_stride: expected a positive stride for a ResNet-like model"):
+        Extractor("test_vit", last_stride=1)
+    cfg = load_config(None, ["model.name=resnet18", "model.pretrained=false", "model.last_stride=1"])
+    assert extractor_from_config(cfg).backbone.layer4[0].conv2.stride == (1, 1)

@@ -42,6 +42,7 @@ class ModelConfig(Section):
     weights: str | None = None  # local state dict or Lightning checkpoint, loaded after creation
     embedding_dim: int | None = None  # linear projection after pooling; None keeps the backbone's features
     normalize: bool = True  # L2-normalise embeddings
+    last_stride: int | None = None  # 1: no downsampling in a ResNet's last stage (re-ID: BoT / CTL); None keeps the model's own
     bnneck: bool = False  # batch-norm neck after the projection (BoT / CTL recipe); embeddings taken after it
 
 

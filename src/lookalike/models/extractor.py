@@ -19,13 +19,16 @@ class Extractor(nn.Module):
     """timm backbone (classifier removed) -> optional linear projection -> optional BNNeck -> optional L2 normalisation."""
 
     def __init__(
-        self, name: str, pretrained: bool = False, embedding_dim: int | None = None, normalize: bool = True, bnneck: bool = False
+        self, name: str, pretrained: bool = False, embedding_dim: int | None = None, normalize: bool = True, bnneck: bool = False,
+        last_stride: int | None = None,
     ) -> None:
         super().__init__()
         try:
             self.backbone = timm.create_model(name, pretrained=pretrained, num_classes=0)
         except RuntimeError as exc:  # timm raises RuntimeError for an unknown model name
             raise LookalikeError(f"model.name: {exc}") from None
+        if last_stride is not None:
+            set_last_stride(self.backbone, last_stride, name)
         features = self.backbone.num_features
         self.projection = nn.Linear(features, embedding_dim) if embedding_dim else nn.Identity()
         self.dim = embedding_dim or features
@@ -45,6 +48,19 @@ class Extractor(nn.Module):
     def data_config(self) -> dict:
         """timm's preprocessing for this backbone (mean, std, input size)."""
         return timm.data.resolve_model_data_config(self.backbone)
+
+
+def set_last_stride(backbone: nn.Module, stride: int, name: str) -> None:
+    """Give the first block of a ResNet's last stage (layer4) `stride` in place of its 2: the re-ID "last stride 1" of
+    BoT and the official CTL code (a feature map twice as high and wide; the weights stay the same)."""
+    stage = getattr(backbone, "layer4", None)
+    if stride < 1 or not isinstance(stage, nn.Sequential) or len(stage) == 0:
+        raise LookalikeError(f"model.last_stride: expected a positive stride for a ResNet-like model with a layer4 stage, got {stride} for {name!r}")
+    strided = [m for m in stage[0].modules() if isinstance(m, (nn.Conv2d, nn.AvgPool2d)) and m.stride not in (1, (1, 1))]
+    if any(isinstance(m, nn.AvgPool2d) for m in strided):
+        raise LookalikeError(f"model.last_stride: {name!r} downsamples by average pooling, which last_stride does not change")
+    for conv in strided:
+        conv.stride = (stride, stride)
 
 
 def _bnneck(dim: int) -> nn.BatchNorm1d:
