@@ -305,7 +305,7 @@ def train(
     out.print(f"best checkpoint: {result.best_checkpoint}\nlast checkpoint: {result.last_checkpoint}\nlogs: {result.log_dir}")
 
 
-def _train_repeated(cfg, resume: Optional[str]) -> None:
+def _train_repeated(cfg, resume: str | None) -> None:
     """train.runs trainings with consecutive seeds: final metrics per run and their mean ± std."""
     from lookalike.train import run_train_repeated
 

@@ -30,8 +30,8 @@ class IBN(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.half = channels // 2
-        self.IN = nn.InstanceNorm2d(self.half, affine=True)  # noqa: N815 - the checkpoints' key names
-        self.BN = nn.BatchNorm2d(channels - self.half)  # noqa: N815
+        self.IN = nn.InstanceNorm2d(self.half, affine=True)  # the checkpoints' key names
+        self.BN = nn.BatchNorm2d(channels - self.half)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         first, rest = x[:, : self.half], x[:, self.half :]

@@ -2,4 +2,4 @@
 
 from lookalike.train.run import RepeatedTrainResult, TrainResult, build_parts, build_trainer, run_train, run_train_repeated, run_validate
 
-__all__ = ["RepeatedTrainResult", "TrainResult", "run_train_repeated", "build_parts", "build_trainer", "run_train", "run_validate"]
+__all__ = ["RepeatedTrainResult", "TrainResult", "build_parts", "build_trainer", "run_train", "run_train_repeated", "run_validate"]
