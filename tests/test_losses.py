@@ -348,6 +348,12 @@ def test_ctl_official_matches_the_loop_reference_on_p4_k4_batches(margin):
         assert CentroidTripletLoss(margin)(x[interleaved], y[interleaved]).loss.item() == pytest.approx(ref.item(), rel=1e-9)
 
 
+def test_ctl_official_distances_in_float32_for_half_precision_features():
+    x, y = torch.tensor([[0.0], [1.0], [3.0], [5.0]], dtype=torch.bfloat16), torch.tensor([0, 0, 1, 1])
+    out = CentroidTripletLoss(margin=0.5)(x, y)
+    assert out.loss.dtype == torch.float32 and out.loss.item() == pytest.approx(0.125)
+
+
 def test_ctl_official_mocks_and_lonely_labels():
     # label 0 has 3 valid + 1 mock, label 1 has 2 valid, label 2 one valid: round 2 holds label 0 only and is skipped
     x = column([0.0, 1.0, 2.0, 50.0, 3.0, 4.0, 9.0])

@@ -68,6 +68,7 @@ class CentroidTripletLoss(nn.Module):
         starts = torch.searchsorted(own[order], own[order], side="left")
         rank[order] = torch.arange(n, device=own.device) - starts  # s: position of the instance among its label's
         points = torch.cat([queries, centroids])
+        points = points.to(torch.promote_types(points.dtype, torch.float32))  # distances in float32 at least, as the official code
         label, round_ = own.repeat(2), rank.repeat(2)
         dist = pairwise_euclidean(points, points)
         d_pos = dist[torch.arange(2 * n, device=dist.device), torch.arange(2 * n, device=dist.device).roll(n)]
