@@ -402,12 +402,33 @@ def train(
 
     _quiet_lightning()
     cfg = _config(args)
+    if cfg.train.runs != 1:
+        _train_repeated(cfg, resume)
+        return
     result = run_train(cfg, resume)
     if not result.is_global_zero:
         return
     _print_comparison({"before": result.metrics_before, "after": result.metrics}, f"validation ({cfg.model.name})")
     out.print(f"training speed: {result.images_per_second:.1f} images/s")
     out.print(f"best checkpoint: {result.best_checkpoint}\nlast checkpoint: {result.last_checkpoint}\nlogs: {result.log_dir}")
+
+
+def _train_repeated(cfg, resume: str | None) -> None:
+    """train.runs trainings with consecutive seeds: final metrics per run and their mean ± std."""
+    from lookalike.train import run_train_repeated
+
+    if resume is not None:
+        raise LookalikeError(f"--resume: continues one run; with train.runs={cfg.train.runs} resume a run alone (train.output=.../runN train.runs=1)")
+    result = run_train_repeated(cfg)
+    if not result.runs[-1].is_global_zero:
+        return
+    table = Table(title=f"validation ({cfg.model.name}), mean ± std over {len(result.runs)} runs (seeds {', '.join(map(str, result.seeds))})")
+    for name in ("metric", "mean ± std", *(f"seed {s}" for s in result.seeds)):
+        table.add_column(name, justify="left" if name == "metric" else "right")
+    for metric, cell in result.summary.items():
+        table.add_row(metric, f"{cell['mean']:.4f} ± {cell['std']:.4f}", *(f"{r.metrics[metric]:.4f}" for r in result.runs))
+    out.print(table)
+    out.print(f"wrote {result.path}; runs under {cfg.train.output}/run0 ... run{len(result.runs) - 1}")
 
 
 @app.command()

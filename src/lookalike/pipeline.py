@@ -36,7 +36,8 @@ def extractor_from_config(cfg: Config) -> Extractor:
     """Create the timm extractor and load model.weights when given."""
     m = cfg.model
     extractor = Extractor(
-        m.name, pretrained=m.pretrained and not m.weights, embedding_dim=m.embedding_dim, normalize=m.normalize, bnneck=m.bnneck
+        m.name, pretrained=m.pretrained and not m.weights, embedding_dim=m.embedding_dim, normalize=m.normalize, bnneck=m.bnneck,
+        last_stride=m.last_stride,
     )
     return load_weights(extractor, m.weights) if m.weights else extractor
 

@@ -134,7 +134,8 @@ def build_index(cfg: Config, table: DatasetTable, extractor: Extractor, progress
     dc = extractor.data_config()
     settings = {
         "format": FORMAT,
-        "model": {"name": cfg.model.name, "embedding_dim": cfg.model.embedding_dim, "normalize": cfg.model.normalize, "bnneck": cfg.model.bnneck},
+        "model": {"name": cfg.model.name, "embedding_dim": cfg.model.embedding_dim, "normalize": cfg.model.normalize, "bnneck": cfg.model.bnneck,
+                  "last_stride": cfg.model.last_stride},
         "data": {"image_size": cfg.data.image_size, "crop_fraction": cfg.data.crop_fraction, "mean": list(dc["mean"]), "std": list(dc["std"])},
         "search": {"metric": cfg.search.metric, "index": cfg.search.index},
         "serve": cfg.serve.model_dump(),
@@ -305,7 +306,8 @@ def load_index(folder: str | os.PathLike) -> GalleryIndex:
     if missing:
         raise LookalikeError(f"{folder / missing[0]}: missing (the index folder holds {', '.join(needed)}; rebuild with `lookalike index`)")
     m = settings["model"]
-    extractor = Extractor(m["name"], pretrained=False, embedding_dim=m["embedding_dim"], normalize=m["normalize"], bnneck=m["bnneck"])
+    extractor = Extractor(m["name"], pretrained=False, embedding_dim=m["embedding_dim"], normalize=m["normalize"], bnneck=m["bnneck"],
+                          last_stride=m.get("last_stride"))
     load_weights(extractor, folder / MODEL_FILE, field="index folder")  # a truncated or foreign model.pt: one line naming it
     d = settings["data"]
     gallery = pd.read_csv(folder / GALLERY_FILE, dtype={"label": str, "path": str}, encoding_errors="surrogateescape")

@@ -20,6 +20,8 @@ from lookalike.models.extractor import Extractor
 from lookalike.pipeline import search_and_score
 from lookalike.provenance import KEY, flat_config, record
 
+CENTER_SGD_LR = 0.5  # the official CTL code's SOLVER.CENTER_LR
+
 
 class ExtractorModule(L.LightningModule):
     """Trains an Extractor with weighted triplet / centroid-triplet / cross-entropy / center losses; validates by retrieval."""
@@ -30,9 +32,9 @@ class ExtractorModule(L.LightningModule):
         self.extractor, self.cfg, self.val_table = extractor, cfg, val_table
         loss = cfg.train.loss
         self.triplet = TripletLoss(loss.margin, loss.miner, loss.n_positives, loss.n_negatives, loss.memory_size, dim=extractor.dim)
-        self.centroid = CentroidTripletLoss(loss.centroid_margin)
+        self.centroid = CentroidTripletLoss(loss.centroid_margin, loss.centroid_mode)
         self.classifier = nn.Linear(extractor.dim, n_classes, bias=False) if loss.cross_entropy > 0 else None
-        self.center = CenterLoss(n_classes, extractor.dim) if loss.center > 0 else None
+        self.center = CenterLoss(n_classes, extractor.dim, loss.center_scale) if loss.center > 0 else None
         self.cross_entropy = nn.CrossEntropyLoss(label_smoothing=loss.label_smoothing)
         self.last_report: MetricsReport | None = None
         self.validation_tag = "validate"  # file tag of a validation outside fit ("before" for the pre-training one)
@@ -82,11 +84,24 @@ class ExtractorModule(L.LightningModule):
         ids = {id(p) for p in backbone}
         head = [p for n, p in self.named_parameters() if id(p) not in ids and p.requires_grad and not n.startswith("center.")]
         groups = [{"params": backbone, "lr": t.backbone_lr or t.lr}, {"params": head, "lr": t.lr}]
-        if self.center is not None:
+        if self.center is not None and t.loss.center_optimizer == "shared":
             groups.append({"params": list(self.center.parameters()), "lr": t.loss.center_lr or t.lr, "weight_decay": 0.0})
         optimizer = _optimizer(t.optimizer, groups, t.lr, t.weight_decay)
         scheduler = _scheduler(optimizer, t.scheduler, t.warmup_epochs, t.epochs, t.step_epochs)
         return optimizer if scheduler is None else {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """center_optimizer=sgd: step the class centres by their own plain SGD (no momentum, no weight decay) on the
+        gradient of the UNWEIGHTED center loss, as the official CTL code does (its centre gradient is divided by the
+        loss weight, lr 0.5); AMP's loss scale is taken out the same way, and a step with inf/NaN gradients is skipped."""
+        loss = self.cfg.train.loss
+        if self.center is None or loss.center_optimizer != "sgd" or self.center.centers.grad is None:
+            return
+        grad = self.center.centers.grad / (loss.center * _loss_scale(self.trainer))
+        if torch.isfinite(grad).all():
+            with torch.no_grad():
+                self.center.centers.sub_(grad, alpha=loss.center_lr or CENTER_SGD_LR)
+        self.center.centers.grad = None
 
     # validation: embed the validation split on every rank, gather in table order, search, evaluate
 
@@ -149,6 +164,12 @@ class ExtractorModule(L.LightningModule):
             queries = spread_queries(results.n_queries, e.grid_queries)
             labels = table_labels(self.val_table, results)
             save_result_grid(results, folder / f"grid_{tag}.png", self.val_table.root, report.relevance, queries, e.grid_top_k, labels=labels)
+
+
+def _loss_scale(trainer: L.Trainer) -> float:
+    """The factor AMP's gradient scaler multiplied the loss by (1 without one)."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    return float(scaler.get_scale()) if scaler is not None else 1.0
 
 
 def _optimizer(name: str, groups: list[dict], lr: float, weight_decay: float) -> torch.optim.Optimizer:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+from lookalike.atomic import write_text_atomic
 from lookalike.config import Config
 from lookalike.data.images import eval_transform
 from lookalike.errors import ConfigError, LookalikeError
@@ -155,6 +157,43 @@ def run_train(cfg: Config, resume: str | None = None) -> TrainResult:
         before = dict(module.last_report.means) if module.last_report else {}
     trainer.fit(module, datamodule=data, ckpt_path=ckpt, weights_only=True)  # a resumed checkpoint may come from anyone
     return fit_result(trainer, cfg, module.last_report, before, throughput)
+
+
+@dataclass
+class RepeatedTrainResult:
+    """train.runs trainings of one config with seeds seed, seed+1, ...; `summary` holds mean and std of the final metrics."""
+
+    runs: list[TrainResult]
+    seeds: list[int]
+    summary: dict[str, dict[str, float]]
+    path: Path  # runs.json
+
+    def to_dict(self) -> dict:
+        runs = [{"seed": s, "output": str(r.log_dir), "best_checkpoint": str(r.best_checkpoint), "metrics": r.metrics}
+                for s, r in zip(self.seeds, self.runs)]
+        return {"summary": self.summary, "runs": runs}
+
+
+def run_train_repeated(cfg: Config) -> RepeatedTrainResult:
+    """train.runs trainings (seed + r, output/run{r}), as the official CTL scripts repeat each experiment; writes
+    output/runs.json with every run's final metrics and their mean and std (ddof=1, the adapt command's definition)."""
+    from lookalike.adapt.run import mean_std
+
+    t = cfg.train
+    if t.runs < 1:
+        raise ConfigError(f"train.runs: expected at least 1, got {t.runs}")
+    seeds = list(range(t.seed, t.seed + t.runs))
+    runs = [run_train(_run_config(cfg, seed, Path(t.output) / f"run{r}")) for r, seed in enumerate(seeds)]
+    summary = mean_std([r.metrics for r in runs]) if all(r.metrics for r in runs) else {}
+    result = RepeatedTrainResult(runs, seeds, summary, Path(t.output) / "runs.json")
+    if runs[-1].is_global_zero:
+        write_text_atomic(result.path, json.dumps(result.to_dict(), indent=2) + "\n")
+    return result
+
+
+def _run_config(cfg: Config, seed: int, output: Path) -> Config:
+    """The config of one repeated run: its seed and output folder."""
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": seed, "output": str(output)})})
 
 
 def fit_result(trainer: L.Trainer, cfg: Config, report, before: dict[str, float], throughput: Throughput) -> TrainResult:
