@@ -319,3 +319,65 @@ def test_cli_trains_a_reranker_and_validate_shows_each_stage(trained, tmp_path):
     assert run.exit_code == 0 and "1:qe" in run.output, run.output  # the chain re-ranks the images' lists, not centroids
     run = runner.invoke(app, ["train-reranker", *args, f"train.output={tmp_path}"])
     assert run.exit_code == 2 and "model.weights" in run.output
+
+
+DDP_SCRIPT = '''
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from lookalike.config import load_config
+from lookalike.train.pairwise import run_train_reranker
+
+
+class Snapshots(L.Callback):
+    """Each rank writes its backbone's and head's state at the start and after every training epoch."""
+
+    def __init__(self, out):
+        self.out = Path(out)
+
+    def _save(self, trainer, module, tag):
+        state = {k: v.detach().clone() for k, v in module.model.state_dict().items()}
+        torch.save(state, self.out / f"rank{trainer.global_rank}_{tag}.pt")
+
+    def on_train_start(self, trainer, module):
+        self._save(trainer, module, "start")
+
+    def on_train_epoch_end(self, trainer, module):
+        self._save(trainer, module, f"epoch{trainer.current_epoch}")
+
+
+if __name__ == "__main__":
+    result = run_train_reranker(load_config(None, sys.argv[2:]), callbacks=(Snapshots(sys.argv[1]),))
+    if result.is_global_zero:
+        print("done", result.metrics["cmc@1"])
+'''
+
+
+def test_freeze_epochs_under_ddp_keeps_the_backbone_frozen_on_every_rank_then_trains_it_in_sync(trained, tmp_path):
+    """Real 2-process DDP (gloo, CPU): after the frozen epoch every rank's backbone equals the initial one (the head
+    learnt); after unfreezing it changed, identically on both ranks (its gradients are all-reduced)."""
+    import subprocess
+    import sys
+
+    _, base = trained
+    script = tmp_path / "ddp_freeze.py"
+    script.write_text(DDP_SCRIPT)
+    snaps = tmp_path / "snaps"
+    snaps.mkdir()
+    args = [*base, f"train.output={tmp_path / 'run'}", "train.epochs=2", "pairwise.freeze_epochs=1", "pairwise.name=test_resnet",
+            "train.backbone_lr=1e-3", "train.val_every=2", "train.validate_before=false", "train.grid=false",
+            "trainer.devices=2", "trainer.strategy=ddp"]
+    run = subprocess.run([sys.executable, str(script), str(snaps), *args], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("done") == 1
+    states = {(r, tag): torch.load(snaps / f"rank{r}_{tag}.pt") for r in (0, 1) for tag in ("start", "epoch0", "epoch1")}
+    backbone = lambda state: {k: v for k, v in state.items() if k.startswith("backbone.")}  # noqa: E731
+    head = lambda state: {k: v for k, v in state.items() if k.startswith("head.")}  # noqa: E731
+    for r in (0, 1):
+        assert _same(backbone(states[r, "start"]), backbone(states[r, "epoch0"]))  # frozen: weights and BN statistics
+        assert not _same(head(states[r, "start"]), head(states[r, "epoch0"]))  # while the head learnt
+        assert not _same(backbone(states[r, "epoch0"]), backbone(states[r, "epoch1"]))  # trained after unfreezing
+    assert _same(states[0, "epoch0"], states[1, "epoch0"]) and _same(states[0, "epoch1"], states[1, "epoch1"])  # ranks agree
