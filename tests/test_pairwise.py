@@ -381,3 +381,55 @@ def test_freeze_epochs_under_ddp_keeps_the_backbone_frozen_on_every_rank_then_tr
         assert not _same(head(states[r, "start"]), head(states[r, "epoch0"]))  # while the head learnt
         assert not _same(backbone(states[r, "epoch0"]), backbone(states[r, "epoch1"]))  # trained after unfreezing
     assert _same(states[0, "epoch0"], states[1, "epoch0"]) and _same(states[0, "epoch1"], states[1, "epoch1"])  # ranks agree
+
+
+# ---------------------------------------------------------------- the recipe's configs
+
+CONFIGS = __import__("pathlib").Path(__file__).resolve().parents[1] / "configs"
+
+
+def _header_command(path) -> list[str]:
+    """The `lookalike train configs/X.yaml ...` command in a config's header comment, as its overrides."""
+    import shlex
+
+    lines = [line[1:].strip() for line in path.read_text().splitlines() if line.startswith("#")]
+    start = next(i for i, line in enumerate(lines) if line.startswith("lookalike train configs/"))
+    command = ""
+    for line in lines[start:]:
+        command += " " + line.rstrip("\\").strip()
+        if not line.endswith("\\"):
+            break
+    return shlex.split(command)[2:]
+
+
+@pytest.mark.parametrize("dataset", ["sop", "inshop", "cub", "cars"])
+def test_the_stir_recipe_configs_hold_the_published_settings(dataset):
+    cfg = load_config(CONFIGS / f"{dataset}_pairwise.yaml")
+    p, t = cfg.pairwise, cfg.train
+    assert (p.freeze_epochs, p.top_n, p.hidden, p.dropout, p.mining, p.batch_size, p.precision) == (3, 5, 192, 0.5, "hard", 128, "16-mixed")
+    assert p.init_from_extractor and p.name == cfg.model.name == "vit_small_patch16_224.dino" and cfg.model.normalize
+    assert (t.optimizer, t.lr, t.backbone_lr, t.scheduler, t.step_epochs, t.step_gamma) == ("adam", 2e-3, None, "step", [3], 5e-3)
+    assert (t.p, t.k, t.epochs, t.val_every, t.seed) == (30, 4, 1000, 10, 42)
+    assert (cfg.data.image_size, cfg.data.crop_fraction) == (224, 1.0)
+    assert (cfg.trainer.devices, cfg.trainer.strategy) == (2, "ddp")
+    # the header's command trains the recipe's extractor from configs/{dataset}.yaml
+    config, *overrides = _header_command(CONFIGS / f"{dataset}_pairwise.yaml")
+    extractor = load_config(CONFIGS.parent / config, overrides)
+    e, loss = extractor.train, extractor.train.loss
+    assert extractor.model.name == "vit_small_patch16_224.dino" and extractor.model.normalize
+    assert (e.optimizer, e.lr, e.p, e.k, e.val_every) == ("adamw", 1e-5, 150, 4, 5)
+    assert (loss.triplet, loss.margin, loss.miner, loss.memory_size, loss.centroid, loss.cross_entropy) == (1.0, 0.15, "batch_hard", 0, 0.0, 0.0)
+    assert (extractor.trainer.devices, extractor.trainer.strategy, extractor.trainer.precision) == (2, "ddp", "16-mixed")
+
+
+def test_the_step_schedule_multiplies_by_step_gamma():
+    from lookalike.train.module import _scheduler
+
+    optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=2e-3)
+    scheduler = _scheduler(optimizer, "step", 0, 10, [3], 5e-3)
+    rates = []
+    for _ in range(5):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates == pytest.approx([2e-3, 2e-3, 2e-3, 1e-5, 1e-5])

@@ -103,7 +103,8 @@ class TrainConfig(Section):
     weight_decay: float = 0.0
     scheduler: Literal["none", "cosine", "step"] = "none"
     warmup_epochs: int = 0  # linear warm-up of the learning rate
-    step_epochs: list[int] = []  # scheduler=step: epochs at which the rate is divided by 10
+    step_epochs: list[int] = []  # scheduler=step: epochs at which the rate is multiplied by step_gamma
+    step_gamma: float = 0.1  # scheduler=step: the factor (STIR's recipe: 5e-3 once the backbone joins)
     p: int = 8  # labels per batch
     k: int = 4  # images per label in a batch
     batches_per_epoch: int | None = None  # None: an epoch is one pass over the labels; set it when there are few labels

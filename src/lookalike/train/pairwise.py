@@ -119,7 +119,7 @@ class PairwiseModule(L.LightningModule):
         groups = [{"params": list(self.model.head.parameters()), "lr": t.lr},
                   {"params": list(self.model.backbone.parameters()), "lr": t.backbone_lr or t.lr}]  # skipped while frozen
         optimizer = _optimizer(t.optimizer, groups, t.lr, t.weight_decay)
-        scheduler = _scheduler(optimizer, t.scheduler, t.warmup_epochs, t.epochs, t.step_epochs)
+        scheduler = _scheduler(optimizer, t.scheduler, t.warmup_epochs, t.epochs, t.step_epochs, t.step_gamma)
         return optimizer if scheduler is None else {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
