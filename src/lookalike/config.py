@@ -196,6 +196,7 @@ class AdaptConfig(Section):
     top_k: list[int] = [1, 3, 5]
     device: str = "cpu"
     output: str = "runs/adapt"  # metrics.json, tensorboard/ (per run and average), run{r}/ (adapter, PCA, split)
+    protocol: Literal["lookalike", "reference"] = "lookalike"  # reference: the published train.py command (see lookalike.adapt.run)
 
 
 class Config(Section):
