@@ -492,10 +492,12 @@ def extract_pairs(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HEL
 @app.command()
 @reports_errors
 def adapt(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP)) -> None:
-    """Learn an adaptation module on frozen features of image pairs over adapt.runs random splits; print top-k accuracy of raw vs adapted features on the test pairs."""
+    """Learn an adaptation module on frozen features of image pairs over adapt.runs random splits; print top-k accuracy of raw vs adapted features on the test pairs. adapt.protocol=reference runs the published command (PCA on all pairs, 150 epochs, 1 run, 25 % test, last epoch)."""
     from lookalike.adapt import DIRECTIONS, run_adapt
+    from lookalike.adapt.run import protocol_config, protocol_summary
 
-    cfg = _config(args)
+    cfg = protocol_config(_config(args))
+    out.print(protocol_summary(cfg))
     result = run_adapt(cfg, _progress("extracting"), _progress("runs", unit="run"))
     a, summary = cfg.adapt, result.summary()
     table = Table(title=f"test top-k accuracy, mean ± std over {len(result.runs)} runs ({result.n_pairs} pairs, {result.dim} features)")
@@ -506,7 +508,11 @@ def adapt(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP)) -> N
             cells = (summary[kind][f"top{k}/{direction}"] for kind in ("raw", "adapted"))
             table.add_row(str(k), label, *(f"{c['mean']:.4f} ± {c['std']:.4f}" for c in cells))
     out.print(table)
-    out.print(f"epochs kept (best {a.monitor} on validation pairs): {', '.join(str(r.best_epoch) for r in result.runs)}")
+    kept = ", ".join(str(r.best_epoch) for r in result.runs)
+    if a.protocol == "reference":
+        out.print(f"epoch reported: the last ({kept}), as the reference's train.py; test curves per epoch in TensorBoard")
+    else:
+        out.print(f"epochs kept (best {a.monitor} on validation pairs): {kept}")
     out.print(f"features: {'reused ' if result.features_reused else 'extracted to '}{result.features}")
     out.print(f"wrote {result.output / 'metrics.json'}; TensorBoard curves per run and averaged: {result.output / 'tensorboard'}")
 

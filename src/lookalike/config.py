@@ -117,7 +117,8 @@ class TrainConfig(Section):
     weight_decay: NonNegativeFloat = 0.0  # weight decay of the optimizer
     scheduler: Literal["none", "cosine", "step"] = "none"  # learning-rate schedule after the warm-up: constant, cosine to 0, or /10 at step_epochs
     warmup_epochs: Count = 0  # linear warm-up of the learning rate
-    step_epochs: list[PositiveInt] = []  # scheduler=step: epochs at which the rate is divided by 10
+    step_epochs: list[PositiveInt] = []  # scheduler=step: epochs at which the rate is multiplied by step_gamma
+    step_gamma: PositiveFloat = 0.1  # scheduler=step: the factor (STIR's recipe: 5e-3 once the backbone joins)
     p: PositiveInt = 8  # labels per batch
     k: PositiveInt = 4  # images per label in a batch
     batches_per_epoch: PositiveInt | None = None  # None: an epoch is one pass over the labels; set it when there are few labels
@@ -229,6 +230,7 @@ class AdaptConfig(Section):
     top_k: list[PositiveInt] = [1, 3, 5]  # k of the reported top-k accuracy
     device: Device = "cpu"  # torch device of feature extraction and training
     output: str = "runs/adapt"  # metrics.json, tensorboard/ (per run and average), run{r}/ (adapter, PCA, split)
+    protocol: Literal["lookalike", "reference"] = "lookalike"  # reference: the published train.py command (see lookalike.adapt.run)
 
 
 class Config(Section):

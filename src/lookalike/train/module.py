@@ -87,7 +87,7 @@ class ExtractorModule(L.LightningModule):
         if self.center is not None and t.loss.center_optimizer == "shared":
             groups.append({"params": list(self.center.parameters()), "lr": t.loss.center_lr or t.lr, "weight_decay": 0.0})
         optimizer = _optimizer(t.optimizer, groups, t.lr, t.weight_decay)
-        scheduler = _scheduler(optimizer, t.scheduler, t.warmup_epochs, t.epochs, t.step_epochs)
+        scheduler = _scheduler(optimizer, t.scheduler, t.warmup_epochs, t.epochs, t.step_epochs, t.step_gamma)
         return optimizer if scheduler is None else {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -180,7 +180,7 @@ def _optimizer(name: str, groups: list[dict], lr: float, weight_decay: float) ->
     return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
 
 
-def _scheduler(optimizer, name: str, warmup: int, epochs: int, steps: list[int]):
+def _scheduler(optimizer, name: str, warmup: int, epochs: int, steps: list[int], gamma: float = 0.1):
     """Per-epoch learning-rate schedule with an optional linear warm-up."""
     if name == "none" and warmup == 0:
         return None
@@ -189,6 +189,6 @@ def _scheduler(optimizer, name: str, warmup: int, epochs: int, steps: list[int])
         if name == "cosine":
             return warm * 0.5 * (1 + math.cos(math.pi * epoch / max(epochs, 1)))  # a float: numpy scalars break weights_only loading
         if name == "step":
-            return warm * 0.1 ** sum(epoch >= s for s in steps)
+            return warm * gamma ** sum(epoch >= s for s in steps)
         return warm
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
