@@ -68,3 +68,20 @@ def test_validation_under_mixed_precision_embeds_as_extract_does(table_csv, tmp_
     (got_rows, got), = module._val_parts
     assert got.dtype == torch.float32
     np.testing.assert_array_equal(got.numpy(), extracted.vectors[got_rows.numpy()])  # was bf16 numbers, ~1e-3 apart
+
+
+def weights(checkpoint) -> dict[str, torch.Tensor]:
+    return torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def test_two_runs_and_a_resumed_run_give_identical_metrics(table_csv, tmp_path):
+    """The same seed gives the same weights and metrics, run after run, and when stopped after epoch 1 and resumed."""
+    short = ["model.name=test_resnet", "train.batches_per_epoch=2", "train.validate_before=false"]
+    first = run_train(config(table_csv, tmp_path / "first", *short, "train.epochs=2"))
+    second = run_train(config(table_csv, tmp_path / "second", *short, "train.epochs=2"))
+    run_train(config(table_csv, tmp_path / "resumed", *short, "train.epochs=1"))
+    resumed = run_train(config(table_csv, tmp_path / "resumed", *short, "train.epochs=2"), resume="last")
+    assert first.metrics == second.metrics == resumed.metrics  # the resumed run trained epoch 1 on epoch 0's batches again
+    for run in (second, resumed):
+        for key, value in weights(first.last_checkpoint).items():
+            assert torch.equal(value, weights(run.last_checkpoint)[key]), key

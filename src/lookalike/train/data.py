@@ -83,7 +83,10 @@ class RetrievalDataModule(L.LightningDataModule):
         return len(self.train_set.classes)
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
+        """P x K batches of the epoch the Trainer runs next: Lightning builds the batch iterator before any epoch-start
+        hook, so a run resumed at epoch e must start there (it drew epoch 0's batches again)."""
         sampler = PKSampler(self.train_set.labels, **self.sampling)
+        sampler.set_epoch(epoch_to_run(self.trainer))
         return self._loader(self.train_set, batch_sampler=sampler)
 
     def val_dataloader(self) -> torch.utils.data.DataLoader:
@@ -92,3 +95,9 @@ class RetrievalDataModule(L.LightningDataModule):
     def _loader(self, dataset, **kwargs) -> torch.utils.data.DataLoader:
         workers = self.num_workers
         return torch.utils.data.DataLoader(dataset, num_workers=workers, persistent_workers=workers > 0, **kwargs)
+
+
+def epoch_to_run(trainer: L.Trainer | None) -> int:
+    """The epoch a Trainer's fit is about to run (restored from a resumed checkpoint); 0 outside a Trainer. Lightning
+    gives samplers this very number (fit_loop.epoch_progress.current.processed)."""
+    return trainer.fit_loop.epoch_progress.current.processed if trainer is not None else 0
