@@ -68,9 +68,13 @@ def build_parts(cfg: Config) -> tuple[ExtractorModule, RetrievalDataModule]:
 
 
 class NewBatchesEachEpoch(Callback):
-    """New P x K batches every epoch: Lightning calls set_epoch on samplers, not on a batch sampler."""
+    """New P x K batches every epoch: Lightning calls set_epoch on samplers, not on a batch sampler. A data module with
+    start_epoch also re-seeds the augmentation there (RetrievalDataModule)."""
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if hasattr(trainer.datamodule, "start_epoch"):
+            trainer.datamodule.start_epoch(trainer.current_epoch)
+            return
         batch_sampler = getattr(trainer.train_dataloader, "batch_sampler", None)
         if hasattr(batch_sampler, "set_epoch"):
             batch_sampler.set_epoch(trainer.current_epoch)
