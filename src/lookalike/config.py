@@ -136,8 +136,8 @@ class TrainerConfig(Section):
     devices: int | str = 1  # devices (processes) per node, as Lightning takes it: a count, 'auto' or a list such as '0,1'
     strategy: str = "auto"  # ddp for several processes
     num_nodes: PositiveInt = 1  # machines for multi-node training
-    precision: str = "32-true"  # 16-mixed, bf16-mixed, ...
-    channels_last: bool = True  # NHWC model while training (both trainers): faster convolutions (oneDNN on CPU, tensor cores on GPU)
+    precision: str = "32-true"  # 16-mixed, bf16-mixed, ... (of training steps; validation embeds in fp32, as extract does)
+    channels_last: bool = True  # NHWC model while training (both trainers), validating, extracting and serving: faster convolutions (oneDNN on CPU, tensor cores on GPU), the same embeddings everywhere
     limit_train_batches: int | float | None = None  # train on only this many batches (int) or this share (float) of each epoch; None: all
     log_every_n_steps: PositiveInt = 10  # steps between logged training losses
     progress: bool = True  # Lightning's progress bar

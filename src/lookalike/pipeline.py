@@ -68,10 +68,12 @@ def load_results(cfg: Config, command: str) -> RetrievalResults:
 
 
 def embed_table(cfg: Config, extractor: Extractor, table: DatasetTable, progress: Progress | None = None) -> Embeddings:
-    """Every row of `table` embedded by the extractor with its evaluation transform, on extract.device."""
+    """Every row of `table` embedded by the extractor with its evaluation transform, on extract.device, in the batches
+    (data.batch_size) and memory layout (trainer.channels_last) of training's validation: the same checkpoint gives the
+    same embeddings, to the bit, and so the same metrics."""
     d, dc = cfg.data, extractor.data_config()
     transform = eval_transform(d.image_size, d.crop_fraction, dc["mean"], dc["std"])
-    return extract_embeddings(extractor, table, transform, d.batch_size, d.num_workers, cfg.extract.device, progress)
+    return extract_embeddings(extractor, table, transform, d.batch_size, d.num_workers, cfg.extract.device, progress, cfg.trainer.channels_last)
 
 
 def run_search(cfg: Config, table: DatasetTable, embeddings: Embeddings | None = None, progress: Progress | None = None) -> RetrievalResults:

@@ -14,6 +14,7 @@ from lookalike.atomic import write_text_atomic
 from lookalike.config import Config
 from lookalike.data.table import DatasetTable
 from lookalike.embeddings import Embeddings
+from lookalike.extract import embed_batch
 from lookalike.losses import CenterLoss, CentroidTripletLoss, LossOutput, TripletLoss
 from lookalike.metrics import MetricsReport
 from lookalike.models.extractor import Extractor
@@ -118,7 +119,7 @@ class ExtractorModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx: int) -> None:
         images, rows = batch
-        self._val_parts.append((rows, self(images).float()))
+        self._val_parts.append((rows, embed_batch(self.extractor, images)))  # as extract embeds: fp32, autocast off
 
     def on_validation_epoch_end(self) -> None:
         rows = torch.cat([r for r, _ in self._val_parts]) if self._val_parts else torch.empty(0, dtype=torch.int64, device=self.device)

@@ -16,6 +16,7 @@ from lookalike.atomic import write_text_atomic
 from lookalike.config import Config
 from lookalike.data.images import eval_transform
 from lookalike.errors import ConfigError, LookalikeError
+from lookalike.extract import set_layout
 from lookalike.models.extractor import check_state, read_checkpoint
 from lookalike.train.data import RetrievalDataModule, train_transform
 from lookalike.train.module import ExtractorModule
@@ -69,9 +70,13 @@ def build_parts(cfg: Config) -> tuple[ExtractorModule, RetrievalDataModule]:
 
 
 class NewBatchesEachEpoch(Callback):
-    """New P x K batches every epoch: Lightning calls set_epoch on samplers, not on a batch sampler."""
+    """New P x K batches every epoch: Lightning calls set_epoch on samplers, not on a batch sampler. A data module with
+    start_epoch also re-seeds the augmentation there (RetrievalDataModule)."""
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if hasattr(trainer.datamodule, "start_epoch"):
+            trainer.datamodule.start_epoch(trainer.current_epoch)
+            return
         batch_sampler = getattr(trainer.train_dataloader, "batch_sampler", None)
         if hasattr(batch_sampler, "set_epoch"):
             batch_sampler.set_epoch(trainer.current_epoch)
@@ -80,10 +85,11 @@ class NewBatchesEachEpoch(Callback):
 class ChannelsLast(Callback):
     """The model in channels-last memory layout (trainer.channels_last): convolutions then run oneDNN's NHWC kernels on
     CPU and tensor cores on GPU; 8-10% more images/s for a ResNet-18 at 64 px on this CPU. Input batches need no
-    conversion: a channels-last weight makes the convolution take that layout, with bitwise the same results."""
+    conversion: a channels-last weight makes the convolution take that layout, with bitwise the same results. The
+    layout changes the embeddings' float bits, so extract and serve embed in it too (pipeline.embed_table)."""
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        pl_module.to(memory_format=torch.channels_last)
+        set_layout(pl_module, channels_last=True)
 
 
 class BestCheckpoint(ModelCheckpoint):
