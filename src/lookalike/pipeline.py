@@ -17,7 +17,7 @@ from lookalike.extract import Progress, extract_embeddings
 from lookalike.metrics import MetricsReport, cmc_curve, evaluate_table
 from lookalike.models.extractor import Extractor, load_weights
 from lookalike.rerank import RerankContext, Stage, build_chain, run_chain
-from lookalike.rerank.chain import stage_reports
+from lookalike.rerank.chain import stage_reports, uses_embeddings
 from lookalike.search import RetrievalResults, exclusion_groups, search_table
 from lookalike.viz import save_cmc_curve, save_result_grid, spread_queries
 
@@ -101,13 +101,14 @@ def run_evaluate(cfg: Config, table: DatasetTable, results: RetrievalResults | N
     return Evaluation(report, pictures)
 
 
-def rerank_context(cfg: Config, table: DatasetTable, results: RetrievalResults, embeddings: Embeddings) -> RerankContext:
-    """What the chain needs: the results' query and gallery embeddings, labels and exclusion groups from the table."""
+def rerank_context(cfg: Config, table: DatasetTable, results: RetrievalResults, embeddings: Embeddings | None) -> RerankContext:
+    """What the chain needs: the results' query and gallery embeddings (None: a chain that reads none), labels and
+    exclusion groups from the table."""
     frame = table.frame.set_index("path")
     q_ids, g_ids = results.query_ids.astype(str), results.gallery_ids.astype(str)
     return RerankContext(
-        queries=embeddings.select(q_ids),
-        gallery=embeddings.select(g_ids),
+        queries=embeddings.select(q_ids) if embeddings is not None else None,
+        gallery=embeddings.select(g_ids) if embeddings is not None else None,
         metric=cfg.search.metric,
         exclude=exclusion_groups(table, q_ids, g_ids),
         table=table,
@@ -122,10 +123,12 @@ def run_rerank(cfg: Config, table: DatasetTable, grids: bool = False) -> list[St
     if not cfg.rerank:
         raise ConfigError("rerank: expected a chain of re-rankers, e.g. rerank=[icfrr] or rerank=[centroids,kreciprocal]")
     s, e = cfg.search, cfg.evaluate
+    chain = build_chain(cfg.rerank)  # a bad chain fails before any file is read
     results = RetrievalResults.load(e.results or s.output)
-    context = rerank_context(cfg, table, results, Embeddings.load(s.embeddings or cfg.extract.output))
+    embeddings = Embeddings.load(s.embeddings or cfg.extract.output) if uses_embeddings(chain) else None
+    context = rerank_context(cfg, table, results, embeddings)
     ks = e.metric_kwargs()
-    stages = run_chain(results, context, build_chain(cfg.rerank), **ks)
+    stages = run_chain(results, context, chain, **ks)
     stages[-1].results.save(s.reranked_output)
     write_stage_metrics(stages, Path(e.output).with_name("metrics_rerank.json"))
     if e.cmc_plot:
