@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
 from lookalike.data.table import DatasetTable
 from lookalike.embeddings import Embeddings
-from lookalike.errors import LookalikeError
+from lookalike.errors import LookalikeError, LookalikeWarning
 from lookalike.search.centroids import Centroids, evaluate_centroids, gallery_centroids, search_centroids
 from lookalike.search.exact import exact_knn
 from lookalike.search.faiss_index import FaissIndex
 from lookalike.search.protocol import exclusion_groups, query_gallery_ids
-from lookalike.search.results import PAD, RetrievalResults
+from lookalike.search.results import PAD, RetrievalResults, visible_counts
 
 __all__ = [
     "PAD",
     "Centroids",
     "FaissIndex",
     "RetrievalResults",
+    "clamp_k",
     "evaluate_centroids",
     "exact_knn",
     "exclusion_groups",
@@ -39,15 +42,28 @@ def search(
     exclude: tuple[np.ndarray, np.ndarray] | None = None,
     device: torch.device | str | None = None,
 ) -> RetrievalResults:
-    """Top-k gallery items of every query; `index` is 'exact' or a FAISS factory string ('Flat', 'HNSW32', ...)."""
+    """Top-k gallery items of every query; `index` is 'exact' or a FAISS factory string ('Flat', 'HNSW32', ...).
+    A k above the gallery items a query may see is clamped to that many (a LookalikeWarning, `k_requested` in meta):
+    the extra columns could hold nothing but padding."""
+    requested, k = k, clamp_k(k, len(gallery), len(queries), exclude)
     if index == "exact":
         idx, dist = exact_knn(queries.vectors, gallery.vectors, k, metric, exclude=exclude, device=device)
     else:
         if queries.dim != gallery.dim:
             raise LookalikeError(f"search: query dim {queries.dim} differs from gallery dim {gallery.dim}")
         idx, dist = FaissIndex(index, metric).add(gallery.vectors).search(queries.vectors, k, exclude)
-    meta = {"metric": metric, "index": index, "k": k}
+    meta = {"metric": metric, "index": index, "k": k} | ({"k_requested": requested} if k != requested else {})
     return RetrievalResults(idx, dist, queries.ids, gallery.ids, meta)
+
+
+def clamp_k(k: int, n_gallery: int, n_queries: int, exclude: tuple[np.ndarray, np.ndarray] | None = None) -> int:
+    """k, or the most gallery items any query may see when k is larger (with a one-line LookalikeWarning saying so)."""
+    limit = int(visible_counts(n_gallery, n_queries, exclude).max(initial=0))
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= limit or limit < 1:
+        return k
+    seen = " a query may see" if exclude is not None else ""
+    warnings.warn(LookalikeWarning(f"search.k: {k} is more than the {limit} gallery items{seen}; the lists hold {limit}"), stacklevel=3)
+    return limit
 
 
 def search_table(embeddings: Embeddings, table: DatasetTable, k: int = 100, **kwargs) -> RetrievalResults:
