@@ -33,7 +33,7 @@ from lookalike.rerank.pairwise import PairBatches, PairwiseReranker, merge_top_n
 from lookalike.search.results import RetrievalResults
 from lookalike.train.data import LabelledImages, train_transform
 from lookalike.train.module import _optimizer, _scheduler
-from lookalike.train.run import Throughput, TrainResult, _check_monitor, build_trainer, fit_result, resume_checkpoint
+from lookalike.train.run import Throughput, TrainResult, _check_monitor, build_trainer, fit_result, fit_until_sigterm, resume_checkpoint
 
 
 class PairTrainImages(LabelledImages):
@@ -229,5 +229,5 @@ def run_train_reranker(cfg: Config, resume: str | None = None, progress: Progres
     trainer = build_trainer(run_cfg, [throughput, freeze])
     if freeze.epochs > 0 and trainer.world_size > 1:  # DDP syncs only the parameters that train when it wraps the model
         raise ConfigError("pairwise.freeze_epochs: a backbone unfrozen later would not be synchronised across DDP processes; use 0 with several devices")
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt, weights_only=True)
+    fit_until_sigterm(trainer, module, data, ckpt)
     return fit_result(trainer, cfg, module.last_report, dict(module.validation.report.means), throughput)
