@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import torch
 
 from lookalike.data.table import DatasetTable
 from lookalike.embeddings import Embeddings
-from lookalike.errors import LookalikeError, LookalikeWarning
+from lookalike.errors import LookalikeError
 from lookalike.search.centroids import Centroids, evaluate_centroids, gallery_centroids, search_centroids
 from lookalike.search.exact import exact_knn
 from lookalike.search.faiss_index import FaissIndex
 from lookalike.search.protocol import exclusion_groups, query_gallery_ids
-from lookalike.search.results import PAD, RetrievalResults, visible_counts
+from lookalike.search.results import PAD, RetrievalResults, clamp_k
 
 __all__ = [
     "PAD",
@@ -54,16 +52,6 @@ def search(
         idx, dist = FaissIndex(index, metric).add(gallery.vectors).search(queries.vectors, k, exclude)
     meta = {"metric": metric, "index": index, "k": k} | ({"k_requested": requested} if k != requested else {})
     return RetrievalResults(idx, dist, queries.ids, gallery.ids, meta)
-
-
-def clamp_k(k: int, n_gallery: int, n_queries: int, exclude: tuple[np.ndarray, np.ndarray] | None = None) -> int:
-    """k, or the most gallery items any query may see when k is larger (with a one-line LookalikeWarning saying so)."""
-    limit = int(visible_counts(n_gallery, n_queries, exclude).max(initial=0))
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= limit or limit < 1:
-        return k
-    seen = " a query may see" if exclude is not None else ""
-    warnings.warn(LookalikeWarning(f"search.k: {k} is more than the {limit} gallery items{seen}; the lists hold {limit}"), stacklevel=3)
-    return limit
 
 
 def search_table(embeddings: Embeddings, table: DatasetTable, k: int = 100, **kwargs) -> RetrievalResults:

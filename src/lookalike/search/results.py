@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from lookalike.atomic import atomic_path
-from lookalike.errors import LookalikeError
+from lookalike.errors import LookalikeError, LookalikeWarning
 
 PAD = -1  # index of an empty slot when fewer than K gallery items are available
 
@@ -101,6 +102,17 @@ def visible_counts(n_gallery: int, n_queries: int, exclude: tuple[np.ndarray, np
     if exclude is None:
         return np.full(n_queries, n_gallery, dtype=np.int64)
     return n_gallery - hidden_counts(exclude)
+
+
+def clamp_k(k: int, n_gallery: int, n_queries: int, exclude: tuple[np.ndarray, np.ndarray] | None = None) -> int:
+    """k, or the most gallery items any query may see when k is larger (with a one-line LookalikeWarning saying so):
+    the extra columns could hold nothing but padding."""
+    limit = int(visible_counts(n_gallery, n_queries, exclude).max(initial=0))
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= limit or limit < 1:
+        return k
+    seen = " a query may see" if exclude is not None else ""
+    warnings.warn(LookalikeWarning(f"search.k: {k} is more than the {limit} gallery items{seen}; the lists hold {limit}"), stacklevel=3)
+    return limit
 
 
 def ranks_everything(results: RetrievalResults, exclude: tuple[np.ndarray, np.ndarray] | None) -> bool:
