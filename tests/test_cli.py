@@ -148,3 +148,21 @@ def test_icfrr_command_prints_every_iteration_and_writes_the_plot(tmp_path):
 def test_icfrr_command_names_a_missing_cache_file(tmp_path):
     done = run("icfrr", tmp_path)
     assert done.returncode != 0 and "qg_dists.pth" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_search_k_above_the_gallery_is_clamped_in_one_line(omniglot_small, tmp_path):
+    """Was: search.k=5000 silently padded every list to 5000 columns."""
+    import numpy as np
+
+    from lookalike.search import RetrievalResults
+
+    from lookalike.data.table import load_table
+
+    import_folder(omniglot_small, validation_fraction=0.5, seed=1).save(tmp_path / "table.csv")
+    paths = load_table(tmp_path / "table.csv").frame["path"].to_numpy(str)
+    Embeddings(np.random.default_rng(0).standard_normal((len(paths), 8)).astype(np.float32), paths).save(tmp_path / "emb.npz")
+    done = run("search", f"data.table={tmp_path / 'table.csv'}", f"extract.output={tmp_path / 'emb.npz'}",
+               f"search.output={tmp_path / 'res.npz'}", "search.k=5000")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip() == "warning: search.k: 5000 is more than the 79 gallery items a query may see; the lists hold 79"
+    assert "top-79 of 80 queries" in done.stdout and RetrievalResults.load(tmp_path / "res.npz").k == 79

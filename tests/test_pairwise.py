@@ -16,7 +16,7 @@ from lookalike.data.folder import import_folder
 from lookalike.errors import ConfigError, LookalikeError
 from lookalike.losses.pairwise import mine_pairs, pair_bce
 from lookalike.metrics import evaluate_table
-from lookalike.models.pairwise import PairwiseModel, PairwiseSpec, init_from_extractor, load_pairwise, save_pairwise
+from lookalike.models.pairwise import SPEC_KEY, PairwiseModel, PairwiseSpec, init_from_extractor, load_pairwise, save_pairwise
 from lookalike.pipeline import extractor_from_config, search_and_score, table_from_config
 from lookalike.rerank import RerankContext, check_ascending, create_reranker
 from lookalike.rerank.pairwise import PairwiseReranker, merge_top_n, table_rows
@@ -437,3 +437,23 @@ def test_the_step_schedule_multiplies_by_step_gamma():
         optimizer.step()
         scheduler.step()
     assert rates == pytest.approx([2e-3, 2e-3, 2e-3, 1e-5, 1e-5])
+
+
+def test_train_reranker_stops_on_sigterm_with_a_checkpoint_that_resumes(trained, tmp_path):
+    """Was: `kill PID` printed "Received SIGTERM" and the re-ranker kept training."""
+    from test_signals import last_line, start, terminate, wait_for
+
+    from lookalike.signals import EXIT_CODE
+
+    _, base = trained
+    args = [*base, f"train.output={tmp_path}"]
+    process = start("train-reranker", *args, "train.epochs=1000")
+    wait_for(process, (tmp_path / "validation" / "metrics_epoch000.json").is_file, "the first validation")
+    rc, stderr, _ = terminate(process)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert rc == EXIT_CODE and last_line(stderr) == f"stopped by SIGTERM; saved {last}; continue with --resume last", stderr[-2000:]
+    saved = torch.load(last, map_location="cpu", weights_only=False)
+    assert saved["global_step"] >= 2 and SPEC_KEY in saved
+    resumed = run_train_reranker(load_config(None, [*args, f"train.epochs={saved['epoch'] + 2}"]), resume="last")
+    after = torch.load(resumed.last_checkpoint, map_location="cpu", weights_only=False)
+    assert after["global_step"] > saved["global_step"] and after["epoch"] == saved["epoch"] + 1

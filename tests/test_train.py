@@ -55,6 +55,7 @@ def test_training_writes_checkpoints_logs_pictures_and_changes_the_metrics(table
     assert {p.name for p in val.iterdir()} >= {"metrics_before.json", "metrics_epoch000.json", "metrics_epoch001.json", "grid_epoch001.png"}
     last = json.loads((val / "metrics_last.json").read_text())
     assert last["epoch"] == 1 and last["n_queries"] == 79 and last["means"] == pytest.approx(result.metrics)
+    assert last["complete_ranking"]  # map@all over the whole ranking, not search.k=50 of the 78 others
     logged = pd.read_csv(tmp_path / "csv" / "version_0" / "metrics.csv")
     assert {"train/loss", "train/triplet_active", "train/triplet_pos_dist", "train/triplet_neg_dist", "val/cmc@1"} <= set(logged.columns)
     assert list(tmp_path.glob("tensorboard/version_0/events.out.tfevents.*"))

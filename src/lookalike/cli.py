@@ -112,7 +112,8 @@ def _quiet_lightning() -> None:
     """Keep Lightning's banners and tips and a deprecation warning from inside Lightning off the terminal (logs stay complete)."""
     import logging
 
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+    signals = "lightning.pytorch.trainer.connectors.signal_connector"  # "Received SIGTERM": the CLI says it in its own line
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero", signals):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     warnings.filterwarnings("ignore", message=r".*smaller than the logging interval")
@@ -605,8 +606,18 @@ def _add_config_epilog(typer_app: typer.Typer) -> None:
 
 
 def main() -> None:
+    """The command line; SIGTERM (`kill PID`) stops any command in one line with exit code 143, training after saving
+    last.ckpt for --resume last."""
+    from lookalike.signals import EXIT_CODE, Terminated, stop_on_sigterm
+
     _add_config_epilog(app)
-    app()
+    stop_on_sigterm()
+    try:
+        app()
+    except Terminated as exc:
+        resume = "; continue with --resume last" if exc.saved else ""
+        err.print(f"[yellow]{escape(printable(str(exc)))}{resume}[/]", highlight=False, soft_wrap=True)
+        sys.exit(EXIT_CODE)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from lookalike.atomic import write_text_atomic
 from lookalike.data.table import DatasetTable
 from lookalike.errors import LookalikeError
 from lookalike.search.protocol import exclusion_groups
-from lookalike.search.results import RetrievalResults
+from lookalike.search.results import RetrievalResults, ranks_everything
 
 
 @dataclass
@@ -118,7 +118,7 @@ def compute_metrics(
         n_queries=results.n_queries,
         no_relevant_ids=[str(i) for i in np.asarray(results.query_ids)[~has_rel]],
         per_category=_per_category(per_query, has_rel, query_categories),
-        complete_ranking=bool(results.k >= len(results.gallery_ids) or (results.valid.sum(1) < results.k).all()),
+        complete_ranking=ranks_everything(results, exclude),
         relevance=rel,
         n_relevant=n_rel,
     )

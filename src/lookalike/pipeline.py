@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,15 +13,18 @@ from lookalike.data.check import skip_bad_images
 from lookalike.data.images import eval_transform
 from lookalike.data.table import DatasetTable, load_table
 from lookalike.embeddings import Embeddings
-from lookalike.errors import ConfigError
+from lookalike.errors import ConfigError, LookalikeWarning
 from lookalike.extract import Progress, extract_embeddings
 from lookalike.metrics import MetricsReport, cmc_curve, evaluate_table
 from lookalike.models.extractor import Extractor, load_weights
 from lookalike.provenance import KEY, check_input, record, with_record
 from lookalike.rerank import RerankContext, Stage, build_chain, run_chain
-from lookalike.rerank.chain import stage_reports
-from lookalike.search import RetrievalResults, exclusion_groups, search_table
+from lookalike.rerank.chain import stage_reports, uses_embeddings
+from lookalike.search import RetrievalResults, exclusion_groups, query_gallery_ids, search_table
+from lookalike.search.results import visible_counts
 from lookalike.viz import SCORE_RERANKERS, save_cmc_curve, save_result_grid, spread_queries, table_labels
+
+WHOLE_RANKING_LIMIT = 2**26  # most query x gallery entries validation ranks in full (indices + distances: 768 MiB)
 
 
 def table_from_config(cfg: Config) -> DatasetTable:
@@ -97,8 +101,22 @@ def search_and_score(cfg: Config, embeddings: Embeddings, table: DatasetTable) -
 
         results, report = evaluate_centroids(embeddings, table, s.k, per_sequence=e.centroids == "label_sequence", metric=s.metric, **ks)
         return report, results
-    results = search_table(embeddings, table, s.k, metric=s.metric, index=s.index, device=s.device)
+    results = search_table(embeddings, table, validation_k(s.k, table), metric=s.metric, index=s.index, device=s.device)
     return evaluate_table(results, table, **ks), results
+
+
+def validation_k(k: int, table: DatasetTable) -> int:
+    """The list length validation searches: every gallery item a query may see when queries x gallery is at most
+    WHOLE_RANKING_LIMIT, so that map@all and r_precision count every relevant item; else `k` (search.k), with a
+    LookalikeWarning that those two count relevant items beyond it as missed (the report's complete_ranking is false)."""
+    query_ids, gallery_ids = query_gallery_ids(table)
+    whole = int(visible_counts(len(gallery_ids), len(query_ids), exclusion_groups(table, query_ids, gallery_ids)).max(initial=0))
+    if len(query_ids) * whole <= WHOLE_RANKING_LIMIT or k >= whole:
+        return max(whole, 1)
+    warnings.warn(LookalikeWarning(f"validation ranks the top {k} of {whole} gallery items ({len(query_ids)} queries x {whole} is more "
+                                   f"than {WHOLE_RANKING_LIMIT} entries): map@all and r_precision count relevant items beyond {k} as missed"),
+                  stacklevel=3)
+    return k
 
 
 @dataclass
@@ -128,13 +146,14 @@ def run_evaluate(cfg: Config, table: DatasetTable, results: RetrievalResults | N
     return Evaluation(report, pictures)
 
 
-def rerank_context(cfg: Config, table: DatasetTable, results: RetrievalResults, embeddings: Embeddings) -> RerankContext:
-    """What the chain needs: the results' query and gallery embeddings, labels and exclusion groups from the table."""
+def rerank_context(cfg: Config, table: DatasetTable, results: RetrievalResults, embeddings: Embeddings | None) -> RerankContext:
+    """What the chain needs: the results' query and gallery embeddings (None: a chain that reads none), labels and
+    exclusion groups from the table."""
     frame = table.frame.set_index("path")
     q_ids, g_ids = results.query_ids.astype(str), results.gallery_ids.astype(str)
     return RerankContext(
-        queries=embeddings.select(q_ids),
-        gallery=embeddings.select(g_ids),
+        queries=embeddings.select(q_ids) if embeddings is not None else None,
+        gallery=embeddings.select(g_ids) if embeddings is not None else None,
         metric=cfg.search.metric,
         exclude=exclusion_groups(table, q_ids, g_ids),
         table=table,
@@ -149,10 +168,12 @@ def run_rerank(cfg: Config, table: DatasetTable, grids: bool = False) -> list[St
     if not cfg.rerank:
         raise ConfigError("rerank: expected a chain of re-rankers, e.g. rerank=[icfrr] or rerank=[centroids,kreciprocal]")
     s, e = cfg.search, cfg.evaluate
+    chain = build_chain(cfg.rerank)  # a bad chain fails before any file is read
     results = load_results(cfg, "rerank")
-    context = rerank_context(cfg, table, results, load_embeddings(cfg, "rerank"))
+    embeddings = load_embeddings(cfg, "rerank") if uses_embeddings(chain) else None
+    context = rerank_context(cfg, table, results, embeddings)
     ks = e.metric_kwargs()
-    stages = run_chain(results, context, build_chain(cfg.rerank), **ks)
+    stages = run_chain(results, context, chain, **ks)
     final = stages[-1].results
     RetrievalResults(final.indices, final.distances, final.query_ids, final.gallery_ids, with_record(final.meta, cfg)).save(s.reranked_output)
     write_stage_metrics(stages, Path(e.output).with_name("metrics_rerank.json"), record(cfg))

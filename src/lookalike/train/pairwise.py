@@ -36,7 +36,7 @@ from lookalike.rerank.pairwise import PairBatches, PairwiseReranker, merge_top_n
 from lookalike.search.results import RetrievalResults
 from lookalike.train.data import LabelledImages, train_transform
 from lookalike.train.module import _optimizer, _scheduler
-from lookalike.train.run import Throughput, TrainResult, _check_monitor, build_trainer, fit_result, resume_checkpoint
+from lookalike.train.run import Throughput, TrainResult, _check_monitor, build_trainer, fit_result, fit_until_sigterm, resume_checkpoint
 
 
 class PairTrainImages(LabelledImages):
@@ -255,5 +255,5 @@ def run_train_reranker(cfg: Config, resume: str | None = None, progress: Progres
     run_cfg = cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update={"precision": auto_precision(cfg)})})
     ckpt = resume_checkpoint(cfg, resume, module)  # before the trainer: a bad file leaves no logs behind
     trainer = build_trainer(run_cfg, [throughput, freeze, *callbacks])
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt, weights_only=True)
+    fit_until_sigterm(trainer, module, data, ckpt)
     return fit_result(trainer, cfg, module.last_report, dict(module.validation.report.means), throughput)

@@ -11,13 +11,16 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lookalike.atomic import write_text_atomic
 from lookalike.config import Config
 from lookalike.data.images import eval_transform
+from lookalike.atomic import atomic_path
 from lookalike.errors import ConfigError, LookalikeError
 from lookalike.extract import set_layout
 from lookalike.models.extractor import check_state, read_checkpoint
+from lookalike.signals import Terminated, deferred_sigterm, sigterm_pending
 from lookalike.train.data import RetrievalDataModule, train_transform
 from lookalike.train.module import ExtractorModule
 
@@ -115,6 +118,36 @@ class BestCheckpoint(ModelCheckpoint):
             self.kth_value = torch.tensor(-torch.inf if self.mode == "max" else torch.inf)
 
 
+class SaveOnSigterm(Callback):
+    """On SIGTERM (Lightning stops after the current batch) save `path` (last.ckpt), which `--resume last` continues."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.saved = Path(path), None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if sigterm_pending():  # arrived before fit (e.g. in the validation before training), which resets Lightning's flag
+            raise Terminated()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, (SIGTERMException, Terminated)) and trainer.state.fn == "fit" and trainer.global_step > 0:
+            with atomic_path(self.path, suffix=".ckpt") as tmp:  # a second kill while saving keeps the previous last.ckpt
+                trainer.save_checkpoint(tmp, weights_only=False)
+            self.saved = self.path
+
+
+def fit_until_sigterm(trainer: L.Trainer, module: L.LightningModule, data, ckpt: str | None, before=None) -> None:
+    """`before()` (a validation) then trainer.fit; SIGTERM stops them after the current batch, raising Terminated with the
+    checkpoint SaveOnSigterm kept (Lightning alone would end the process with exit code 0)."""
+    stop = next(c for c in trainer.callbacks if isinstance(c, SaveOnSigterm))
+    try:
+        with deferred_sigterm():
+            if before is not None:
+                before()
+            trainer.fit(module, datamodule=data, ckpt_path=ckpt, weights_only=True)  # a resumed checkpoint may come from anyone
+    except (SIGTERMException, Terminated):
+        raise Terminated(stop.saved) from None
+
+
 def build_trainer(cfg: Config, callbacks: list[Callback] = (), validate_only: bool = False) -> L.Trainer:
     """A Trainer with checkpoints (best by train.monitor, and last), TensorBoard + CSV logs and a progress bar."""
     t, tr = cfg.train, cfg.trainer
@@ -124,7 +157,8 @@ def build_trainer(cfg: Config, callbacks: list[Callback] = (), validate_only: bo
     )
     # Lightning 2.6 writes save_last only at steps where a best checkpoint was written: keep "last" with a checkpoint of its own
     last = ModelCheckpoint(dirpath=out / "checkpoints", filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
-    cbs = [NewBatchesEachEpoch(), *callbacks, best, last] if not validate_only else list(callbacks)
+    stop = SaveOnSigterm(out / "checkpoints" / "last.ckpt")
+    cbs = [NewBatchesEachEpoch(), *callbacks, best, last, stop] if not validate_only else list(callbacks)
     if tr.channels_last:
         cbs.insert(0, ChannelsLast())
     if tr.progress:
@@ -157,11 +191,14 @@ def run_train(cfg: Config, resume: str | None = None) -> TrainResult:
     ckpt = resume_checkpoint(cfg, resume, module)  # before the trainer: a bad file leaves no logs behind
     trainer = build_trainer(cfg, [throughput])
     before = {}
-    if cfg.train.validate_before and ckpt is None:
-        module.validation_tag = "before"
-        trainer.validate(module, datamodule=data, verbose=False)
-        before = dict(module.last_report.means) if module.last_report else {}
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt, weights_only=True)  # a resumed checkpoint may come from anyone
+
+    def validate_before() -> None:
+        if cfg.train.validate_before and ckpt is None:
+            module.validation_tag = "before"
+            trainer.validate(module, datamodule=data, verbose=False)
+            before.update(module.last_report.means if module.last_report else {})
+
+    fit_until_sigterm(trainer, module, data, ckpt, validate_before)
     return fit_result(trainer, cfg, module.last_report, before, throughput)
 
 
