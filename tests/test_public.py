@@ -125,7 +125,7 @@ def test_extractor_defaults_and_weights_and_config(extractor, tmp_path):
 
 def test_gallery_index_builds_from_a_folder_tree_and_answers_one_image(extractor, omniglot_small, tmp_path):
     folder = tmp_path / "index"
-    index = lookalike.GalleryIndex.build(omniglot_small, extractor, folder, rerank=["qe"], batch_size=32)
+    index = lookalike.GalleryIndex.build(omniglot_small, extractor, folder, rerank=[{"qe": {"n": 3}}], batch_size=32)
     assert len(index) == 160 and (folder / "index.json").is_file()
     assert sorted(set(index.labels)) == [f"Balinese/character0{i}" for i in range(1, 9)]  # the leaf folder is the label
     query = list_images(omniglot_small / "Balinese" / "character03")[4]
@@ -135,8 +135,10 @@ def test_gallery_index_builds_from_a_folder_tree_and_answers_one_image(extractor
     assert hits["distance"].is_monotonic_increasing
     with Image.open(query) as picture:
         np.testing.assert_allclose(index.query(picture, k=5)["distance"], hits["distance"], atol=1e-6)
-    reranked = index.query(query, k=5, reranker="qe")
+    reranked = index.query(query, k=5, reranker="qe(n=3)")  # the column name, as the README says
     assert len(reranked) == 5 and reranked["distance"].is_monotonic_increasing
+    with pytest.raises(LookalikeError, match="unknown 'qe'; this index has qe\\(n=3\\)"):
+        index.query(query, reranker="qe")
     again = lookalike.GalleryIndex.load(folder)
     assert again.query(query, k=5)["path"].tolist() == hits["path"].tolist()
     assert load_index(folder).settings["model"] == extractor.settings()

@@ -56,9 +56,10 @@ class Extractor(nn.Module):
         self.neck = _bnneck(self.dim) if bnneck else nn.Identity()
         self.normalize = normalize
         self.name = name
-        timm_size = self.data_config()["input_size"][1:]
-        self.image_size = image_size if image_size is not None else (timm_size[0] if timm_size[0] == timm_size[1] else list(timm_size))
-        self.crop_fraction = crop_fraction if crop_fraction is not None else float(self.data_config().get("crop_pct", 0.875))
+        timm_config = self.data_config()
+        height, width = timm_config["input_size"][1:]
+        self.image_size = image_size if image_size is not None else (height if height == width else [height, width])
+        self.crop_fraction = crop_fraction if crop_fraction is not None else float(timm_config.get("crop_pct", 0.875))
         if weights is not None:
             load_weights(self, weights)
 

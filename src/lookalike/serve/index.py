@@ -9,7 +9,7 @@ import os
 import shutil
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -209,7 +209,7 @@ class GalleryIndex:
     @classmethod
     def build(
         cls, images: str | os.PathLike | DatasetTable, extractor: Extractor, folder: str | os.PathLike, *,
-        rerank: list[str | dict[str, Any]] = (), metric: str = "cosine", index: str = "exact", batch_size: int = 64,
+        rerank: Sequence[str | dict[str, Any]] = (), metric: str = "cosine", index: str = "exact", batch_size: int = 64,
         device: str = "cpu", progress: Progress | None = None,
     ) -> GalleryIndex:
         """Embed a gallery, write it to `folder` as `lookalike index` does (servable by `lookalike serve folder`) and load it.
