@@ -20,7 +20,7 @@ from lookalike.adapt.backbones import create_layer_features
 from lookalike.adapt.features import with_table_pca
 from lookalike.config import load_config
 from lookalike.data import pairs as pairs_module
-from lookalike.errors import LookalikeError
+from lookalike.errors import ConfigError, LookalikeError
 from lookalike.losses.info_nce import symmetric_info_nce
 from lookalike.models.adapter import create_adapter
 
@@ -76,6 +76,10 @@ def test_either_direction_counts_a_pair_found_one_way():
 def test_adapters():
     x = torch.randn(5, 8)
     assert torch.equal(create_adapter("diagonal", 8)(x), x)  # starts as the identity
+    diagonal = create_adapter("diagonal", 3)
+    with torch.no_grad():
+        diagonal.weight.copy_(torch.tensor([-1.0, 0.5, 2.0]))
+    assert torch.equal(diagonal(torch.ones(2, 3)), torch.tensor([[0.0, 0.5, 2.0]] * 2))  # the reference's relu on the weights
     assert torch.equal(create_adapter("identity", 8)(x), x)
     linear = create_adapter("linear", 8, 16)
     assert linear(x).shape == (5, 16) and (linear(x) >= 0).all() and linear.linear.bias is None
@@ -264,3 +268,60 @@ def test_adapt_command_prints_raw_and_adapted_per_k(omniglot_pairs, tmp_path):
     assert "either direction (published)" in done.stdout and "features: reused" in done.stdout
     done = subprocess.run([LOOKALIKE, "adapt", "adapt.runs=1"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "adapt.pairs: expected a pairs CSV" in done.stderr
+
+
+# --- the reference protocol (adapt.protocol=reference) ------------------------------------------------------------------
+
+
+def test_reference_protocol_is_the_published_command(monkeypatch):
+    """PCA on every pair before the split, floor(25 %) test pairs and no validation, 150 full-batch epochs, Linear(-> 1024),
+    the test pairs scored after every epoch and the last epoch reported, k = 1 3 5, one run."""
+    features = numbered(41)
+    seen, real_fit = {}, adapt_run.fit_pca
+
+    def spy(samples, dim, seed):
+        seen["samples"] = samples
+        return real_fit(samples, dim, seed)
+
+    monkeypatch.setattr(adapt_run, "fit_pca", spy)
+    cfg = adapt_run.protocol_config(load_config(None, ["adapt.protocol=reference", "adapt.pca_dim=3", "adapt.epochs=5", "adapt.runs=4"]))
+    a = cfg.adapt
+    assert (a.epochs, a.runs, a.test_fraction, a.validation_fraction, a.top_k, a.scale, a.hidden, a.batch_size) == (150, 1, 0.25, 0.0, [1, 3, 5], 15.0, 1024, None)
+    result, fit, pca, _ = adapt_run.run_once(features, cfg, seed=3)
+    assert result.sizes == {"train": 31, "validation": 0, "test": 10}  # floor(0.25 * 41) = 10
+    assert len(seen["samples"]) == 4 * 41 and np.allclose(pca.mean, features.images(np.arange(41)).mean(0))  # all pairs, mirrors too
+    assert result.best_epoch == 150 and len(fit.history) == 151
+    assert set(fit.history[150]) >= {"loss/train", "test/loss", "test/top1/either", "test/top5/either"}
+    assert not any(k.startswith("validation/") for k in fit.history[150])
+    assert fit.module.linear.weight.shape == (1024, 3)
+    last = fit.history[150]
+    assert all(last[f"test/{k}"] == pytest.approx(v) for k, v in result.adapted.items())  # reported = the last epoch's test scores
+    assert "protocol: reference" in adapt_run.protocol_summary(cfg) and "-e 150 -r 1 -t 15 --test-split 0.25 -k 1 3 5" in adapt_run.protocol_summary(cfg)
+    with pytest.raises(ConfigError, match="adapt.split: the reference protocol"):
+        adapt_run.protocol_config(load_config(None, ["adapt.protocol=reference", "adapt.split=table"]))
+
+
+def test_reference_loss_averages_the_plain_and_the_mirrored_pairs():
+    features = numbered(12)
+    s = TrainSettings(module="linear", hidden=8, epochs=1, mirrors="both")
+    fit = fit_adapter(features, None, s, seed=5)
+    torch.manual_seed(5)
+    start = create_adapter("linear", features.dim, 8)
+    t = lambda x: torch.as_tensor(x)  # noqa: E731
+    with torch.no_grad():
+        plain = symmetric_info_nce(start(t(features.left)), start(t(features.right)), 15.0)
+        mirrored = symmetric_info_nce(start(t(features.left_flip)), start(t(features.right_flip)), 15.0)
+    assert fit.history[1]["loss/train"] == pytest.approx(((plain + mirrored) / 2).item(), rel=1e-5)
+
+
+def test_adapt_command_says_which_protocol_ran(omniglot_pairs, tmp_path):
+    args = [f"adapt.pairs={omniglot_pairs}", f"adapt.output={tmp_path}/out", f"adapt.features={tmp_path}/f.npz", "adapt.pca_dim=8", *TINY]
+    done = subprocess.run([LOOKALIKE, "adapt", *args, "adapt.protocol=reference"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "protocol: reference (the published train.py -e 150 -r 1 -t 15 --test-split 0.25 -k 1 3 5" in done.stdout
+    assert "over 1 runs (24 pairs, 288 features)" in done.stdout and "epoch reported: the last (150)" in done.stdout
+    stored = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert stored["adapt"]["protocol"] == "reference" and stored["runs"][0]["sizes"] == {"train": 18, "validation": 0, "test": 6}
+    done = subprocess.run([LOOKALIKE, "adapt", *args, "adapt.runs=1", "adapt.epochs=2"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "protocol: lookalike (PCA fitted on each run's training pairs; epoch chosen on validation pairs" in done.stdout

@@ -8,7 +8,7 @@ import pytest
 
 from lookalike.data.table import validate_table
 from lookalike.embeddings import Embeddings
-from lookalike.errors import LookalikeError
+from lookalike.errors import LookalikeError, LookalikeWarning
 from lookalike.search import PAD, evaluate_centroids, exclusion_groups, gallery_centroids, search_centroids, search_table
 
 
@@ -178,10 +178,11 @@ def test_per_sequence_without_sequences_is_item_search(tmp_path):
     vectors = rng.standard_normal((12, 5))
     table = make_table(tmp_path, rng.integers(0, 3, 12))
     emb = embeddings_of(vectors)
-    cent, _, _ = search_centroids(emb, table, k=12, per_sequence=True)
-    items = search_table(emb, table, k=12)
+    with pytest.warns(LookalikeWarning, match="search.k: 12 is more than the 11 gallery items a query may see"):
+        cent, _, _ = search_centroids(emb, table, k=12, per_sequence=True)
+        items = search_table(emb, table, k=12)
     np.testing.assert_allclose(cent.distances, items.distances, atol=1e-5)
-    assert (cent.indices == PAD).sum() == (items.indices == PAD).sum() == 12  # one hidden item each: itself
+    assert cent.k == items.k == 11 and not (cent.indices == PAD).any()  # one hidden item each (itself): clamped, not padded
 
 
 def test_metrics_with_centroids_on_a_known_toy_set(tmp_path):
@@ -207,13 +208,14 @@ def test_query_without_any_other_item_of_its_label_is_reported(tmp_path):
 
 
 @pytest.mark.parametrize("per_sequence", [False, True])
-def test_k_beyond_the_number_of_centroids_pads(tmp_path, per_sequence):
+def test_k_beyond_the_number_of_centroids_is_clamped(tmp_path, per_sequence):
+    """Was: padded to k columns (search.k=100 against 41 centroids: 59 columns of padding per query)."""
     table = make_table(tmp_path, [0, 0, 1, 1, 2])
-    results, _, _ = search_centroids(embeddings_of(np.eye(5)[:, :3] + 0.1), table, k=10, per_sequence=per_sequence)
-    assert results.k == 10
     visible = 4 if per_sequence else 3  # every other item, or the other labels plus the own label without itself
+    with pytest.warns(LookalikeWarning, match=rf"^search\.k: 10 is more than the {visible} gallery items"):
+        results, _, _ = search_centroids(embeddings_of(np.eye(5)[:, :3] + 0.1), table, k=10, per_sequence=per_sequence)
+    assert results.k == visible and results.meta["k_requested"] == 10
     assert (results.indices != PAD).sum(1).max() == visible
-    assert (results.indices[:, visible:] == PAD).all() and np.isinf(results.distances[:, visible:]).all()
     assert np.isfinite(results.distances[:, :2]).all()
 
 

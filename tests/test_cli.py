@@ -38,9 +38,11 @@ def test_pipeline_import_extract_search_evaluate(omniglot_small, tmp_path):
         f"data:\n  table: {table}\nextract:\n  output: {tmp_path}/emb.npz\nsearch:\n  output: {tmp_path}/res.npz\n  k: 10\n"
         f"evaluate:\n  output: {tmp_path}/metrics.json\n  grid: {tmp_path}/grid.png\n  cmc_plot: {tmp_path}/cmc.png\n"
     )
-    for step in ("extract", "search", "evaluate"):
+    loops = {"extract": "embedding: 3/3 batches done in ", "search": "searching: 1/1 query blocks done in ", "evaluate": ""}
+    for step, loop in loops.items():
         done = run(step, cfg, *FAST_MODEL)
         assert done.returncode == 0, f"{step}: {done.stderr}"
+        assert loop in done.stderr  # stderr is a pipe here: progress as plain lines
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["n_queries"] == 80 and 0 <= metrics["means"]["cmc@1"] <= 1
     assert "cmc@1" in done.stdout and "map@10" in done.stdout
@@ -97,18 +99,28 @@ def test_every_command_has_help(command):
 STAGE_LINE = re.compile(r"^stage (.+): (CMC@1|mAP@all) ([\d.]+) -> ([\d.]+) \(([+-][\d.]+) points\)$", re.MULTILINE)
 
 
-def test_demo_on_omniglot_prints_a_gain_for_every_stage(tmp_path):
-    done = run("demo", "--out", tmp_path / "demo", "trainer.progress=false", timeout=1200)  # `make demo` as shipped: ~4 min idle
+SHORT_DEMO = ("model.name=test_resnet", "data.image_size=32", "train.epochs=1", "train.val_every=1", "train.batches_per_epoch=4",
+              "--pairwise", "train.epochs=1", "--pairwise", "train.val_every=1", "--pairwise", "train.batches_per_epoch=4")
+
+
+def test_demo_on_omniglot_prints_a_line_for_every_stage(tmp_path):
+    """The shipped demo's stages on a CI budget (a tiny model, a few steps each): one gain line per stage that matches
+    the metrics files, every query evaluated against the whole gallery, the pictures. Whether each stage of the full
+    demo gains is measured by benchmarks/bench_demo.py (docs/benchmarks.md), not here: it takes minutes."""
+    done = run("demo", "--out", tmp_path / "demo", "trainer.progress=false", *SHORT_DEMO, timeout=900)
     assert done.returncode == 0, done.stderr
     stages = STAGE_LINE.findall(done.stdout)
     assert [s[0] for s in stages] == ["trained extractor", "k-reciprocal re-ranking", "STIR pairwise re-ranker (top 5)"], done.stdout
     for name, _, before, after, points in stages:
-        assert float(after) > float(before) and float(points) > 0, f"stage {name} hurts: {done.stdout}"
+        assert float(points) == pytest.approx(100 * (float(after) - float(before)), abs=0.11), name
     out = tmp_path / "demo"
+    untrained = json.loads((out / "metrics_untrained.json").read_text())
+    assert float(stages[0][2]) == pytest.approx(untrained["means"]["cmc@1"], abs=5e-4)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_evaluated"] == metrics["n_queries"] == 820 and metrics["complete_ranking"]  # 41 characters x 20
+    assert float(stages[0][3]) == pytest.approx(metrics["means"]["cmc@1"], abs=5e-4)
     reranked = json.loads((out / "metrics_rerank.json").read_text())
-    assert list(reranked) == ["original", "1:kreciprocal", "2:pairwise"]
+    assert list(reranked)[:3] == ["original", "1:kreciprocal", "2:pairwise"]
     assert reranked["2:pairwise"]["means"]["cmc@1"] == pytest.approx(float(stages[2][3]), abs=5e-4)
     for picture in ("grid.png", "cmc.png"):
         assert f"picture: {out / picture}" in done.stdout and (out / picture).stat().st_size > 1000
@@ -136,3 +148,21 @@ def test_icfrr_command_prints_every_iteration_and_writes_the_plot(tmp_path):
 def test_icfrr_command_names_a_missing_cache_file(tmp_path):
     done = run("icfrr", tmp_path)
     assert done.returncode != 0 and "qg_dists.pth" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_search_k_above_the_gallery_is_clamped_in_one_line(omniglot_small, tmp_path):
+    """Was: search.k=5000 silently padded every list to 5000 columns."""
+    import numpy as np
+
+    from lookalike.search import RetrievalResults
+
+    from lookalike.data.table import load_table
+
+    import_folder(omniglot_small, validation_fraction=0.5, seed=1).save(tmp_path / "table.csv")
+    paths = load_table(tmp_path / "table.csv").frame["path"].to_numpy(str)
+    Embeddings(np.random.default_rng(0).standard_normal((len(paths), 8)).astype(np.float32), paths).save(tmp_path / "emb.npz")
+    done = run("search", f"data.table={tmp_path / 'table.csv'}", f"extract.output={tmp_path / 'emb.npz'}",
+               f"search.output={tmp_path / 'res.npz'}", "search.k=5000")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip() == "warning: search.k: 5000 is more than the 79 gallery items a query may see; the lists hold 79"
+    assert "top-79 of 80 queries" in done.stdout and RetrievalResults.load(tmp_path / "res.npz").k == 79

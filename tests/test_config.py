@@ -97,7 +97,7 @@ def test_valid_keys_lists_every_leaf():
 
 
 def test_unknown_override_key_lists_its_section():
-    err = config_error(r"^override: unknown key 'model\.nam'; valid keys: model\.name, model\.pretrained, model\.weights, model\.embedding_dim, model\.normalize, model\.bnneck$", overrides=["model.nam=x"])
+    err = config_error(r"^override: unknown key 'model\.nam'; valid keys: model\.name, model\.pretrained, model\.weights, model\.embedding_dim, model\.normalize, model\.last_stride, model\.bnneck$", overrides=["model.nam=x"])
     assert "data.table" not in str(err)
 
 

@@ -34,7 +34,7 @@ from lookalike.rerank.icfrr import (
     save_rank_strips,
     stable_argsort,
 )
-from lookalike.search import PAD, RetrievalResults, search
+from lookalike.search import PAD, RetrievalResults, exact_knn, search
 
 EXAMPLE = Path(__file__).resolve().parent / "data" / "icfrr_example"
 EXAMPLE_MAP_ALL = [0.57577, 0.59596, 0.74314] + [0.79801] * 13 + [0.88135, 0.90635] + [1.0] * 3  # iterations 0..20
@@ -185,7 +185,8 @@ def test_self_exclusion_respected() -> None:
     """Queries are the gallery, each query's own item excluded: it never appears, the empty slot stays last."""
     items = embeddings(40, 6, 4, "x")
     own = np.arange(40)
-    results = search(items, items, k=40, exclude=(own, own))
+    idx, dist = exact_knn(items.vectors, items.vectors, 40, exclude=(own, own))  # one PAD slot per row (search() clamps to 39)
+    results = RetrievalResults(idx, dist, items.ids, items.ids)
     assert (results.indices[:, -1] == PAD).all()
     out = ICFRR(distance="search", kg=8, kq=10, n_times=5, exact=True).rerank(results, RerankContext(queries=items, gallery=items, exclude=(own, own)))
     assert not (out.indices == own[:, None]).any()

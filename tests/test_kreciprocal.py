@@ -10,7 +10,7 @@ import pytest
 from lookalike.embeddings import Embeddings
 from lookalike.errors import LookalikeError
 from lookalike.rerank import KReciprocal, RerankContext, check_ascending, create_reranker
-from lookalike.search import PAD, RetrievalResults, search
+from lookalike.search import PAD, RetrievalResults, exact_knn, search
 
 
 def dense_kreciprocal(x: np.ndarray, k1: int, k2: int, lambda_value: float) -> np.ndarray:
@@ -96,7 +96,8 @@ def test_query_in_gallery_is_one_node_and_never_returned():
     context = RerankContext(queries=queries, gallery=gallery, exclude=groups)
     final = dense_kreciprocal(as_union(np.empty((0, 8)), g, "cosine"), 20, 6, 0.3)[picked]
     for exclude in (groups, None):  # the incoming list already without self, or with self at rank 0
-        results = search(queries, gallery, k=70, exclude=exclude)
+        idx, dist = exact_knn(queries.vectors, gallery.vectors, 70, exclude=exclude)  # 70 columns either way (search() clamps)
+        results = RetrievalResults(idx, dist, queries.ids, gallery.ids)
         out = KReciprocal().rerank(results, context)
         assert not (out.indices == picked[:, None]).any()
         assert (out.indices[:, -1] == PAD).all() and np.isinf(out.distances[:, -1]).all()

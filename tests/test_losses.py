@@ -264,7 +264,7 @@ CTL_VALID = torch.tensor([True] * 6 + [False] * 2)
 
 def test_ctl_value_gradient_and_stats():
     x = column(CTL_X)
-    out = CentroidTripletLoss(margin=0.5)(x, CTL_Y, CTL_VALID)
+    out = CentroidTripletLoss(margin=0.5, mode="equation")(x, CTL_Y, CTL_VALID)
     # anchors 0..4 (label 2 has one member). (leave-one-out positive, closest other centroid):
     # a0 (4, 6) a1 (4, 2) a2 (|3 - 7.5| = 4.5, 1) a3 (|7 - 5.5| = 1.5, 5) a4 (3, 5): active a1 = 2.5, a2 = 4
     assert out.loss.item() == pytest.approx((2.5 + 4.0) / 5)
@@ -278,7 +278,7 @@ def test_ctl_value_gradient_and_stats():
 
 
 def test_ctl_mock_instances_change_nothing():
-    ctl = CentroidTripletLoss(margin=0.5)
+    ctl = CentroidTripletLoss(margin=0.5, mode="equation")
     x, moved = column(CTL_X), column(CTL_X[:6] + [-2.0, 4.1])
     out, out_moved = ctl(x, CTL_Y, CTL_VALID), ctl(moved, CTL_Y, CTL_VALID)
     (out.loss + out_moved.loss).backward()
@@ -289,7 +289,7 @@ def test_ctl_mock_instances_change_nothing():
 
 
 def test_ctl_label_with_one_valid_instance_is_no_anchor():
-    ctl = CentroidTripletLoss(margin=0.5)
+    ctl = CentroidTripletLoss(margin=0.5, mode="equation")
     x = column([0.0, 1.0, 5.0, 5.5])
     out = ctl(x, torch.tensor([0, 0, 1, 1]), torch.tensor([True, True, True, False]))
     assert out.stats["anchors"].item() == 2 and out.stats["pos_dist"].item() == pytest.approx(1.0)
@@ -297,6 +297,86 @@ def test_ctl_label_with_one_valid_instance_is_no_anchor():
     alone = ctl(x, torch.tensor([0, 1, 2, 3]))
     alone.loss.backward()
     assert alone.loss.item() == 0.0 and alone.stats["anchors"].item() == 0 and torch.all(x.grad == 0)
+
+
+def official_ctl_reference(x: torch.Tensor, y: torch.Tensor, k: int, margin: float) -> torch.Tensor:
+    """The official centroids-reid procedure written out loop by loop for a P x K batch (labels in blocks of k):
+    round i takes instance i of every label as query and the mean of the label's other k - 1 as centroid, stacks
+    queries and centroids, and takes per row the farthest same-label and the closest other-label entry."""
+    p = len(x) // k
+    rounds = []
+    for i in range(k):
+        queries = [x[c * k + i] for c in range(p)]
+        centroids = [torch.stack([x[c * k + j] for j in range(k) if j != i]).mean(0) for c in range(p)]
+        points, labels = queries + centroids, [y[c * k] for c in range(p)] * 2
+        hinge = []
+        for a in range(2 * p):
+            d = [torch.sqrt(((points[a] - points[b]) ** 2).sum().clamp_min(1e-12)) for b in range(2 * p)]
+            d_ap = max(d[b] for b in range(2 * p) if labels[b] == labels[a])
+            d_an = min(d[b] for b in range(2 * p) if labels[b] != labels[a])
+            hinge.append(torch.relu(d_ap - d_an + margin))
+        rounds.append(torch.stack(hinge).mean())
+    return torch.stack(rounds).mean()
+
+
+def test_ctl_official_hand_worked_batch():
+    # 1-D, labels A = {0, 1}, B = {3, 5}. Round 0: queries 0, 3, centroids 1, 5 -> anchor 3 has positive 5 (2) and
+    # negative centroid 1 (2): 0.5; the other three anchors 0. Round 1: queries 1, 5, centroids 0, 3 -> centroid 3 has
+    # positive 5 (2) and negative query 1 (2): 0.5. Loss (0.5 / 4 + 0.5 / 4) / 2 = 0.125. The equation gives 0: every
+    # instance is closer to its leave-one-out centroid than to the other label's full centroid by more than the margin.
+    x, y = column([0.0, 1.0, 3.0, 5.0]), torch.tensor([0, 0, 1, 1])
+    out = CentroidTripletLoss(margin=0.5)(x, y)
+    assert out.loss.item() == pytest.approx(0.125)
+    assert {k: v.item() for k, v in out.stats.items()} == pytest.approx({"active": 0.25, "pos_dist": 1.5, "neg_dist": 2.75, "anchors": 8.0})
+    assert CentroidTripletLoss(margin=0.5, mode="equation")(x, y).loss.item() == 0.0
+    out.loss.backward()  # both active terms are d(x2, x3) - d(x2, x1) = x3 - 2 x2 + x1, each weighted 1 / 8
+    torch.testing.assert_close(x.grad[:, 0], torch.tensor([0.0, 2.0, -4.0, 2.0], dtype=torch.float64) / 8)
+
+
+@pytest.mark.parametrize("margin", [0.5, 0.3])
+def test_ctl_official_matches_the_loop_reference_on_p4_k4_batches(margin):
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(4).repeat_interleave(4)
+    for scale in (0.3, 1.0, 3.0):
+        x = (torch.randn(16, 8, generator=g, dtype=torch.float64) * scale).requires_grad_()
+        ref_x = x.detach().clone().requires_grad_()
+        out, ref = CentroidTripletLoss(margin)(x, y), official_ctl_reference(ref_x, y, 4, margin)
+        assert out.loss.item() == pytest.approx(ref.item(), rel=1e-9)
+        (out.loss + ref).backward()
+        torch.testing.assert_close(x.grad, ref_x.grad)
+        interleaved = torch.arange(16).view(4, 4).T.reshape(-1)  # labels 0 1 2 3 0 1 2 3 ...: rounds follow each label's order
+        assert CentroidTripletLoss(margin)(x[interleaved], y[interleaved]).loss.item() == pytest.approx(ref.item(), rel=1e-9)
+
+
+def test_ctl_official_distances_in_float32_for_half_precision_features():
+    x, y = torch.tensor([[0.0], [1.0], [3.0], [5.0]], dtype=torch.bfloat16), torch.tensor([0, 0, 1, 1])
+    out = CentroidTripletLoss(margin=0.5)(x, y)
+    assert out.loss.dtype == torch.float32 and out.loss.item() == pytest.approx(0.125)
+
+
+def test_ctl_official_mocks_and_lonely_labels():
+    # label 0 has 3 valid + 1 mock, label 1 has 2 valid, label 2 one valid: round 2 holds label 0 only and is skipped
+    x = column([0.0, 1.0, 2.0, 50.0, 3.0, 4.0, 9.0])
+    y, valid = torch.tensor([0, 0, 0, 0, 1, 1, 2]), torch.tensor([True, True, True, False, True, True, True])
+    ctl = CentroidTripletLoss(margin=0.5)
+    out = ctl(x, y, valid)
+    moved = ctl(column([0.0, 1.0, 2.0, -7.0, 3.0, 4.0, 9.0]), y, valid)
+    assert out.loss.item() == moved.loss.item() and out.stats["anchors"].item() == 8.0
+    # round 0: queries 0, 3; centroids 1.5, 4; round 1: queries 1, 4; centroids 1, 3 (two rounds of 4 anchors)
+    r0 = [max(0, 1.5 - 3 + 0.5), max(0, 1 - 1.5 + 0.5), max(0, 1.5 - 1.5 + 0.5), max(0, 1 - 2.5 + 0.5)]
+    r1 = [max(0, 0 - 2 + 0.5), max(0, 1 - 3 + 0.5), max(0, 0 - 2 + 0.5), max(0, 1 - 2 + 0.5)]
+    assert out.loss.item() == pytest.approx((sum(r0) / 4 + sum(r1) / 4) / 2)
+    assert ctl(column([0.0, 1.0]), torch.tensor([0, 0])).loss.item() == 0.0  # one label: no round to learn from
+
+
+def test_ctl_soft_margin_and_bad_mode():
+    x, y = column([0.0, 1.0, 3.0, 5.0]), torch.tensor([0, 0, 1, 1])
+    soft = CentroidTripletLoss(margin=None)(x, y).loss.item()
+    # round 0 gaps (d_pos - d_neg): q0 1-3, q3 2-2, c1 1-2, c5 2-4; round 1: q1 1-2, q5 2-4, c0 1-3, c3 2-2
+    gaps = torch.tensor([-2.0, 0.0, -1.0, -2.0, -1.0, -2.0, -2.0, 0.0])
+    assert soft == pytest.approx(torch.nn.functional.softplus(gaps).mean().item())
+    with pytest.raises(LookalikeError, match="centroid mode: expected one of official, equation"):
+        CentroidTripletLoss(mode="paper")
 
 
 # ---------------------------------------------------------------- center loss
@@ -312,6 +392,20 @@ def test_center_loss_value_and_gradients():
     out.loss.backward()
     torch.testing.assert_close(x.grad, torch.tensor([[0.5, 0.5], [1.0, 0.0], [0.0, 0.0]], dtype=torch.float64))
     torch.testing.assert_close(center.centers.grad, torch.tensor([[-0.5, -0.5], [-1.0, 0.0]], dtype=torch.float64))
+
+
+def test_center_loss_scale_one_is_the_official_ctl_definition():
+    # official CTL: sum over the batch of ||x - c||^2 / batch size (no 1/2): (2 + 4) / 2 = 3
+    center = CenterLoss(num_classes=2, dim=2, scale=1.0).double()
+    with torch.no_grad():
+        center.centers.copy_(torch.tensor([[0.0, 0.0], [1.0, 2.0]]))
+    x = torch.tensor([[1.0, 1.0], [3.0, 2.0]], dtype=torch.float64, requires_grad=True)
+    out = center(x, torch.tensor([0, 1]))
+    assert out.loss.item() == pytest.approx(3.0)
+    out.loss.backward()
+    torch.testing.assert_close(center.centers.grad, torch.tensor([[-1.0, -1.0], [-2.0, 0.0]], dtype=torch.float64))
+    with pytest.raises(LookalikeError, match="center scale"):
+        CenterLoss(2, 2, scale=0.0)
 
 
 def test_center_loss_rejects_bad_labels_and_width():

@@ -8,6 +8,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from lookalike.config import load_config
 from lookalike.data import images as image_io
@@ -15,7 +16,7 @@ from lookalike.data.folder import import_folder
 from lookalike.errors import ConfigError, LookalikeError
 from lookalike.losses.pairwise import mine_pairs, pair_bce
 from lookalike.metrics import evaluate_table
-from lookalike.models.pairwise import PairwiseModel, PairwiseSpec, init_from_extractor, load_pairwise, save_pairwise
+from lookalike.models.pairwise import SPEC_KEY, PairwiseModel, PairwiseSpec, init_from_extractor, load_pairwise, save_pairwise
 from lookalike.pipeline import extractor_from_config, search_and_score, table_from_config
 from lookalike.rerank import RerankContext, check_ascending, create_reranker
 from lookalike.rerank.pairwise import PairwiseReranker, merge_top_n, table_rows
@@ -252,6 +253,9 @@ def test_train_reranker_validates_by_reranking_and_the_reranker_reproduces_it(tr
     assert record["epoch"] == 1 and record["top_n"] == 4 and record["after"]["means"] == pytest.approx(result.metrics)
     assert record["before"]["means"] == pytest.approx(result.metrics_before)
     assert {"grid_0_extractor.png", "grid_1_epoch001.png"} <= {p.name for p in (tmp_path / "validation").iterdir()}
+    hparams = yaml.safe_load(next(tmp_path.glob("tensorboard/version_*/hparams.yaml")).read_text())
+    assert hparams["pairwise.top_n"] == 4 and hparams["pairwise.tta"] is True and hparams["model.weights"] == cfg.model.weights
+    assert record["provenance"]["model"]["weights"] == cfg.model.weights and record["provenance"]["model"]["weights_sha256"]
 
     # the re-ranker, loaded from the last checkpoint, re-ranks the extractor's lists into the same metrics
     table = table_from_config(cfg).split("validation")
@@ -319,3 +323,137 @@ def test_cli_trains_a_reranker_and_validate_shows_each_stage(trained, tmp_path):
     assert run.exit_code == 0 and "1:qe" in run.output, run.output  # the chain re-ranks the images' lists, not centroids
     run = runner.invoke(app, ["train-reranker", *args, f"train.output={tmp_path}"])
     assert run.exit_code == 2 and "model.weights" in run.output
+
+
+DDP_SCRIPT = '''
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from lookalike.config import load_config
+from lookalike.train.pairwise import run_train_reranker
+
+
+class Snapshots(L.Callback):
+    """Each rank writes its backbone's and head's state at the start and after every training epoch."""
+
+    def __init__(self, out):
+        self.out = Path(out)
+
+    def _save(self, trainer, module, tag):
+        state = {k: v.detach().clone() for k, v in module.model.state_dict().items()}
+        torch.save(state, self.out / f"rank{trainer.global_rank}_{tag}.pt")
+
+    def on_train_start(self, trainer, module):
+        self._save(trainer, module, "start")
+
+    def on_train_epoch_end(self, trainer, module):
+        self._save(trainer, module, f"epoch{trainer.current_epoch}")
+
+
+if __name__ == "__main__":
+    result = run_train_reranker(load_config(None, sys.argv[2:]), callbacks=(Snapshots(sys.argv[1]),))
+    if result.is_global_zero:
+        print("done", result.metrics["cmc@1"])
+'''
+
+
+def test_freeze_epochs_under_ddp_keeps_the_backbone_frozen_on_every_rank_then_trains_it_in_sync(trained, tmp_path):
+    """Real 2-process DDP (gloo, CPU): after the frozen epoch every rank's backbone equals the initial one (the head
+    learnt); after unfreezing it changed, identically on both ranks (its gradients are all-reduced)."""
+    import subprocess
+    import sys
+
+    _, base = trained
+    script = tmp_path / "ddp_freeze.py"
+    script.write_text(DDP_SCRIPT)
+    snaps = tmp_path / "snaps"
+    snaps.mkdir()
+    args = [*base, f"train.output={tmp_path / 'run'}", "train.epochs=2", "pairwise.freeze_epochs=1", "pairwise.name=test_resnet",
+            "train.backbone_lr=1e-3", "train.val_every=2", "train.validate_before=false", "train.grid=false",
+            "trainer.devices=2", "trainer.strategy=ddp"]
+    run = subprocess.run([sys.executable, str(script), str(snaps), *args], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("done") == 1
+    states = {(r, tag): torch.load(snaps / f"rank{r}_{tag}.pt") for r in (0, 1) for tag in ("start", "epoch0", "epoch1")}
+    backbone = lambda state: {k: v for k, v in state.items() if k.startswith("backbone.")}  # noqa: E731
+    head = lambda state: {k: v for k, v in state.items() if k.startswith("head.")}  # noqa: E731
+    for r in (0, 1):
+        assert _same(backbone(states[r, "start"]), backbone(states[r, "epoch0"]))  # frozen: weights and BN statistics
+        assert not _same(head(states[r, "start"]), head(states[r, "epoch0"]))  # while the head learnt
+        assert not _same(backbone(states[r, "epoch0"]), backbone(states[r, "epoch1"]))  # trained after unfreezing
+    assert _same(states[0, "epoch0"], states[1, "epoch0"]) and _same(states[0, "epoch1"], states[1, "epoch1"])  # ranks agree
+
+
+# ---------------------------------------------------------------- the recipe's configs
+
+CONFIGS = __import__("pathlib").Path(__file__).resolve().parents[1] / "configs"
+
+
+def _header_command(path) -> list[str]:
+    """The `lookalike train configs/X.yaml ...` command in a config's header comment, as its overrides."""
+    import shlex
+
+    lines = [line[1:].strip() for line in path.read_text().splitlines() if line.startswith("#")]
+    start = next(i for i, line in enumerate(lines) if line.startswith("lookalike train configs/"))
+    command = ""
+    for line in lines[start:]:
+        command += " " + line.rstrip("\\").strip()
+        if not line.endswith("\\"):
+            break
+    return shlex.split(command)[2:]
+
+
+@pytest.mark.parametrize("dataset", ["sop", "inshop", "cub", "cars"])
+def test_the_stir_recipe_configs_hold_the_published_settings(dataset):
+    cfg = load_config(CONFIGS / f"{dataset}_pairwise.yaml")
+    p, t = cfg.pairwise, cfg.train
+    assert (p.freeze_epochs, p.top_n, p.hidden, p.dropout, p.mining, p.batch_size, p.precision) == (3, 5, 192, 0.5, "hard", 128, "16-mixed")
+    assert p.init_from_extractor and p.name == cfg.model.name == "vit_small_patch16_224.dino" and cfg.model.normalize
+    assert (t.optimizer, t.lr, t.backbone_lr, t.scheduler, t.step_epochs, t.step_gamma) == ("adam", 2e-3, None, "step", [3], 5e-3)
+    assert (t.p, t.k, t.epochs, t.val_every, t.seed) == (30, 4, 1000, 10, 42)
+    assert (cfg.data.image_size, cfg.data.crop_fraction) == (224, 1.0)
+    assert (cfg.trainer.devices, cfg.trainer.strategy) == (2, "ddp")
+    # the header's command trains the recipe's extractor from configs/{dataset}.yaml
+    config, *overrides = _header_command(CONFIGS / f"{dataset}_pairwise.yaml")
+    extractor = load_config(CONFIGS.parent / config, overrides)
+    e, loss = extractor.train, extractor.train.loss
+    assert extractor.model.name == "vit_small_patch16_224.dino" and extractor.model.normalize
+    assert (e.optimizer, e.lr, e.p, e.k, e.val_every) == ("adamw", 1e-5, 150, 4, 5)
+    assert (loss.triplet, loss.margin, loss.miner, loss.memory_size, loss.centroid, loss.cross_entropy) == (1.0, 0.15, "batch_hard", 0, 0.0, 0.0)
+    assert (extractor.trainer.devices, extractor.trainer.strategy, extractor.trainer.precision) == (2, "ddp", "16-mixed")
+
+
+def test_the_step_schedule_multiplies_by_step_gamma():
+    from lookalike.train.module import _scheduler
+
+    optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=2e-3)
+    scheduler = _scheduler(optimizer, "step", 0, 10, [3], 5e-3)
+    rates = []
+    for _ in range(5):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates == pytest.approx([2e-3, 2e-3, 2e-3, 1e-5, 1e-5])
+
+
+def test_train_reranker_stops_on_sigterm_with_a_checkpoint_that_resumes(trained, tmp_path):
+    """Was: `kill PID` printed "Received SIGTERM" and the re-ranker kept training."""
+    from test_signals import last_line, start, terminate, wait_for
+
+    from lookalike.signals import EXIT_CODE
+
+    _, base = trained
+    args = [*base, f"train.output={tmp_path}"]
+    process = start("train-reranker", *args, "train.epochs=1000")
+    wait_for(process, (tmp_path / "validation" / "metrics_epoch000.json").is_file, "the first validation")
+    rc, stderr, _ = terminate(process)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert rc == EXIT_CODE and last_line(stderr) == f"stopped by SIGTERM; saved {last}; continue with --resume last", stderr[-2000:]
+    saved = torch.load(last, map_location="cpu", weights_only=False)
+    assert saved["global_step"] >= 2 and SPEC_KEY in saved
+    resumed = run_train_reranker(load_config(None, [*args, f"train.epochs={saved['epoch'] + 2}"]), resume="last")
+    after = torch.load(resumed.last_checkpoint, map_location="cpu", weights_only=False)
+    assert after["global_step"] > saved["global_step"] and after["epoch"] == saved["epoch"] + 1

@@ -9,7 +9,7 @@ from lookalike.embeddings import Embeddings
 from lookalike.errors import LookalikeError
 from lookalike.metrics import compute_metrics
 from lookalike.rerank import DatabaseAugmentation, QueryExpansion, RerankContext, check_ascending, create_reranker
-from lookalike.search import PAD, search
+from lookalike.search import PAD, RetrievalResults, exact_knn, search
 
 SQRT50 = np.sqrt(50.0)
 # query (1, 0); gallery g0 .. g3 at cosines .96, .8, 12/13 and -1 to it: initial order g0, g2, g1, g3
@@ -126,7 +126,8 @@ def test_output_contract_with_padding(reranker):
     rng = np.random.default_rng(1)
     queries = Embeddings(rng.standard_normal((5, 6)), [f"q{i}" for i in range(5)])
     gallery = Embeddings(rng.standard_normal((4, 6)), [f"g{i}" for i in range(4)])
-    results = search(queries, gallery, k=7)  # only 4 gallery items: 3 PAD slots per row
+    idx, dist = exact_knn(queries.vectors, gallery.vectors, 7)  # only 4 gallery items: 3 PAD slots per row (search() clamps)
+    results = RetrievalResults(idx, dist, queries.ids, gallery.ids)
     out = reranker.rerank(results, RerankContext(queries=queries, gallery=gallery))
     assert out.indices.shape == (5, 7) and out.distances.dtype == np.float32
     assert (out.indices[:, 4:] == PAD).all() and np.isinf(out.distances[:, 4:]).all()

@@ -79,7 +79,8 @@ def test_rerank_pipeline_writes_final_list_and_stage_metrics(tmp_path):
     stages = run_rerank(cfg, table)
     assert [s.name for s in stages] == ["original", "qe", "kreciprocal"]
     record = json.loads((tmp_path / "metrics_rerank.json").read_text())
-    assert list(record) == ["original", "1:qe", "2:kreciprocal"]
+    assert list(record) == ["original", "1:qe", "2:kreciprocal", "provenance"]
+    assert record["provenance"]["table"]["path"] == str(tmp_path / "table.csv")
     assert (tmp_path / "reranked.npz").is_file() and (tmp_path / "cmc_rerank.png").stat().st_size > 1000
     with pytest.raises(ConfigError, match="rerank: expected a chain"):
         run_rerank(load_config(None, overrides[:-1]), table)
@@ -94,3 +95,38 @@ def test_a_reranker_used_twice_keeps_both_stages(tmp_path):
     reports = stage_reports(stages)
     assert list(reports) == ["original", "1:qe", "2:qe"] and reports["2:qe"] is stages[2].report
 
+
+
+@pytest.mark.parametrize("steps", [["kreciprocal", "centroids"], ["centroids", "qe", {"centroids": {"per_sequence": True}}]])
+def test_a_first_only_stage_elsewhere_is_refused(tmp_path, steps):
+    """Was: rerank=[kreciprocal, centroids] ran and equalled centroids alone (the k-reciprocal stage silently discarded)."""
+    position = len(steps) - 1
+    with pytest.raises(ConfigError, match=rf"^rerank\[{position}\]: centroids must be the first stage of the chain"):
+        build_chain(steps)
+    table, emb = clustered_table(tmp_path)
+    table.save(tmp_path / "table.csv")
+    cfg = load_config(None, [f"data.table={tmp_path / 'table.csv'}", f"search.output={tmp_path / 'missing.npz'}",
+                             f"rerank={json.dumps(steps)}"])
+    with pytest.raises(ConfigError, match=r"must be the first stage"):  # before the results file is even read
+        run_rerank(cfg, table)
+
+
+def test_a_pairwise_only_chain_needs_no_embeddings_file(omniglot_small, tmp_path):
+    """Was: "runs/embeddings.npz: no such embeddings file" although the pairwise stage reads only images."""
+    from lookalike.data.folder import import_folder
+    from lookalike.models.pairwise import PairwiseModel, save_pairwise
+    from lookalike.train.pairwise import pairwise_spec
+
+    table = import_folder(omniglot_small, validation_fraction=0.25, seed=0).split("validation")
+    paths = table.frame["path"].to_numpy(str)
+    vectors = np.random.default_rng(0).standard_normal((len(paths), 8)).astype(np.float32)
+    spec_cfg = load_config(None, ["pairwise.name=test_vit", "pairwise.pretrained=false", "data.image_size=32"])
+    weights = save_pairwise(PairwiseModel(pairwise_spec(spec_cfg)), tmp_path / "pairwise.pt")
+    chain = f"rerank=[{{pairwise: {{weights: {weights}, top_n: 3, progress: false}}}}]"
+    cfg = load_config(None, [f"extract.output={tmp_path / 'no_embeddings.npz'}", f"search.output={tmp_path / 'res.npz'}",
+                             f"search.reranked_output={tmp_path / 'reranked.npz'}", f"evaluate.output={tmp_path / 'm.json'}",
+                             "evaluate.cmc_plot=null", "evaluate.grid=null", chain])
+    search_table(Embeddings(vectors, paths), table, k=10).save(cfg.search.output)
+    stages = run_rerank(cfg, table)
+    assert [s.name for s in stages] == ["original", "pairwise"] and (tmp_path / "reranked.npz").is_file()
+    assert not (tmp_path / "no_embeddings.npz").exists()

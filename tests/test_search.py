@@ -213,3 +213,68 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(LookalikeError, match="junk.npz: not a results file"):
         RetrievalResults.load(tmp_path / "junk.npz")
+
+
+def clustered_validation(tmp_path, n_labels=5, per_label=6, sequences=None):
+    """A validation table of unfiled images (every row query and gallery) and clustered unit embeddings for it."""
+    rng = np.random.default_rng(7)
+    labels = np.repeat(np.arange(n_labels), per_label)
+    vectors = np.eye(n_labels, 8)[labels] + 0.8 * rng.standard_normal((len(labels), 8))
+    frame = pd.DataFrame({"label": labels, "path": [f"{i}.png" for i in range(len(labels))], "split": "validation",
+                          "is_query": True, "is_gallery": True})
+    if sequences is not None:
+        frame["sequence"] = sequences
+    table = validate_table(frame.astype(str), tmp_path, check_files=False)
+    return table, Embeddings((vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32), frame["path"])
+
+
+def test_every_other_image_is_a_complete_ranking(tmp_path):
+    """Was: search.k=939 on a 940-image set (each query sees the 939 others) reported complete_ranking false."""
+    from lookalike.metrics import evaluate_table
+
+    table, emb = clustered_validation(tmp_path)
+    report = evaluate_table(search_table(emb, table, k=29), table)
+    assert report.complete_ranking and report.to_dict()["complete_ranking"]
+    assert not evaluate_table(search_table(emb, table, k=28), table).complete_ranking  # one visible item left out
+    # sequences: 3.png..5.png share one, so those queries see 27 items; the others see 29
+    sequences = ["", "", "", "s", "s", "s"] + [""] * 24
+    table, emb = clustered_validation(tmp_path, sequences=sequences)
+    rr = search_table(emb, table, k=29)
+    assert (rr.valid.sum(1)[3:6] == 27).all() and evaluate_table(rr, table).complete_ranking
+
+
+def test_k_above_the_visible_gallery_is_clamped_with_one_warning(tmp_path):
+    """Was: search.k=5000 on a 940-image set gave a 940 x 5000 array, 81% padding, without a word."""
+    from lookalike.errors import LookalikeWarning
+
+    table, emb = clustered_validation(tmp_path)
+    with pytest.warns(LookalikeWarning, match=r"^search\.k: 5000 is more than the 29 gallery items a query may see; the lists hold 29$"):
+        rr = search_table(emb, table, k=5000)
+    assert rr.k == 29 and rr.valid.all() and rr.meta["k"] == 29 and rr.meta["k_requested"] == 5000
+    with pytest.warns(LookalikeWarning, match="more than the 30 gallery items; the lists hold 30"):
+        assert search(emb, emb, k=31).k == 30  # no exclusion: every gallery item
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert search_table(emb, table, k=29).meta == {"metric": "cosine", "index": "exact", "k": 29}  # nothing to say
+
+
+def test_validation_scores_map_at_all_over_the_whole_ranking(tmp_path, monkeypatch):
+    """Was: training's validation (table and JSON) gave mAP@all of the top search.k as map@all, with no word about it."""
+    from lookalike import pipeline
+    from lookalike.config import load_config
+    from lookalike.errors import LookalikeWarning
+    from lookalike.metrics import evaluate_table
+
+    table, emb = clustered_validation(tmp_path)
+    cfg = load_config(None, ["search.k=5"])
+    report, results = pipeline.search_and_score(cfg, emb, table)
+    whole = evaluate_table(search_table(emb, table, k=29), table)
+    assert report.complete_ranking and results.k == 29
+    assert report.means["map@all"] == pytest.approx(whole.means["map@all"])
+    assert report.means["map@all"] != pytest.approx(evaluate_table(search_table(emb, table, k=5), table).means["map@all"])
+    monkeypatch.setattr(pipeline, "WHOLE_RANKING_LIMIT", 30 * 28)  # too large a split: top search.k, said in one line
+    with pytest.warns(LookalikeWarning, match=r"^validation ranks the top 5 of 29 gallery items .* count relevant items beyond 5 as missed$"):
+        report, results = pipeline.search_and_score(cfg, emb, table)
+    assert results.k == 5 and not report.complete_ranking and not report.to_dict()["complete_ranking"]

@@ -1,5 +1,5 @@
-"""The web app: index round trip, the JSON API and its safety rules, a real server under concurrent load, and the
-page driven in Debian's chromium by Playwright."""
+"""The web app: index round trip, the JSON API and its safety rules, and a real server under concurrent load (the page in
+a browser: test_page.py)."""
 
 from __future__ import annotations
 
@@ -35,7 +35,6 @@ from lookalike.search import exact_knn
 from lookalike.serve.app import create_app
 
 LOOKALIKE = str(Path(sys.executable).parent / "lookalike")
-CHROMIUM = Path("/usr/bin/chromium")
 RERANK = "rerank=[kreciprocal, {qe: {n: 3}}]"
 
 
@@ -470,41 +469,3 @@ def test_200_concurrent_searches_all_succeed(server, index_dir):
         codes = list(pool.map(one, range(200)))
     assert codes == [200] * 200
 
-
-def chromium() -> Path:
-    """Debian's chromium, installed with apt when missing (as the CI machine starts without it)."""
-    root = [] if os.geteuid() == 0 else ["sudo", "-n"] if shutil.which("sudo") else None
-    if not CHROMIUM.exists() and shutil.which("apt-get") and root is not None:
-        install = [*root, "apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"]
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        if subprocess.run(install, capture_output=True, check=False, env=env).returncode != 0:
-            subprocess.run([*root, "apt-get", "update", "-q"], capture_output=True, check=False, env=env)
-            subprocess.run(install, capture_output=True, check=False, env=env)
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing and apt-get could not install Debian's chromium")
-    return CHROMIUM
-
-
-def test_browser_upload_rerank_and_click(server, index_dir, tmp_path):
-    from playwright.sync_api import expect, sync_playwright
-
-    query = load_index(index_dir).paths[0]
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(chromium()))
-        page = browser.new_page(viewport={"width": 1200, "height": 900})
-        page.goto(server)
-        expect(page.locator("input.reranker")).to_have_count(2)
-        page.set_input_files("#upload", query)
-        expect(page.locator('[data-column="original"] .result')).to_have_count(10)
-        expect(page.locator("#query-label")).to_have_text("uploaded image")
-        page.check('input.reranker[value="kreciprocal"]')
-        expect(page.locator('[data-column="kreciprocal"] .result')).to_have_count(10)
-        expect(page.locator('[data-column="kreciprocal"] .change').first).to_be_visible()
-        clicked = page.locator('[data-column="original"] .result').nth(2)
-        gallery_id = clicked.get_attribute("data-id")
-        clicked.click()
-        expect(page.locator("#query-label")).to_contain_text(f"gallery #{gallery_id}")
-        expect(page.locator(f'[data-column="original"] .result[data-id="{gallery_id}"]')).to_have_count(0)  # never itself
-        page.screenshot(path=str(tmp_path / "serve.png"), full_page=True)
-        browser.close()
-    assert (tmp_path / "serve.png").stat().st_size > 10_000

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import lightning as L
 import torch
+import yaml
 
 from lookalike.config import load_config
 from lookalike.data.folder import import_folder
@@ -54,9 +55,15 @@ def test_training_writes_checkpoints_logs_pictures_and_changes_the_metrics(table
     assert {p.name for p in val.iterdir()} >= {"metrics_before.json", "metrics_epoch000.json", "metrics_epoch001.json", "grid_epoch001.png"}
     last = json.loads((val / "metrics_last.json").read_text())
     assert last["epoch"] == 1 and last["n_queries"] == 79 and last["means"] == pytest.approx(result.metrics)
+    assert last["complete_ranking"]  # map@all over the whole ranking, not search.k=50 of the 78 others
     logged = pd.read_csv(tmp_path / "csv" / "version_0" / "metrics.csv")
     assert {"train/loss", "train/triplet_active", "train/triplet_pos_dist", "train/triplet_neg_dist", "val/cmc@1"} <= set(logged.columns)
     assert list(tmp_path.glob("tensorboard/version_0/events.out.tfevents.*"))
+    hparams = yaml.safe_load((tmp_path / "tensorboard" / "version_0" / "hparams.yaml").read_text())  # the resolved config, flattened
+    assert hparams["model.name"] == "test_resnet" and hparams["train.p"] == 2 and hparams["data.table"] == str(table_csv)
+    events = b"".join(p.read_bytes() for p in tmp_path.glob("tensorboard/version_0/events.out.tfevents.*"))
+    assert b"train.loss.margin" in events and b"test_resnet" in events  # TensorBoard's hparams tab
+    assert last["provenance"]["table"]["path"] == str(table_csv) and last["provenance"]["model"]["name"] == "test_resnet"
 
 
 class BatchRecorder(L.Callback):
@@ -110,6 +117,52 @@ def test_ctl_recipe_trains_with_bnneck_and_mock_instances(table_csv, tmp_path):
     assert np.isfinite(logged["train/loss"].dropna()).all()
     state = torch.load(result.last_checkpoint, map_location="cpu", weights_only=False)["state_dict"]
     assert torch.equal(state["extractor.neck.bias"], torch.zeros_like(state["extractor.neck.bias"]))  # BNNeck shift frozen
+
+
+class CentreRecorder(L.Callback):
+    """Centres and their gradient as the optimizer is about to step (callbacks run before the module's hook), and after."""
+
+    def __init__(self) -> None:
+        self.before: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.after: list[torch.Tensor] = []
+
+    def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
+        self.before.append((module.center.centers.detach().clone(), module.center.centers.grad.clone()))
+        assert all(p is not module.center.centers for g in optimizer.param_groups for p in g["params"])
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.after.append(module.center.centers.detach().clone())
+
+
+def test_centres_step_by_their_own_sgd_on_the_unweighted_center_loss(table_csv, tmp_path):
+    from lookalike.train import build_parts, build_trainer
+
+    cfg = config(table_csv, tmp_path, "train.epochs=1", "train.validate_before=false", "train.loss.center=0.25", "train.optimizer=adam")
+    module, data = build_parts(cfg)
+    recorder = CentreRecorder()
+    build_trainer(cfg, [recorder]).fit(module, datamodule=data)
+    assert len(recorder.before) == 2
+    for (centres, weighted_grad), after in zip(recorder.before, recorder.after):
+        assert weighted_grad.abs().sum() > 0
+        torch.testing.assert_close(after, centres - 0.5 * weighted_grad / 0.25)  # official: grad / weight, SGD lr 0.5
+    optimizer = module.optimizers().optimizer
+    assert isinstance(optimizer, torch.optim.Adam) and len(optimizer.param_groups) == 2
+
+
+def test_repeated_runs_report_mean_and_std_of_the_final_metrics(table_csv, tmp_path):
+    args = [*FAST, f"data.table={table_csv}", f"train.output={tmp_path}", "train.epochs=1", "train.validate_before=false",
+            "train.grid=false", "train.runs=2", "train.seed=3"]
+    done = subprocess.run([LOOKALIKE, "train", *args], check=False, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    record = json.loads((tmp_path / "runs.json").read_text())
+    assert [r["seed"] for r in record["runs"]] == [3, 4]
+    finals = [json.loads((tmp_path / f"run{r}" / "validation" / "metrics_last.json").read_text())["means"] for r in range(2)]
+    assert [r["metrics"] for r in record["runs"]] == [pytest.approx(f) for f in finals]
+    values = np.array([f["cmc@1"] for f in finals])
+    assert record["summary"]["cmc@1"] == pytest.approx({"mean": values.mean(), "std": values.std(ddof=1)})
+    assert "mean ± std over 2 runs (seeds 3, 4)" in done.stdout and "cmc@1" in done.stdout
+    resumed = subprocess.run([LOOKALIKE, "train", *args, "--resume", "last"], check=False, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 2 and resumed.stderr.strip().count("\n") == 0 and "--resume: continues one run" in resumed.stderr
 
 
 def test_bnneck_splits_metric_and_retrieval_features():

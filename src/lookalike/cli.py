@@ -6,6 +6,7 @@ import functools
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -13,9 +14,10 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-from tqdm import tqdm
 
+from lookalike import __version__
 from lookalike.errors import LookalikeError, LookalikeWarning, printable
+from lookalike.progress import INTERVAL_ENV, ProgressReporter, interval_from_env, plural
 
 app = typer.Typer(
     help="Image retrieval: import a dataset, extract embeddings, search a gallery, evaluate the ranking.",
@@ -27,6 +29,50 @@ out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
 ARGS_HELP = "An optional YAML config, then key=value overrides (e.g. model.name=resnet18 data.root=/data/sop)."
+
+
+@dataclass
+class _Output:
+    """The global flags: -q (no progress, no info lines), -v (debug lines), the progress line interval."""
+
+    quiet: bool = False
+    verbose: bool = False
+    interval: float = interval_from_env()
+    started: float = time.perf_counter()
+
+
+_output = _Output()
+
+
+def _print_version(value: bool) -> None:
+    """--version: `lookalike X.Y.Z`, then exit."""
+    if value:
+        out.print(f"lookalike {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _global_options(
+    ctx: typer.Context,
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print no progress and no info lines (warnings, errors and exit codes stay)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also print debug lines: the resolved settings and how long each step took."),
+    progress_seconds: float = typer.Option(
+        interval_from_env(), "--progress-seconds", min=0.01, envvar=INTERVAL_ENV,
+        help="Seconds between progress lines when stderr is not a terminal (a log file, a pipe); a terminal gets bars.",
+    ),
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Image retrieval: import a dataset, extract embeddings, search a gallery, evaluate the ranking."""
+    _output.quiet, _output.verbose, _output.interval = quiet, verbose and not quiet, progress_seconds
+    out.quiet = quiet
+    _output.started = time.perf_counter()
+    ctx.call_on_close(lambda: _debug(f"{ctx.invoked_subcommand} finished"))
+
+
+def _debug(message: str) -> None:
+    """A -v line on stderr, stamped with the seconds since the command started."""
+    if _output.verbose:
+        err.print(f"[dim]debug [{time.perf_counter() - _output.started:7.1f} s][/] {escape(printable(message))}", highlight=False, soft_wrap=True)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -66,7 +112,8 @@ def _quiet_lightning() -> None:
     """Keep Lightning's banners and tips and a deprecation warning from inside Lightning off the terminal (logs stay complete)."""
     import logging
 
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+    signals = "lightning.pytorch.trainer.connectors.signal_connector"  # "Received SIGTERM": the CLI says it in its own line
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero", signals):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     warnings.filterwarnings("ignore", message=r".*smaller than the logging interval")
@@ -77,11 +124,27 @@ def _config(args: list[str] | None):
 
     args = list(args or [])
     path = args.pop(0) if args and "=" not in args[0] else None
-    return load_config(path, args)
+    if _output.quiet and not any(a.startswith("trainer.progress=") for a in args):
+        args.append("trainer.progress=false")  # -q: no Lightning progress bar either
+    cfg = load_config(path, args)
+    if _output.verbose:
+        from lookalike.provenance import changed_settings
+
+        _debug(f"config {path or '(defaults)'} + {len(args)} overrides; settings other than the defaults: "
+               + (", ".join(f"{k}={v}" for k, v in changed_settings(cfg).items()) or "none"))
+    return cfg
 
 
-def _progress(desc: str):
-    return lambda it, total: tqdm(it, total=total, desc=desc, unit="batch", file=sys.stderr, disable=None)
+def _progress(desc: str, unit: str = "batch"):
+    """The CLI's progress for one loop: a bar on a terminal, a line every few seconds in a log, nothing under -q."""
+    reporter = ProgressReporter(sys.stderr, _output.interval, enabled=not _output.quiet)
+    track = reporter.track(desc, unit)
+
+    def timed(iterable, total):
+        _debug(f"{desc}: {total} {plural(unit)} to go")
+        return track(iterable, total)
+
+    return timed
 
 
 def _print_report(report, title: str = "metrics") -> None:
@@ -160,7 +223,9 @@ def extract(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP)) ->
     from lookalike.pipeline import run_extract, table_from_config
 
     cfg = _config(args)
-    emb = run_extract(cfg, table_from_config(cfg), _progress("embedding"))
+    table = table_from_config(cfg)
+    _debug(f"table {cfg.data.table}: {len(table)} rows")
+    emb = run_extract(cfg, table, _progress("embedding"))
     out.print(f"wrote {cfg.extract.output}: {len(emb)} embeddings of dimension {emb.dim}")
 
 
@@ -171,7 +236,9 @@ def search(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP)) -> 
     from lookalike.pipeline import run_search, table_from_config
 
     cfg = _config(args)
-    results = run_search(cfg, table_from_config(cfg))
+    table = table_from_config(cfg)
+    _debug(f"table {cfg.data.table}: {len(table)} rows")
+    results = run_search(cfg, table, progress=_progress("searching", unit="query block"))
     out.print(f"wrote {cfg.search.output}: top-{results.k} of {results.n_queries} queries in {len(results.gallery_ids)} gallery items")
 
 
@@ -183,7 +250,9 @@ def evaluate(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP)) -
 
     cfg = _config(args)
     table = table_from_config(cfg)
+    _debug(f"table {cfg.data.table}: {len(table)} rows")
     evaluation = run_evaluate(cfg, table)
+    _debug(f"scored {evaluation.report.n_queries} queries, wrote {cfg.evaluate.output} and {len(evaluation.pictures)} pictures")
     _print_report(evaluation.report)
     out.print(f"wrote {cfg.evaluate.output}" + "".join(f", {p}" for p in evaluation.pictures))
     if cfg.rerank:
@@ -334,12 +403,33 @@ def train(
 
     _quiet_lightning()
     cfg = _config(args)
+    if cfg.train.runs != 1:
+        _train_repeated(cfg, resume)
+        return
     result = run_train(cfg, resume)
     if not result.is_global_zero:
         return
     _print_comparison({"before": result.metrics_before, "after": result.metrics}, f"validation ({cfg.model.name})")
     out.print(f"training speed: {result.images_per_second:.1f} images/s")
     out.print(f"best checkpoint: {result.best_checkpoint}\nlast checkpoint: {result.last_checkpoint}\nlogs: {result.log_dir}")
+
+
+def _train_repeated(cfg, resume: str | None) -> None:
+    """train.runs trainings with consecutive seeds: final metrics per run and their mean ± std."""
+    from lookalike.train import run_train_repeated
+
+    if resume is not None:
+        raise LookalikeError(f"--resume: continues one run; with train.runs={cfg.train.runs} resume a run alone (train.output=.../runN train.runs=1)")
+    result = run_train_repeated(cfg)
+    if not result.runs[-1].is_global_zero:
+        return
+    table = Table(title=f"validation ({cfg.model.name}), mean ± std over {len(result.runs)} runs (seeds {', '.join(map(str, result.seeds))})")
+    for name in ("metric", "mean ± std", *(f"seed {s}" for s in result.seeds)):
+        table.add_column(name, justify="left" if name == "metric" else "right")
+    for metric, cell in result.summary.items():
+        table.add_row(metric, f"{cell['mean']:.4f} ± {cell['std']:.4f}", *(f"{r.metrics[metric]:.4f}" for r in result.runs))
+    out.print(table)
+    out.print(f"wrote {result.path}; runs under {cfg.train.output}/run0 ... run{len(result.runs) - 1}")
 
 
 @app.command()
@@ -403,12 +493,13 @@ def extract_pairs(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HEL
 @app.command()
 @reports_errors
 def adapt(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP)) -> None:
-    """Learn an adaptation module on frozen features of image pairs over adapt.runs random splits; print top-k accuracy of raw vs adapted features on the test pairs."""
+    """Learn an adaptation module on frozen features of image pairs over adapt.runs random splits; print top-k accuracy of raw vs adapted features on the test pairs. adapt.protocol=reference runs the published command (PCA on all pairs, 150 epochs, 1 run, 25 % test, last epoch)."""
     from lookalike.adapt import DIRECTIONS, run_adapt
+    from lookalike.adapt.run import protocol_config, protocol_summary
 
-    cfg = _config(args)
-    runs = lambda it, total: tqdm(it, total=total, desc="runs", unit="run", file=sys.stderr, disable=None)  # noqa: E731
-    result = run_adapt(cfg, _progress("extracting"), runs)
+    cfg = protocol_config(_config(args))
+    out.print(protocol_summary(cfg))
+    result = run_adapt(cfg, _progress("extracting"), _progress("runs", unit="run"))
     a, summary = cfg.adapt, result.summary()
     table = Table(title=f"test top-k accuracy, mean ± std over {len(result.runs)} runs ({result.n_pairs} pairs, {result.dim} features)")
     for name in ("k", "direction", "raw features", f"adapted ({a.module})"):
@@ -418,7 +509,11 @@ def adapt(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP)) -> N
             cells = (summary[kind][f"top{k}/{direction}"] for kind in ("raw", "adapted"))
             table.add_row(str(k), label, *(f"{c['mean']:.4f} ± {c['std']:.4f}" for c in cells))
     out.print(table)
-    out.print(f"epochs kept (best {a.monitor} on validation pairs): {', '.join(str(r.best_epoch) for r in result.runs)}")
+    kept = ", ".join(str(r.best_epoch) for r in result.runs)
+    if a.protocol == "reference":
+        out.print(f"epoch reported: the last ({kept}), as the reference's train.py; test curves per epoch in TensorBoard")
+    else:
+        out.print(f"epochs kept (best {a.monitor} on validation pairs): {kept}")
     out.print(f"features: {'reused ' if result.features_reused else 'extracted to '}{result.features}")
     out.print(f"wrote {result.output / 'metrics.json'}; TensorBoard curves per run and averaged: {result.output / 'tensorboard'}")
 
@@ -511,8 +606,18 @@ def _add_config_epilog(typer_app: typer.Typer) -> None:
 
 
 def main() -> None:
+    """The command line; SIGTERM (`kill PID`) stops any command in one line with exit code 143, training after saving
+    last.ckpt for --resume last."""
+    from lookalike.signals import EXIT_CODE, Terminated, stop_on_sigterm
+
     _add_config_epilog(app)
-    app()
+    stop_on_sigterm()
+    try:
+        app()
+    except Terminated as exc:
+        resume = "; continue with --resume last" if exc.saved else ""
+        err.print(f"[yellow]{escape(printable(str(exc)))}{resume}[/]", highlight=False, soft_wrap=True)
+        sys.exit(EXIT_CODE)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ class ModelConfig(Section):
     weights: str | None = None  # local state dict or Lightning checkpoint, loaded after creation
     embedding_dim: PositiveInt | None = None  # linear projection after pooling; None keeps the backbone's features
     normalize: bool = True  # L2-normalise embeddings
+    last_stride: int | None = None  # 1: no downsampling in a ResNet's last stage (re-ID: BoT / CTL); None keeps the model's own
     bnneck: bool = False  # batch-norm neck after the projection (BoT / CTL recipe); embeddings taken after it
 
 
@@ -95,16 +96,20 @@ class LossConfig(Section):
     n_negatives: PositiveInt = 1  # n_hard: hardest negatives per anchor
     memory_size: Count = 0  # cross-batch memory of past embeddings mined as extra positives/negatives; 0 = off
     centroid: NonNegativeFloat = 0.0  # weight of the centroid triplet loss (CTL)
-    centroid_margin: float = 0.5  # margin of the centroid triplet loss
+    centroid_margin: PositiveFloat | None = 0.5  # margin of the centroid triplet loss; null = soft margin
+    centroid_mode: Literal["official", "equation"] = "official"  # official centroids-reid code (queries + centroids mined together) or the paper's equation
     cross_entropy: NonNegativeFloat = 0.0  # weight of cross-entropy on a classifier over the (BNNeck) embedding
     label_smoothing: Fraction = 0.1  # label smoothing of the cross-entropy loss
     center: NonNegativeFloat = 0.0  # weight of the center loss
-    center_lr: PositiveFloat | None = None  # learning rate of the class centres (their own parameter group); None = train.lr
+    center_scale: PositiveFloat = 0.5  # center loss scale * ||x - c||^2: 0.5 is Wen et al.'s 1/2, 1.0 the official CTL code's
+    center_optimizer: Literal["sgd", "shared"] = "sgd"  # sgd: the centres' own plain SGD on the unweighted loss (official CTL); shared: a group of train.optimizer
+    center_lr: PositiveFloat | None = None  # learning rate of the class centres; None = 0.5 (sgd, the official value) or train.lr (shared)
 
 
 class TrainConfig(Section):
     output: str = "runs/train"  # checkpoints/, tensorboard/, csv/ and validation grids land here
     seed: int = 0  # seed of weights, sampler and augmentation (Lightning seed_everything)
+    runs: PositiveInt = 1  # repeated runs with seeds seed, seed+1, ... under output/run{r}/: mean and std of the final metrics (runs.json)
     epochs: PositiveInt = 10  # training epochs
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"  # optimizer of all parameter groups
     lr: PositiveFloat = 1e-4  # learning rate (of the head, and of the backbone unless backbone_lr)
@@ -112,7 +117,8 @@ class TrainConfig(Section):
     weight_decay: NonNegativeFloat = 0.0  # weight decay of the optimizer
     scheduler: Literal["none", "cosine", "step"] = "none"  # learning-rate schedule after the warm-up: constant, cosine to 0, or /10 at step_epochs
     warmup_epochs: Count = 0  # linear warm-up of the learning rate
-    step_epochs: list[PositiveInt] = []  # scheduler=step: epochs at which the rate is divided by 10
+    step_epochs: list[PositiveInt] = []  # scheduler=step: epochs at which the rate is multiplied by step_gamma
+    step_gamma: PositiveFloat = 0.1  # scheduler=step: the factor (STIR's recipe: 5e-3 once the backbone joins)
     p: PositiveInt = 8  # labels per batch
     k: PositiveInt = 4  # images per label in a batch
     batches_per_epoch: PositiveInt | None = None  # None: an epoch is one pass over the labels; set it when there are few labels
@@ -130,8 +136,8 @@ class TrainerConfig(Section):
     devices: int | str = 1  # devices (processes) per node, as Lightning takes it: a count, 'auto' or a list such as '0,1'
     strategy: str = "auto"  # ddp for several processes
     num_nodes: PositiveInt = 1  # machines for multi-node training
-    precision: str = "32-true"  # 16-mixed, bf16-mixed, ...
-    channels_last: bool = True  # NHWC model while training (both trainers): faster convolutions (oneDNN on CPU, tensor cores on GPU)
+    precision: str = "32-true"  # 16-mixed, bf16-mixed, ... (of training steps; validation embeds in fp32, as extract does)
+    channels_last: bool = True  # NHWC model while training (both trainers), validating, extracting and serving: faster convolutions (oneDNN on CPU, tensor cores on GPU), the same embeddings everywhere
     limit_train_batches: int | float | None = None  # train on only this many batches (int) or this share (float) of each epoch; None: all
     log_every_n_steps: PositiveInt = 10  # steps between logged training losses
     progress: bool = True  # Lightning's progress bar
@@ -224,6 +230,7 @@ class AdaptConfig(Section):
     top_k: list[PositiveInt] = [1, 3, 5]  # k of the reported top-k accuracy
     device: Device = "cpu"  # torch device of feature extraction and training
     output: str = "runs/adapt"  # metrics.json, tensorboard/ (per run and average), run{r}/ (adapter, PCA, split)
+    protocol: Literal["lookalike", "reference"] = "lookalike"  # reference: the published train.py command (see lookalike.adapt.run)
 
 
 class Config(Section):

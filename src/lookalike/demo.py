@@ -20,7 +20,7 @@ from lookalike.data.table import DatasetTable
 from lookalike.embeddings import Embeddings
 from lookalike.extract import Progress
 from lookalike.metrics import MetricsReport, cmc_curve
-from lookalike.pipeline import Evaluation, rerank_context, run_evaluate, run_extract, run_search, write_stage_metrics
+from lookalike.pipeline import Evaluation, rerank_context, run_evaluate, run_extract, run_search, validation_k, write_stage_metrics
 from lookalike.rerank import Stage, build_chain, run_chain
 from lookalike.rerank.chain import stage_reports
 from lookalike.search.results import RetrievalResults
@@ -179,6 +179,7 @@ def run_demo(
     cfg = demo_config(out_dir, extra + overrides + (f"train.seed={seed}",))
     table = import_folder(root, validation_fraction=validation_fraction, seed=seed)
     table.save(cfg.data.table)
+    cfg.search.k = validation_k(cfg.search.k, table)  # every gallery item a query may see, without the clamp's warning
     before = _pipeline(_untrained_config(cfg), table, progress, seed)
     if cfg.train.epochs <= 0:
         return DemoRun(cfg, before.evaluation, before.evaluation.report, Path(cfg.data.table))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +17,22 @@ from lookalike.devices import resolve_device
 from lookalike.embeddings import Embeddings
 from lookalike.errors import LookalikeError
 from lookalike.models.extractor import Extractor
+from lookalike.progress import Progress
 
-Progress = Callable[[Iterable, int], Iterable]
+
+
+def set_layout(module: torch.nn.Module, channels_last: bool) -> torch.nn.Module:
+    """`module` (in place) in channels-last or contiguous memory layout: the layout picks the convolution kernels and so
+    the float bits of the embeddings, so every path that embeds for metrics (training's validation, extract, serve)
+    takes it from the same setting (trainer.channels_last)."""
+    return module.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def embed_batch(extractor: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """float32 embeddings of one batch with autocast off: training's validation (under the Trainer's mixed precision)
+    and extract then compute the same numbers for the same checkpoint."""
+    with torch.autocast(images.device.type, enabled=False):
+        return extractor(images).float()
 
 
 def extract_embeddings(
@@ -29,10 +43,12 @@ def extract_embeddings(
     num_workers: int = 0,
     device: str | torch.device = "cpu",
     progress: Progress | None = None,
+    channels_last: bool = False,
 ) -> Embeddings:
-    """Embed every row of `table` in row order on `device` (auto: the best present); `progress(batches, total)` may wrap the batch loop."""
+    """Embed every row of `table` in row order on `device` (auto: the best present), in batches of `batch_size` and the
+    memory layout `channels_last` (see set_layout); `progress(batches, total)` may wrap the batch loop."""
     dataset = ImageDataset(table, transform)
-    return _embed_dataset(extractor, dataset, table.frame["path"].to_numpy(str), batch_size, num_workers, device, progress)
+    return _embed_dataset(extractor, dataset, table.frame["path"].to_numpy(str), batch_size, num_workers, device, progress, channels_last)
 
 
 def embed(
@@ -97,16 +113,16 @@ def _image_id(item: ImageSource, position: int) -> str:
 
 def _embed_dataset(
     extractor: Extractor, dataset: torch.utils.data.Dataset, ids: np.ndarray, batch_size: int, num_workers: int,
-    device: str | torch.device, progress: Progress | None,
+    device: str | torch.device, progress: Progress | None, channels_last: bool = False,
 ) -> Embeddings:
     """Run the extractor over (image tensor, position) items in batches; row i of the result is item i."""
     device = resolve_device(device, "extract.device")
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
-    extractor = extractor.to(device).eval()
+    extractor = set_layout(extractor.to(device), channels_last).eval()
     batches = progress(loader, len(loader)) if progress else loader
     out = np.empty((len(dataset), extractor.dim), dtype=np.float32)
     with torch.inference_mode():
         for images, rows in batches:
-            out[rows.numpy()] = extractor(images.to(device)).float().cpu().numpy()
+            out[rows.numpy()] = embed_batch(extractor, images.to(device)).cpu().numpy()
     meta = {"model": extractor.name, "normalized": extractor.normalize}
     return Embeddings(out, ids, meta)

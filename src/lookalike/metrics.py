@@ -17,7 +17,7 @@ from lookalike.atomic import write_text_atomic
 from lookalike.data.table import DatasetTable
 from lookalike.errors import LookalikeError
 from lookalike.search.protocol import exclusion_groups
-from lookalike.search.results import RetrievalResults
+from lookalike.search.results import RetrievalResults, ranks_everything
 
 
 @dataclass
@@ -48,9 +48,10 @@ class MetricsReport:
             "complete_ranking": self.complete_ranking,
         }
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the summary (not the per-query arrays) as JSON atomically."""
-        write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
+    def save(self, path: str | os.PathLike, provenance: dict | None = None) -> None:
+        """Write the summary (not the per-query arrays), with the run's provenance record when given, as JSON atomically."""
+        extra = {"provenance": provenance} if provenance else {}
+        write_text_atomic(path, json.dumps({**self.to_dict(), **extra}, indent=2) + "\n")
 
 
 def relevance(results: RetrievalResults, query_labels: np.ndarray, gallery_labels: np.ndarray) -> np.ndarray:
@@ -139,7 +140,7 @@ def compute_metrics(
         n_queries=results.n_queries,
         no_relevant_ids=[str(i) for i in np.asarray(results.query_ids)[~has_rel]],
         per_category=_per_category(per_query, has_rel, query_categories),
-        complete_ranking=bool(results.k >= len(results.gallery_ids) or (results.valid.sum(1) < results.k).all()),
+        complete_ranking=ranks_everything(results, exclude),
         relevance=rel,
         n_relevant=n_rel,
     )

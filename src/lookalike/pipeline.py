@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,14 +13,18 @@ from lookalike.data.check import skip_bad_images
 from lookalike.data.images import eval_transform
 from lookalike.data.table import DatasetTable, load_table
 from lookalike.embeddings import Embeddings
-from lookalike.errors import ConfigError
+from lookalike.errors import ConfigError, LookalikeWarning
 from lookalike.extract import Progress, extract_embeddings
 from lookalike.metrics import MetricsReport, cmc_curve, evaluate_table
 from lookalike.models.extractor import Extractor
+from lookalike.provenance import KEY, check_input, record, with_record
 from lookalike.rerank import RerankContext, Stage, build_chain, run_chain
-from lookalike.rerank.chain import stage_reports
-from lookalike.search import RetrievalResults, exclusion_groups, search_table
-from lookalike.viz import save_cmc_curve, save_result_grid, spread_queries
+from lookalike.rerank.chain import stage_reports, uses_embeddings
+from lookalike.search import RetrievalResults, exclusion_groups, query_gallery_ids, search_table
+from lookalike.search.results import visible_counts
+from lookalike.viz import SCORE_RERANKERS, save_cmc_curve, save_result_grid, spread_queries, table_labels
+
+WHOLE_RANKING_LIMIT = 2**26  # most query x gallery entries validation ranks in full (indices + distances: 768 MiB)
 
 
 def table_from_config(cfg: Config) -> DatasetTable:
@@ -40,22 +45,44 @@ def run_extract(cfg: Config, table: DatasetTable, progress: Progress | None = No
     """Embed the rows of extract.split (or all rows) and save them to extract.output."""
     rows = table.split(cfg.extract.split) if cfg.extract.split else table
     emb = embed_table(cfg, extractor_from_config(cfg), rows, progress)
+    emb = Embeddings(emb.vectors, emb.ids, with_record(emb.meta, cfg))
     emb.save(cfg.extract.output)
     return emb
 
 
+def load_embeddings(cfg: Config, command: str) -> Embeddings:
+    """search.embeddings (default extract.output), refused when made from another table or model than `cfg` names."""
+    path = cfg.search.embeddings or cfg.extract.output
+    emb = Embeddings.load(path)
+    check_input(emb.meta, path, cfg, command, "extract")
+    return emb
+
+
+def load_results(cfg: Config, command: str) -> RetrievalResults:
+    """evaluate.results (default search.output), refused when made from another table or model than `cfg` names."""
+    path = cfg.evaluate.results or cfg.search.output
+    results = RetrievalResults.load(path)
+    check_input(results.meta, path, cfg, command, "search")
+    return results
+
+
 def embed_table(cfg: Config, extractor: Extractor, table: DatasetTable, progress: Progress | None = None) -> Embeddings:
-    """Every row of `table` embedded by the extractor with its evaluation transform, on extract.device."""
+    """Every row of `table` embedded by the extractor with its evaluation transform, on extract.device, in the batches
+    (data.batch_size) and memory layout (trainer.channels_last) of training's validation: the same checkpoint gives the
+    same embeddings, to the bit, and so the same metrics."""
     d, dc = cfg.data, extractor.data_config()
     transform = eval_transform(d.image_size, d.crop_fraction, dc["mean"], dc["std"])
-    return extract_embeddings(extractor, table, transform, d.batch_size, d.num_workers, cfg.extract.device, progress)
+    return extract_embeddings(extractor, table, transform, d.batch_size, d.num_workers, cfg.extract.device, progress, cfg.trainer.channels_last)
 
 
-def run_search(cfg: Config, table: DatasetTable, embeddings: Embeddings | None = None) -> RetrievalResults:
+def run_search(cfg: Config, table: DatasetTable, embeddings: Embeddings | None = None, progress: Progress | None = None) -> RetrievalResults:
     """Search the table's validation queries against its gallery and save the results to search.output."""
     s = cfg.search
-    emb = embeddings if embeddings is not None else Embeddings.load(s.embeddings or cfg.extract.output)
-    results = search_table(emb, table, s.k, metric=s.metric, index=s.index, device=s.device)
+    emb = embeddings if embeddings is not None else load_embeddings(cfg, "search")
+    if embeddings is not None and KEY in emb.meta:
+        check_input(emb.meta, "the embeddings", cfg, "search", "extract")
+    results = search_table(emb, table, s.k, metric=s.metric, index=s.index, device=s.device, progress=progress)
+    results = RetrievalResults(results.indices, results.distances, results.query_ids, results.gallery_ids, with_record(results.meta, cfg))
     results.save(s.output)
     return results
 
@@ -69,8 +96,22 @@ def search_and_score(cfg: Config, embeddings: Embeddings, table: DatasetTable) -
 
         results, report = evaluate_centroids(embeddings, table, s.k, per_sequence=e.centroids == "label_sequence", metric=s.metric, **ks)
         return report, results
-    results = search_table(embeddings, table, s.k, metric=s.metric, index=s.index, device=s.device)
+    results = search_table(embeddings, table, validation_k(s.k, table), metric=s.metric, index=s.index, device=s.device)
     return evaluate_table(results, table, **ks), results
+
+
+def validation_k(k: int, table: DatasetTable) -> int:
+    """The list length validation searches: every gallery item a query may see when queries x gallery is at most
+    WHOLE_RANKING_LIMIT, so that map@all and r_precision count every relevant item; else `k` (search.k), with a
+    LookalikeWarning that those two count relevant items beyond it as missed (the report's complete_ranking is false)."""
+    query_ids, gallery_ids = query_gallery_ids(table)
+    whole = int(visible_counts(len(gallery_ids), len(query_ids), exclusion_groups(table, query_ids, gallery_ids)).max(initial=0))
+    if len(query_ids) * whole <= WHOLE_RANKING_LIMIT or k >= whole:
+        return max(whole, 1)
+    warnings.warn(LookalikeWarning(f"validation ranks the top {k} of {whole} gallery items ({len(query_ids)} queries x {whole} is more "
+                                   f"than {WHOLE_RANKING_LIMIT} entries): map@all and r_precision count relevant items beyond {k} as missed"),
+                  stacklevel=3)
+    return k
 
 
 @dataclass
@@ -83,27 +124,31 @@ def run_evaluate(cfg: Config, table: DatasetTable, results: RetrievalResults | N
     """Compute metrics (against gallery images, or per-label centroids of the embeddings), write the JSON and pictures."""
     e = cfg.evaluate
     if e.centroids != "none":
-        report, results = search_and_score(cfg, Embeddings.load(cfg.search.embeddings or cfg.extract.output), table)
+        report, results = search_and_score(cfg, load_embeddings(cfg, "evaluate"), table)
     else:
-        results = results if results is not None else RetrievalResults.load(e.results or cfg.search.output)
-        report = evaluate_table(results, table, cmc_k=tuple(e.cmc_k), precision_k=tuple(e.precision_k), map_k=tuple(e.map_k))
-    report.save(e.output)
+        if results is not None and KEY in results.meta:
+            check_input(results.meta, "the results", cfg, "evaluate", "search")
+        results = results if results is not None else load_results(cfg, "evaluate")
+        report = evaluate_table(results, table, **e.metric_kwargs())
+    report.save(e.output, record(cfg))
     pictures = []
     if e.grid and e.centroids == "none":  # centroids are not images: no grid for them
         queries = spread_queries(results.n_queries, e.grid_queries)
-        pictures.append(save_result_grid(results, e.grid, table.root, report.relevance, queries, e.grid_top_k))
+        labels = table_labels(table, results)
+        pictures.append(save_result_grid(results, e.grid, table.root, report.relevance, queries, e.grid_top_k, labels=labels))
     if e.cmc_plot:
         pictures.append(save_cmc_curve({"CMC": cmc_curve(report.relevance, report.n_relevant)}, e.cmc_plot))
     return Evaluation(report, pictures)
 
 
-def rerank_context(cfg: Config, table: DatasetTable, results: RetrievalResults, embeddings: Embeddings) -> RerankContext:
-    """What the chain needs: the results' query and gallery embeddings, labels and exclusion groups from the table."""
+def rerank_context(cfg: Config, table: DatasetTable, results: RetrievalResults, embeddings: Embeddings | None) -> RerankContext:
+    """What the chain needs: the results' query and gallery embeddings (None: a chain that reads none), labels and
+    exclusion groups from the table."""
     frame = table.frame.set_index("path")
     q_ids, g_ids = results.query_ids.astype(str), results.gallery_ids.astype(str)
     return RerankContext(
-        queries=embeddings.select(q_ids),
-        gallery=embeddings.select(g_ids),
+        queries=embeddings.select(q_ids) if embeddings is not None else None,
+        gallery=embeddings.select(g_ids) if embeddings is not None else None,
         metric=cfg.search.metric,
         exclude=exclusion_groups(table, q_ids, g_ids),
         table=table,
@@ -118,12 +163,15 @@ def run_rerank(cfg: Config, table: DatasetTable, grids: bool = False) -> list[St
     if not cfg.rerank:
         raise ConfigError("rerank: expected a chain of re-rankers, e.g. rerank=[icfrr] or rerank=[centroids,kreciprocal]")
     s, e = cfg.search, cfg.evaluate
-    results = RetrievalResults.load(e.results or s.output)
-    context = rerank_context(cfg, table, results, Embeddings.load(s.embeddings or cfg.extract.output))
+    chain = build_chain(cfg.rerank)  # a bad chain fails before any file is read
+    results = load_results(cfg, "rerank")
+    embeddings = load_embeddings(cfg, "rerank") if uses_embeddings(chain) else None
+    context = rerank_context(cfg, table, results, embeddings)
     ks = e.metric_kwargs()
-    stages = run_chain(results, context, build_chain(cfg.rerank), **ks)
-    stages[-1].results.save(s.reranked_output)
-    write_stage_metrics(stages, Path(e.output).with_name("metrics_rerank.json"))
+    stages = run_chain(results, context, chain, **ks)
+    final = stages[-1].results
+    RetrievalResults(final.indices, final.distances, final.query_ids, final.gallery_ids, with_record(final.meta, cfg)).save(s.reranked_output)
+    write_stage_metrics(stages, Path(e.output).with_name("metrics_rerank.json"), record(cfg))
     if e.cmc_plot:
         curves = {key: cmc_curve(report.relevance, report.n_relevant) for key, report in stage_reports(stages).items()}
         save_cmc_curve(curves, Path(e.cmc_plot).with_name("cmc_rerank.png"))
@@ -132,18 +180,19 @@ def run_rerank(cfg: Config, table: DatasetTable, grids: bool = False) -> list[St
     return stages
 
 
-def write_stage_metrics(stages: list[Stage], path: Path) -> None:
-    """Every scored stage's metrics as one JSON file, keyed as stage_reports keys them."""
-    record = {key: report.to_dict() for key, report in stage_reports(stages).items()}
-    write_text_atomic(path, json.dumps(record, indent=2) + "\n")
+def write_stage_metrics(stages: list[Stage], path: Path, provenance: dict | None = None) -> None:
+    """Every scored stage's metrics as one JSON file, keyed as stage_reports keys them (and the run's provenance)."""
+    metrics = {key: report.to_dict() for key, report in stage_reports(stages).items()}
+    write_text_atomic(path, json.dumps({**metrics, **({KEY: provenance} if provenance else {})}, indent=2) + "\n")
 
 
 def save_stage_grids(stages: list[Stage], table: DatasetTable, prefix: str | Path, n_queries: int, top_k: int) -> list[Path]:
     """Result grids {prefix}_{i}_{stage}.png of the same queries, one per stage that ranks the original gallery images."""
     queries = spread_queries(stages[0].results.n_queries, n_queries)
-    images = stages[0].results.gallery_ids
+    images, labels = stages[0].results.gallery_ids, table_labels(table, stages[0].results)
     return [
-        save_result_grid(st.results, f"{prefix}_{i}_{st.name}.png", table.root, st.report.relevance if st.report else None, queries, top_k)
+        save_result_grid(st.results, f"{prefix}_{i}_{st.name}.png", table.root, st.report.relevance if st.report else None, queries, top_k,
+                         labels=labels, scores=st.name in SCORE_RERANKERS)
         for i, st in enumerate(stages)
         if len(st.results.gallery_ids) == len(images) and (st.results.gallery_ids == images).all()  # not centroids
     ]
@@ -161,7 +210,7 @@ def rerank_validation(cfg: Config, progress: Progress | None = None) -> list[Sta
     ks = e.metric_kwargs()
     stages = run_chain(results, rerank_context(cfg, table, results, embeddings), build_chain(cfg.rerank), **ks)
     folder = Path(cfg.train.output) / "validation"
-    write_stage_metrics(stages, folder / "metrics_rerank.json")
+    write_stage_metrics(stages, folder / "metrics_rerank.json", record(cfg))
     if cfg.train.grid:
         save_stage_grids(stages, table, folder / "grid_rerank", e.grid_queries, e.grid_top_k)
     return stages

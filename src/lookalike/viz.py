@@ -1,20 +1,28 @@
-"""Pictures of retrieval: a grid of queries and their top-k (green right, red wrong) and a CMC curve."""
+"""Pictures of retrieval: a grid of queries and their top-k (green right, red wrong; ranks, labels, distances and a
+legend) and a CMC curve."""
 
 from __future__ import annotations
 
 import os
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 from PIL import Image, ImageOps
 
 from lookalike.atomic import atomic_path
 from lookalike.data.images import read_image
 from lookalike.search.results import RetrievalResults
 
+if TYPE_CHECKING:
+    from lookalike.data.table import DatasetTable
+
 RIGHT, WRONG, QUERY, UNKNOWN = "#2ca02c", "#d62728", "#1f77b4", "#7f7f7f"
+SCORE_RERANKERS = ("icfrr",)  # re-rankers whose distances are negated similarity scores: grids show them as scores
 
 
 def _cell(path: Path, size: int) -> np.ndarray:
@@ -39,6 +47,70 @@ def _frame(ax, color: str, width: float = 4.0) -> None:
         spine.set_linewidth(width)
 
 
+def format_distance(value: float) -> str:
+    """A distance to 3 significant digits; float noise around zero (|d| < 1e-6, an image against itself) shows as 0."""
+    if not np.isfinite(value):
+        return str(value)
+    return "0" if abs(value) < 1e-6 else f"{value:.3g}"
+
+
+def table_labels(table: DatasetTable, results: RetrievalResults) -> tuple[np.ndarray, np.ndarray]:
+    """The labels of the results' queries and gallery items, looked up by path in the table ("" for a path not in it)."""
+    labels = table.frame.set_index("path")["label"].astype(str)
+    return tuple(labels.reindex(ids.astype(str)).fillna("").to_numpy() for ids in (results.query_ids, results.gallery_ids))
+
+
+def _caption(head: str, label: str | None, wrap: int) -> str:
+    """The text under a grid cell: the rank (or "query") and the whole label, wrapped to the cell's width."""
+    return head if not label else "\n".join(textwrap.wrap(f"{head}  {label}", wrap))
+
+
+def _legend(fig: Figure, judged: bool) -> None:
+    """What the frame colours mean, below the grid."""
+    kinds = [(QUERY, "query")] + ([(RIGHT, "match (same label)"), (WRONG, "not a match")] if judged else [(UNKNOWN, "not judged (no labels)")])
+    handles = [Patch(facecolor="white", edgecolor=color, linewidth=2.5, label=text) for color, text in kinds]
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8, frameon=False)
+
+
+def result_grid_figure(
+    results: RetrievalResults,
+    image_root: str | os.PathLike,
+    relevance: np.ndarray | None = None,
+    queries: Sequence[int] | None = None,
+    top_k: int = 5,
+    cell_size: int = 96,
+    labels: tuple[np.ndarray, np.ndarray] | None = None,
+    scores: bool = False,
+) -> Figure:
+    """The grid as a figure: per row the query (blue frame) and its top-k framed green/red by `relevance`, each with its
+    rank, label (`labels`: query and gallery labels in the results' order) and distance under it, and a colour legend.
+    `scores`: the distances are negated similarity scores (ICFRR) and are shown as "score" = -distance."""
+    root = Path(image_root)
+    rows = list(queries) if queries is not None else spread_queries(results.n_queries, 8)
+    top_k = min(top_k, results.k)
+    q_labels, g_labels = labels if labels is not None else (None, None)
+    wrap = max(12, cell_size // 4)  # characters per line: a column is cell_size * 5/3 px wide, 7-pt text ~6 px a character
+    fig = Figure(figsize=((top_k + 1) * cell_size / 60, len(rows) * cell_size / 45 + 0.4), dpi=100, layout="constrained")
+    axes = fig.subplots(len(rows), top_k + 1, squeeze=False)
+    for r, q in enumerate(rows):
+        ax = axes[r, 0]
+        ax.imshow(_cell(root / str(results.query_ids[q]), cell_size))
+        ax.set_xlabel(_caption("query", None if q_labels is None else str(q_labels[q]), wrap), fontsize=7)
+        _frame(ax, QUERY)
+        for c in range(top_k):
+            ax, g = axes[r, c + 1], int(results.indices[q, c])
+            if g < 0:
+                ax.axis("off")
+                continue
+            ax.imshow(_cell(root / str(results.gallery_ids[g]), cell_size))
+            d = float(results.distances[q, c])
+            value = f"score = {format_distance(-d)}" if scores else f"d = {format_distance(d)}"
+            ax.set_xlabel(_caption(f"#{c + 1}", None if g_labels is None else str(g_labels[g]), wrap) + f"\n{value}", fontsize=7)
+            _frame(ax, UNKNOWN if relevance is None else (RIGHT if relevance[q, c] else WRONG))
+    _legend(fig, relevance is not None)
+    return fig
+
+
 def save_result_grid(
     results: RetrievalResults,
     path: str | os.PathLike,
@@ -47,29 +119,11 @@ def save_result_grid(
     queries: Sequence[int] | None = None,
     top_k: int = 5,
     cell_size: int = 96,
+    labels: tuple[np.ndarray, np.ndarray] | None = None,
+    scores: bool = False,
 ) -> Path:
-    """Write a PNG: one row per query (blue frame) followed by its top-k, framed green/red by `relevance`."""
-    root = Path(image_root)
-    rows = list(queries) if queries is not None else spread_queries(results.n_queries, 8)
-    top_k = min(top_k, results.k)
-    fig = Figure(figsize=((top_k + 1) * cell_size / 60, len(rows) * cell_size / 55), dpi=100)
-    axes = fig.subplots(len(rows), top_k + 1, squeeze=False)
-    for r, q in enumerate(rows):
-        ax = axes[r, 0]
-        ax.imshow(_cell(root / str(results.query_ids[q]), cell_size))
-        ax.set_title("query", fontsize=8)
-        _frame(ax, QUERY)
-        for c in range(top_k):
-            ax, g = axes[r, c + 1], int(results.indices[q, c])
-            if g < 0:
-                ax.axis("off")
-                continue
-            ax.imshow(_cell(root / str(results.gallery_ids[g]), cell_size))
-            ax.set_title(f"#{c + 1}  d={results.distances[q, c]:.3g}", fontsize=7)
-            color = UNKNOWN if relevance is None else (RIGHT if relevance[q, c] else WRONG)
-            _frame(ax, color)
-    fig.tight_layout()
-    return _save(fig, path)
+    """Write the PNG of `result_grid_figure`."""
+    return _save(result_grid_figure(results, image_root, relevance, queries, top_k, cell_size, labels, scores), path)
 
 
 def save_cmc_curve(curves: dict[str, np.ndarray], path: str | os.PathLike) -> Path:

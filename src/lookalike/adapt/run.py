@@ -1,4 +1,13 @@
-"""`lookalike adapt` and `extract-pairs`: features (cached), repeated random splits, training, raw vs adapted top-k."""
+"""`lookalike adapt` and `extract-pairs`: features (cached), repeated random splits, training, raw vs adapted top-k.
+
+Two protocols (adapt.protocol). `lookalike` (the default, deliberately sounder): each of adapt.runs seeds draws train /
+validation / test pairs, the PCA is fitted on that run's training pairs only and the epoch kept is the best on the
+validation pairs. `reference`: the published command of Risser-Maroix et al.'s repository,
+`train.py --model original -e 150 -r 1 -t 15 --test-split 0.25 -k 1 3 5` on features reduced by a PCA fitted on every
+image before the split (`extract.py --processor adapt-pca 256`): one run, floor(0.25 n) test pairs and the rest for
+training (no validation), Linear(-> 1024) (or adapt.module), Adam 1e-3 full batch, the loss averaged over the plain and
+the mirrored pairs when there are mirrors (`--data-aug`), test pairs scored after every epoch and the last epoch reported.
+"""
 
 from __future__ import annotations
 
@@ -22,8 +31,12 @@ from lookalike.config import Config
 from lookalike.data.pairs import PairsTable, load_pairs, read_name_list, subset_pairs
 from lookalike.devices import resolve_device
 from lookalike.errors import ConfigError, LookalikeError
+from lookalike.provenance import record as provenance
 
 SPLIT_NAMES = ("train", "validation", "test")
+# what the reference protocol fixes: the published command's flags and train.py's hard-coded choices
+REFERENCE = {"epochs": 150, "runs": 1, "test_fraction": 0.25, "validation_fraction": 0.0, "top_k": [1, 3, 5], "scale": 15.0,
+             "hidden": 1024, "lr": 1.0e-3, "weight_decay": 0.0, "batch_size": None, "split": "random"}
 
 
 @dataclass
@@ -62,6 +75,26 @@ def mean_std(records: list[dict[str, float]]) -> dict[str, dict[str, float]]:
     """Per key: mean and sample standard deviation over the records."""
     values = {k: np.array([r[k] for r in records], dtype=float) for k in records[0]}
     return {k: {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0} for k, v in values.items()}
+
+
+def protocol_config(cfg: Config) -> Config:
+    """The config that runs: unchanged for the lookalike protocol, the reference command's settings for `reference`."""
+    a = cfg.adapt
+    if a.protocol != "reference":
+        return cfg
+    if a.split == "table":
+        raise ConfigError("adapt.split: the reference protocol draws its own test split (25 % of all pairs); use adapt.split=random or adapt.protocol=lookalike")
+    return cfg.model_copy(update={"adapt": a.model_copy(update=REFERENCE)})
+
+
+def protocol_summary(cfg: Config) -> str:
+    """One line saying which protocol runs with `cfg` (after protocol_config) and what it does."""
+    a = cfg.adapt
+    if a.protocol == "reference":
+        return (f"protocol: reference (the published train.py -e {a.epochs} -r {a.runs} -t {a.scale:g} --test-split {a.test_fraction} "
+                f"-k {' '.join(map(str, a.top_k))}; PCA fitted on all pairs before the split; last epoch reported)")
+    pca = "PCA fitted on each run's training pairs" if a.pca_dim is not None else "no PCA"
+    return f"protocol: lookalike ({pca}; epoch chosen on validation pairs by {a.monitor}; {a.runs} runs; adapt.protocol=reference for the published one)"
 
 
 def pairs_from_config(cfg: Config) -> PairsTable:
@@ -138,6 +171,16 @@ def draw_split(table_split: np.ndarray, cfg: Config, seed: int) -> np.ndarray:
     return split.astype(str)
 
 
+def reference_split(n: int, test_fraction: float, seed: int) -> np.ndarray:
+    """The reference's split: shuffle the pairs, the first floor(test_fraction * n) are test, the rest train."""
+    order = np.random.default_rng(seed).permutation(n)
+    split = np.full(n, "train", dtype=object)
+    split[order[: int(np.floor(test_fraction * n))]] = "test"
+    if (split == "test").sum() < 2 or (split == "train").sum() < 2:
+        raise LookalikeError(f"adapt: {n} pairs split into {int((split == 'train').sum())} train and {int((split == 'test').sum())} test pairs; expected at least 2 of each")
+    return split.astype(str)
+
+
 def pairs_at(features: PairFeatures, rows: np.ndarray) -> PairFeatures:
     """The pairs at `rows`."""
     flips = {"left_flip": features.left_flip[rows], "right_flip": features.right_flip[rows]} if features.has_flip else {}
@@ -152,7 +195,8 @@ def run_pca(features: PairFeatures, split: np.ndarray, dim: int | None, seed: in
 def settings_from_config(cfg: Config) -> TrainSettings:
     a = cfg.adapt
     device = str(resolve_device(a.device, "adapt.device"))
-    return TrainSettings(a.module, a.hidden, a.scale, a.lr, a.weight_decay, a.epochs, a.batch_size, a.monitor, tuple(a.top_k), device)
+    mirrors = "both" if a.protocol == "reference" else "random"
+    return TrainSettings(a.module, a.hidden, a.scale, a.lr, a.weight_decay, a.epochs, a.batch_size, a.monitor, tuple(a.top_k), device, mirrors)
 
 
 def score_test(module: nn.Module, test: PairFeatures, ks: tuple[int, ...], device: str) -> dict[str, float]:
@@ -163,13 +207,22 @@ def score_test(module: nn.Module, test: PairFeatures, ks: tuple[int, ...], devic
 
 
 def run_once(features: PairFeatures, cfg: Config, seed: int) -> tuple[RunResult, FitResult, PCAProjection | None, np.ndarray]:
-    """One split: PCA on its train pairs, the identity (raw) and the trained module, both scored on its test pairs."""
-    split = draw_split(features.split, cfg, seed)
-    pca = run_pca(features, split, cfg.adapt.pca_dim, seed)
+    """One split: PCA on its train pairs, the identity (raw) and the trained module, both scored on its test pairs.
+    The reference protocol (cfg after protocol_config): its split, PCA on all pairs, test curves, the last epoch."""
+    a = cfg.adapt
+    if a.protocol == "reference":
+        split = reference_split(len(features), a.test_fraction, seed)
+        pca = fit_pca(features.images(np.arange(len(features))), a.pca_dim, seed) if a.pca_dim is not None else None  # all, before the split
+    else:
+        split = draw_split(features.split, cfg, seed)
+        pca = run_pca(features, split, a.pca_dim, seed)
     reduced = features.project(pca)
     parts = {name: pairs_at(reduced, np.flatnonzero(split == name)) for name in SPLIT_NAMES}
     s = settings_from_config(cfg)
-    fit = fit_adapter(parts["train"], parts["validation"], s, seed)
+    if a.protocol == "reference":
+        fit = fit_adapter(parts["train"], None, s, seed, test=parts["test"])
+    else:
+        fit = fit_adapter(parts["train"], parts["validation"], s, seed)
     raw = score_test(nn.Identity(), parts["test"], s.top_k, s.device)
     adapted = score_test(fit.module, parts["test"], s.top_k, s.device)
     sizes = {name: len(part) for name, part in parts.items()}
@@ -211,7 +264,9 @@ def log_average(folder: Path, runs: list[RunResult]) -> None:
 
 def run_adapt(cfg: Config, progress: Progress | None = None, runs_progress: Callable[[Iterable, int], Iterable] | None = None) -> AdaptResult:
     """Features (cached), then adapt.runs random splits: train on each, score raw vs adapted on its test pairs; writes
-    metrics.json, TensorBoard curves per run and averaged, and each run's module, PCA and split under adapt.output."""
+    metrics.json, TensorBoard curves per run and averaged, and each run's module, PCA and split under adapt.output.
+    adapt.protocol=reference runs the published command instead (protocol_config)."""
+    cfg = protocol_config(cfg)
     a = cfg.adapt
     if a.runs < 1:
         raise ConfigError(f"adapt.runs: expected at least 1, got {a.runs}")
@@ -226,5 +281,6 @@ def run_adapt(cfg: Config, progress: Progress | None = None, runs_progress: Call
         results.append(result)
     log_average(out / "tensorboard" / "average", results)
     adapt = AdaptResult(results, Path(a.features), reused, out, len(features), features.dim)
-    write_text_atomic(out / "metrics.json", json.dumps({**adapt.to_dict(), "adapt": a.model_dump()}, indent=2) + "\n")
+    record = {**adapt.to_dict(), "adapt": a.model_dump(), "provenance": provenance(cfg)}
+    write_text_atomic(out / "metrics.json", json.dumps(record, indent=2) + "\n")
     return adapt

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -30,6 +31,8 @@ class TrainSettings:
     monitor: str = "top1/mean"  # validation metric that picks the epoch (higher is better; 'loss': lower is better)
     top_k: tuple[int, ...] = (1, 3, 5)
     device: str = "cpu"
+    mirrors: Literal["random", "both"] = "random"  # with mirror features: each image mirrored with p 1/2, or (the
+    # reference's) the loss averaged over the plain and the mirrored pairs
 
 
 @dataclass
@@ -77,13 +80,14 @@ def _better(new: dict[str, float], best: dict[str, float] | None, monitor: str) 
 def train_epoch(module: nn.Module, optimizer: torch.optim.Optimizer, data: dict[str, torch.Tensor], s: TrainSettings, generator: torch.Generator) -> float:
     """One pass over the training pairs (shuffled mini-batches, or one full batch); the mean loss."""
     module.train()
-    left, right = augmented(data, generator)
-    order = torch.randperm(len(left), generator=generator).to(left.device)
+    both = s.mirrors == "both" and "left_flip" in data
+    views = [(data["left"], data["right"]), (data["left_flip"], data["right_flip"])] if both else [augmented(data, generator)]
+    order = torch.randperm(len(data["left"]), generator=generator).to(data["left"].device)
     losses = []
     for chunk in order.split(s.batch_size or len(order)):
         if len(chunk) < 2:  # a lone pair has no negatives
             continue
-        loss = symmetric_info_nce(module(left[chunk]), module(right[chunk]), s.scale)
+        loss = sum(symmetric_info_nce(module(left[chunk]), module(right[chunk]), s.scale) for left, right in views) / len(views)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -91,9 +95,10 @@ def train_epoch(module: nn.Module, optimizer: torch.optim.Optimizer, data: dict[
     return float(np.mean(losses))
 
 
-def fit_adapter(train: PairFeatures, validation: PairFeatures | None, s: TrainSettings, seed: int = 0) -> FitResult:
+def fit_adapter(train: PairFeatures, validation: PairFeatures | None, s: TrainSettings, seed: int = 0, test: PairFeatures | None = None) -> FitResult:
     """Adam on symmetric InfoNCE for `epochs`; keeps the epoch (0 = untrained) with the best validation `monitor`, or the
-    last epoch when there are no validation pairs. The identity module has nothing to train and stays at epoch 0."""
+    last epoch when there are no validation pairs. The identity module has nothing to train and stays at epoch 0.
+    `test` pairs, when given, are scored after every epoch into the history (test/...) and never choose anything."""
     if s.monitor != "loss" and s.monitor not in {f"top{k}/{d}" for k in s.top_k for d in DIRECTIONS}:
         raise LookalikeError(f"adapt.monitor: expected 'loss' or top{{k}}/{{direction}} with k in adapt.top_k, got {s.monitor!r}")
     with torch.random.fork_rng(devices=[]):
@@ -101,6 +106,7 @@ def fit_adapter(train: PairFeatures, validation: PairFeatures | None, s: TrainSe
         module = create_adapter(s.module, train.dim, s.hidden).to(s.device)
     train_data = tensors(train, s.device)
     val_data = tensors(validation, s.device) if validation is not None and len(validation) > 1 else None
+    test_data = tensors(test, s.device) if test is not None and len(test) > 1 else None
     params = list(module.parameters())
     if not params:
         return FitResult(module, 0, [{f"validation/{k}": v for k, v in score(module, val_data, s.scale, s.top_k).items()}] if val_data else [])
@@ -114,6 +120,8 @@ def fit_adapter(train: PairFeatures, validation: PairFeatures | None, s: TrainSe
             record.update({f"validation/{k}": v for k, v in val.items()})
             if _better(val, best, s.monitor):
                 best, best_epoch, best_state = val, epoch, copy.deepcopy(module.state_dict())
+        if test_data is not None:
+            record.update({f"test/{k}": v for k, v in score(module, test_data, s.scale, s.top_k).items()})
         history.append(record)
     if best_state is not None:
         module.load_state_dict(best_state)

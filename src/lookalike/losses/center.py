@@ -11,18 +11,20 @@ from lookalike.losses.triplet import LossOutput
 
 
 class CenterLoss(nn.Module):
-    """Mean over valid samples of 0.5 * ||x_i - c_{y_i}||^2, with learnable centres c [num_classes, dim].
+    """Mean over valid samples of scale * ||x_i - c_{y_i}||^2, with learnable centres c [num_classes, dim].
 
-    The 1/2 is the paper's, so d loss / d x_i = (x_i - c_{y_i}) / n_valid; the paper sums over the mini-batch,
-    here it is the mean so the scale does not depend on the batch size. The centres are an nn.Parameter,
-    meant for their own optimizer (the paper's centre learning rate alpha).
+    scale 0.5 is the paper's 1/2, so d loss / d x_i = (x_i - c_{y_i}) / n_valid; the official CTL code uses 1 (no 1/2).
+    The paper sums over the mini-batch, here (as in the CTL code) it is the mean so the scale does not depend on the
+    batch size. The centres are an nn.Parameter, meant for their own optimizer (the paper's centre learning rate alpha).
     """
 
-    def __init__(self, num_classes: int, dim: int) -> None:
+    def __init__(self, num_classes: int, dim: int, scale: float = 0.5) -> None:
         super().__init__()
         if num_classes < 1 or dim < 1:
             raise LookalikeError(f"num_classes, dim: expected positive integers, got {num_classes} and {dim}")
-        self.num_classes, self.dim = num_classes, dim
+        if scale <= 0:
+            raise LookalikeError(f"center scale: expected a positive number, got {scale}")
+        self.num_classes, self.dim, self.scale = num_classes, dim, scale
         self.centers = nn.Parameter(torch.randn(num_classes, dim))
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor | None = None) -> LossOutput:
@@ -35,4 +37,4 @@ class CenterLoss(nn.Module):
             raise LookalikeError(f"labels: expected class indices in [0, {self.num_classes - 1}] for the valid rows")
         squared = ((embeddings - self.centers[labels].to(embeddings.dtype)) ** 2).sum(1)
         weight = valid.to(embeddings.dtype)
-        return LossOutput(0.5 * (squared * weight).sum() / weight.sum().clamp_min(1), {})
+        return LossOutput(self.scale * (squared * weight).sum() / weight.sum().clamp_min(1), {})

@@ -24,14 +24,15 @@ class LinearAdapter(nn.Module):
 
 
 class DiagonalAdapter(nn.Module):
-    """One weight per feature, starting at 1 (the identity): a re-weighting of the frozen features."""
+    """One weight per feature, starting at 1 (the identity), through a ReLU as in the reference's AdaptationPeterson:
+    a non-negative re-weighting of the frozen features (a feature whose weight turns negative is switched off)."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.weight
+        return x * torch.relu(self.weight)
 
 
 def create_adapter(kind: Literal["linear", "diagonal", "identity"], dim: int, out_dim: int = 1024) -> nn.Module:

@@ -46,16 +46,20 @@ class Extractor(nn.Module):
 
     def __init__(
         self, name: str, pretrained: bool = False, embedding_dim: int | None = None, normalize: bool = True, bnneck: bool = False,
+        last_stride: int | None = None,
         *, weights: str | os.PathLike | None = None, image_size: int | list[int] | None = None, crop_fraction: float | None = None,
     ) -> None:
         super().__init__()
         self.backbone = create_timm_model(name, "model", pretrained=pretrained, num_classes=0)
+        if last_stride is not None:
+            set_last_stride(self.backbone, last_stride, name)
         features = self.backbone.num_features
         self.projection = nn.Linear(features, embedding_dim) if embedding_dim else nn.Identity()
         self.dim = embedding_dim or features
         self.neck = _bnneck(self.dim) if bnneck else nn.Identity()
         self.normalize = normalize
         self.name = name
+        self.last_stride = last_stride
         timm_config = self.data_config()
         height, width = timm_config["input_size"][1:]
         self.image_size = image_size if image_size is not None else (height if height == width else [height, width])
@@ -81,12 +85,13 @@ class Extractor(nn.Module):
         """
         m, d = cfg.model, cfg.data
         return cls(m.name, pretrained=m.pretrained and not m.weights, embedding_dim=m.embedding_dim, normalize=m.normalize,
-                   bnneck=m.bnneck, weights=m.weights, image_size=d.image_size, crop_fraction=d.crop_fraction)
+                   bnneck=m.bnneck, last_stride=m.last_stride, weights=m.weights, image_size=d.image_size, crop_fraction=d.crop_fraction)
 
     def settings(self) -> dict:
-        """The constructor arguments that rebuild this architecture (name, embedding_dim, normalize, bnneck)."""
+        """The constructor arguments that rebuild this architecture (name, embedding_dim, normalize, bnneck, last_stride)."""
         projection = self.projection.out_features if isinstance(self.projection, nn.Linear) else None
-        return {"name": self.name, "embedding_dim": projection, "normalize": self.normalize, "bnneck": isinstance(self.neck, nn.BatchNorm1d)}
+        return {"name": self.name, "embedding_dim": projection, "normalize": self.normalize, "bnneck": isinstance(self.neck, nn.BatchNorm1d),
+                "last_stride": self.last_stride}
 
     def transform(self) -> v2.Compose:
         """The evaluation transform this model expects: image_size, crop_fraction, and timm's mean and std for the backbone."""
@@ -111,6 +116,19 @@ class Extractor(nn.Module):
     def data_config(self) -> dict:
         """timm's preprocessing for this backbone (mean, std, input size)."""
         return timm.data.resolve_model_data_config(self.backbone)
+
+
+def set_last_stride(backbone: nn.Module, stride: int, name: str) -> None:
+    """Give the first block of a ResNet's last stage (layer4) `stride` in place of its 2: the re-ID "last stride 1" of
+    BoT and the official CTL code (a feature map twice as high and wide; the weights stay the same)."""
+    stage = getattr(backbone, "layer4", None)
+    if stride < 1 or not isinstance(stage, nn.Sequential) or len(stage) == 0:
+        raise LookalikeError(f"model.last_stride: expected a positive stride for a ResNet-like model with a layer4 stage, got {stride} for {name!r}")
+    strided = [m for m in stage[0].modules() if isinstance(m, (nn.Conv2d, nn.AvgPool2d)) and m.stride not in (1, (1, 1))]
+    if any(isinstance(m, nn.AvgPool2d) for m in strided):
+        raise LookalikeError(f"model.last_stride: {name!r} downsamples by average pooling, which last_stride does not change")
+    for conv in strided:
+        conv.stride = (stride, stride)
 
 
 def _bnneck(dim: int) -> nn.BatchNorm1d:
@@ -141,7 +159,8 @@ def load_weights(
     module: nn.Module, path: str | os.PathLike, adapt: Callable[[dict], dict] | None = None, field: str = "model.weights",
     checkpoint: object | None = None,
 ) -> nn.Module:
-    """Load a state dict or a Lightning checkpoint into `module`, finding the key prefix by itself; `adapt` may reshape the
+    """Load a state dict or a Lightning checkpoint into `module`, finding the key prefix by itself, or into module.backbone
+    when no key fits the module (a backbone-only file such as ImageNet or IBN-Net weights); `adapt` may reshape the
     stripped state first (e.g. resample position embeddings). Errors name `field`; `checkpoint` is the file already read."""
     state = read_checkpoint(path, field) if checkpoint is None else checkpoint
     state = state.get("state_dict", state) if isinstance(state, dict) else state
@@ -149,6 +168,10 @@ def load_weights(
         raise LookalikeError(f"{field}: {path} holds no state dict")
     own = module.state_dict()
     prefix = _common_prefix(state, own)
+    if prefix is None and isinstance(getattr(module, "backbone", None), nn.Module):  # the backbone's own weights (e.g. ImageNet)
+        load_weights(module.backbone, path, adapt, field, state)
+        return module
+    prefix = prefix or ""
     stripped = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix) and k[len(prefix) :] not in _dropped_head(module)}
     stripped = adapt(stripped) if adapt is not None else stripped
     check_state(stripped, own, f"{field}: {path}")
@@ -185,7 +208,7 @@ def _dropped_head(module: nn.Module) -> set[str]:
     return {f"{name}.{part}" for name in ([names] if isinstance(names, str) else names) for part in ("weight", "bias")}
 
 
-def _common_prefix(state: dict, own: dict) -> str:
-    """The prefix that, removed from checkpoint keys, matches the most of the model's own keys."""
+def _common_prefix(state: dict, own: dict) -> str | None:
+    """The prefix that, removed from checkpoint keys, matches the most of the model's own keys; None when no key matches."""
     votes = Counter(k[: len(k) - len(o)] for k in state for o in own if k.endswith(o) and (len(k) == len(o) or k[len(k) - len(o) - 1] == "."))
-    return votes.most_common(1)[0][0] if votes else ""
+    return votes.most_common(1)[0][0] if votes else None

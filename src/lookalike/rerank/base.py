@@ -45,6 +45,8 @@ class Reranker(ABC):
     """Re-orders the top of every query's list; `name` is its key in the registry and in configs."""
 
     name: ClassVar[str]
+    first_only: ClassVar[bool] = False  # must be the chain's first stage (it replaces the gallery the others rank)
+    uses_embeddings: ClassVar[bool] = True  # reads context.queries / context.gallery (False: e.g. images only)
 
     @abstractmethod
     def rerank(self, results: RetrievalResults, context: RerankContext) -> RetrievalResults:

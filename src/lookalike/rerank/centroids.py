@@ -15,6 +15,7 @@ class CentroidRanker(Reranker):
     """Rank per-label gallery centroids (per label and sequence with per_sequence) instead of gallery images."""
 
     name = "centroids"
+    first_only = True  # after another stage it would discard that stage's list and rank the centroids afresh
 
     def __init__(self, per_sequence: bool = False) -> None:
         self.per_sequence = per_sequence

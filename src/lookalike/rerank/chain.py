@@ -21,8 +21,19 @@ class Stage:
 
 
 def build_chain(steps: list[str | dict[str, Any]]) -> list[Reranker]:
-    """Re-rankers from config steps: a name ("icfrr"), {"name": "icfrr", "kg": 10, ...} or {"icfrr": {"kg": 10}}."""
-    return [_build_step(step, i) for i, step in enumerate(steps)]
+    """Re-rankers from config steps: a name ("icfrr"), {"name": "icfrr", "kg": 10, ...} or {"icfrr": {"kg": 10}};
+    a stage that must come first (centroids) anywhere else is an error, not a stage that silently undoes the others."""
+    chain = [_build_step(step, i) for i, step in enumerate(steps)]
+    for i, reranker in enumerate(chain[1:], 1):
+        if reranker.first_only:
+            raise ConfigError(f"rerank[{i}]: {reranker.name} must be the first stage of the chain (it ranks a gallery of its own, "
+                              f"discarding what {chain[i - 1].name} did before it); move it to the front")
+    return chain
+
+
+def uses_embeddings(chain: list[Reranker]) -> bool:
+    """Whether any stage reads the query / gallery embeddings (a pairwise-only chain needs none)."""
+    return any(reranker.uses_embeddings for reranker in chain)
 
 
 def step_parts(step: str | dict[str, Any], position: int = 0) -> tuple[str, dict[str, Any]]:

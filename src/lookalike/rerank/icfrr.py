@@ -794,5 +794,6 @@ def save_rank_strips(
 
     Image paths are image_root / the results' ids (give results_from_distances the file names for a cache).
     """
-    rel = relevance(results, query_labels, gallery_labels) if query_labels is not None and gallery_labels is not None else None
-    return save_result_grid(results, path, image_root, relevance=rel, queries=queries, top_k=top_k)
+    labels = (query_labels, gallery_labels) if query_labels is not None and gallery_labels is not None else None
+    rel = relevance(results, *labels) if labels is not None else None
+    return save_result_grid(results, path, image_root, relevance=rel, queries=queries, top_k=top_k, labels=labels)

@@ -44,6 +44,7 @@ class PairwiseReranker(Reranker):
     """Re-scores the top_n items of every list with a pairwise model (a checkpoint path or a PairwiseModel)."""
 
     name = "pairwise"
+    uses_embeddings = False  # scores the images of the list's pairs
 
     def __init__(
         self,

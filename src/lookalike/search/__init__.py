@@ -12,17 +12,19 @@ import torch
 from lookalike.data.table import DatasetTable
 from lookalike.embeddings import Embeddings
 from lookalike.errors import LookalikeError
+from lookalike.progress import Progress
 from lookalike.search.centroids import Centroids, evaluate_centroids, gallery_centroids, search_centroids
 from lookalike.search.exact import exact_knn
 from lookalike.search.faiss_index import FaissIndex
 from lookalike.search.protocol import exclusion_groups, query_gallery_ids
-from lookalike.search.results import PAD, RetrievalResults
+from lookalike.search.results import PAD, RetrievalResults, clamp_k
 
 __all__ = [
     "PAD",
     "Centroids",
     "FaissIndex",
     "RetrievalResults",
+    "clamp_k",
     "evaluate_centroids",
     "exact_knn",
     "exclusion_groups",
@@ -42,17 +44,21 @@ def search(
     index: str = "exact",
     exclude: tuple[np.ndarray, np.ndarray] | None = None,
     device: torch.device | str | None = None,
+    progress: Progress | None = None,
 ) -> RetrievalResults:
     """Top-k gallery items of every query; `index` is 'exact' or a FAISS factory string ('Flat', 'HNSW32', ...).
+    A k above the gallery items a query may see is clamped to that many (a LookalikeWarning, `k_requested` in meta):
+    the extra columns could hold nothing but padding.
 
     Args:
         queries: query embeddings [Q, D].
         gallery: gallery embeddings [G, D].
-        k: list length (slots beyond the gallery are empty: index -1).
+        k: list length (clamped to the gallery items a query may see).
         metric: "cosine" or "euclidean".
         index: "exact" (blocked matrix product, ties in gallery order) or a FAISS factory string.
         exclude: (query groups [Q], gallery groups [G]): a gallery item of the query's group is never returned.
         device: torch device of exact search.
+        progress: optional wrapper of exact search's loop over query blocks.
 
     Returns:
         RetrievalResults: indices [Q, k] into the gallery and distances [Q, k], ascending.
@@ -64,13 +70,14 @@ def search(
         >>> lookalike.search(query, gallery, k=2).indices.tolist()
         [[1, 0]]
     """
+    requested, k = k, clamp_k(k, len(gallery), len(queries), exclude)
     if index == "exact":
-        idx, dist = exact_knn(queries.vectors, gallery.vectors, k, metric, exclude=exclude, device=device)
+        idx, dist = exact_knn(queries.vectors, gallery.vectors, k, metric, exclude=exclude, device=device, progress=progress)
     else:
         if queries.dim != gallery.dim:
             raise LookalikeError(f"search: query dim {queries.dim} differs from gallery dim {gallery.dim}")
         idx, dist = FaissIndex(index, metric).add(gallery.vectors).search(queries.vectors, k, exclude)
-    meta = {"metric": metric, "index": index, "k": k}
+    meta = {"metric": metric, "index": index, "k": k} | ({"k_requested": requested} if k != requested else {})
     return RetrievalResults(idx, dist, queries.ids, gallery.ids, meta)
 
 

@@ -22,7 +22,7 @@ from lookalike.embeddings import Embeddings
 from lookalike.errors import LookalikeError
 from lookalike.search.exact import exact_knn
 from lookalike.search.protocol import exclusion_groups, query_gallery_ids
-from lookalike.search.results import PAD, RetrievalResults
+from lookalike.search.results import PAD, RetrievalResults, clamp_k
 
 if TYPE_CHECKING:
     from lookalike.metrics import MetricsReport
@@ -79,16 +79,20 @@ def search_centroids(
     frame = table.frame.set_index("path")
     q_labels, g_labels = frame.loc[query_ids, "label"].to_numpy(), frame.loc[gallery_ids, "label"].to_numpy()
     queries, gallery = embeddings.select(query_ids), embeddings.select(gallery_ids)
+    requested = k
     if per_sequence:
         cents = gallery_centroids(gallery, g_labels, g_groups)
         cents.embeddings = Embeddings(cents.embeddings.vectors, _table_centroid_ids(cents, frame, gallery_ids, g_groups), cents.embeddings.meta)
         exclude = (q_groups, cents.groups)
+        k = clamp_k(k, len(cents.labels), len(query_ids), exclude)
         idx, dist = exact_knn(queries.vectors, cents.embeddings.vectors, k, metric, exclude=exclude)
         n_relevant = _visible_relevant(q_labels, q_groups, cents)
     else:
         cents = gallery_centroids(gallery, g_labels)
+        k = clamp_k(k, len(cents.labels), len(query_ids))
         idx, dist, n_relevant = _search_leave_group_out(queries, gallery, g_labels, g_groups, q_labels, q_groups, cents, k, metric)
     meta = {"metric": metric, "index": "centroids", "k": k, "centroids": cents.embeddings.meta["centroids"]}
+    meta |= {"k_requested": requested} if k != requested else {}
     return RetrievalResults(idx, dist, query_ids, cents.embeddings.ids, meta), cents.labels, n_relevant
 
 

@@ -7,6 +7,7 @@ import torch
 
 from lookalike.devices import resolve_device
 from lookalike.errors import LookalikeError
+from lookalike.progress import Progress
 from lookalike.rows import float_from_sortable_bits, pack_rows, sort_by_value
 from lookalike.search.results import PAD, drop_hidden, max_hidden
 
@@ -31,13 +32,15 @@ def exact_knn(
     query_block: int = 1024,
     gallery_block: int = 16384,
     device: torch.device | str | None = None,
+    progress: Progress | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k gallery positions [Q, k] and ascending distances [Q, k] for every query; equal distances in
     gallery order (which of several items tied at the k-th distance stay in is left open).
 
     `exclude=(query_groups, gallery_groups)` (int arrays) hides gallery items whose group equals the
     query's (the item itself, or its sequence). Slots left empty hold PAD and distance inf. Extra
-    memory is one query_block x gallery_block score block, whatever the gallery size.
+    memory is one query_block x gallery_block score block, whatever the gallery size. `progress(blocks, total)`
+    may wrap the loop over query blocks.
     """
     if metric not in METRICS:
         raise LookalikeError(f"metric: expected one of {', '.join(METRICS)}, got {metric!r}")
@@ -49,7 +52,7 @@ def exact_knn(
     groups = _group_tensors(exclude, q.device, len(q), len(g))
     n_hidden = max_hidden(exclude) if groups is not None and len(g) else None
     if n_hidden is not None and n_hidden <= k:  # few hidden: search k + that many unmasked, then drop them
-        index, dist = exact_knn(queries, gallery, min(k + n_hidden, len(g)), metric, None, query_block, gallery_block, device)
+        index, dist = exact_knn(queries, gallery, min(k + n_hidden, len(g)), metric, None, query_block, gallery_block, device, progress)
         return drop_hidden(index, dist, exclude, k)
     g = g.to(q.device)
     if metric == "cosine":
@@ -57,7 +60,8 @@ def exact_knn(
     buffer = None if _uses_onednn(q) else torch.empty(min(query_block, len(q)) * min(gallery_block, len(g)), device=q.device)
     index, dist = np.empty((len(q), k), np.int64), np.empty((len(q), k), np.float32)
     with torch.inference_mode():
-        for start in range(0, len(q), query_block):
+        blocks = range(0, len(q), query_block)
+        for start in progress(blocks, len(blocks)) if progress else blocks:
             stop = min(start + query_block, len(q))
             q_groups = groups[0][start:stop] if groups else None
             s, i = _top_scores(q[start:stop], g, metric, k, gallery_block, buffer, q_groups, groups[1] if groups else None)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from lookalike.atomic import atomic_path
-from lookalike.errors import LookalikeError
+from lookalike.errors import LookalikeError, LookalikeWarning
 
 PAD = -1  # index of an empty slot when fewer than K gallery items are available
 
@@ -81,12 +82,44 @@ class RetrievalResults:
             raise LookalikeError(f"{path}: not a results file written by lookalike ({exc})") from None
 
 
-def max_hidden(exclude: tuple[np.ndarray, np.ndarray]) -> int:
-    """The largest number of gallery items any query hides under `exclude=(query_groups, gallery_groups)`."""
+def hidden_counts(exclude: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """Gallery items each query hides [Q] under `exclude=(query_groups, gallery_groups)`: those of its own group."""
     qg, gg = (np.asarray(a, dtype=np.int64) for a in exclude)
     groups, counts = np.unique(gg, return_counts=True)
-    shared = np.isin(groups, qg)
-    return int(counts[shared].max()) if shared.any() else 0
+    if not len(groups):
+        return np.zeros(len(qg), dtype=np.int64)
+    pos = np.minimum(np.searchsorted(groups, qg), len(groups) - 1)
+    return np.where(groups[pos] == qg, counts[pos], 0).astype(np.int64)
+
+
+def max_hidden(exclude: tuple[np.ndarray, np.ndarray]) -> int:
+    """The largest number of gallery items any query hides under `exclude=(query_groups, gallery_groups)`."""
+    return int(hidden_counts(exclude).max(initial=0))
+
+
+def visible_counts(n_gallery: int, n_queries: int, exclude: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
+    """Gallery items each query may see [Q]: all of them but its own group's (itself, its sequence)."""
+    if exclude is None:
+        return np.full(n_queries, n_gallery, dtype=np.int64)
+    return n_gallery - hidden_counts(exclude)
+
+
+def clamp_k(k: int, n_gallery: int, n_queries: int, exclude: tuple[np.ndarray, np.ndarray] | None = None) -> int:
+    """k, or the most gallery items any query may see when k is larger (with a one-line LookalikeWarning saying so):
+    the extra columns could hold nothing but padding."""
+    limit = int(visible_counts(n_gallery, n_queries, exclude).max(initial=0))
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= limit or limit < 1:
+        return k
+    seen = " a query may see" if exclude is not None else ""
+    warnings.warn(LookalikeWarning(f"search.k: {k} is more than the {limit} gallery items{seen}; the lists hold {limit}"), stacklevel=3)
+    return limit
+
+
+def ranks_everything(results: RetrievalResults, exclude: tuple[np.ndarray, np.ndarray] | None) -> bool:
+    """Whether every query's list holds all the gallery items it may see (a row with empty slots ran out of them)."""
+    n_valid = results.valid.sum(1)
+    visible = visible_counts(len(results.gallery_ids), results.n_queries, exclude)
+    return bool(((n_valid >= visible) | (n_valid < results.k)).all())
 
 
 def drop_hidden(index: np.ndarray, dist: np.ndarray, exclude: tuple[np.ndarray, np.ndarray] | None, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -22,17 +22,18 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
+from lookalike.atomic import atomic_folder
 from lookalike.config import Config, ServeConfig, _validation_message
-from lookalike.data.images import ImageSource, eval_transform, read_image, resize_side
 from lookalike.data.decode import to_rgb
 from lookalike.data.folder import import_folder
+from lookalike.data.images import ImageSource, eval_transform, read_image, resize_side
 from lookalike.data.table import BBOX_COLUMNS, DatasetTable, save_csv
-from lookalike.atomic import atomic_folder
 from lookalike.embeddings import Embeddings
 from lookalike.errors import ConfigError, LookalikeError
 from lookalike.extract import Progress
 from lookalike.models.extractor import Extractor, load_weights
 from lookalike.pipeline import embed_table
+from lookalike.provenance import record as provenance
 from lookalike.rerank import RerankContext, Reranker, build_chain, check_ascending
 from lookalike.rerank.chain import step_parts
 from lookalike.rerank.pairwise import PairwiseReranker
@@ -134,10 +135,12 @@ def build_index(cfg: Config, table: DatasetTable, extractor: Extractor, progress
     dc = extractor.data_config()
     settings = {
         "format": FORMAT,
-        "model": {"name": cfg.model.name, "embedding_dim": cfg.model.embedding_dim, "normalize": cfg.model.normalize, "bnneck": cfg.model.bnneck},
+        "model": {"name": cfg.model.name, "embedding_dim": cfg.model.embedding_dim, "normalize": cfg.model.normalize, "bnneck": cfg.model.bnneck,
+                  "last_stride": cfg.model.last_stride},
         "data": {"image_size": cfg.data.image_size, "crop_fraction": cfg.data.crop_fraction, "mean": list(dc["mean"]), "std": list(dc["std"])},
         "search": {"metric": cfg.search.metric, "index": cfg.search.index},
         "serve": cfg.serve.model_dump(),
+        "provenance": provenance(cfg),
     }
     target = Path(cfg.serve.index_dir)
     with atomic_folder(target) as folder:
@@ -148,7 +151,7 @@ def build_index(cfg: Config, table: DatasetTable, extractor: Extractor, progress
         paths = [str(p.resolve()) for p in gallery.image_paths()]
         boxes = rows[list(BBOX_COLUMNS)] if gallery.has_bbox else pd.DataFrame(index=rows.index)
         save_csv(pd.DataFrame({"path": paths, "label": rows["label"].astype(str)}).join(boxes), ("path",), folder, folder / GALLERY_FILE)
-        Embeddings(emb.vectors, paths, emb.meta).save(folder / EMBEDDINGS_FILE)  # ids = the gallery table's paths
+        Embeddings(emb.vectors, paths, {**emb.meta, "provenance": settings["provenance"]}).save(folder / EMBEDDINGS_FILE)  # ids = the gallery table's paths
         if cfg.search.index != "exact":
             FaissIndex(cfg.search.index, cfg.search.metric).add(emb.vectors).save(folder / FAISS_FILE)
     return target
@@ -376,7 +379,8 @@ def load_index(folder: str | os.PathLike) -> GalleryIndex:
     if missing:
         raise LookalikeError(f"{folder / missing[0]}: missing (the index folder holds {', '.join(needed)}; rebuild with `lookalike index`)")
     m = settings["model"]
-    extractor = Extractor(m["name"], pretrained=False, embedding_dim=m["embedding_dim"], normalize=m["normalize"], bnneck=m["bnneck"])
+    extractor = Extractor(m["name"], pretrained=False, embedding_dim=m["embedding_dim"], normalize=m["normalize"], bnneck=m["bnneck"],
+                          last_stride=m.get("last_stride"))
     load_weights(extractor, folder / MODEL_FILE, field="index folder")  # a truncated or foreign model.pt: one line naming it
     d = settings["data"]
     gallery = pd.read_csv(folder / GALLERY_FILE, dtype={"label": str, "path": str}, encoding_errors="surrogateescape")

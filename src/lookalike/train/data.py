@@ -76,6 +76,8 @@ class RetrievalDataModule(L.LightningDataModule):
         self.val_set = ImageDataset(self.val_table, eval_tf)
         self.sampling = {"p": p, "k": k, "few_images": few_images, "seed": seed, "batches_per_epoch": batches_per_epoch}
         self.batch_size, self.num_workers = batch_size, num_workers
+        self._sampler: PKSampler | None = None
+        self._started: int | None = None  # the epoch start_epoch last set up
         PKSampler(self.train_set.labels, num_replicas=1, rank=0, **self.sampling)  # fail early on too few labels
 
     @property
@@ -83,8 +85,23 @@ class RetrievalDataModule(L.LightningDataModule):
         return len(self.train_set.classes)
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
-        sampler = PKSampler(self.train_set.labels, **self.sampling)
-        return self._loader(self.train_set, batch_sampler=sampler)
+        """P x K batches of the epoch the Trainer runs next: Lightning builds the batch iterator before any epoch-start
+        hook, so a run resumed at epoch e must start there (it drew epoch 0's batches again). Workers are started
+        anew each epoch, so that their augmentation seeds come from that epoch's seed (see start_epoch)."""
+        self._sampler, self._started = PKSampler(self.train_set.labels, **self.sampling), None
+        self.start_epoch(epoch_to_run(self.trainer))
+        workers = self.num_workers
+        return torch.utils.data.DataLoader(self.train_set, batch_sampler=self._sampler, num_workers=workers, persistent_workers=False)
+
+    def start_epoch(self, epoch: int) -> None:
+        """The sampler's batches and the augmentation RNG of `epoch`, from (train.seed, epoch) alone: an epoch trains
+        the same whatever ran before it (a resumed run equals an uninterrupted one). Once per epoch: later calls for
+        the same epoch (the epoch-start hook after train_dataloader) change nothing."""
+        if self._sampler is None or epoch == self._started:
+            return
+        self._started = epoch
+        self._sampler.set_epoch(epoch)
+        torch.manual_seed(epoch_seed(self.sampling["seed"], epoch))  # transforms (and worker seeds) draw from it
 
     def val_dataloader(self) -> torch.utils.data.DataLoader:
         return self._loader(self.val_set, batch_size=self.batch_size, sampler=ShardSampler(len(self.val_set)))
@@ -92,3 +109,14 @@ class RetrievalDataModule(L.LightningDataModule):
     def _loader(self, dataset, **kwargs) -> torch.utils.data.DataLoader:
         workers = self.num_workers
         return torch.utils.data.DataLoader(dataset, num_workers=workers, persistent_workers=workers > 0, **kwargs)
+
+
+def epoch_to_run(trainer: L.Trainer | None) -> int:
+    """The epoch a Trainer's fit is about to run (restored from a resumed checkpoint); 0 outside a Trainer. Lightning
+    gives samplers this very number (fit_loop.epoch_progress.current.processed)."""
+    return trainer.fit_loop.epoch_progress.current.processed if trainer is not None else 0
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A 32-bit seed of (seed, epoch), well mixed (numpy's SeedSequence)."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])

@@ -14,10 +14,14 @@ from lookalike.atomic import write_text_atomic
 from lookalike.config import Config
 from lookalike.data.table import DatasetTable
 from lookalike.embeddings import Embeddings
+from lookalike.extract import embed_batch
 from lookalike.losses import CenterLoss, CentroidTripletLoss, LossOutput, TripletLoss
 from lookalike.metrics import MetricsReport
 from lookalike.models.extractor import Extractor
 from lookalike.pipeline import search_and_score
+from lookalike.provenance import KEY, flat_config, record
+
+CENTER_SGD_LR = 0.5  # the official CTL code's SOLVER.CENTER_LR
 
 
 class ExtractorModule(L.LightningModule):
@@ -25,12 +29,13 @@ class ExtractorModule(L.LightningModule):
 
     def __init__(self, extractor: Extractor, cfg: Config, n_classes: int, val_table: DatasetTable | None = None) -> None:
         super().__init__()
+        self.save_hyperparameters(flat_config(cfg))  # the resolved config: TensorBoard's hparams tab, hparams.yaml, checkpoints
         self.extractor, self.cfg, self.val_table = extractor, cfg, val_table
         loss = cfg.train.loss
         self.triplet = TripletLoss(loss.margin, loss.miner, loss.n_positives, loss.n_negatives, loss.memory_size, dim=extractor.dim)
-        self.centroid = CentroidTripletLoss(loss.centroid_margin)
+        self.centroid = CentroidTripletLoss(loss.centroid_margin, loss.centroid_mode)
         self.classifier = nn.Linear(extractor.dim, n_classes, bias=False) if loss.cross_entropy > 0 else None
-        self.center = CenterLoss(n_classes, extractor.dim) if loss.center > 0 else None
+        self.center = CenterLoss(n_classes, extractor.dim, loss.center_scale) if loss.center > 0 else None
         self.cross_entropy = nn.CrossEntropyLoss(label_smoothing=loss.label_smoothing)
         self.last_report: MetricsReport | None = None
         self.validation_tag = "validate"  # file tag of a validation outside fit ("before" for the pre-training one)
@@ -80,11 +85,24 @@ class ExtractorModule(L.LightningModule):
         ids = {id(p) for p in backbone}
         head = [p for n, p in self.named_parameters() if id(p) not in ids and p.requires_grad and not n.startswith("center.")]
         groups = [{"params": backbone, "lr": t.backbone_lr or t.lr}, {"params": head, "lr": t.lr}]
-        if self.center is not None:
+        if self.center is not None and t.loss.center_optimizer == "shared":
             groups.append({"params": list(self.center.parameters()), "lr": t.loss.center_lr or t.lr, "weight_decay": 0.0})
         optimizer = _optimizer(t.optimizer, groups, t.lr, t.weight_decay)
-        scheduler = _scheduler(optimizer, t.scheduler, t.warmup_epochs, t.epochs, t.step_epochs)
+        scheduler = _scheduler(optimizer, t.scheduler, t.warmup_epochs, t.epochs, t.step_epochs, t.step_gamma)
         return optimizer if scheduler is None else {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """center_optimizer=sgd: step the class centres by their own plain SGD (no momentum, no weight decay) on the
+        gradient of the UNWEIGHTED center loss, as the official CTL code does (its centre gradient is divided by the
+        loss weight, lr 0.5); AMP's loss scale is taken out the same way, and a step with inf/NaN gradients is skipped."""
+        loss = self.cfg.train.loss
+        if self.center is None or loss.center_optimizer != "sgd" or self.center.centers.grad is None:
+            return
+        grad = self.center.centers.grad / (loss.center * _loss_scale(self.trainer))
+        if torch.isfinite(grad).all():
+            with torch.no_grad():
+                self.center.centers.sub_(grad, alpha=loss.center_lr or CENTER_SGD_LR)
+        self.center.centers.grad = None
 
     # validation: embed the validation split on every rank, gather in table order, search, evaluate
 
@@ -101,7 +119,7 @@ class ExtractorModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx: int) -> None:
         images, rows = batch
-        self._val_parts.append((rows, self(images).float()))
+        self._val_parts.append((rows, embed_batch(self.extractor, images)))  # as extract embeds: fp32, autocast off
 
     def on_validation_epoch_end(self) -> None:
         rows = torch.cat([r for r, _ in self._val_parts]) if self._val_parts else torch.empty(0, dtype=torch.int64, device=self.device)
@@ -134,18 +152,25 @@ class ExtractorModule(L.LightningModule):
 
     def _write_validation(self, report: MetricsReport, results) -> None:
         """metrics JSON (latest and per epoch) and a result grid in the log dir."""
-        from lookalike.viz import save_result_grid, spread_queries
+        from lookalike.viz import save_result_grid, spread_queries, table_labels
 
         folder = Path(self.cfg.train.output) / "validation"
-        record = {"epoch": self.current_epoch, "step": self.global_step, "trained": self.trainer.state.fn == "fit", **report.to_dict()}
-        text = json.dumps(record, indent=2) + "\n"
+        metrics = {"epoch": self.current_epoch, "step": self.global_step, "trained": self.trainer.state.fn == "fit", **report.to_dict()}
+        text = json.dumps({**metrics, KEY: record(self.cfg)}, indent=2) + "\n"
         tag = f"epoch{self.current_epoch:03d}" if self.trainer.state.fn == "fit" else self.validation_tag
         write_text_atomic(folder / f"metrics_{tag}.json", text)
         write_text_atomic(folder / "metrics_last.json", text)
         if self.cfg.train.grid and results.n_queries and self.cfg.evaluate.centroids == "none":
             e = self.cfg.evaluate
             queries = spread_queries(results.n_queries, e.grid_queries)
-            save_result_grid(results, folder / f"grid_{tag}.png", self.val_table.root, report.relevance, queries, e.grid_top_k)
+            labels = table_labels(self.val_table, results)
+            save_result_grid(results, folder / f"grid_{tag}.png", self.val_table.root, report.relevance, queries, e.grid_top_k, labels=labels)
+
+
+def _loss_scale(trainer: L.Trainer) -> float:
+    """The factor AMP's gradient scaler multiplied the loss by (1 without one)."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    return float(scaler.get_scale()) if scaler is not None else 1.0
 
 
 def _optimizer(name: str, groups: list[dict], lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -156,7 +181,7 @@ def _optimizer(name: str, groups: list[dict], lr: float, weight_decay: float) ->
     return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
 
 
-def _scheduler(optimizer, name: str, warmup: int, epochs: int, steps: list[int]):
+def _scheduler(optimizer, name: str, warmup: int, epochs: int, steps: list[int], gamma: float = 0.1):
     """Per-epoch learning-rate schedule with an optional linear warm-up."""
     if name == "none" and warmup == 0:
         return None
@@ -165,6 +190,6 @@ def _scheduler(optimizer, name: str, warmup: int, epochs: int, steps: list[int])
         if name == "cosine":
             return warm * 0.5 * (1 + math.cos(math.pi * epoch / max(epochs, 1)))  # a float: numpy scalars break weights_only loading
         if name == "step":
-            return warm * 0.1 ** sum(epoch >= s for s in steps)
+            return warm * gamma ** sum(epoch >= s for s in steps)
         return warm
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

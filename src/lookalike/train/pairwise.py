@@ -17,6 +17,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import BaseFinetuning
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from lookalike.atomic import write_text_atomic
 from lookalike.config import Config
@@ -28,12 +29,14 @@ from lookalike.extract import Progress
 from lookalike.losses.pairwise import mine_pairs, pair_bce
 from lookalike.metrics import MetricsReport, evaluate_table
 from lookalike.models.pairwise import SPEC_KEY, PairwiseModel, PairwiseSpec, init_from_extractor
+from lookalike.provenance import KEY, flat_config
+from lookalike.provenance import record as provenance
 from lookalike.rerank.chain import Stage
 from lookalike.rerank.pairwise import PairBatches, PairwiseReranker, merge_top_n
 from lookalike.search.results import RetrievalResults
 from lookalike.train.data import LabelledImages, train_transform
 from lookalike.train.module import _optimizer, _scheduler
-from lookalike.train.run import Throughput, TrainResult, _check_monitor, build_trainer, fit_result, resume_checkpoint
+from lookalike.train.run import Throughput, TrainResult, _check_monitor, build_trainer, fit_result, fit_until_sigterm, resume_checkpoint
 
 
 class PairTrainImages(LabelledImages):
@@ -55,20 +58,43 @@ class PairValidation:
 
 
 class FrozenBackbone(BaseFinetuning):
-    """Backbone frozen (no gradient, so the optimizer skips it; batch-norm statistics fixed) for `epochs`, then trained
-    in its own parameter group (train.backbone_lr), which is in the optimizer and the schedule from the start."""
+    """Backbone frozen for `epochs` (its weights and batch-norm statistics fixed), then trained in its own parameter
+    group (train.backbone_lr), which is in the optimizer and the schedule from the start.
+
+    One process: no gradient (requires_grad False), so the backward pass skips the backbone. Under DDP a parameter that
+    does not require grad when DDP wraps the model is never synchronised, even after it is unfrozen; so there the
+    backbone keeps requires_grad, its gradients are all-reduced as usual, and they are dropped before every optimizer
+    step of the frozen epochs (the optimizer skips parameters without a gradient), on every rank alike.
+    """
 
     def __init__(self, epochs: int) -> None:
         super().__init__()
         self.epochs = epochs
+        self.distributed = False
+
+    def setup(self, trainer: L.Trainer, pl_module: PairwiseModule, stage: str) -> None:
+        self.distributed = trainer.world_size > 1
+        super().setup(trainer, pl_module, stage)
 
     def freeze_before_training(self, pl_module: PairwiseModule) -> None:
-        if self.epochs > 0:
+        if self.epochs <= 0:
+            return
+        if not self.distributed:
             self.freeze(pl_module.model.backbone, train_bn=False)
+            return
+        for module in self.flatten_modules(pl_module.model.backbone):
+            if isinstance(module, _BatchNorm):
+                module.track_running_stats = False  # statistics fixed, parameters stay known to DDP
 
     def finetune_function(self, pl_module: PairwiseModule, epoch: int, optimizer: torch.optim.Optimizer) -> None:
-        if self.epochs > 0 and epoch == self.epochs:
+        if self.epochs > 0 and epoch >= self.epochs:  # >=: a run resumed after the frozen epochs unfreezes too
             self.make_trainable(pl_module.model.backbone)
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: PairwiseModule, optimizer: torch.optim.Optimizer) -> None:
+        """Under DDP, drop the backbone's (already all-reduced) gradients while it is frozen."""
+        if self.distributed and trainer.current_epoch < self.epochs:
+            for param in pl_module.model.backbone.parameters():
+                param.grad = None
 
 
 class PairwiseModule(L.LightningModule):
@@ -76,6 +102,7 @@ class PairwiseModule(L.LightningModule):
 
     def __init__(self, model: PairwiseModel, train_embeddings: torch.Tensor, cfg: Config, validation: PairValidation) -> None:
         super().__init__()
+        self.save_hyperparameters(flat_config(cfg))  # the resolved config: TensorBoard's hparams tab, hparams.yaml, checkpoints
         self.model, self.cfg, self.validation = model, cfg, validation
         self.register_buffer("train_embeddings", train_embeddings, persistent=False)  # [N train rows, D], follows the device
         self.last_report: MetricsReport | None = None
@@ -95,7 +122,7 @@ class PairwiseModule(L.LightningModule):
         groups = [{"params": list(self.model.head.parameters()), "lr": t.lr},
                   {"params": list(self.model.backbone.parameters()), "lr": t.backbone_lr or t.lr}]  # skipped while frozen
         optimizer = _optimizer(t.optimizer, groups, t.lr, t.weight_decay)
-        scheduler = _scheduler(optimizer, t.scheduler, t.warmup_epochs, t.epochs, t.step_epochs)
+        scheduler = _scheduler(optimizer, t.scheduler, t.warmup_epochs, t.epochs, t.step_epochs, t.step_gamma)
         return optimizer if scheduler is None else {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -129,7 +156,7 @@ class PairwiseModule(L.LightningModule):
         """metrics before/after re-ranking (JSON per epoch and latest) and result grids of the same queries."""
         folder = Path(self.cfg.train.output) / "validation"
         record = {"epoch": self.current_epoch, "top_n": self.validation.batches.shape[1],
-                  "before": self.validation.report.to_dict(), "after": report.to_dict()}
+                  "before": self.validation.report.to_dict(), "after": report.to_dict(), KEY: provenance(self.cfg)}
         text = json.dumps(record, indent=2) + "\n"
         write_text_atomic(folder / f"metrics_epoch{self.current_epoch:03d}.json", text)
         write_text_atomic(folder / "metrics_last.json", text)
@@ -218,16 +245,15 @@ def pair_validation(cfg: Config, model: PairwiseModel, embeddings: Embeddings, v
     return PairValidation(val_table, results, report, reranker.pair_batches(results, val_table), e.metric_kwargs())
 
 
-def run_train_reranker(cfg: Config, resume: str | None = None, progress: Progress | None = None) -> TrainResult:
-    """Train the pairwise re-ranker of `cfg`; metrics_before are the extractor's, metrics those after re-ranking (last validation)."""
+def run_train_reranker(cfg: Config, resume: str | None = None, progress: Progress | None = None, callbacks: tuple[L.Callback, ...] = ()) -> TrainResult:
+    """Train the pairwise re-ranker of `cfg` (on several devices with DDP too, frozen epochs included); metrics_before are
+    the extractor's, metrics those after re-ranking (last validation). `callbacks` are added to the trainer's."""
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     module, data = build_pairwise_parts(cfg, progress)
     throughput = Throughput()
     freeze = FrozenBackbone(cfg.pairwise.freeze_epochs)
     run_cfg = cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update={"precision": auto_precision(cfg)})})
     ckpt = resume_checkpoint(cfg, resume, module)  # before the trainer: a bad file leaves no logs behind
-    trainer = build_trainer(run_cfg, [throughput, freeze])
-    if freeze.epochs > 0 and trainer.world_size > 1:  # DDP syncs only the parameters that train when it wraps the model
-        raise ConfigError("pairwise.freeze_epochs: a backbone unfrozen later would not be synchronised across DDP processes; use 0 with several devices")
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt, weights_only=True)
+    trainer = build_trainer(run_cfg, [throughput, freeze, *callbacks])
+    fit_until_sigterm(trainer, module, data, ckpt)
     return fit_result(trainer, cfg, module.last_report, dict(module.validation.report.means), throughput)

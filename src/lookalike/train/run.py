@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,11 +11,16 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lookalike.atomic import write_text_atomic
 from lookalike.config import Config
 from lookalike.data.images import eval_transform
+from lookalike.atomic import atomic_path
 from lookalike.errors import ConfigError, LookalikeError
+from lookalike.extract import set_layout
 from lookalike.models.extractor import check_state, read_checkpoint
+from lookalike.signals import Terminated, deferred_sigterm, sigterm_pending
 from lookalike.train.data import RetrievalDataModule, train_transform
 from lookalike.train.module import ExtractorModule
 
@@ -67,9 +73,13 @@ def build_parts(cfg: Config) -> tuple[ExtractorModule, RetrievalDataModule]:
 
 
 class NewBatchesEachEpoch(Callback):
-    """New P x K batches every epoch: Lightning calls set_epoch on samplers, not on a batch sampler."""
+    """New P x K batches every epoch: Lightning calls set_epoch on samplers, not on a batch sampler. A data module with
+    start_epoch also re-seeds the augmentation there (RetrievalDataModule)."""
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if hasattr(trainer.datamodule, "start_epoch"):
+            trainer.datamodule.start_epoch(trainer.current_epoch)
+            return
         batch_sampler = getattr(trainer.train_dataloader, "batch_sampler", None)
         if hasattr(batch_sampler, "set_epoch"):
             batch_sampler.set_epoch(trainer.current_epoch)
@@ -78,10 +88,11 @@ class NewBatchesEachEpoch(Callback):
 class ChannelsLast(Callback):
     """The model in channels-last memory layout (trainer.channels_last): convolutions then run oneDNN's NHWC kernels on
     CPU and tensor cores on GPU; 8-10% more images/s for a ResNet-18 at 64 px on this CPU. Input batches need no
-    conversion: a channels-last weight makes the convolution take that layout, with bitwise the same results."""
+    conversion: a channels-last weight makes the convolution take that layout, with bitwise the same results. The
+    layout changes the embeddings' float bits, so extract and serve embed in it too (pipeline.embed_table)."""
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        pl_module.to(memory_format=torch.channels_last)
+        set_layout(pl_module, channels_last=True)
 
 
 class BestCheckpoint(ModelCheckpoint):
@@ -107,6 +118,36 @@ class BestCheckpoint(ModelCheckpoint):
             self.kth_value = torch.tensor(-torch.inf if self.mode == "max" else torch.inf)
 
 
+class SaveOnSigterm(Callback):
+    """On SIGTERM (Lightning stops after the current batch) save `path` (last.ckpt), which `--resume last` continues."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.saved = Path(path), None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if sigterm_pending():  # arrived before fit (e.g. in the validation before training), which resets Lightning's flag
+            raise Terminated()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, (SIGTERMException, Terminated)) and trainer.state.fn == "fit" and trainer.global_step > 0:
+            with atomic_path(self.path, suffix=".ckpt") as tmp:  # a second kill while saving keeps the previous last.ckpt
+                trainer.save_checkpoint(tmp, weights_only=False)
+            self.saved = self.path
+
+
+def fit_until_sigterm(trainer: L.Trainer, module: L.LightningModule, data, ckpt: str | None, before=None) -> None:
+    """`before()` (a validation) then trainer.fit; SIGTERM stops them after the current batch, raising Terminated with the
+    checkpoint SaveOnSigterm kept (Lightning alone would end the process with exit code 0)."""
+    stop = next(c for c in trainer.callbacks if isinstance(c, SaveOnSigterm))
+    try:
+        with deferred_sigterm():
+            if before is not None:
+                before()
+            trainer.fit(module, datamodule=data, ckpt_path=ckpt, weights_only=True)  # a resumed checkpoint may come from anyone
+    except (SIGTERMException, Terminated):
+        raise Terminated(stop.saved) from None
+
+
 def build_trainer(cfg: Config, callbacks: list[Callback] = (), validate_only: bool = False) -> L.Trainer:
     """A Trainer with checkpoints (best by train.monitor, and last), TensorBoard + CSV logs and a progress bar."""
     t, tr = cfg.train, cfg.trainer
@@ -116,7 +157,8 @@ def build_trainer(cfg: Config, callbacks: list[Callback] = (), validate_only: bo
     )
     # Lightning 2.6 writes save_last only at steps where a best checkpoint was written: keep "last" with a checkpoint of its own
     last = ModelCheckpoint(dirpath=out / "checkpoints", filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
-    cbs = [NewBatchesEachEpoch(), *callbacks, best, last] if not validate_only else list(callbacks)
+    stop = SaveOnSigterm(out / "checkpoints" / "last.ckpt")
+    cbs = [NewBatchesEachEpoch(), *callbacks, best, last, stop] if not validate_only else list(callbacks)
     if tr.channels_last:
         cbs.insert(0, ChannelsLast())
     if tr.progress:
@@ -149,12 +191,52 @@ def run_train(cfg: Config, resume: str | None = None) -> TrainResult:
     ckpt = resume_checkpoint(cfg, resume, module)  # before the trainer: a bad file leaves no logs behind
     trainer = build_trainer(cfg, [throughput])
     before = {}
-    if cfg.train.validate_before and ckpt is None:
-        module.validation_tag = "before"
-        trainer.validate(module, datamodule=data, verbose=False)
-        before = dict(module.last_report.means) if module.last_report else {}
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt, weights_only=True)  # a resumed checkpoint may come from anyone
+
+    def validate_before() -> None:
+        if cfg.train.validate_before and ckpt is None:
+            module.validation_tag = "before"
+            trainer.validate(module, datamodule=data, verbose=False)
+            before.update(module.last_report.means if module.last_report else {})
+
+    fit_until_sigterm(trainer, module, data, ckpt, validate_before)
     return fit_result(trainer, cfg, module.last_report, before, throughput)
+
+
+@dataclass
+class RepeatedTrainResult:
+    """train.runs trainings of one config with seeds seed, seed+1, ...; `summary` holds mean and std of the final metrics."""
+
+    runs: list[TrainResult]
+    seeds: list[int]
+    summary: dict[str, dict[str, float]]
+    path: Path  # runs.json
+
+    def to_dict(self) -> dict:
+        runs = [{"seed": s, "output": str(r.log_dir), "best_checkpoint": str(r.best_checkpoint), "metrics": r.metrics}
+                for s, r in zip(self.seeds, self.runs)]
+        return {"summary": self.summary, "runs": runs}
+
+
+def run_train_repeated(cfg: Config) -> RepeatedTrainResult:
+    """train.runs trainings (seed + r, output/run{r}), as the official CTL scripts repeat each experiment; writes
+    output/runs.json with every run's final metrics and their mean and std (ddof=1, the adapt command's definition)."""
+    from lookalike.adapt.run import mean_std
+
+    t = cfg.train
+    if t.runs < 1:
+        raise ConfigError(f"train.runs: expected at least 1, got {t.runs}")
+    seeds = list(range(t.seed, t.seed + t.runs))
+    runs = [run_train(_run_config(cfg, seed, Path(t.output) / f"run{r}")) for r, seed in enumerate(seeds)]
+    summary = mean_std([r.metrics for r in runs]) if all(r.metrics for r in runs) else {}
+    result = RepeatedTrainResult(runs, seeds, summary, Path(t.output) / "runs.json")
+    if runs[-1].is_global_zero:
+        write_text_atomic(result.path, json.dumps(result.to_dict(), indent=2) + "\n")
+    return result
+
+
+def _run_config(cfg: Config, seed: int, output: Path) -> Config:
+    """The config of one repeated run: its seed and output folder."""
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": seed, "output": str(output)})})
 
 
 def fit_result(trainer: L.Trainer, cfg: Config, report, before: dict[str, float], throughput: Throughput) -> TrainResult:
