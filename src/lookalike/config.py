@@ -274,7 +274,21 @@ def _check_keys(values: dict, source: str, model: type[BaseModel] = Config, pref
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = (), base: Config | None = None) -> Config:
-    """Defaults (or `base`), then the YAML file, then `key=value` overrides, validated as one Config."""
+    """Defaults (or `base`), then the YAML file, then `key=value` overrides, validated as one Config.
+
+    Args:
+        path: a YAML config (None: the defaults).
+        overrides: `section.key=value` strings, as on the command line.
+        base: the Config to start from instead of the defaults.
+
+    Returns:
+        Config; an unknown key or a bad value is one error naming it.
+
+    Example:
+        >>> import lookalike
+        >>> lookalike.load_config(None, ["model.name=resnet18", "data.image_size=32"]).data.image_size
+        32
+    """
     merged = OmegaConf.create((base or Config()).model_dump())
     if path is not None:
         merged = OmegaConf.merge(merged, _read_yaml(Path(path)))

@@ -1,18 +1,24 @@
-"""Run an extractor over the images of a dataset table: batched inference into Embeddings."""
+"""Run an extractor over images (a dataset table, a folder, files or PIL images): batched inference into Embeddings."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
-from lookalike.data.images import ImageDataset
+from lookalike.data.folder import list_images
+from lookalike.data.images import ImageDataset, ImageListDataset, ImageSource
 from lookalike.data.table import DatasetTable
 from lookalike.devices import resolve_device
 from lookalike.embeddings import Embeddings
+from lookalike.errors import LookalikeError
 from lookalike.models.extractor import Extractor
 from lookalike.progress import Progress
+
 
 
 def set_layout(module: torch.nn.Module, channels_last: bool) -> torch.nn.Module:
@@ -41,15 +47,82 @@ def extract_embeddings(
 ) -> Embeddings:
     """Embed every row of `table` in row order on `device` (auto: the best present), in batches of `batch_size` and the
     memory layout `channels_last` (see set_layout); `progress(batches, total)` may wrap the batch loop."""
+    dataset = ImageDataset(table, transform)
+    return _embed_dataset(extractor, dataset, table.frame["path"].to_numpy(str), batch_size, num_workers, device, progress, channels_last)
+
+
+def embed(
+    extractor: Extractor,
+    images: DatasetTable | ImageSource | Sequence[ImageSource],
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+    progress: Progress | None = None,
+) -> Embeddings:
+    """Embed images with the extractor's own evaluation transform (`Extractor.transform`), in batches.
+
+    Args:
+        extractor: the model; its `image_size` and `crop_fraction` and timm's mean and std make the transform.
+        images: a dataset table (rows in order, boxes cropped), a folder (its images, recursively, sorted),
+            one image file or PIL image, or a sequence of image files and PIL images.
+        batch_size: images per forward pass.
+        device: torch device, or "auto" (CUDA, else MPS, else CPU).
+        num_workers: DataLoader worker processes that decode images.
+        progress: optional `progress(batches, total)` wrapper of the batch loop (e.g. a progress bar).
+
+    Returns:
+        Embeddings [N, D] float32 in input order; ids are the table's paths, the files' paths, or `image{i}` for
+        a PIL image without a file name.
+
+    Example:
+        >>> import lookalike
+        >>> extractor = lookalike.Extractor("resnet18", image_size=32)
+        >>> emb = lookalike.embed(extractor, "data/omniglot/images_background_small1/Latin/character01")
+        >>> emb.vectors.shape
+        (20, 512)
+    """
+    if isinstance(images, DatasetTable):
+        return extract_embeddings(extractor, images, extractor.transform(), batch_size, num_workers, device, progress)
+    items = image_list(images)
+    ids = np.array([_image_id(item, i) for i, item in enumerate(items)], dtype=str)
+    return _embed_dataset(extractor, ImageListDataset(items, extractor.transform()), ids, batch_size, num_workers, device, progress)
+
+
+def image_list(images: ImageSource | Sequence[ImageSource]) -> list[ImageSource]:
+    """One image, a folder's images or a sequence of images as a list; an empty folder or list is an error."""
+    if isinstance(images, Image.Image):
+        return [images]
+    if isinstance(images, (str, os.PathLike)):
+        path = Path(images)
+        items: list[ImageSource] = list_images(path) if path.is_dir() else [path]
+        if not items:
+            raise LookalikeError(f"{path}: no images found in this folder")
+        return items
+    items = list(images)
+    if not items:
+        raise LookalikeError("embed: expected at least one image, got an empty sequence")
+    return items
+
+
+def _image_id(item: ImageSource, position: int) -> str:
+    """The id of an image: its path, a PIL image's file name, or image{position}."""
+    if isinstance(item, Image.Image):
+        return getattr(item, "filename", "") or f"image{position}"
+    return os.fspath(item)
+
+
+def _embed_dataset(
+    extractor: Extractor, dataset: torch.utils.data.Dataset, ids: np.ndarray, batch_size: int, num_workers: int,
+    device: str | torch.device, progress: Progress | None, channels_last: bool = False,
+) -> Embeddings:
+    """Run the extractor over (image tensor, position) items in batches; row i of the result is item i."""
     device = resolve_device(device, "extract.device")
-    loader = torch.utils.data.DataLoader(
-        ImageDataset(table, transform), batch_size=batch_size, num_workers=num_workers, shuffle=False
-    )
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
     extractor = set_layout(extractor.to(device), channels_last).eval()
     batches = progress(loader, len(loader)) if progress else loader
-    out = np.empty((len(table), extractor.dim), dtype=np.float32)
+    out = np.empty((len(dataset), extractor.dim), dtype=np.float32)
     with torch.inference_mode():
         for images, rows in batches:
             out[rows.numpy()] = embed_batch(extractor, images.to(device)).cpu().numpy()
     meta = {"model": extractor.name, "normalized": extractor.normalize}
-    return Embeddings(out, table.frame["path"].to_numpy(str), meta)
+    return Embeddings(out, ids, meta)

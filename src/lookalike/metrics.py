@@ -99,7 +99,29 @@ def compute_metrics(
     exclude: tuple[np.ndarray, np.ndarray] | None = None,
     query_categories: np.ndarray | None = None,
 ) -> MetricsReport:
-    """CMC@k, precision@k, mAP@k, mAP@all (AP over the ranking) and R-precision for every query."""
+    """CMC@k, precision@k, mAP@k, mAP@all (AP over the ranking) and R-precision for every query.
+
+    Args:
+        results: the ranked lists [Q, K].
+        query_labels: label of each query [Q].
+        gallery_labels: label of each gallery item [G]; same label = relevant.
+        cmc_k: cut-offs of CMC@k.
+        precision_k: cut-offs of precision@k.
+        map_k: cut-offs of mAP@k.
+        n_relevant: relevant items per query when labels cannot count them (e.g. a gallery of centroids).
+        exclude: (query groups, gallery groups) that the search excluded, so they do not count as relevant.
+        query_categories: a category per query for per-category means.
+
+    Returns:
+        MetricsReport: `means` ("cmc@1", "precision@5", "map@10", "map@all", "r_precision", ...), per-query arrays, and
+        the queries without any relevant item (reported, left out of the means).
+
+    Example:
+        >>> import numpy as np, lookalike
+        >>> results = lookalike.RetrievalResults(np.array([[0, 1], [0, 1]]), np.array([[0.1, 0.5], [0.2, 0.3]]), ["q0", "q1"], ["g0", "g1"])
+        >>> lookalike.compute_metrics(results, ["a", "b"], ["a", "b"], cmc_k=(1, 2), precision_k=(1,), map_k=(2,)).means["cmc@1"]
+        0.5
+    """
     _check_cutoffs(cmc_k=cmc_k, precision_k=precision_k, map_k=map_k)
     rel = relevance(results, query_labels, gallery_labels)
     n_rel = count_relevant(query_labels, gallery_labels, exclude) if n_relevant is None else np.asarray(n_relevant)
@@ -164,7 +186,24 @@ def _per_category(per_query: dict[str, np.ndarray], has_rel: np.ndarray, categor
 
 
 def evaluate_table(results: RetrievalResults, table: DatasetTable, **metric_kwargs) -> MetricsReport:
-    """Metrics for results of `search_table`: labels, exclusion rules and categories come from the table."""
+    """Metrics for results of `search_table`: labels, exclusion rules and categories come from the table.
+
+    Args:
+        results: results whose query and gallery ids are paths of the table.
+        table: the dataset table (labels; `sequence` rules; optional `category`).
+        **metric_kwargs: cmc_k, precision_k, map_k as `compute_metrics` takes them.
+
+    Returns:
+        MetricsReport (see `compute_metrics`).
+
+    Example:
+        >>> import numpy as np, lookalike
+        >>> table = lookalike.import_folder("data/omniglot/images_background_small1/Latin", validation_fraction=1.0)
+        >>> embeddings = lookalike.Embeddings(np.random.rand(len(table), 8), table.frame["path"])  # or embed(extractor, table)
+        >>> results = lookalike.search_table(embeddings, table, k=10)
+        >>> sorted(lookalike.evaluate_table(results, table, map_k=(10,)).means)
+        ['cmc@1', 'cmc@10', 'cmc@5', 'map@10', 'map@all', 'precision@10', 'precision@5', 'r_precision']
+    """
     frame = table.frame.set_index("path")
     try:
         q_rows, g_rows = frame.loc[results.query_ids.astype(str)], frame.loc[results.gallery_ids.astype(str)]

@@ -16,7 +16,7 @@ from lookalike.embeddings import Embeddings
 from lookalike.errors import ConfigError, LookalikeWarning
 from lookalike.extract import Progress, extract_embeddings
 from lookalike.metrics import MetricsReport, cmc_curve, evaluate_table
-from lookalike.models.extractor import Extractor, load_weights
+from lookalike.models.extractor import Extractor
 from lookalike.provenance import KEY, check_input, record, with_record
 from lookalike.rerank import RerankContext, Stage, build_chain, run_chain
 from lookalike.rerank.chain import stage_reports, uses_embeddings
@@ -38,12 +38,7 @@ def table_from_config(cfg: Config) -> DatasetTable:
 
 def extractor_from_config(cfg: Config) -> Extractor:
     """Create the timm extractor and load model.weights when given."""
-    m = cfg.model
-    extractor = Extractor(
-        m.name, pretrained=m.pretrained and not m.weights, embedding_dim=m.embedding_dim, normalize=m.normalize, bnneck=m.bnneck,
-        last_stride=m.last_stride,
-    )
-    return load_weights(extractor, m.weights) if m.weights else extractor
+    return Extractor.from_config(cfg)
 
 
 def run_extract(cfg: Config, table: DatasetTable, progress: Progress | None = None) -> Embeddings:

@@ -30,6 +30,22 @@ def import_folder(
 
     Validation rows are all query+gallery (every image queries the others) unless `queries_per_class`
     picks that many queries per class, the rest being gallery only.
+
+    Args:
+        root: the tree's top folder.
+        validation_fraction: share of the classes (not images) that go to the validation split.
+        seed: seed of the class split and the query choice.
+        queries_per_class: queries per validation class (None: every validation image).
+        extensions: file endings that count as images.
+
+    Returns:
+        DatasetTable with label, path (relative to root), split, is_query, is_gallery.
+
+    Example:
+        >>> import lookalike
+        >>> table = lookalike.import_folder("data/omniglot/images_background_small1/Latin", validation_fraction=0.5)
+        >>> table.frame["split"].value_counts().to_dict()
+        {'train': 260, 'validation': 260}
     """
     root = Path(root)
     if not root.is_dir():

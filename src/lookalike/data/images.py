@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Sequence
 
 import torch
+from PIL import Image
 from torchvision.transforms import v2
 
-from lookalike.data.decode import read_image
+from lookalike.data.decode import read_image, upright_rgb
 from lookalike.data.table import DatasetTable
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -44,4 +46,23 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         img = read_image(self.paths[i], None if self.boxes is None else self.boxes[i])
+        return self.transform(img), i
+
+
+ImageSource = str | os.PathLike | Image.Image  # an image file, or an image already in memory
+
+
+class ImageListDataset(torch.utils.data.Dataset):
+    """Image files or PIL images (decoded as table rows are: upright 8-bit RGB) as (image tensor, position) pairs."""
+
+    def __init__(self, images: Sequence[ImageSource], transform: Callable | None = None) -> None:
+        self.images = list(images)
+        self.transform = transform or eval_transform()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        item = self.images[i]
+        img = upright_rgb(item) if isinstance(item, Image.Image) else read_image(item)
         return self.transform(img), i

@@ -80,7 +80,21 @@ def _resolve(root: Path, path: str) -> Path:
 
 
 def load_table(path: str | os.PathLike, root: str | os.PathLike | None = None, check_files: bool = True) -> DatasetTable:
-    """Read and validate a dataset CSV; `root` defaults to the CSV's folder."""
+    """Read and validate a dataset CSV; `root` defaults to the CSV's folder.
+
+    Args:
+        path: the CSV (columns in README, "The dataset table").
+        root: folder that relative image paths start from.
+        check_files: fail when an image file is missing.
+
+    Returns:
+        DatasetTable; a bad cell is one error naming the row and column.
+
+    Example:
+        >>> import lookalike
+        >>> lookalike.load_table("data/omniglot/omniglot.csv").split("validation").frame.shape[0]
+        820
+    """
     path = Path(path)
     frame = read_csv_cells(path, "dataset table")
     return validate_table(frame, Path(root) if root is not None else path.parent, str(path), check_files)

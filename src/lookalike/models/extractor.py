@@ -4,24 +4,50 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import timm
 import torch
 from torch import nn
+from torchvision.transforms import v2
 
+from lookalike.data.images import ImageSource, eval_transform
+from lookalike.data.table import DatasetTable
 from lookalike.errors import LookalikeError
 from lookalike.models.hub import create_timm_model
 
+if TYPE_CHECKING:
+    from lookalike.config import Config
+    from lookalike.embeddings import Embeddings
+
 
 class Extractor(nn.Module):
-    """timm backbone (classifier removed) -> optional linear projection -> optional BNNeck -> optional L2 normalisation."""
+    """timm backbone (classifier removed) -> optional linear projection -> optional BNNeck -> optional L2 normalisation.
+
+    Args:
+        name: any timm model name (e.g. "resnet18", "vit_small_patch16_224.dino").
+        pretrained: start from timm's pretrained weights (downloads them once).
+        embedding_dim: size of a linear projection after the backbone; None keeps the backbone's features.
+        normalize: L2-normalise the embeddings.
+        bnneck: batch norm without shift after the projection (CTL / re-ID).
+        weights: a state dict or Lightning checkpoint to load (e.g. runs/omniglot/checkpoints/last.ckpt).
+        image_size: side (or [height, width]) that `transform` and `embed` feed the model; None: timm's input size.
+        crop_fraction: `transform` resizes the short side to image_size / crop_fraction and centre-crops; None: timm's crop_pct.
+
+    Example:
+        >>> import lookalike
+        >>> extractor = lookalike.Extractor("resnet18", image_size=32)  # pretrained=True for ImageNet weights
+        >>> extractor.embed("data/omniglot/images_background_small1/Latin/character01/0683_01.png").vectors.shape
+        (1, 512)
+    """
 
     def __init__(
         self, name: str, pretrained: bool = False, embedding_dim: int | None = None, normalize: bool = True, bnneck: bool = False,
         last_stride: int | None = None,
+        *, weights: str | os.PathLike | None = None, image_size: int | list[int] | None = None, crop_fraction: float | None = None,
     ) -> None:
         super().__init__()
         self.backbone = create_timm_model(name, "model", pretrained=pretrained, num_classes=0)
@@ -33,6 +59,50 @@ class Extractor(nn.Module):
         self.neck = _bnneck(self.dim) if bnneck else nn.Identity()
         self.normalize = normalize
         self.name = name
+        self.last_stride = last_stride
+        timm_config = self.data_config()
+        height, width = timm_config["input_size"][1:]
+        self.image_size = image_size if image_size is not None else (height if height == width else [height, width])
+        self.crop_fraction = crop_fraction if crop_fraction is not None else float(timm_config.get("crop_pct", 0.875))
+        if weights is not None:
+            load_weights(self, weights)
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Extractor:
+        """The extractor of a config: model.* (model.weights loaded when given), with data.image_size and data.crop_fraction.
+
+        Args:
+            cfg: a Config, e.g. `lookalike.load_config("configs/omniglot.yaml")`.
+
+        Returns:
+            The extractor, in training mode as nn.Modules start (embed switches it to eval).
+
+        Example:
+            >>> import lookalike
+            >>> cfg = lookalike.load_config(None, ["model.name=resnet18", "model.pretrained=false", "data.image_size=32"])
+            >>> lookalike.Extractor.from_config(cfg).image_size
+            32
+        """
+        m, d = cfg.model, cfg.data
+        return cls(m.name, pretrained=m.pretrained and not m.weights, embedding_dim=m.embedding_dim, normalize=m.normalize,
+                   bnneck=m.bnneck, last_stride=m.last_stride, weights=m.weights, image_size=d.image_size, crop_fraction=d.crop_fraction)
+
+    def settings(self) -> dict:
+        """The constructor arguments that rebuild this architecture (name, embedding_dim, normalize, bnneck, last_stride)."""
+        projection = self.projection.out_features if isinstance(self.projection, nn.Linear) else None
+        return {"name": self.name, "embedding_dim": projection, "normalize": self.normalize, "bnneck": isinstance(self.neck, nn.BatchNorm1d),
+                "last_stride": self.last_stride}
+
+    def transform(self) -> v2.Compose:
+        """The evaluation transform this model expects: image_size, crop_fraction, and timm's mean and std for the backbone."""
+        dc = self.data_config()
+        return eval_transform(self.image_size, self.crop_fraction, dc["mean"], dc["std"])
+
+    def embed(self, images: DatasetTable | ImageSource | Sequence[ImageSource], **kwargs: Any) -> Embeddings:
+        """`lookalike.embed(self, images, **kwargs)`: a table, folder, file, PIL image or list of them as Embeddings."""
+        from lookalike.extract import embed  # extract imports this module
+
+        return embed(self, images, **kwargs)
 
     def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Un-normalised features before and after the neck: the inputs of the metric and the classification losses."""

@@ -1,8 +1,8 @@
 """Re-rankers over RetrievalResults: ICFRR, k-reciprocal, query expansion, chained."""
 
-from lookalike.rerank.base import RERANKERS, RerankContext, Reranker, check_ascending, create_reranker, register
+from lookalike.rerank.base import RERANKERS, RerankContext, Reranker, check_ascending, create_reranker, list_rerankers, register
 
-__all__ = ["RERANKERS", "RerankContext", "Reranker", "check_ascending", "create_reranker", "register"]
+__all__ = ["RERANKERS", "RerankContext", "Reranker", "check_ascending", "create_reranker", "list_rerankers", "register"]
 from lookalike.rerank.kreciprocal import KReciprocal
 from lookalike.rerank.query_expansion import DatabaseAugmentation, QueryExpansion
 

@@ -62,8 +62,35 @@ def register(cls: type[Reranker]) -> type[Reranker]:
     return cls
 
 
+def list_rerankers() -> list[str]:
+    """The names `create_reranker` and a config's `rerank:` chain accept, sorted.
+
+    Returns:
+        Every registered re-ranker's name.
+
+    Example:
+        >>> import lookalike
+        >>> lookalike.list_rerankers()
+        ['centroids', 'dba', 'icfrr', 'kreciprocal', 'pairwise', 'qe']
+    """
+    return sorted(RERANKERS)
+
+
 def create_reranker(name: str, **params: Any) -> Reranker:
-    """The re-ranker registered under `name`, built with `params`; unknown names and parameters are one-line errors."""
+    """The re-ranker registered under `name`, built with `params`; unknown names and parameters are one-line errors.
+
+    Args:
+        name: a registered name (`list_rerankers()`).
+        **params: the re-ranker's parameters (README, "Re-ranking"), e.g. kg=10 for icfrr.
+
+    Returns:
+        The re-ranker; `rerank(results, RerankContext(...))` gives new RetrievalResults over the same queries.
+
+    Example:
+        >>> import lookalike
+        >>> lookalike.create_reranker("qe", n=3).name
+        'qe'
+    """
     if name not in RERANKERS:
         raise LookalikeError(f"rerank: unknown re-ranker {name!r}; expected one of {', '.join(sorted(RERANKERS))}")
     try:

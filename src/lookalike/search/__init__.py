@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
+import sys
+import types
+
 import numpy as np
 import torch
 
@@ -42,9 +46,30 @@ def search(
     device: torch.device | str | None = None,
     progress: Progress | None = None,
 ) -> RetrievalResults:
-    """Top-k gallery items of every query; `index` is 'exact' or a FAISS factory string ('Flat', 'HNSW32', ...);
-    `progress` may wrap exact search's loop over query blocks. A k above the gallery items a query may see is clamped
-    to that many (a LookalikeWarning, `k_requested` in meta): the extra columns could hold nothing but padding."""
+    """Top-k gallery items of every query; `index` is 'exact' or a FAISS factory string ('Flat', 'HNSW32', ...).
+    A k above the gallery items a query may see is clamped to that many (a LookalikeWarning, `k_requested` in meta):
+    the extra columns could hold nothing but padding.
+
+    Args:
+        queries: query embeddings [Q, D].
+        gallery: gallery embeddings [G, D].
+        k: list length (clamped to the gallery items a query may see).
+        metric: "cosine" or "euclidean".
+        index: "exact" (blocked matrix product, ties in gallery order) or a FAISS factory string.
+        exclude: (query groups [Q], gallery groups [G]): a gallery item of the query's group is never returned.
+        device: torch device of exact search.
+        progress: optional wrapper of exact search's loop over query blocks.
+
+    Returns:
+        RetrievalResults: indices [Q, k] into the gallery and distances [Q, k], ascending.
+
+    Example:
+        >>> import numpy as np, lookalike
+        >>> gallery = lookalike.Embeddings(np.eye(3), ["a", "b", "c"])
+        >>> query = lookalike.Embeddings([[0.1, 1.0, 0.0]], ["q"])
+        >>> lookalike.search(query, gallery, k=2).indices.tolist()
+        [[1, 0]]
+    """
     requested, k = k, clamp_k(k, len(gallery), len(queries), exclude)
     if index == "exact":
         idx, dist = exact_knn(queries.vectors, gallery.vectors, k, metric, exclude=exclude, device=device, progress=progress)
@@ -57,7 +82,36 @@ def search(
 
 
 def search_table(embeddings: Embeddings, table: DatasetTable, k: int = 100, **kwargs) -> RetrievalResults:
-    """Search the validation queries of `table` against its validation gallery, applying its exclusion rules."""
+    """Search the validation queries of `table` against its validation gallery, applying its exclusion rules.
+
+    Args:
+        embeddings: embeddings of (at least) the table's validation rows, ids = the table's paths.
+        table: the dataset table (is_query, is_gallery; `sequence`, or else "never find yourself").
+        k: list length.
+        **kwargs: metric, index, device as `search` takes them.
+
+    Returns:
+        RetrievalResults of the validation queries over the validation gallery.
+
+    Example:
+        >>> import numpy as np, lookalike
+        >>> table = lookalike.import_folder("data/omniglot/images_background_small1/Latin", validation_fraction=1.0)
+        >>> embeddings = lookalike.Embeddings(np.random.rand(len(table), 8), table.frame["path"])  # or embed(extractor, table)
+        >>> lookalike.search_table(embeddings, table, k=10).indices.shape
+        (520, 10)
+    """
     query_ids, gallery_ids = query_gallery_ids(table)
     exclude = exclusion_groups(table, query_ids, gallery_ids)
     return search(embeddings.select(query_ids), embeddings.select(gallery_ids), k, exclude=exclude, **kwargs)
+
+
+class _CallablePackage(types.ModuleType):
+    """This package, callable as its `search` function: `lookalike.search` is both the verb and the subpackage (its
+    attribute on `lookalike` becomes this module whenever the subpackage is imported), so both spellings must work."""
+
+    def __call__(self, *args, **kwargs) -> RetrievalResults:
+        return search(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallablePackage
+__signature__ = inspect.signature(search)

@@ -9,7 +9,7 @@ import os
 import shutil
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -23,9 +23,10 @@ from PIL import Image
 from pydantic import ValidationError
 
 from lookalike.atomic import atomic_folder
-from lookalike.config import Config, ServeConfig
+from lookalike.config import Config, ServeConfig, _validation_message
 from lookalike.data.decode import to_rgb
-from lookalike.data.images import eval_transform, read_image, resize_side
+from lookalike.data.folder import import_folder
+from lookalike.data.images import ImageSource, eval_transform, read_image, resize_side
 from lookalike.data.table import BBOX_COLUMNS, DatasetTable, save_csv
 from lookalike.embeddings import Embeddings
 from lookalike.errors import ConfigError, LookalikeError
@@ -207,6 +208,78 @@ class GalleryIndex:
 
     def __len__(self) -> int:
         return len(self.gallery)
+
+    @classmethod
+    def build(
+        cls, images: str | os.PathLike | DatasetTable, extractor: Extractor, folder: str | os.PathLike, *,
+        rerank: Sequence[str | dict[str, Any]] = (), metric: str = "cosine", index: str = "exact", batch_size: int = 64,
+        device: str = "cpu", progress: Progress | None = None,
+    ) -> GalleryIndex:
+        """Embed a gallery, write it to `folder` as `lookalike index` does (servable by `lookalike serve folder`) and load it.
+
+        Args:
+            images: a class-per-folder tree (root/<label>/<image>, every image in the gallery) or a dataset table (all rows).
+            extractor: the model; its `image_size` and `crop_fraction` are the index's transform.
+            folder: the index folder to write (replaced as a whole, never half-written).
+            rerank: re-rankers queries may use, as in a config's `rerank:` (e.g. ["kreciprocal", {"qe": {"n": 3}}]).
+            metric: "cosine" or "euclidean".
+            index: "exact", or a FAISS factory string ("Flat", "HNSW32", ...).
+            batch_size: images per forward pass while embedding the gallery.
+            device: torch device of the embedding ("auto": the best present).
+            progress: optional `progress(batches, total)` wrapper of the batch loop.
+
+        Returns:
+            The index, loaded back from `folder`.
+
+        Example:
+            >>> import lookalike
+            >>> extractor = lookalike.Extractor("resnet18", image_size=32)
+            >>> index = lookalike.GalleryIndex.build("data/omniglot/images_background_small1/Latin", extractor, "runs/latin")
+            >>> len(index)
+            520
+        """
+        table = images if isinstance(images, DatasetTable) else import_folder(images, validation_fraction=0.0)
+        values = Config().model_dump()
+        values["model"].update(extractor.settings(), pretrained=False)
+        values["data"].update(image_size=extractor.image_size, crop_fraction=extractor.crop_fraction, batch_size=batch_size)
+        values["extract"]["device"] = device
+        values["search"].update(metric=metric, index=index)
+        values["serve"].update(index_dir=os.fspath(folder), gallery="all")
+        values["rerank"] = list(rerank)
+        try:
+            cfg = Config.model_validate(values)
+        except ValidationError as exc:
+            raise ConfigError(f"GalleryIndex.build: {_validation_message(exc.errors()[0])}") from None
+        return load_index(build_index(cfg, table, extractor, progress))
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> GalleryIndex:
+        """Read an index folder written by `GalleryIndex.build` or `lookalike index` (see `load_index`)."""
+        return load_index(folder)
+
+    def query(self, image: ImageSource, k: int = 10, reranker: str | None = None) -> pd.DataFrame:
+        """The k gallery items nearest to one image, optionally re-ranked by one of the index's re-rankers.
+
+        Args:
+            image: an image file or a PIL image (not part of the gallery).
+            k: how many items to return.
+            reranker: a re-ranker of this index by its column name (`list(index.rerankers)`), or None for the search's list.
+
+        Returns:
+            A DataFrame indexed by rank (1..k) with the gallery item's `path`, `label` and `distance` (ascending).
+
+        Example:
+            >>> import lookalike
+            >>> index = lookalike.GalleryIndex.load("runs/latin")
+            >>> hits = index.query("data/omniglot/images_background_small1/Greek/character01/0394_01.png", k=3)
+            >>> list(hits.columns), len(hits)
+            (['path', 'label', 'distance'], 3)
+        """
+        path = None if isinstance(image, Image.Image) else str(Path(image).resolve())
+        picture = image if path is None else read_image(path)
+        column = self.search(self.embed(picture), k, [reranker] if reranker else [], image_path=path)[-1]
+        rank = pd.RangeIndex(1, len(column.positions) + 1, name="rank")
+        return pd.DataFrame({"path": self.paths[column.positions], "label": self.labels[column.positions], "distance": column.distances}, index=rank)
 
     def embed(self, image: Image.Image) -> np.ndarray:
         """The embedding [D] of one image (converted to RGB as gallery images are)."""
