@@ -30,8 +30,8 @@ from lookalike.viz import save_cmc_curve
 
 # configs/omniglot.yaml's recipe (ResNet-18 from scratch, 64 px, 16 x 4 batch-hard triplets) cut to 8 epochs, and
 # configs/omniglot_pairwise.yaml's STIR recipe (ResNet-18 from scratch on two stacked 32 px characters, random pairs)
-# cut to 450 steps. Estimated from the training speeds recorded in docs/benchmarks.md (343 and ~320 images/s on 2 idle
-# cores): 15,360 + 54,000 training images, about 4 minutes with the evaluations; not yet timed end to end.
+# cut to 195 steps. Timed by benchmarks/bench_demo.py on 2 idle cores (2026-11-30): 261 s in all, each stage gaining
+# (docs/benchmarks.md); at 450 STIR steps the demo took 434 s.
 DEMO_OVERRIDES = (
     "model.name=resnet18",
     "model.pretrained=false",
@@ -60,7 +60,7 @@ PAIRWISE_OVERRIDES = (  # pairwise.name is model.name
     "pairwise.top_n=5",
     "pairwise.batch_size=256",
     "train.epochs=3",
-    "train.batches_per_epoch=150",
+    "train.batches_per_epoch=65",
     "train.val_every=3",
     "train.p=30",
     "train.k=4",
