@@ -25,6 +25,7 @@ test: $(STAMP) lint
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks tools
+	$(VENV)/bin/ruff format --check src tests benchmarks tools
 
 config-docs: $(STAMP)
 	$(PY) tools/config_docs.py

@@ -15,9 +15,8 @@ import time
 from typing import Any
 
 import numpy as np
-import torch
-
 import oml
+import torch
 from oml.functional.metrics import calc_retrieval_metrics
 
 
@@ -58,11 +57,7 @@ def time_metrics(
 
 def flatten(result: dict[str, Any]) -> dict[str, np.ndarray]:
     """Turn OML's nested {"cmc": {1: tensor}} dict into {"cmc@1": float64 array}."""
-    return {
-        f"{name}@{k}": values.double().numpy()
-        for name, by_k in result.items()
-        for k, values in by_k.items()
-    }
+    return {f"{name}@{k}": values.double().numpy() for name, by_k in result.items() for k, values in by_k.items()}
 
 
 def main(in_path: str, out_path: str) -> None:

@@ -51,7 +51,8 @@ def log(message: str) -> None:
 
 
 def make_transform(spec: dict) -> transforms.Compose:
-    """lookalike's eval_transform: square side -> resize to side / crop_fraction and centre-crop; [h, w] -> exact resize."""
+    """lookalike's eval_transform: square side -> resize to side / crop_fraction and centre-crop; [h, w] -> exact
+    resize."""
     size = spec["image_size"]
     if isinstance(size, int):
         resize = [v2.Resize(int(round(size / spec["crop_fraction"])), antialias=True), v2.CenterCrop(size)]
@@ -64,7 +65,9 @@ def make_transform(spec: dict) -> transforms.Compose:
 def load_model(spec: dict, weights: Path) -> ConcatSiamese:
     """OML's ConcatSiamese with lookalike's weights (keys backbone.* -> extractor.model.*, head.* unchanged)."""
     pair_size = (2 * spec["height"], spec["width"]) if spec["takes_img_size"] else None
-    model = ConcatSiamese(TimmBackbone(spec["name"], pair_size, spec["model_kwargs"]), [spec["hidden"]], use_tta=spec["tta"])
+    model = ConcatSiamese(
+        TimmBackbone(spec["name"], pair_size, spec["model_kwargs"]), [spec["hidden"]], use_tta=spec["tta"]
+    )
     state = torch.load(weights, map_location="cpu", weights_only=True)
     model.load_state_dict(state, strict=True)
     return model.eval()
@@ -73,7 +76,9 @@ def load_model(spec: dict, weights: Path) -> ConcatSiamese:
 def main() -> int:
     """Re-rank, time it, write the new lists."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("folder", type=Path, help="holds frame.csv, lists.npz, weights.pt, spec.json; out.npz is written there")
+    parser.add_argument(
+        "folder", type=Path, help="holds frame.csv, lists.npz, weights.pt, spec.json; out.npz is written there"
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -83,17 +88,27 @@ def main() -> int:
     with np.load(args.folder / "lists.npz") as lists:
         indices, distances = lists["indices"], lists["distances"]
     rr = RetrievalResults([torch.from_numpy(d) for d in distances], [torch.from_numpy(i) for i in indices])
-    reranker = PairwiseReranker(top_n=spec["top_n"], pairwise_model=load_model(spec, args.folder / "weights.pt"),
-                                num_workers=0, batch_size=spec["batch_size"], verbose=False)
+    reranker = PairwiseReranker(
+        top_n=spec["top_n"],
+        pairwise_model=load_model(spec, args.folder / "weights.pt"),
+        num_workers=0,
+        batch_size=spec["batch_size"],
+        verbose=False,
+    )
     log(f"re-ranking the top {spec['top_n']} of {len(indices)} queries")
     with warnings.catch_warnings():  # OML's inference always opens a CUDA autocast context, which warns on CPU
         warnings.filterwarnings("ignore", message=".*CUDA is not available.*")
         started = time.perf_counter()
         out = reranker.process(rr, dataset)
         seconds = time.perf_counter() - started
-    np.savez(args.folder / "out.npz", indices=np.stack([r.numpy() for r in out.retrieved_ids]),
-             distances=np.stack([d.numpy() for d in out.distances]), seconds=np.array(seconds),
-             oml_version=np.array(version("open-metric-learning")), threads=np.array(torch.get_num_threads()))
+    np.savez(
+        args.folder / "out.npz",
+        indices=np.stack([r.numpy() for r in out.retrieved_ids]),
+        distances=np.stack([d.numpy() for d in out.distances]),
+        seconds=np.array(seconds),
+        oml_version=np.array(version("open-metric-learning")),
+        threads=np.array(torch.get_num_threads()),
+    )
     return 0
 
 

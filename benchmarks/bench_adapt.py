@@ -65,24 +65,46 @@ def main() -> None:
     rows, per_run = [], []
     for tag, backbone in backbones.items():
         slug = tag.split()[0]
-        overrides = [f"adapt.backbones=[{backbone}]", f"adapt.runs={args.runs}",
-                     f"adapt.features=runs/omniglot_adapt/{slug}/features.npz", f"adapt.output=runs/omniglot_adapt/{slug}"]
+        overrides = [
+            f"adapt.backbones=[{backbone}]",
+            f"adapt.runs={args.runs}",
+            f"adapt.features=runs/omniglot_adapt/{slug}/features.npz",
+            f"adapt.output=runs/omniglot_adapt/{slug}",
+        ]
         result = run_adapt(load_config(CONFIG, overrides))
         # the same splits (same seeds) without PCA and without a module: the plain frozen features
-        plain = run_adapt(load_config(CONFIG, [*overrides, "adapt.module=identity", "adapt.pca_dim=null", f"adapt.output=runs/omniglot_adapt/{slug}_plain"]))
+        plain = run_adapt(
+            load_config(
+                CONFIG,
+                [
+                    *overrides,
+                    "adapt.module=identity",
+                    "adapt.pca_dim=null",
+                    f"adapt.output=runs/omniglot_adapt/{slug}_plain",
+                ],
+            )
+        )
         summary, no_pca = result.summary(), plain.summary()["raw"]
         for metric in ("top1/mean", "top1/either", "top3/mean", "top5/mean"):
             cells = [no_pca[metric], summary["raw"][metric], summary["adapted"][metric]]
-            rows.append(f"| {tag} | {metric} | " + " | ".join(f"{c['mean']:.3f} ± {c['std']:.3f}" for c in cells) + " |")
-        per_run.append(f"{tag}: top1/mean raw {[round(r.raw['top1/mean'], 3) for r in result.runs]}, "
-                       f"adapted {[round(r.adapted['top1/mean'], 3) for r in result.runs]}, epochs kept {[r.best_epoch for r in result.runs]}")
+            rows.append(
+                f"| {tag} | {metric} | " + " | ".join(f"{c['mean']:.3f} ± {c['std']:.3f}" for c in cells) + " |"
+            )
+        per_run.append(
+            f"{tag}: top1/mean raw {[round(r.raw['top1/mean'], 3) for r in result.runs]}, "
+            f"adapted {[round(r.adapted['top1/mean'], 3) for r in result.runs]}, epochs kept "
+            f"{[r.best_epoch for r in result.runs]}"
+        )
     print(f"{len(result.runs)} runs; mean ± std (ddof=1) on the test pairs of each run\n")
     print("| backbone | metric | raw, no PCA | raw (PCA) | adapted (PCA + linear) |\n|---|---|---|---|---|")
     print("\n".join(rows) + "\n\n" + "\n".join(per_run))
     cfg = load_config(CONFIG, [f"adapt.runs={args.runs}"])
     reference = embedding_reference(cfg, range(cfg.adapt.seed, cfg.adapt.seed + args.runs))
-    print(f"reference, the trained extractor's 128-d embedding: top1/mean {np.mean(reference):.3f} ± {np.std(reference, ddof=1):.3f} "
-          f"{[round(v, 3) for v in reference]}")
+    print(
+        f"reference, the trained extractor's 128-d embedding: top1/mean {np.mean(reference):.3f} ± "
+        f"{np.std(reference, ddof=1):.3f} "
+        f"{[round(v, 3) for v in reference]}"
+    )
 
 
 if __name__ == "__main__":

@@ -27,7 +27,9 @@ def run_once(out: Path) -> tuple[float, list[tuple[str, ...]]]:
     """One demo run into a fresh folder: its wall time and its stage lines."""
     shutil.rmtree(out, ignore_errors=True)
     started = time.perf_counter()
-    done = subprocess.run([LOOKALIKE, "demo", "--out", str(out), "trainer.progress=false"], capture_output=True, text=True)
+    done = subprocess.run(
+        [LOOKALIKE, "demo", "--out", str(out), "trainer.progress=false"], capture_output=True, text=True
+    )
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         sys.exit(f"lookalike demo failed ({done.returncode}): {done.stderr.strip().splitlines()[-1:]}")

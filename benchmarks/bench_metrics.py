@@ -118,9 +118,7 @@ def draw_labels(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     return query_labels.astype(np.int64), gallery_labels.astype(np.int64)
 
 
-def draw_row(
-    rng: np.random.Generator, members: np.ndarray, gallery_labels: np.ndarray, label: int
-) -> np.ndarray:
+def draw_row(rng: np.random.Generator, members: np.ndarray, gallery_labels: np.ndarray, label: int) -> np.ndarray:
     """One query's top-K: a random share of its relevant items mixed with distinct irrelevant ones."""
     n_hits = min(len(members), rng.binomial(TOP_K, rng.uniform(0.0, 0.6)))
     hits = rng.choice(members, size=n_hits, replace=False)
@@ -166,9 +164,7 @@ def run_lookalike(data: Synthetic, repeats: int) -> tuple[dict[str, np.ndarray],
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        report = compute_metrics(
-            results, data.query_labels, data.gallery_labels, cmc_k=KS, precision_k=KS, map_k=KS
-        )
+        report = compute_metrics(results, data.query_labels, data.gallery_labels, cmc_k=KS, precision_k=KS, map_k=KS)
         best = min(best, time.perf_counter() - start)
     per_query = {name: np.asarray(values, dtype=np.float64) for name, values in report.per_query.items()}
     return per_query, best, len(report.no_relevant_ids)
@@ -180,8 +176,14 @@ def run_oml(python: Path, data: Synthetic, repeats: int) -> tuple[dict[str, np.n
         in_path, out_path = Path(tmp) / "in.npz", Path(tmp) / "out.npz"
         ks = np.array(KS, dtype=np.int64)
         np.savez(
-            in_path, indices=data.indices, query_labels=data.query_labels, gallery_labels=data.gallery_labels,
-            cmc_k=ks, precision_k=ks, map_k=ks, repeats=np.array(repeats),
+            in_path,
+            indices=data.indices,
+            query_labels=data.query_labels,
+            gallery_labels=data.gallery_labels,
+            cmc_k=ks,
+            precision_k=ks,
+            map_k=ks,
+            repeats=np.array(repeats),
         )
         subprocess.run([str(python), str(WORKER), str(in_path), str(out_path)], check=True)
         with np.load(out_path) as out:

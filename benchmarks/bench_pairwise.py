@@ -1,4 +1,5 @@
-"""Re-rank the same lists with the same pairwise model in lookalike and in Open Metric Learning 4.0.0: rankings and pairs/s.
+"""Re-rank the same lists with the same pairwise model in lookalike and in Open Metric Learning 4.0.0: rankings and
+pairs/s.
 
 Run from the repository root with the project's python:
 
@@ -39,9 +40,20 @@ DEFAULT_EXTRACTOR = ROOT / "runs" / "omniglot" / "checkpoints" / "last.ckpt"
 def parse_args() -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "omniglot_pairwise.yaml", help="data, extractor and pairwise model")
-    parser.add_argument("--weights", type=Path, help="pairwise checkpoint; default: the config's pairwise model, seeded random weights")
-    parser.add_argument("--extractor", type=Path, help=f"extractor checkpoint (default {DEFAULT_EXTRACTOR.relative_to(ROOT)} when present)")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=ROOT / "configs" / "omniglot_pairwise.yaml",
+        help="data, extractor and pairwise model",
+    )
+    parser.add_argument(
+        "--weights", type=Path, help="pairwise checkpoint; default: the config's pairwise model, seeded random weights"
+    )
+    parser.add_argument(
+        "--extractor",
+        type=Path,
+        help=f"extractor checkpoint (default {DEFAULT_EXTRACTOR.relative_to(ROOT)} when present)",
+    )
     parser.add_argument("--top-n", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=128, help="pairs per batch on both sides")
     parser.add_argument("--queries", type=int, help="re-rank only the first N queries")
@@ -66,9 +78,14 @@ def extractor_lists(args: argparse.Namespace):
     torch.manual_seed(args.seed)
     extractor = extractor_from_config(cfg)
     dc, d = extractor.data_config(), cfg.data
-    embeddings = extract_embeddings(extractor, table, eval_transform(d.image_size, d.crop_fraction, dc["mean"], dc["std"]), d.batch_size)
+    embeddings = extract_embeddings(
+        extractor, table, eval_transform(d.image_size, d.crop_fraction, dc["mean"], dc["std"]), d.batch_size
+    )
     _, results = search_and_score(cfg, embeddings, table)
-    log(f"[lists] extractor {weights or 'untrained (seeded)'}: {results.n_queries} queries x top-{results.k} of {len(results.gallery_ids)}")
+    log(
+        f"[lists] extractor {weights or 'untrained (seeded)'}: {results.n_queries} queries x top-{results.k} of "
+        f"{len(results.gallery_ids)}"
+    )
     return cfg, table, results if args.queries is None else _first(results, args.queries)
 
 
@@ -76,7 +93,9 @@ def _first(results, n: int):
     """The results of the first n queries."""
     from lookalike.search.results import RetrievalResults
 
-    return RetrievalResults(results.indices[:n], results.distances[:n], results.query_ids[:n], results.gallery_ids, dict(results.meta))
+    return RetrievalResults(
+        results.indices[:n], results.distances[:n], results.query_ids[:n], results.gallery_ids, dict(results.meta)
+    )
 
 
 def pairwise_model(args: argparse.Namespace, cfg):
@@ -90,9 +109,19 @@ def pairwise_model(args: argparse.Namespace, cfg):
         model = load_pairwise(args.weights, tta=args.tta)
     else:
         torch.manual_seed(args.seed)
-        model = new_pairwise_model(cfg.model_copy(update={"pairwise": cfg.pairwise.model_copy(update={"pretrained": False, "tta": args.tta,
-                                                                                                  "init_from_extractor": False})}))
-    log(f"[model] {model.spec.name} {model.spec.size[0]}x{model.spec.size[1]} per image ({'trained: ' + str(args.weights) if args.weights else 'seeded random weights'}), tta={model.spec.tta}")
+        model = new_pairwise_model(
+            cfg.model_copy(
+                update={
+                    "pairwise": cfg.pairwise.model_copy(
+                        update={"pretrained": False, "tta": args.tta, "init_from_extractor": False}
+                    )
+                }
+            )
+        )
+    log(
+        f"[model] {model.spec.name} {model.spec.size[0]}x{model.spec.size[1]} per image "
+        f"({'trained: ' + str(args.weights) if args.weights else 'seeded random weights'}), tta={model.spec.tta}"
+    )
     return model.eval()
 
 
@@ -111,14 +140,18 @@ def run_lookalike(model, table, results, args: argparse.Namespace):
 
 
 def write_oml_inputs(folder: Path, model, table, results, args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
-    """frame.csv, lists.npz, weights.pt and spec.json for the worker; return OML's query rows and gallery rows (frame rows)."""
+    """frame.csv, lists.npz, weights.pt and spec.json for the worker; return OML's query rows and gallery rows (frame
+    rows)."""
     import torch
 
     frame = table.frame.copy()
     frame["path"] = [str(p) for p in table.image_paths()]
     frame["label"] = pd.factorize(frame["label"])[0]
     index = pd.Index(table.frame["path"].astype(str))
-    query_rows, gallery_rows = index.get_indexer(results.query_ids.astype(str)), index.get_indexer(results.gallery_ids.astype(str))
+    query_rows, gallery_rows = (
+        index.get_indexer(results.query_ids.astype(str)),
+        index.get_indexer(results.gallery_ids.astype(str)),
+    )
     frame["is_query"] = np.isin(np.arange(len(frame)), query_rows)
     frame["is_gallery"] = np.isin(np.arange(len(frame)), gallery_rows)
     frame[["label", "path", "split", "is_query", "is_gallery"]].to_csv(folder / "frame.csv", index=False)
@@ -129,12 +162,27 @@ def write_oml_inputs(folder: Path, model, table, results, args: argparse.Namespa
     if (results.indices < 0).any():
         sys.exit("bench_pairwise: the lists have empty slots; OML's lists would differ in length")
     np.savez(folder / "lists.npz", indices=position[results.indices].astype(np.int64), distances=results.distances)
-    state = {("extractor.model." + k[len("backbone."):] if k.startswith("backbone.") else k): v for k, v in model.state_dict().items()}
+    state = {
+        ("extractor.model." + k[len("backbone.") :] if k.startswith("backbone.") else k): v
+        for k, v in model.state_dict().items()
+    }
     torch.save(state, folder / "weights.pt")
     dc, s = model.data_config(), model.spec
-    spec = {"name": s.name, "image_size": s.image_size, "height": s.size[0], "width": s.size[1], "crop_fraction": s.crop_fraction,
-            "mean": list(dc["mean"]), "std": list(dc["std"]), "hidden": s.hidden, "tta": s.tta, "model_kwargs": s.model_kwargs,
-            "takes_img_size": _takes_img_size(model), "top_n": args.top_n, "batch_size": args.batch_size}
+    spec = {
+        "name": s.name,
+        "image_size": s.image_size,
+        "height": s.size[0],
+        "width": s.size[1],
+        "crop_fraction": s.crop_fraction,
+        "mean": list(dc["mean"]),
+        "std": list(dc["std"]),
+        "hidden": s.hidden,
+        "tta": s.tta,
+        "model_kwargs": s.model_kwargs,
+        "takes_img_size": _takes_img_size(model),
+        "top_n": args.top_n,
+        "batch_size": args.batch_size,
+    }
     (folder / "spec.json").write_text(json.dumps(spec))
     return oml_gallery, gallery_rows
 
@@ -145,8 +193,11 @@ def _takes_img_size(model) -> bool:
     return patch_embed is not None and hasattr(patch_embed, "img_size")
 
 
-def run_oml(python: Path, model, table, results, args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, float, str] | None:
-    """OML's PairwiseReranker in its venv; (new indices in our gallery positions, distances, seconds, detail) or None."""
+def run_oml(
+    python: Path, model, table, results, args: argparse.Namespace
+) -> tuple[np.ndarray, np.ndarray, float, str] | None:
+    """OML's PairwiseReranker in its venv; (new indices in our gallery positions, distances, seconds, detail) or
+    None."""
     with tempfile.TemporaryDirectory(prefix="bench-pairwise-") as tmp:
         folder = Path(tmp)
         oml_gallery, gallery_rows = write_oml_inputs(folder, model, table, results, args)
@@ -169,7 +220,10 @@ def main() -> int:
     cfg, table, results = extractor_lists(args)
     model = pairwise_model(args, cfg)
     pairs = int((results.indices[:, : args.top_n] >= 0).sum())
-    log(f"[settings] top_n={args.top_n}: {pairs} pairs, batch {args.batch_size}, num_workers=0, {os.cpu_count()} cores, CPU")
+    log(
+        f"[settings] top_n={args.top_n}: {pairs} pairs, batch {args.batch_size}, num_workers=0, {os.cpu_count()} "
+        "cores, CPU"
+    )
     ours, ours_seconds = run_lookalike(model, table, results, args)
     oml = run_oml(python, model, table, results, args)
     if oml is None:
@@ -177,8 +231,11 @@ def main() -> int:
     indices, distances, oml_seconds, detail = oml
     same_rows = (ours.indices == indices).all(axis=1)
     head_changed = (ours.indices[:, : args.top_n] != results.indices[:, : args.top_n]).any(axis=1)
-    log(f"identical new rankings: {same_rows.sum()} of {len(same_rows)} queries ({same_rows.mean():.2%}); "
-        f"{head_changed.sum()} lists re-ordered by the model; max |distance difference| {np.abs(ours.distances - distances).max():.2e}")
+    log(
+        f"identical new rankings: {same_rows.sum()} of {len(same_rows)} queries ({same_rows.mean():.2%}); "
+        f"{head_changed.sum()} lists re-ordered by the model; max |distance difference| "
+        f"{np.abs(ours.distances - distances).max():.2e}"
+    )
     log(f"lookalike: {ours_seconds:6.2f} s = {pairs / ours_seconds:8.1f} pairs/s")
     log(f"OML      : {oml_seconds:6.2f} s = {pairs / oml_seconds:8.1f} pairs/s  ({detail})")
     log(f"ratio lookalike/OML pairs/s: {oml_seconds / ours_seconds:.2f}")

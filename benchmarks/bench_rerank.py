@@ -68,7 +68,9 @@ class Entry:
     scale: Callable[[argparse.Namespace], Reranker]  # the configuration timed at scale
     peer: Callable[[Dense, argparse.Namespace], tuple[np.ndarray, float]]  # dense inputs -> rankings [Q, G], prep s
     about: str  # the parameters, for the log
-    prepare: Callable[[RetrievalResults, RerankContext, argparse.Namespace], object] | None = None  # fills the context cache
+    prepare: Callable[[RetrievalResults, RerankContext, argparse.Namespace], object] | None = (
+        None  # fills the context cache
+    )
     target: float | None = None  # the speed-up over the peer the issue asks for, if any
 
 
@@ -110,7 +112,9 @@ def icfrr_exact(args: argparse.Namespace) -> Reranker:
 
 def icfrr_scale(args: argparse.Namespace) -> Reranker:
     """ICFRR on the top --candidates of each list."""
-    return ICFRR(kg=args.kg, kq=args.kq, beta=args.beta, n_times=args.n_times, candidates=args.candidates, distance="search")
+    return ICFRR(
+        kg=args.kg, kq=args.kq, beta=args.beta, n_times=args.n_times, candidates=args.candidates, distance="search"
+    )
 
 
 # ---------------------------------------------------------------- k-reciprocal
@@ -162,13 +166,18 @@ def _reciprocal(rank: np.ndarray, i: int, k: int) -> np.ndarray:
 
 ENTRIES: dict[str, Entry] = {
     "icfrr": Entry(
-        icfrr_exact, icfrr_scale, icfrr_peer, "KG={a.kg} KQ={a.kq} beta={a.beta} n_times={a.n_times}",
-        prepare=lambda results, context, args: rank_lists(results, context, args.kg), target=20.0,
+        icfrr_exact,
+        icfrr_scale,
+        icfrr_peer,
+        "KG={a.kg} KQ={a.kq} beta={a.beta} n_times={a.n_times}",
+        prepare=lambda results, context, args: rank_lists(results, context, args.kg),
+        target=20.0,
     ),
     "kreciprocal": Entry(
         lambda a: KReciprocal(k1=a.k1, k2=a.k2, lambda_value=a.lambda_value),
         lambda a: KReciprocal(k1=a.k1, k2=a.k2, lambda_value=a.lambda_value, candidates=a.candidates),
-        kreciprocal_peer, "k1={a.k1} k2={a.k2} lambda={a.lambda_value}",
+        kreciprocal_peer,
+        "k1={a.k1} k2={a.k2} lambda={a.lambda_value}",
     ),
 }
 
@@ -226,27 +235,40 @@ def run_exact(name: str, entry: Entry, args: argparse.Namespace) -> bool:
     results = search(queries, gallery, k=args.g)
     dense = Dense(dense_query_distances(results), dense_gallery_distances(gallery), queries.vectors, gallery.vectors)
     reranker = entry.exact(args)
-    cold, ours = best_time(lambda: reranker.rerank(results, RerankContext(queries=queries, gallery=gallery)), args.repeats)
+    cold, ours = best_time(
+        lambda: reranker.rerank(results, RerankContext(queries=queries, gallery=gallery)), args.repeats
+    )
     started = time.perf_counter()
     peer, peer_prepare = entry.peer(dense, args)
     peer_total = time.perf_counter() - started
     same = np.all(ours.indices == peer, axis=1)
     tied = ~same & orders_agree_up_to_ties(ours, peer)
     log(f"{name}: {entry.about.format(a=args)}, whole lists (K = G = {args.g:,})")
-    log(f"{name}: identical final rankings in {int(same.sum())}/{args.q} queries, the other {int(tied.sum())} differ only by "
-        f"swaps of items whose distances agree within {TIE_TOLERANCE:g}: {'OK' if (same | tied).all() else 'FAILED'}")
+    log(
+        f"{name}: identical final rankings in {int(same.sum())}/{args.q} queries, the other {int(tied.sum())} differ "
+        "only by "
+        f"swaps of items whose distances agree within {TIE_TOLERANCE:g}: {'OK' if (same | tied).all() else 'FAILED'}"
+    )
     before, after = map_all(results, q_labels, g_labels), map_all(ours, q_labels, g_labels)
     log(f"{name}: mAP@all {before:.4f} before -> {after:.4f} after")
-    log(f"{name}: cold: lookalike {cold:.3f} s (best of {args.repeats}), peer {peer_total:.2f} s -> {peer_total / cold:.1f}x")
+    log(
+        f"{name}: cold: lookalike {cold:.3f} s (best of {args.repeats}), peer {peer_total:.2f} s -> "
+        f"{peer_total / cold:.1f}x"
+    )
     if entry.prepare is not None:
         warm_context = RerankContext(queries=queries, gallery=gallery)
         reranker.rerank(results, warm_context)
         warm, _ = best_time(lambda: reranker.rerank(results, warm_context), args.repeats)
-        log(f"{name}: warm (lists cached / rank matrix ready): lookalike {warm:.3f} s (best of {args.repeats}), "
-            f"peer {peer_total - peer_prepare:.2f} s -> {(peer_total - peer_prepare) / warm:.1f}x")
+        log(
+            f"{name}: warm (lists cached / rank matrix ready): lookalike {warm:.3f} s (best of {args.repeats}), "
+            f"peer {peer_total - peer_prepare:.2f} s -> {(peer_total - peer_prepare) / warm:.1f}x"
+        )
     if entry.target is not None:
         ratio = peer_total / cold
-        log(f"{name}: speed-up (cold) {ratio:.1f}x (target >= {entry.target:g}x: {'met' if ratio >= entry.target else 'NOT met'})")
+        log(
+            f"{name}: speed-up (cold) {ratio:.1f}x (target >= {entry.target:g}x: "
+            f"{'met' if ratio >= entry.target else 'NOT met'})"
+        )
     return bool((same | tied).all())
 
 
@@ -280,26 +302,62 @@ def scale_worker(name: str, args: argparse.Namespace) -> dict[str, float]:
     prepared = time.perf_counter()
     reranked = entry.scale(args).rerank(results, context)
     done = time.perf_counter()
-    return {"search_s": searched - started, "prepare_s": prepared - searched, "rerank_s": done - prepared, "peak": peak_rss(),
-            "map_before": map_all(results, q_labels, g_labels), "map_after": map_all(reranked, q_labels, g_labels)}
+    return {
+        "search_s": searched - started,
+        "prepare_s": prepared - searched,
+        "rerank_s": done - prepared,
+        "peak": peak_rss(),
+        "map_before": map_all(results, q_labels, g_labels),
+        "map_after": map_all(reranked, q_labels, g_labels),
+    }
 
 
 def run_scale(name: str, entry: Entry, args: argparse.Namespace) -> bool:
     """One entry at scale in a fresh subprocess; True when its peak memory is within the target."""
-    command = [sys.executable, __file__, "--scale-worker", name, "--q", str(args.q), "--g", str(args.g), "--d", str(args.d),
-               "--kg", str(args.kg), "--kq", str(args.kq), "--beta", str(args.beta), "--n-times", str(args.n_times),
-               "--candidates", str(args.candidates),
-               "--k1", str(args.k1), "--k2", str(args.k2), "--lambda-value", str(args.lambda_value)]
+    command = [
+        sys.executable,
+        __file__,
+        "--scale-worker",
+        name,
+        "--q",
+        str(args.q),
+        "--g",
+        str(args.g),
+        "--d",
+        str(args.d),
+        "--kg",
+        str(args.kg),
+        "--kq",
+        str(args.kq),
+        "--beta",
+        str(args.beta),
+        "--n-times",
+        str(args.n_times),
+        "--candidates",
+        str(args.candidates),
+        "--k1",
+        str(args.k1),
+        "--k2",
+        str(args.k2),
+        "--lambda-value",
+        str(args.lambda_value),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         sys.exit(f"bench_rerank: scale worker {name} failed:\n{done.stderr}")
     r = json.loads(done.stdout.strip().splitlines()[-1])
     log(f"{name}: {entry.about.format(a=args)}, top {args.candidates:,} candidates per query")
-    log(f"{name}: search (exact, top {args.candidates:,}) {r['search_s']:.1f} s; gallery neighbour lists {r['prepare_s']:.1f} s; "
-        f"re-rank {r['rerank_s']:.1f} s; total after the search {r['prepare_s'] + r['rerank_s']:.1f} s")
+    log(
+        f"{name}: search (exact, top {args.candidates:,}) {r['search_s']:.1f} s; gallery neighbour lists "
+        f"{r['prepare_s']:.1f} s; "
+        f"re-rank {r['rerank_s']:.1f} s; total after the search {r['prepare_s'] + r['rerank_s']:.1f} s"
+    )
     log(f"{name}: mAP@all over the top {args.candidates:,}: {r['map_before']:.4f} before -> {r['map_after']:.4f} after")
     ok = r["peak"] / GB <= TARGET_PEAK_GB
-    log(f"{name}: peak RSS of the whole process {r['peak'] / GB:.2f} GB (target <= {TARGET_PEAK_GB:g} GB: {'met' if ok else 'NOT met'})")
+    log(
+        f"{name}: peak RSS of the whole process {r['peak'] / GB:.2f} GB (target <= {TARGET_PEAK_GB:g} GB: "
+        f"{'met' if ok else 'NOT met'})"
+    )
     return ok
 
 
@@ -338,8 +396,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     torch.set_num_threads(n_cores())
     names = args.only or list(ENTRIES)
-    log(f"bench_rerank: Q={args.q:,} G={args.g:,} D={args.d}, {max(1, args.g // CLUSTER_SIZE)} clusters, cosine, seed {SEED}; "
-        f"{n_cores()} cores; torch {torch.__version__}, numpy {np.__version__}")
+    log(
+        f"bench_rerank: Q={args.q:,} G={args.g:,} D={args.d}, {max(1, args.g // CLUSTER_SIZE)} clusters, cosine, seed "
+        f"{SEED}; "
+        f"{n_cores()} cores; torch {torch.__version__}, numpy {np.__version__}"
+    )
     run = run_scale if args.scale else run_exact
     ok = [run(name, ENTRIES[name], args) for name in names]
     return 0 if all(ok) else 1

@@ -122,7 +122,9 @@ def row_is_tie(q: np.ndarray, gallery: np.ndarray, ids_a: np.ndarray, ids_b: np.
     return bool(np.all(np.abs(exact - boundary) <= TIE_TOLERANCE))
 
 
-def compare(queries: np.ndarray, gallery: np.ndarray, ours: tuple[np.ndarray, np.ndarray], ref: tuple[np.ndarray, np.ndarray]) -> Agreement:
+def compare(
+    queries: np.ndarray, gallery: np.ndarray, ours: tuple[np.ndarray, np.ndarray], ref: tuple[np.ndarray, np.ndarray]
+) -> Agreement:
     """Per-row neighbour sets of lookalike vs FAISS, forgiving ties at the k-th distance."""
     (idx_a, dist_a), (idx_b, dist_b) = ours, ref
     same = np.all(np.sort(idx_a, axis=1) == np.sort(idx_b, axis=1), axis=1)
@@ -140,9 +142,15 @@ def compare(queries: np.ndarray, gallery: np.ndarray, ours: tuple[np.ndarray, np
 
 def report_agreement(agreement: Agreement, n_q: int) -> bool:
     """Print the agreement; True when it is exact up to ties."""
-    log(f"agreement: identical top-k sets in {agreement.same_sets}/{n_q} rows ({100 * agreement.same_sets / n_q:.2f}%), "
-        f"{agreement.tie_rows} rows differ only by ties, {agreement.bad_rows} rows disagree")
-    log(f"agreement: max |distance difference| at equal rank {agreement.max_dist_diff:.2e} (tolerance {TIE_TOLERANCE:g})")
+    log(
+        f"agreement: identical top-k sets in {agreement.same_sets}/{n_q} rows "
+        f"({100 * agreement.same_sets / n_q:.2f}%), "
+        f"{agreement.tie_rows} rows differ only by ties, {agreement.bad_rows} rows disagree"
+    )
+    log(
+        f"agreement: max |distance difference| at equal rank {agreement.max_dist_diff:.2e} (tolerance "
+        f"{TIE_TOLERANCE:g})"
+    )
     ok = agreement.bad_rows == 0 and agreement.max_dist_diff <= TIE_TOLERANCE
     log(f"agreement: {'OK' if ok else 'FAILED'}")
     return ok
@@ -154,12 +162,27 @@ def run_speed(args: argparse.Namespace) -> bool:
     started = time.perf_counter()
     index = flat_index(gallery)
     add_time = time.perf_counter() - started
-    ok = report_agreement(compare(queries, gallery, search_lookalike(queries, gallery, args.k), search_faiss(index, queries, args.k)), args.q)
-    best = best_times({"lookalike": lambda: search_lookalike(queries, gallery, args.k), "faiss": lambda: index.search(queries, args.k)}, args.repeats)
+    ok = report_agreement(
+        compare(queries, gallery, search_lookalike(queries, gallery, args.k), search_faiss(index, queries, args.k)),
+        args.q,
+    )
+    best = best_times(
+        {
+            "lookalike": lambda: search_lookalike(queries, gallery, args.k),
+            "faiss": lambda: index.search(queries, args.k),
+        },
+        args.repeats,
+    )
     log(f"time: lookalike exact_knn (whole call)  best of {args.repeats}: {best['lookalike']:.3f} s")
-    log(f"time: FAISS IndexFlatIP.search (search only) best of {args.repeats}: {best['faiss']:.3f} s   (add, once: {add_time:.3f} s)")
+    log(
+        f"time: FAISS IndexFlatIP.search (search only) best of {args.repeats}: {best['faiss']:.3f} s   (add, once: "
+        f"{add_time:.3f} s)"
+    )
     ratio = best["lookalike"] / best["faiss"]
-    log(f"time: lookalike / FAISS wall-time ratio = {ratio:.2f}  (target <= {TARGET_RATIO}: {'met' if ratio <= TARGET_RATIO else 'NOT met'})")
+    log(
+        f"time: lookalike / FAISS wall-time ratio = {ratio:.2f}  (target <= {TARGET_RATIO}: "
+        f"{'met' if ratio <= TARGET_RATIO else 'NOT met'})"
+    )
     return ok
 
 
@@ -204,13 +227,31 @@ def memory_worker(side: str, n_q: int, n_g: int, d: int, k: int) -> dict[str, in
     reset = reset_peak_rss()
     before, peak_before = rss_now(), peak_rss()
     search(queries, k)
-    return {"loaded": loaded, "before": before, "peak_before": peak_before, "peak_after": peak_rss(), "reset": int(reset)}
+    return {
+        "loaded": loaded,
+        "before": before,
+        "peak_before": peak_before,
+        "peak_after": peak_rss(),
+        "reset": int(reset),
+    }
 
 
 def measure(side: str, n_g: int, args: argparse.Namespace) -> dict[str, int]:
     """Run one memory worker in a fresh subprocess and return what it measured."""
-    command = [sys.executable, __file__, "--memory-worker", str(n_g), "--side", side,
-               "--q", str(args.q), "--d", str(args.d), "--k", str(args.k)]
+    command = [
+        sys.executable,
+        __file__,
+        "--memory-worker",
+        str(n_g),
+        "--side",
+        side,
+        "--q",
+        str(args.q),
+        "--d",
+        str(args.d),
+        "--k",
+        str(args.k),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         sys.exit(f"bench_search: memory worker {side} G={n_g} failed:\n{done.stderr}")
@@ -228,25 +269,40 @@ def memory_row(n_g: int, args: argparse.Namespace) -> dict[str, int]:
     extras = {side: run["peak_after"] - run["before"] for side, run in runs.items()}
     for side, run in runs.items():
         if not run["reset"] or run["peak_before"] > run["before"] + 16 * MIB:
-            log(f"memory: warning: {side} G={n_g:,}: the peak mark was not reset or already above RSS; its extra may be hidden")
+            log(
+                f"memory: warning: {side} G={n_g:,}: the peak mark was not reset or already above RSS; its extra may "
+                "be hidden"
+            )
     full, index_size = args.q * n_g * 4, runs["faiss"]["before"] - runs["faiss"]["loaded"]
-    log(f"memory: {n_g:>9,} {mib(full)} {mib(n_g * args.d * 4)} {mib(extras['lookalike'])} {mib(extras['faiss'])} "
-        f"{mib(index_size)} {100 * extras['lookalike'] / full:8.1f}%")
+    log(
+        f"memory: {n_g:>9,} {mib(full)} {mib(n_g * args.d * 4)} {mib(extras['lookalike'])} {mib(extras['faiss'])} "
+        f"{mib(index_size)} {100 * extras['lookalike'] / full:8.1f}%"
+    )
     return extras
 
 
 def report_growth(side: str, extras: list[int], args: argparse.Namespace) -> None:
     """How much a side's extra memory grows per gallery item, next to a Q x G matrix and a gallery copy."""
     growth, span = extras[-1] - extras[0], MEMORY_GALLERIES[-1] - MEMORY_GALLERIES[0]
-    log(f"memory: {side}: extra grows by {growth / MIB:.1f} MiB from G={MEMORY_GALLERIES[0]:,} to {MEMORY_GALLERIES[-1]:,} "
-        f"({growth / span:.0f} B per gallery item; a Q x G float32 matrix is {4 * args.q} B per item, a G x D copy {4 * args.d} B)")
+    log(
+        f"memory: {side}: extra grows by {growth / MIB:.1f} MiB from G={MEMORY_GALLERIES[0]:,} to "
+        f"{MEMORY_GALLERIES[-1]:,} "
+        f"({growth / span:.0f} B per gallery item; a Q x G float32 matrix is {4 * args.q} B per item, a G x D copy "
+        f"{4 * args.d} B)"
+    )
 
 
 def run_memory(args: argparse.Namespace) -> None:
     """Extra peak memory of one search per gallery size, each side in fresh processes."""
-    log(f"\nmemory: peak RSS during the search minus RSS before it (fresh process each; Q={args.q:,}, D={args.d}, K={args.k}), MiB")
+    log(
+        f"\nmemory: peak RSS during the search minus RSS before it (fresh process each; Q={args.q:,}, D={args.d}, "
+        f"K={args.k}), MiB"
+    )
     log("memory: FAISS's 'before' already includes its index (the gallery copy made by add, column 'FAISS idx')")
-    log(f"memory: {'G':>9} {'Q x G f32':>9} {'G x D f32':>9} {'lookalike':>9} {'FAISS':>9} {'FAISS idx':>9} {'lk / QxG':>9}")
+    log(
+        f"memory: {'G':>9} {'Q x G f32':>9} {'G x D f32':>9} {'lookalike':>9} {'FAISS':>9} {'FAISS idx':>9} "
+        f"{'lk / QxG':>9}"
+    )
     rows = [memory_row(n_g, args) for n_g in MEMORY_GALLERIES]
     for side in SIDES:
         report_growth(side, [row[side] for row in rows], args)
@@ -274,8 +330,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     use_all_cores()
     log(f"bench_search: Q={args.q:,} G={args.g:,} D={args.d} K={args.k}, cosine, seed {SEED}, repeats {args.repeats}")
-    log(f"threads: cores available {n_cores()}, torch.get_num_threads() = {torch.get_num_threads()}, "
-        f"faiss.omp_get_max_threads() = {faiss.omp_get_max_threads()}")
+    log(
+        f"threads: cores available {n_cores()}, torch.get_num_threads() = {torch.get_num_threads()}, "
+        f"faiss.omp_get_max_threads() = {faiss.omp_get_max_threads()}"
+    )
     log(f"versions: torch {torch.__version__}, faiss {faiss.__version__}, numpy {np.__version__}")
     ok = run_speed(args)
     if not args.skip_memory:

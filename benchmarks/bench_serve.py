@@ -36,9 +36,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from lookalike.data.bundled import OMNIGLOT_ZIP
-
 from bench_metrics import ROOT, log
+from lookalike.data.bundled import OMNIGLOT_ZIP
 
 DATA_ZIP = OMNIGLOT_ZIP
 CACHE = ROOT / ".bench-cache" / "bench_serve"
@@ -52,13 +51,20 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=16, help="requests in flight at most (default 16)")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--weights", help="extractor checkpoint (configs/omniglot.yaml's model); default: untrained")
-    parser.add_argument("--rerankers", default="", help="comma-separated re-rankers applied to every third request, e.g. qe")
-    parser.add_argument("--bursts", type=int, default=5, help="bursts of concurrent searches, RSS after each (default 5)")
+    parser.add_argument(
+        "--rerankers", default="", help="comma-separated re-rankers applied to every third request, e.g. qe"
+    )
+    parser.add_argument(
+        "--bursts", type=int, default=5, help="bursts of concurrent searches, RSS after each (default 5)"
+    )
     parser.add_argument("--burst-size", type=int, default=250, help="concurrent searches per burst (default 250)")
     parser.add_argument("--slow-clients", type=int, default=1100, help="stalled connections (default 1100)")
     parser.add_argument("--chunked-mb", type=int, default=300, help="size of the chunked upload attack (default 300)")
-    parser.add_argument("--no-attacks", action="store_true", help="only the bursts (e.g. against an older server: its tall-image "
-                        "attack allocates tens of GB)")
+    parser.add_argument(
+        "--no-attacks",
+        action="store_true",
+        help="only the bursts (e.g. against an older server: its tall-image attack allocates tens of GB)",
+    )
     return parser.parse_args()
 
 
@@ -75,7 +81,8 @@ def build(args: argparse.Namespace) -> Path:
             zipped.extractall(images)
     table = CACHE / "table.csv"
     import_folder(images / "images_background_small1", validation_fraction=0.3, seed=0).save(table)
-    rerank = f"rerank=[{', '.join(dict.fromkeys(['kreciprocal', *filter(None, args.rerankers.split(','))]))}]"  # kreciprocal for the attack
+    # kreciprocal for the attack
+    rerank = f"rerank=[{', '.join(dict.fromkeys(['kreciprocal', *filter(None, args.rerankers.split(','))]))}]"
     overrides = [f"data.table={table}", f"serve.index_dir={CACHE / 'index'}", "serve.gallery=validation", rerank]
     overrides += [f"model.weights={args.weights}"] if args.weights else []
     cfg = load_config(ROOT / "configs" / "omniglot.yaml", overrides)
@@ -99,7 +106,9 @@ def requests_for(args: argparse.Namespace, paths: np.ndarray) -> list[dict]:
 def over_http(client: httpx.Client, base: str, request: dict) -> tuple[int, float]:
     """One POST /search on the shared keep-alive client; its status and seconds."""
     files = {"file": ("q.png", request["upload"], "image/png")} if "upload" in request else None
-    data = {"k": request["k"], "rerankers": request["rerankers"]} | ({"gallery_id": request["gallery_id"]} if "gallery_id" in request else {})
+    data = {"k": request["k"], "rerankers": request["rerankers"]} | (
+        {"gallery_id": request["gallery_id"]} if "gallery_id" in request else {}
+    )
     started = time.perf_counter()
     status = client.post(f"{base}/search", files=files, data=data).status_code
     return status, time.perf_counter() - started
@@ -124,7 +133,9 @@ def start_server(folder: Path) -> tuple[subprocess.Popen, str, float]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     started = time.perf_counter()
-    process = subprocess.Popen([LOOKALIKE, "serve", str(folder), "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [LOOKALIKE, "serve", str(folder), "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     base = f"http://127.0.0.1:{port}"
     while True:
         try:
@@ -149,20 +160,30 @@ def bursts(args: argparse.Namespace, base: str, requests: list[dict], pid: int) 
     after = []
     limits = httpx.Limits(max_connections=args.burst_size, max_keepalive_connections=0)
     for burst in range(args.bursts):
-        with httpx.Client(timeout=300, limits=limits) as client, ThreadPoolExecutor(max_workers=args.burst_size) as pool:
+        with (
+            httpx.Client(timeout=300, limits=limits) as client,
+            ThreadPoolExecutor(max_workers=args.burst_size) as pool,
+        ):
             batch = [requests[(burst * args.burst_size + i) % len(requests)] for i in range(args.burst_size)]
             codes = [status for status, _ in pool.map(lambda r: over_http(client, base, r), batch)]
         after.append(rss_mb(pid))
-        log(f"burst {burst + 1}: {codes.count(200)}/{len(codes)} succeeded ({sorted(set(codes))}), server RSS {after[-1]:,.0f} MB")
+        log(
+            f"burst {burst + 1}: {codes.count(200)}/{len(codes)} succeeded ({sorted(set(codes))}), server RSS "
+            f"{after[-1]:,.0f} MB"
+        )
     return after
 
 
 def png_bytes(width: int, height: int) -> bytes:
     """A valid all-black grey PNG of width x height, compressed row block by row block (1 x 200,000 is 467 bytes)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     packer, rows = zlib.compressobj(9), b"\0" * ((width + 1) * min(height, 1 << 16))
-    pixels = b"".join(packer.compress(rows[: (width + 1) * min(1 << 16, height - top)]) for top in range(0, height, 1 << 16))
+    pixels = b"".join(
+        packer.compress(rows[: (width + 1) * min(1 << 16, height - top)]) for top in range(0, height, 1 << 16)
+    )
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", pixels + packer.flush()) + chunk(b"IEND", b"")
 
@@ -172,20 +193,24 @@ def attack(name: str, base: str, pid: int, **request) -> bool:
     started = time.perf_counter()
     response = httpx.post(f"{base}/search", timeout=600, **request)
     seconds = time.perf_counter() - started
-    log(f"{name:<28} {response.status_code} in {seconds:6.2f} s, {len(response.content):,} bytes answered, "
-        f"server RSS {rss_mb(pid):,.0f} MB: {response.json().get('detail', '')[:110]}")
+    log(
+        f"{name:<28} {response.status_code} in {seconds:6.2f} s, {len(response.content):,} bytes answered, "
+        f"server RSS {rss_mb(pid):,.0f} MB: {response.json().get('detail', '')[:110]}"
+    )
     return 400 <= response.status_code < 500
 
 
 def chunked_upload(base: str, megabytes: int) -> bool:
     """A multipart upload sent chunked (no Content-Length) of `megabytes`; logs how much was sent before the answer."""
     host, port = base.removeprefix("http://").split(":")
-    body_head = b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.png\"\r\n\r\n"
+    body_head = b'--b\r\nContent-Disposition: form-data; name="file"; filename="big.png"\r\n\r\n'
     piece = b"\0" * (1 << 16)
     sent, started = 0, time.perf_counter()
     with socket.create_connection((host, int(port)), timeout=60) as sock:
-        sock.sendall(f"POST /search HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-                     "Transfer-Encoding: chunked\r\n\r\n".encode())
+        sock.sendall(
+            f"POST /search HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n".encode()
+        )
         try:  # chunks until the server answers or hangs up
             for data in [body_head] + [piece] * (megabytes * 1_000_000 // len(piece)):
                 if select.select([sock], [], [], 0)[0]:
@@ -204,7 +229,10 @@ def chunked_upload(base: str, megabytes: int) -> bool:
             pass
     status = answer.split(b" ", 2)[1].decode() if answer else "none"
     detail = answer.split(b"\r\n\r\n", 1)[-1][:110].decode(errors="replace")
-    log(f"chunked {megabytes} MB upload: {status} after {sent / 1e6:,.1f} MB sent, {time.perf_counter() - started:.2f} s: {detail}")
+    log(
+        f"chunked {megabytes} MB upload: {status} after {sent / 1e6:,.1f} MB sent, {time.perf_counter() - started:.2f} "
+        f"s: {detail}"
+    )
     return status == "413"
 
 
@@ -217,8 +245,10 @@ def slow_clients(base: str, count: int, requests: list[dict]) -> bool:
     for i in range(count):
         sock = socket.create_connection((host, int(port)))
         if i % 2:  # half stall inside the body, half inside the headers
-            sock.sendall(f"POST /search HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-                         "Content-Length: 100000\r\n\r\n--b\r\n".encode())
+            sock.sendall(
+                f"POST /search HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                "Content-Length: 100000\r\n\r\n--b\r\n".encode()
+            )
         else:
             sock.sendall(f"POST /search HTTP/1.1\r\nHost: {host}\r\n".encode())
         socks.append(sock)
@@ -257,9 +287,11 @@ def main() -> int:
     index = load_index(folder)
     serve = index.settings["serve"]
     requests = requests_for(args, index.paths)
-    log(f"bench_serve: {len(index)} gallery images, {index.settings['model']['name']} "
+    log(
+        f"bench_serve: {len(index)} gallery images, {index.settings['model']['name']} "
         f"({'trained: ' + args.weights if args.weights else 'untrained'}), {args.requests} requests, "
-        f"{args.concurrency} in flight, k={args.k}, re-rankers on every third: {args.rerankers or 'none'}")
+        f"{args.concurrency} in flight, k={args.k}, re-rankers on every third: {args.rerankers or 'none'}"
+    )
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # room for the slow clients, here and in the server
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4 * args.slow_clients + 1024)), hard))
     process, base, startup = start_server(folder)
@@ -267,7 +299,10 @@ def main() -> int:
     try:
         started = time.perf_counter()
         limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
-        with httpx.Client(timeout=300, limits=limits) as client, ThreadPoolExecutor(max_workers=args.concurrency) as pool:
+        with (
+            httpx.Client(timeout=300, limits=limits) as client,
+            ThreadPoolExecutor(max_workers=args.concurrency) as pool,
+        ):
             answers = list(pool.map(lambda r: over_http(client, base, r), requests))
         wall = time.perf_counter() - started
         refused = attacks(args, base, process.pid, requests)
@@ -281,8 +316,10 @@ def main() -> int:
     started = time.perf_counter()
     local = [in_process(index, r, int(serve["max_upload_mb"] * 1_000_000), int(serve["max_pixels"])) for r in requests]
     local_p50 = summary("in-process", local, time.perf_counter() - started)
-    log(f"ratio HTTP p50 / in-process p50: {http_p50 / local_p50:.1f} (HTTP requests wait in a queue of up to "
-        f"{args.concurrency}; searches run one at a time)")
+    log(
+        f"ratio HTTP p50 / in-process p50: {http_p50 / local_p50:.1f} (HTTP requests wait in a queue of up to "
+        f"{args.concurrency}; searches run one at a time)"
+    )
     return 1 if failed or not refused else 0
 
 
@@ -294,9 +331,11 @@ def attacks(args: argparse.Namespace, base: str, pid: int, requests: list[dict])
     if args.no_attacks:
         return True
     tall = png_bytes(1, 200_000)
-    ok = [attack("tall image 1 x 200,000", base, pid, files={"file": ("tall.png", tall, "image/png")}),
-          attack("duplicated stages (998)", base, pid, data={"gallery_id": 0, "rerankers": ["kreciprocal"] * 998}),
-          chunked_upload(base, args.chunked_mb)]
+    ok = [
+        attack("tall image 1 x 200,000", base, pid, files={"file": ("tall.png", tall, "image/png")}),
+        attack("duplicated stages (998)", base, pid, data={"gallery_id": 0, "rerankers": ["kreciprocal"] * 998}),
+        chunked_upload(base, args.chunked_mb),
+    ]
     if args.slow_clients:
         ok.append(slow_clients(base, args.slow_clients, requests))
     return all(ok)

@@ -37,9 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lookalike.data.bundled import OMNIGLOT_ZIP
-
 from bench_metrics import ROOT, VENV, ensure_oml_venv, log, run_step
+from lookalike.data.bundled import OMNIGLOT_ZIP
 
 DATA_ZIP = OMNIGLOT_ZIP
 CACHE = ROOT / ".bench-cache" / "bench_train"
@@ -64,14 +63,25 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=3, help="training epochs on both sides (default 3)")
     parser.add_argument("--model", default="resnet18", help="timm model name (default resnet18)")
     parser.add_argument("--image-size", type=int, default=64, help="input side in pixels (default 64)")
-    parser.add_argument("--crop-fraction", type=float, default=1.0, help="eval resize = size / fraction, then centre crop (default 1.0: plain resize)")
+    parser.add_argument(
+        "--crop-fraction",
+        type=float,
+        default=1.0,
+        help="eval resize = size / fraction, then centre crop (default 1.0: plain resize)",
+    )
     parser.add_argument("--p", type=int, default=16, help="labels per batch (default 16)")
     parser.add_argument("--k", type=int, default=4, help="images per label (default 4)")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
-    parser.add_argument("--seeds", default="0", help="training seeds, comma-separated (default 0); each side trains once per seed")
-    parser.add_argument("--split-seed", type=int, default=0, help="seed of the class split into train / validation (default 0)")
+    parser.add_argument(
+        "--seeds", default="0", help="training seeds, comma-separated (default 0); each side trains once per seed"
+    )
+    parser.add_argument(
+        "--split-seed", type=int, default=0, help="seed of the class split into train / validation (default 0)"
+    )
     parser.add_argument("--batch-size", type=int, default=128, help="validation batch size (default 128)")
-    parser.add_argument("--data", type=Path, default=DATA_ZIP, help="zip of images_background_small1/<alphabet>/<character>/*.png")
+    parser.add_argument(
+        "--data", type=Path, default=DATA_ZIP, help="zip of images_background_small1/<alphabet>/<character>/*.png"
+    )
     parser.add_argument("--only", choices=("oml", "lookalike"), help="run one side only")
     return parser.parse_args()
 
@@ -116,9 +126,17 @@ def ensure_timm(python: Path) -> None:
 def worker_args(args: argparse.Namespace, table: Path) -> list[str]:
     """Command-line options for _oml_train_worker.py."""
     pairs = {
-        "--table": table, "--model": args.model, "--image-size": args.image_size,
-        "--crop-fraction": args.crop_fraction, "--p": args.p, "--k": args.k, "--epochs": args.epochs,
-        "--lr": args.lr, "--margin": MARGIN, "--seed": args.seed, "--batch-size": args.batch_size,
+        "--table": table,
+        "--model": args.model,
+        "--image-size": args.image_size,
+        "--crop-fraction": args.crop_fraction,
+        "--p": args.p,
+        "--k": args.k,
+        "--epochs": args.epochs,
+        "--lr": args.lr,
+        "--margin": MARGIN,
+        "--seed": args.seed,
+        "--batch-size": args.batch_size,
         "--threads": os.cpu_count(),
     }
     return [str(item) for pair in pairs.items() for item in pair]
@@ -146,14 +164,30 @@ def run_oml(python: Path, args: argparse.Namespace, table: Path) -> SideResult |
 def lookalike_overrides(args: argparse.Namespace, table: Path, batches_per_epoch: int, output: Path) -> list[str]:
     """Config overrides that match the OML side setting for setting."""
     return [
-        f"data.table={table}", f"data.image_size={args.image_size}", f"data.crop_fraction={args.crop_fraction}",
-        f"data.batch_size={args.batch_size}", "data.num_workers=0",
-        f"model.name={args.model}", "model.pretrained=false", "model.embedding_dim=null", "model.normalize=true",
-        f"train.output={output}", f"train.seed={args.seed}", f"train.epochs={args.epochs}", "train.optimizer=adam",
-        f"train.lr={args.lr}", f"train.p={args.p}", f"train.k={args.k}", "train.augment=none",
-        f"train.val_every={args.epochs}", "train.loss.triplet=1",
-        f"train.loss.margin={MARGIN}", "train.loss.miner=batch_hard",
-        "trainer.accelerator=cpu", "trainer.devices=1", "trainer.progress=false",
+        f"data.table={table}",
+        f"data.image_size={args.image_size}",
+        f"data.crop_fraction={args.crop_fraction}",
+        f"data.batch_size={args.batch_size}",
+        "data.num_workers=0",
+        f"model.name={args.model}",
+        "model.pretrained=false",
+        "model.embedding_dim=null",
+        "model.normalize=true",
+        f"train.output={output}",
+        f"train.seed={args.seed}",
+        f"train.epochs={args.epochs}",
+        "train.optimizer=adam",
+        f"train.lr={args.lr}",
+        f"train.p={args.p}",
+        f"train.k={args.k}",
+        "train.augment=none",
+        f"train.val_every={args.epochs}",
+        "train.loss.triplet=1",
+        f"train.loss.margin={MARGIN}",
+        "train.loss.miner=batch_hard",
+        "trainer.accelerator=cpu",
+        "trainer.devices=1",
+        "trainer.progress=false",
         f"trainer.limit_train_batches={batches_per_epoch}",
         *optional_overrides(),
     ]
@@ -207,31 +241,54 @@ def run_lookalike(args: argparse.Namespace, table: Path, batches_per_epoch: int)
 def print_header(args: argparse.Namespace, sizes: tuple[int, int, int], batches_per_epoch: int) -> None:
     """The settings both sides share, and the epoch length."""
     n_train, n_labels, n_val = sizes
-    log(f"[settings] model={args.model} (timm, pretrained=False, num_classes=0, L2-normalised) image_size={args.image_size} "
-        f"crop_fraction={args.crop_fraction} no augmentation")
-    log(f"[settings] P={args.p} K={args.k} batch-hard triplet margin={MARGIN} euclidean, Adam lr={args.lr}, "
-        f"epochs={args.epochs}, seeds={args.seeds}, split seed={args.split_seed}, val batch={args.batch_size}, num_workers=0, threads={os.cpu_count()}, CPU")
+    log(
+        f"[settings] model={args.model} (timm, pretrained=False, num_classes=0, L2-normalised) "
+        f"image_size={args.image_size} "
+        f"crop_fraction={args.crop_fraction} no augmentation"
+    )
+    log(
+        f"[settings] P={args.p} K={args.k} batch-hard triplet margin={MARGIN} euclidean, Adam lr={args.lr}, "
+        f"epochs={args.epochs}, seeds={args.seeds}, split seed={args.split_seed}, val batch={args.batch_size}, "
+        f"num_workers=0, threads={os.cpu_count()}, CPU"
+    )
     log(f"[data] train: {n_train} images, {n_labels} labels; validation: {n_val} images (each a query vs all others)")
-    log(f"[epoch] OML BalanceSampler: {n_labels} labels // P={args.p} = {batches_per_epoch} batches of {args.p * args.k} "
-        f"= {batches_per_epoch * args.p * args.k} images per epoch; lookalike capped to the same batch count")
+    log(
+        f"[epoch] OML BalanceSampler: {n_labels} labels // P={args.p} = {batches_per_epoch} batches of "
+        f"{args.p * args.k} "
+        f"= {batches_per_epoch * args.p * args.k} images per epoch; lookalike capped to the same batch count"
+    )
 
 
 def print_results(runs: dict[str, list[SideResult]], failed: bool) -> None:
     """One line per side and seed, then mean +- std per side and the ratios of the means."""
     for name, sides in runs.items():
         for seed, side in zip(SEEDS_SEEN, sides):
-            log(f"{name:<10} seed {seed}: CMC@1 {side.cmc1:.4f}  images/s {side.images_per_second:8.1f}  ({side.detail})")
+            log(
+                f"{name:<10} seed {seed}: CMC@1 {side.cmc1:.4f}  images/s {side.images_per_second:8.1f}  "
+                f"({side.detail})"
+            )
     means = {}
     for name, sides in runs.items():
         if sides:
             cmc, speed = np.array([s.cmc1 for s in sides]), np.array([s.images_per_second for s in sides])
             means[name] = (cmc.mean(), speed.mean())
-            log(f"{name:<10} over {len(sides)} seed(s): CMC@1 {cmc.mean():.4f} +- {cmc.std():.4f}  images/s {speed.mean():.1f} +- {speed.std():.1f}")
+            log(
+                f"{name:<10} over {len(sides)} seed(s): CMC@1 {cmc.mean():.4f} +- {cmc.std():.4f}  images/s "
+                f"{speed.mean():.1f} +- {speed.std():.1f}"
+            )
     if not failed and len(means) == 2:
         (ours_cmc, ours_speed), (oml_cmc, oml_speed) = means["lookalike"], means["OML"]
-        log(f"ratio lookalike/OML (means): CMC@1 {ratio(ours_cmc, oml_cmc):.2f}, images/s {ratio(ours_speed, oml_speed):.2f}")
+        log(
+            f"ratio lookalike/OML (means): CMC@1 {ratio(ours_cmc, oml_cmc):.2f}, images/s "
+            f"{ratio(ours_speed, oml_speed):.2f}"
+        )
         log_paired("CMC@1", [s.cmc1 for s in runs["lookalike"]], [s.cmc1 for s in runs["OML"]], ".4f")
-        log_paired("images/s", [s.images_per_second for s in runs["lookalike"]], [s.images_per_second for s in runs["OML"]], ".1f")
+        log_paired(
+            "images/s",
+            [s.images_per_second for s in runs["lookalike"]],
+            [s.images_per_second for s in runs["OML"]],
+            ".1f",
+        )
     log("(images/s above: per-batch step time, batch loading excluded, as lookalike's Throughput callback times it)")
 
 
@@ -239,8 +296,11 @@ def log_paired(name: str, ours: list[float], theirs: list[float], fmt: str) -> N
     """Seed-paired difference lookalike - OML: mean, standard error, a normal 95% interval, seeds ahead."""
     diff = np.array(ours) - np.array(theirs)
     se = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else float("nan")
-    log(f"paired lookalike - OML, {name}: {diff.mean():+{fmt}} (standard error {se:{fmt}}, 95% interval "
-        f"{diff.mean() - 1.96 * se:+{fmt}} .. {diff.mean() + 1.96 * se:+{fmt}}); lookalike ahead on {int((diff > 0).sum())} of {len(diff)} seeds")
+    log(
+        f"paired lookalike - OML, {name}: {diff.mean():+{fmt}} (standard error {se:{fmt}}, 95% interval "
+        f"{diff.mean() - 1.96 * se:+{fmt}} .. {diff.mean() + 1.96 * se:+{fmt}}); lookalike ahead on "
+        f"{int((diff > 0).sum())} of {len(diff)} seeds"
+    )
 
 
 def ratio(ours: float, theirs: float) -> float:

@@ -15,7 +15,11 @@ def omniglot_small(tmp_path_factory) -> Path:
     """Eight characters of one alphabet (8 x 20 drawings), as alphabet/characterNN/*.png."""
     root = tmp_path_factory.mktemp("omniglot")
     with zipfile.ZipFile(OMNIGLOT_ZIP) as zf:
-        names = [n for n in zf.namelist() if n.endswith(".png") and "/Balinese/character0" in n and int(n.split("character")[1][:2]) <= 8]
+        names = [
+            n
+            for n in zf.namelist()
+            if n.endswith(".png") and "/Balinese/character0" in n and int(n.split("character")[1][:2]) <= 8
+        ]
         for name in names:
             target = root / Path(name).relative_to("images_background_small1")
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -50,8 +54,10 @@ def _fail_unlisted_skip(report: pytest.TestReport | pytest.CollectReport) -> Non
     if report.skipped and not hasattr(report, "wasxfail") and not allowed_skip(skip_reason(report)):
         listed = ", ".join(OPTIONAL_COMPONENTS)
         report.outcome = "failed"
-        report.longrepr = (f"skipped without naming an optional component ({skip_reason(report)!r}); every test must run "
-                           f"in a clone, or skip with a reason 'optional: <component>' where <component> is one of: {listed}")
+        report.longrepr = (
+            f"skipped without naming an optional component ({skip_reason(report)!r}); every test must run "
+            f"in a clone, or skip with a reason 'optional: <component>' where <component> is one of: {listed}"
+        )
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -1,4 +1,5 @@
-"""Visual-similarity adaptation: loss, top-k accuracy, modules, PCA on train pairs only, pairing by name, the command."""
+"""Visual-similarity adaptation: loss, top-k accuracy, modules, PCA on train pairs only, pairing by name, the
+command."""
 
 from __future__ import annotations
 
@@ -25,7 +26,11 @@ from lookalike.losses.info_nce import symmetric_info_nce
 from lookalike.models.adapter import create_adapter
 
 LOOKALIKE = str(Path(sys.executable).parent / "lookalike")
-TINY = ["adapt.backbones=[{name: test_resnet, layers: [-2, -1], pretrained: false}]", "data.image_size=32", "data.batch_size=64"]
+TINY = [
+    "adapt.backbones=[{name: test_resnet, layers: [-2, -1], pretrained: false}]",
+    "data.image_size=32",
+    "data.batch_size=64",
+]
 
 
 # --- the loss and the metric, by hand --------------------------------------------------------------------------------
@@ -79,7 +84,9 @@ def test_adapters():
     diagonal = create_adapter("diagonal", 3)
     with torch.no_grad():
         diagonal.weight.copy_(torch.tensor([-1.0, 0.5, 2.0]))
-    assert torch.equal(diagonal(torch.ones(2, 3)), torch.tensor([[0.0, 0.5, 2.0]] * 2))  # the reference's relu on the weights
+    assert torch.equal(
+        diagonal(torch.ones(2, 3)), torch.tensor([[0.0, 0.5, 2.0]] * 2)
+    )  # the reference's relu on the weights
     assert torch.equal(create_adapter("identity", 8)(x), x)
     linear = create_adapter("linear", 8, 16)
     assert linear(x).shape == (5, 16) and (linear(x) >= 0).all() and linear.linear.bias is None
@@ -88,10 +95,15 @@ def test_adapters():
 
 
 def synthetic(n: int, seed: int, nuisance: float = 3.0) -> PairFeatures:
-    """Pairs sharing 4 signal dimensions, buried under 12 dimensions of independent noise that a module can learn to drop."""
+    """Pairs sharing 4 signal dimensions, buried under 12 dimensions of independent noise that a module can learn to
+    drop."""
     g = np.random.default_rng(seed)
     signal = g.normal(size=(n, 4))
-    side = lambda: np.hstack([signal + 0.1 * g.normal(size=(n, 4)), nuisance * g.normal(size=(n, 12))]).astype(np.float32)  # noqa: E731
+
+    def side() -> np.ndarray:
+        noisy = [signal + 0.1 * g.normal(size=(n, 4)), nuisance * g.normal(size=(n, 12))]
+        return np.hstack(noisy).astype(np.float32)
+
     ids = np.array([f"p{i}" for i in range(n)])
     return PairFeatures(side(), side(), ids, ids, np.full(n, "train"))
 
@@ -102,7 +114,9 @@ def test_training_beats_raw_features_and_keeps_the_best_validation_epoch():
     fit = fit_adapter(train, val, s, seed=0)
     raw = topk_accuracy(test.left, test.right, (1,))["top1/mean"]
     with torch.no_grad():
-        adapted = topk_accuracy(fit.module(torch.as_tensor(test.left)), fit.module(torch.as_tensor(test.right)), (1,))["top1/mean"]
+        adapted = topk_accuracy(fit.module(torch.as_tensor(test.left)), fit.module(torch.as_tensor(test.right)), (1,))[
+            "top1/mean"
+        ]
     assert adapted > raw + 0.2
     curve = [(h["validation/top1/mean"], -h["validation/loss"]) for h in fit.history]
     assert fit.best_epoch == max(range(len(curve)), key=lambda e: (curve[e], -e))
@@ -111,7 +125,15 @@ def test_training_beats_raw_features_and_keeps_the_best_validation_epoch():
 
 def test_minibatches_and_flips_train():
     train = synthetic(64, 0)
-    train = PairFeatures(train.left, train.right, train.left_ids, train.right_ids, train.split, train.left[:, ::-1].copy(), train.right[:, ::-1].copy())
+    train = PairFeatures(
+        train.left,
+        train.right,
+        train.left_ids,
+        train.right_ids,
+        train.split,
+        train.left[:, ::-1].copy(),
+        train.right[:, ::-1].copy(),
+    )
     fit = fit_adapter(train, None, TrainSettings(module="linear", hidden=32, epochs=3, batch_size=16), seed=0)
     assert fit.best_epoch == 3 and all(np.isfinite(h["loss/train"]) for h in fit.history[1:])
     with pytest.raises(LookalikeError, match="adapt.monitor"):
@@ -129,7 +151,14 @@ def numbered(n: int, dim: int = 6, flip: bool = True) -> PairFeatures:
     shift = np.eye(dim)[0] * 0.5
     flips = {"left_flip": left + shift, "right_flip": right + shift} if flip else {}
     ids = np.array([f"p{i}" for i in range(n)])
-    return PairFeatures(left.astype(np.float32), right.astype(np.float32), ids, ids, np.full(n, "train"), **{k: v.astype(np.float32) for k, v in flips.items()})
+    return PairFeatures(
+        left.astype(np.float32),
+        right.astype(np.float32),
+        ids,
+        ids,
+        np.full(n, "train"),
+        **{k: v.astype(np.float32) for k, v in flips.items()},
+    )
 
 
 def test_pca_is_never_fitted_on_validation_or_test_pairs(monkeypatch):
@@ -141,7 +170,16 @@ def test_pca_is_never_fitted_on_validation_or_test_pairs(monkeypatch):
         return real_fit(samples, dim, seed)
 
     monkeypatch.setattr(adapt_run, "fit_pca", spy)
-    cfg = load_config(None, ["adapt.pca_dim=3", "adapt.epochs=1", "adapt.hidden=8", "adapt.validation_fraction=0.25", "adapt.test_fraction=0.25"])
+    cfg = load_config(
+        None,
+        [
+            "adapt.pca_dim=3",
+            "adapt.epochs=1",
+            "adapt.hidden=8",
+            "adapt.validation_fraction=0.25",
+            "adapt.test_fraction=0.25",
+        ],
+    )
     result, _, pca, split = adapt_run.run_once(features, cfg, seed=3)
     train = np.flatnonzero(split == "train")
     assert result.sizes == {"train": 20, "validation": 10, "test": 10}
@@ -156,7 +194,9 @@ def test_table_split_pca_uses_train_rows_and_table_mode_tests_on_validation_rows
     features = PairFeatures(features.left, features.right, features.left_ids, features.right_ids, split)
     fitted = with_table_pca(features, 2).pca
     assert np.allclose(fitted.mean, features.images(np.arange(6)).mean(0))
-    drawn = adapt_run.draw_split(split, load_config(None, ["adapt.split=table", "adapt.validation_fraction=0.34"]), seed=0)
+    drawn = adapt_run.draw_split(
+        split, load_config(None, ["adapt.split=table", "adapt.validation_fraction=0.34"]), seed=0
+    )
     assert list(drawn[6:]) == ["test"] * 4 and sorted(drawn[:6]) == ["train"] * 4 + ["validation"] * 2
 
 
@@ -203,7 +243,9 @@ def test_pairing_by_name_survives_shuffled_listings(tmp_path, monkeypatch):
 def test_tll_obj_subset_keeps_the_named_pairs(tmp_path):
     root = tll_folder(tmp_path / "TLL")
     (tmp_path / "TLL_obj.csv").write_text(",TLL_obj\n0,00001.png\n1,00004.png\n")
-    pairs = adapt_run.pairs_from_config(load_config(None, [f"adapt.pairs={root}", f"adapt.subset={tmp_path / 'TLL_obj.csv'}"]))
+    pairs = adapt_run.pairs_from_config(
+        load_config(None, [f"adapt.pairs={root}", f"adapt.subset={tmp_path / 'TLL_obj.csv'}"])
+    )
     assert pairs.frame["left"].tolist() == ["left/00001.png", "left/00004.png"]
     (tmp_path / "bad.csv").write_text("name\n00001.png\n99999.png\n")
     with pytest.raises(LookalikeError, match=r"bad.csv: 1 file names match no pair of .* \(99999.png\)"):
@@ -221,25 +263,45 @@ def test_layer_features_pool_and_normalise_each_chosen_layer():
     assert [b["layer"] for b in backbone.blocks] == [1, 4] and backbone.dim == 32 + 96
     out = backbone(torch.randn(3, 3, 32, 32))
     assert out.shape == (3, 128)
-    assert torch.allclose(out[:, :32].norm(dim=1), torch.ones(3)) and torch.allclose(out[:, 32:].norm(dim=1), torch.ones(3))
-    assert torch.equal(create_layer_features("test_resnet", [4], pretrained=False).model.conv1[0].weight, backbone.model.conv1[0].weight)
-    with pytest.raises(LookalikeError, match=r"adapt.backbones\[0\].layers: expected layer indices in \[-5, 4\] .* got 7"):
+    assert torch.allclose(out[:, :32].norm(dim=1), torch.ones(3)) and torch.allclose(
+        out[:, 32:].norm(dim=1), torch.ones(3)
+    )
+    assert torch.equal(
+        create_layer_features("test_resnet", [4], pretrained=False).model.conv1[0].weight,
+        backbone.model.conv1[0].weight,
+    )
+    with pytest.raises(
+        LookalikeError, match=r"adapt.backbones\[0\].layers: expected layer indices in \[-5, 4\] .* got 7"
+    ):
         create_layer_features("test_resnet", [7], pretrained=False)
 
 
 @pytest.fixture(scope="module")
 def omniglot_pairs(omniglot_small, tmp_path_factory) -> Path:
     """24 pairs: two drawings of the same character (drawers 1-2, 3-4, 5-6) of 8 Omniglot characters."""
-    rows = [{"left": str(next(f.glob(f"*_{d:02d}.png"))), "right": str(next(f.glob(f"*_{d + 1:02d}.png")))}
-            for f in sorted(omniglot_small.glob("*/*")) for d in (1, 3, 5)]
+    rows = [
+        {"left": str(next(f.glob(f"*_{d:02d}.png"))), "right": str(next(f.glob(f"*_{d + 1:02d}.png")))}
+        for f in sorted(omniglot_small.glob("*/*"))
+        for d in (1, 3, 5)
+    ]
     path = tmp_path_factory.mktemp("pairs") / "pairs.csv"
     pd.DataFrame(rows).to_csv(path, index=False)
     return path
 
 
 def test_run_adapt_writes_metrics_curves_and_reuses_features(omniglot_pairs, tmp_path):
-    overrides = [f"adapt.pairs={omniglot_pairs}", f"adapt.output={tmp_path}/out", f"adapt.features={tmp_path}/f.npz", "adapt.runs=2",
-                 "adapt.epochs=4", "adapt.hidden=16", "adapt.pca_dim=8", "adapt.flip=true", "adapt.validation_fraction=0.25", *TINY]
+    overrides = [
+        f"adapt.pairs={omniglot_pairs}",
+        f"adapt.output={tmp_path}/out",
+        f"adapt.features={tmp_path}/f.npz",
+        "adapt.runs=2",
+        "adapt.epochs=4",
+        "adapt.hidden=16",
+        "adapt.pca_dim=8",
+        "adapt.flip=true",
+        "adapt.validation_fraction=0.25",
+        *TINY,
+    ]
     result = run_adapt(load_config(None, overrides))
     assert not result.features_reused and result.n_pairs == 24 and len(result.runs) == 2
     assert result.runs[0].sizes == {"train": 11, "validation": 6, "test": 7}
@@ -252,13 +314,23 @@ def test_run_adapt_writes_metrics_curves_and_reuses_features(omniglot_pairs, tmp
         assert list((tmp_path / "out" / "tensorboard" / name).glob("events.out.tfevents.*"))
     assert set(torch.load(tmp_path / "out" / "run1" / "adapter.pt", weights_only=True)) == {"linear.weight"}
     assert run_adapt(load_config(None, overrides)).features_reused
-    assert len(list((tmp_path / "out" / "tensorboard" / "run0").glob("events.out.tfevents.*"))) == 1  # a rerun replaces the curves
+    assert (
+        len(list((tmp_path / "out" / "tensorboard" / "run0").glob("events.out.tfevents.*"))) == 1
+    )  # a rerun replaces the curves
     assert not run_adapt(load_config(None, [*overrides, "adapt.flip=false", "adapt.runs=1"])).features_reused
 
 
 def test_adapt_command_prints_raw_and_adapted_per_k(omniglot_pairs, tmp_path):
-    args = [f"adapt.pairs={omniglot_pairs}", f"adapt.output={tmp_path}/out", f"adapt.features={tmp_path}/f.npz", "adapt.runs=1",
-            "adapt.epochs=2", "adapt.pca_dim=null", "adapt.module=diagonal", *TINY]
+    args = [
+        f"adapt.pairs={omniglot_pairs}",
+        f"adapt.output={tmp_path}/out",
+        f"adapt.features={tmp_path}/f.npz",
+        "adapt.runs=1",
+        "adapt.epochs=2",
+        "adapt.pca_dim=null",
+        "adapt.module=diagonal",
+        *TINY,
+    ]
     done = subprocess.run([LOOKALIKE, "extract-pairs", *args], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "24 pairs, 288 features per image" in done.stdout
@@ -270,11 +342,13 @@ def test_adapt_command_prints_raw_and_adapted_per_k(omniglot_pairs, tmp_path):
     assert done.returncode == 2 and "adapt.pairs: expected a pairs CSV" in done.stderr
 
 
-# --- the reference protocol (adapt.protocol=reference) ------------------------------------------------------------------
+# --- the reference protocol (adapt.protocol=reference)
+# ------------------------------------------------------------------
 
 
 def test_reference_protocol_is_the_published_command(monkeypatch):
-    """PCA on every pair before the split, floor(25 %) test pairs and no validation, 150 full-batch epochs, Linear(-> 1024),
+    """PCA on every pair before the split, floor(25 %) test pairs and no validation, 150 full-batch epochs, Linear(->
+    1024),
     the test pairs scored after every epoch and the last epoch reported, k = 1 3 5, one run."""
     features = numbered(41)
     seen, real_fit = {}, adapt_run.fit_pca
@@ -284,19 +358,36 @@ def test_reference_protocol_is_the_published_command(monkeypatch):
         return real_fit(samples, dim, seed)
 
     monkeypatch.setattr(adapt_run, "fit_pca", spy)
-    cfg = adapt_run.protocol_config(load_config(None, ["adapt.protocol=reference", "adapt.pca_dim=3", "adapt.epochs=5", "adapt.runs=4"]))
+    cfg = adapt_run.protocol_config(
+        load_config(None, ["adapt.protocol=reference", "adapt.pca_dim=3", "adapt.epochs=5", "adapt.runs=4"])
+    )
     a = cfg.adapt
-    assert (a.epochs, a.runs, a.test_fraction, a.validation_fraction, a.top_k, a.scale, a.hidden, a.batch_size) == (150, 1, 0.25, 0.0, [1, 3, 5], 15.0, 1024, None)
+    assert (a.epochs, a.runs, a.test_fraction, a.validation_fraction, a.top_k, a.scale, a.hidden, a.batch_size) == (
+        150,
+        1,
+        0.25,
+        0.0,
+        [1, 3, 5],
+        15.0,
+        1024,
+        None,
+    )
     result, fit, pca, _ = adapt_run.run_once(features, cfg, seed=3)
     assert result.sizes == {"train": 31, "validation": 0, "test": 10}  # floor(0.25 * 41) = 10
-    assert len(seen["samples"]) == 4 * 41 and np.allclose(pca.mean, features.images(np.arange(41)).mean(0))  # all pairs, mirrors too
+    assert len(seen["samples"]) == 4 * 41 and np.allclose(
+        pca.mean, features.images(np.arange(41)).mean(0)
+    )  # all pairs, mirrors too
     assert result.best_epoch == 150 and len(fit.history) == 151
     assert set(fit.history[150]) >= {"loss/train", "test/loss", "test/top1/either", "test/top5/either"}
     assert not any(k.startswith("validation/") for k in fit.history[150])
     assert fit.module.linear.weight.shape == (1024, 3)
     last = fit.history[150]
-    assert all(last[f"test/{k}"] == pytest.approx(v) for k, v in result.adapted.items())  # reported = the last epoch's test scores
-    assert "protocol: reference" in adapt_run.protocol_summary(cfg) and "-e 150 -r 1 -t 15 --test-split 0.25 -k 1 3 5" in adapt_run.protocol_summary(cfg)
+    assert all(
+        last[f"test/{k}"] == pytest.approx(v) for k, v in result.adapted.items()
+    )  # reported = the last epoch's test scores
+    assert "protocol: reference" in adapt_run.protocol_summary(
+        cfg
+    ) and "-e 150 -r 1 -t 15 --test-split 0.25 -k 1 3 5" in adapt_run.protocol_summary(cfg)
     with pytest.raises(ConfigError, match="adapt.split: the reference protocol"):
         adapt_run.protocol_config(load_config(None, ["adapt.protocol=reference", "adapt.split=table"]))
 
@@ -315,13 +406,29 @@ def test_reference_loss_averages_the_plain_and_the_mirrored_pairs():
 
 
 def test_adapt_command_says_which_protocol_ran(omniglot_pairs, tmp_path):
-    args = [f"adapt.pairs={omniglot_pairs}", f"adapt.output={tmp_path}/out", f"adapt.features={tmp_path}/f.npz", "adapt.pca_dim=8", *TINY]
-    done = subprocess.run([LOOKALIKE, "adapt", *args, "adapt.protocol=reference"], capture_output=True, text=True, timeout=300)
+    args = [
+        f"adapt.pairs={omniglot_pairs}",
+        f"adapt.output={tmp_path}/out",
+        f"adapt.features={tmp_path}/f.npz",
+        "adapt.pca_dim=8",
+        *TINY,
+    ]
+    done = subprocess.run(
+        [LOOKALIKE, "adapt", *args, "adapt.protocol=reference"], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     assert "protocol: reference (the published train.py -e 150 -r 1 -t 15 --test-split 0.25 -k 1 3 5" in done.stdout
     assert "over 1 runs (24 pairs, 288 features)" in done.stdout and "epoch reported: the last (150)" in done.stdout
     stored = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert stored["adapt"]["protocol"] == "reference" and stored["runs"][0]["sizes"] == {"train": 18, "validation": 0, "test": 6}
-    done = subprocess.run([LOOKALIKE, "adapt", *args, "adapt.runs=1", "adapt.epochs=2"], capture_output=True, text=True, timeout=300)
+    assert stored["adapt"]["protocol"] == "reference" and stored["runs"][0]["sizes"] == {
+        "train": 18,
+        "validation": 0,
+        "test": 6,
+    }
+    done = subprocess.run(
+        [LOOKALIKE, "adapt", *args, "adapt.runs=1", "adapt.epochs=2"], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
-    assert "protocol: lookalike (PCA fitted on each run's training pairs; epoch chosen on validation pairs" in done.stdout
+    assert (
+        "protocol: lookalike (PCA fitted on each run's training pairs; epoch chosen on validation pairs" in done.stdout
+    )

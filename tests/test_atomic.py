@@ -43,7 +43,9 @@ def mode(path: Path) -> int:
 
 def start_writer(kind: str, target: Path) -> subprocess.Popen:
     """A real process that writes `target` and stops halfway until it reads a line."""
-    process = subprocess.Popen([sys.executable, "-c", WRITER, kind, str(target)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", WRITER, kind, str(target)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     assert process.stdout.readline() == "writing\n"
     return process
 
@@ -86,9 +88,22 @@ def test_the_index_command_follows_the_umask(omniglot_small, tmp_path):
     table = tmp_path / "table.csv"
     import_folder(omniglot_small, validation_fraction=0.5, seed=0).save(table)
     index = tmp_path / "index"
-    subprocess.run([LOOKALIKE, "index", f"data.table={table}", "model.name=test_resnet", "model.pretrained=false", "data.image_size=32",
-                    f"serve.index_dir={index}", "serve.gallery=validation", "trainer.progress=false"], check=True, umask=umask,
-                   capture_output=True)
+    subprocess.run(
+        [
+            LOOKALIKE,
+            "index",
+            f"data.table={table}",
+            "model.name=test_resnet",
+            "model.pretrained=false",
+            "data.image_size=32",
+            f"serve.index_dir={index}",
+            "serve.gallery=validation",
+            "trainer.progress=false",
+        ],
+        check=True,
+        umask=umask,
+        capture_output=True,
+    )
     assert oct(mode(index)) == oct(0o750)
     files = sorted(index.iterdir())
     assert {p.name for p in files} >= {"index.json", "model.pt", "gallery.csv", "embeddings.npz"}

@@ -1,5 +1,6 @@
 """Bad config values, weights files, resume checkpoints and index folders (issue 14, items 7-8): each fails in one line
-naming the field or file (exit code 2 from the command) and leaves nothing behind, instead of a traceback or a silent run."""
+naming the field or file (exit code 2 from the command) and leaves nothing behind, instead of a traceback or a silent
+run."""
 
 from __future__ import annotations
 
@@ -23,8 +24,21 @@ from lookalike.search import RetrievalResults
 from lookalike.serve import build_index, load_index
 from lookalike.train import run_train
 
-SMALL = ["model.name=resnet18", "model.pretrained=false", "data.image_size=32", "data.crop_fraction=1.0", "data.batch_size=32"]
-TRAIN = ["train.p=2", "train.k=4", "train.augment=none", "trainer.accelerator=cpu", "trainer.progress=false", "search.k=20"]
+SMALL = [
+    "model.name=resnet18",
+    "model.pretrained=false",
+    "data.image_size=32",
+    "data.crop_fraction=1.0",
+    "data.batch_size=32",
+]
+TRAIN = [
+    "train.p=2",
+    "train.k=4",
+    "train.augment=none",
+    "trainer.accelerator=cpu",
+    "trainer.progress=false",
+    "search.k=20",
+]
 
 
 def cli(*args: str):
@@ -49,7 +63,15 @@ def table_csv(omniglot_small, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def index_dir(table_csv) -> Path:
-    cfg = load_config(None, [*SMALL, f"data.table={table_csv}", f"serve.index_dir={table_csv.parent / 'index'}", "serve.gallery=validation"])
+    cfg = load_config(
+        None,
+        [
+            *SMALL,
+            f"data.table={table_csv}",
+            f"serve.index_dir={table_csv.parent / 'index'}",
+            "serve.gallery=validation",
+        ],
+    )
     return build_index(cfg, table_from_config(cfg), extractor_from_config(cfg))
 
 
@@ -81,7 +103,9 @@ def test_out_of_range_value_names_the_field_and_bound(override, message):
 def test_unresolvable_interpolation_names_the_field():
     with pytest.raises(ConfigError, match=r"^model\.name: cannot resolve the interpolation \(.*'nope' not found\)$"):
         load_config(None, ["model.name=${nope}"])
-    assert load_config(None, ["extract.output=${train.output}/e.npz"]).extract.output == "runs/train/e.npz"  # a good one resolves
+    assert (
+        load_config(None, ["extract.output=${train.output}/e.npz"]).extract.output == "runs/train/e.npz"
+    )  # a good one resolves
 
 
 def test_yaml_file_with_non_utf8_bytes(tmp_path):
@@ -112,10 +136,14 @@ def test_metrics_refuse_a_cutoff_of_zero():
 
 def test_weights_of_another_architecture_name_missing_and_unexpected_keys(tmp_path):
     torch.save(Extractor("resnet34").state_dict(), tmp_path / "r34.pt")  # ResNet-18's keys are a subset of ResNet-34's
-    with pytest.raises(LookalikeError, match=r"r34\.pt has 96 weights this model does not, e.g\. 'backbone\.layer1\.2\.conv1\.weight'"):
+    with pytest.raises(
+        LookalikeError, match=r"r34\.pt has 96 weights this model does not, e.g\. 'backbone\.layer1\.2\.conv1\.weight'"
+    ):
         load_weights(Extractor("resnet18"), tmp_path / "r34.pt")
     torch.save(Extractor("resnet18").state_dict(), tmp_path / "r18.pt")
-    with pytest.raises(LookalikeError, match=r"r18\.pt lacks 96 weights of this model, e\.g\. 'backbone\.layer1\.2\.conv1\.weight'"):
+    with pytest.raises(
+        LookalikeError, match=r"r18\.pt lacks 96 weights of this model, e\.g\. 'backbone\.layer1\.2\.conv1\.weight'"
+    ):
         load_weights(Extractor("resnet34"), tmp_path / "r18.pt")
 
 
@@ -126,15 +154,23 @@ def test_weights_of_another_embedding_size_name_the_parameter_and_both_shapes(ta
         load_weights(Extractor("resnet18", embedding_dim=16), tmp_path / "e8.pt")
     assert message in str(info.value)
     folder = tmp_path / "index"
-    code, stderr = cli("index", f"data.table={table_csv}", *SMALL, "model.embedding_dim=16", f"model.weights={tmp_path / 'e8.pt'}",
-                       f"serve.index_dir={folder}")
+    code, stderr = cli(
+        "index",
+        f"data.table={table_csv}",
+        *SMALL,
+        "model.embedding_dim=16",
+        f"model.weights={tmp_path / 'e8.pt'}",
+        f"serve.index_dir={folder}",
+    )
     assert_one_line_error(code, stderr, "model.weights:", message)
     assert not folder.exists()
 
 
 def test_a_timm_checkpoint_loads_into_a_headless_backbone(tmp_path):
     source = timm.create_model("resnet18", num_classes=10)
-    torch.save(source.state_dict(), tmp_path / "timm.pt")  # fc.weight, fc.bias: left out, as timm does for num_classes=0
+    torch.save(
+        source.state_dict(), tmp_path / "timm.pt"
+    )  # fc.weight, fc.bias: left out, as timm does for num_classes=0
     loaded = load_weights(timm.create_model("resnet18", num_classes=0), tmp_path / "timm.pt")
     torch.testing.assert_close(loaded.conv1.weight, source.conv1.weight)
 
@@ -164,11 +200,20 @@ def write_truncated(path: Path) -> None:
 @pytest.mark.parametrize(
     ("write", "message"),
     [
-        pytest.param(lambda p: p.write_bytes(np.random.default_rng(1).bytes(2048)), "is not a PyTorch checkpoint", id="random-bytes"),
-        pytest.param(lambda p: torch.save(Extractor("resnet18").state_dict(), p), "is not a Lightning training checkpoint (no 'state_dict'",
-                     id="plain-state-dict"),
+        pytest.param(
+            lambda p: p.write_bytes(np.random.default_rng(1).bytes(2048)),
+            "is not a PyTorch checkpoint",
+            id="random-bytes",
+        ),
+        pytest.param(
+            lambda p: torch.save(Extractor("resnet18").state_dict(), p),
+            "is not a Lightning training checkpoint (no 'state_dict'",
+            id="plain-state-dict",
+        ),
         pytest.param(write_truncated, "is not a PyTorch checkpoint", id="truncated"),
-        pytest.param(lambda p: torch.save(lightning_like(Extractor("resnet34").state_dict()), p), "lacks", id="another-model"),
+        pytest.param(
+            lambda p: torch.save(lightning_like(Extractor("resnet34").state_dict()), p), "lacks", id="another-model"
+        ),
     ],
 )
 def test_bad_resume_file_fails_before_any_log_is_written(table_csv, tmp_path, write, message):
@@ -185,7 +230,9 @@ def test_bad_resume_file_fails_before_any_log_is_written(table_csv, tmp_path, wr
 def test_bad_resume_on_the_command_line_is_one_line(table_csv, tmp_path):
     torch.save(Extractor("resnet18").state_dict(), tmp_path / "plain.pt")
     out = tmp_path / "run"
-    code, stderr = cli("train", f"data.table={table_csv}", *SMALL, *TRAIN, f"train.output={out}", "--resume", tmp_path / "plain.pt")
+    code, stderr = cli(
+        "train", f"data.table={table_csv}", *SMALL, *TRAIN, f"train.output={out}", "--resume", tmp_path / "plain.pt"
+    )
     assert_one_line_error(code, stderr, "--resume:", "plain.pt is not a Lightning training checkpoint")
     assert not out.exists()
 

@@ -9,7 +9,14 @@ import pytest
 from lookalike.data.table import validate_table
 from lookalike.embeddings import Embeddings
 from lookalike.errors import LookalikeError, LookalikeWarning
-from lookalike.search import PAD, evaluate_centroids, exclusion_groups, gallery_centroids, search_centroids, search_table
+from lookalike.search import (
+    PAD,
+    evaluate_centroids,
+    exclusion_groups,
+    gallery_centroids,
+    search_centroids,
+    search_table,
+)
 
 
 def make_table(tmp_path, labels, sequences=None, is_query=None, is_gallery=None):
@@ -40,7 +47,11 @@ def by_id(results, distances: bool = False) -> dict[str, list]:
     """Per query id, the retrieved gallery ids (or (id, distance) pairs), empty slots left out."""
     out = {}
     for q, row, dist in zip(results.query_ids, results.indices, results.distances):
-        out[q] = [(results.gallery_ids[j], float(d)) if distances else results.gallery_ids[j] for j, d in zip(row, dist) if j != PAD]
+        out[q] = [
+            (results.gallery_ids[j], float(d)) if distances else results.gallery_ids[j]
+            for j, d in zip(row, dist)
+            if j != PAD
+        ]
     return out
 
 
@@ -58,8 +69,15 @@ def test_centroids_are_normalised_means_of_the_raw_vectors():
 def test_per_sequence_centroids_group_by_label_and_sequence():
     gallery = embeddings_of([[1, 0], [0, 1], [3, 0], [1, 1], [2, 2]])
     labels = np.array([7, 7, 7, 8, 7])
-    c = gallery_centroids(gallery, labels, np.array(["7_c1", "7_c2", "7_c1", "8_c1", None], dtype=object), normalize=False)
-    assert c.embeddings.ids.tolist() == ["label=7|sequence=7_c1", "label=7|sequence=7_c2", "label=8|sequence=8_c1", "label=7|sequence=item:4.png"]
+    c = gallery_centroids(
+        gallery, labels, np.array(["7_c1", "7_c2", "7_c1", "8_c1", None], dtype=object), normalize=False
+    )
+    assert c.embeddings.ids.tolist() == [
+        "label=7|sequence=7_c1",
+        "label=7|sequence=7_c2",
+        "label=8|sequence=8_c1",
+        "label=7|sequence=item:4.png",
+    ]
     np.testing.assert_allclose(c.embeddings.vectors, [[2, 0], [0, 1], [1, 1], [2, 2]])
     assert c.counts.tolist() == [2, 1, 1, 1] and c.labels.tolist() == [7, 7, 8, 7]
     assert len(set(c.groups.tolist())) == 4  # the item without a sequence is its own group
@@ -95,7 +113,9 @@ def test_leave_one_out_distances_by_hand(tmp_path):
 
 def test_query_outside_the_gallery_sees_the_plain_centroid(tmp_path):
     vectors = [[1, 0], [0.6, 0.8], [0, 1], [0.5, 0.5]]
-    table = make_table(tmp_path, [1, 1, 2, 1], is_query=[False, False, False, True], is_gallery=[True, True, True, False])
+    table = make_table(
+        tmp_path, [1, 1, 2, 1], is_query=[False, False, False, True], is_gallery=[True, True, True, False]
+    )
     results, _, n_rel = search_centroids(embeddings_of(vectors), table, k=2)
     got = by_id(results, distances=True)["3.png"]
     assert got[0][0] == "label=1" and got[0][1] == pytest.approx(1 - unit([0.5, 0.5]) @ unit([0.8, 0.4]), abs=1e-6)
@@ -160,7 +180,12 @@ def test_query_never_sees_the_centroid_of_its_own_camera_unlike_ctl(tmp_path):
     vectors = [[1, 0], [0, 1], [0.8, 0.6], [0.9, 0.1], [0, 1], [-1, 0]]
     table = make_table(tmp_path, labels, sequences, is_query, is_gallery)
     results, _, n_rel = search_centroids(embeddings_of(vectors), table, k=4, per_sequence=True)
-    assert results.gallery_ids.tolist() == ["label=7|sequence=7_c2", "label=7|sequence=7_c1", "label=8|sequence=8_c1", "label=9|sequence=9_c1"]
+    assert results.gallery_ids.tolist() == [
+        "label=7|sequence=7_c2",
+        "label=7|sequence=7_c1",
+        "label=8|sequence=8_c1",
+        "label=9|sequence=9_c1",
+    ]
     seen = by_id(results)["0.png"]
     assert "label=7|sequence=7_c2" in seen and "label=7|sequence=7_c1" not in seen
     assert len(seen) == 3 and n_rel.tolist() == [1, 1]
@@ -182,7 +207,9 @@ def test_per_sequence_without_sequences_is_item_search(tmp_path):
         cent, _, _ = search_centroids(emb, table, k=12, per_sequence=True)
         items = search_table(emb, table, k=12)
     np.testing.assert_allclose(cent.distances, items.distances, atol=1e-5)
-    assert cent.k == items.k == 11 and not (cent.indices == PAD).any()  # one hidden item each (itself): clamped, not padded
+    assert (
+        cent.k == items.k == 11 and not (cent.indices == PAD).any()
+    )  # one hidden item each (itself): clamped, not padded
 
 
 def test_metrics_with_centroids_on_a_known_toy_set(tmp_path):
@@ -203,7 +230,9 @@ def test_metrics_with_centroids_on_a_known_toy_set(tmp_path):
 
 def test_query_without_any_other_item_of_its_label_is_reported(tmp_path):
     table = make_table(tmp_path, [1, 1, 2], sequences=["s", "s", "t"])
-    _, report = evaluate_centroids(embeddings_of([[1, 0], [0.9, 0.1], [0, 1]]), table, k=2, cmc_k=(1,), precision_k=(1,), map_k=(1,))
+    _, report = evaluate_centroids(
+        embeddings_of([[1, 0], [0.9, 0.1], [0, 1]]), table, k=2, cmc_k=(1,), precision_k=(1,), map_k=(1,)
+    )
     assert report.no_relevant_ids == ["0.png", "1.png", "2.png"]  # label 1 lives in one sequence only
 
 

@@ -18,14 +18,24 @@ LOOKALIKE = str(Path(sys.executable).parent / "lookalike")
 FAST_MODEL = ["model.name=test_resnet", "model.pretrained=false", "data.image_size=32", "data.batch_size=32"]
 
 
-def run(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([LOOKALIKE, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env)
+def run(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [LOOKALIKE, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env
+    )
 
 
 def offline_env(home: Path) -> dict[str, str]:
     """This environment with the hub at a closed local port, no proxy and an empty weights cache: a machine offline."""
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and not k.startswith("HF_")}
-    return {**env, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_ETAG_TIMEOUT": "1", "HF_HOME": str(home), "TORCH_HOME": str(home)}
+    return {
+        **env,
+        "HF_ENDPOINT": "http://127.0.0.1:9",
+        "HF_HUB_ETAG_TIMEOUT": "1",
+        "HF_HOME": str(home),
+        "TORCH_HOME": str(home),
+    }
 
 
 def test_pipeline_import_extract_search_evaluate(omniglot_small, tmp_path):
@@ -35,10 +45,15 @@ def test_pipeline_import_extract_search_evaluate(omniglot_small, tmp_path):
     assert "160 images, 8 labels" in done.stdout
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(
-        f"data:\n  table: {table}\nextract:\n  output: {tmp_path}/emb.npz\nsearch:\n  output: {tmp_path}/res.npz\n  k: 10\n"
+        f"data:\n  table: {table}\nextract:\n  output: {tmp_path}/emb.npz\nsearch:\n  output: {tmp_path}/res.npz\n  k: "
+        "10\n"
         f"evaluate:\n  output: {tmp_path}/metrics.json\n  grid: {tmp_path}/grid.png\n  cmc_plot: {tmp_path}/cmc.png\n"
     )
-    loops = {"extract": "embedding: 3/3 batches done in ", "search": "searching: 1/1 query blocks done in ", "evaluate": ""}
+    loops = {
+        "extract": "embedding: 3/3 batches done in ",
+        "search": "searching: 1/1 query blocks done in ",
+        "evaluate": "",
+    }
     for step, loop in loops.items():
         done = run(step, cfg, *FAST_MODEL)
         assert done.returncode == 0, f"{step}: {done.stderr}"
@@ -63,8 +78,14 @@ def test_offline_pretrained_model_is_one_line(omniglot_small, tmp_path):
     table = tmp_path / "table.csv"
     import_folder(omniglot_small, validation_fraction=0.5).save(table)
     # the README's first model command, as a machine without internet runs it (tests/test_hub.py: at once, no retries)
-    done = run("extract", f"data.table={table}", f"extract.output={tmp_path / 'e.npz'}", "model.name=resnet18", "data.image_size=32",
-               env=offline_env(tmp_path / "home"))
+    done = run(
+        "extract",
+        f"data.table={table}",
+        f"extract.output={tmp_path / 'e.npz'}",
+        "model.name=resnet18",
+        "data.image_size=32",
+        env=offline_env(tmp_path / "home"),
+    )
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0, done.stderr
     assert "model.pretrained: could not download weights for resnet18 (http://127.0.0.1:9 unreachable" in done.stderr
     assert "use model.pretrained=false to train from scratch, or model.weights=PATH for a local file" in done.stderr
@@ -74,7 +95,9 @@ def test_offline_pretrained_model_is_one_line(omniglot_small, tmp_path):
 def test_extract_device_auto_runs(omniglot_small, tmp_path):
     table = tmp_path / "table.csv"
     import_folder(omniglot_small, validation_fraction=0.5).save(table)
-    done = run("extract", f"data.table={table}", f"extract.output={tmp_path / 'e.npz'}", *FAST_MODEL, "extract.device=auto")
+    done = run(
+        "extract", f"data.table={table}", f"extract.output={tmp_path / 'e.npz'}", *FAST_MODEL, "extract.device=auto"
+    )
     assert done.returncode == 0, done.stderr
     assert Embeddings.load(tmp_path / "e.npz").vectors.shape[0] == 80  # the validation split
 
@@ -90,7 +113,22 @@ def test_missing_table_key_is_explained():
     assert done.returncode == 2 and "data.table: expected the path of a dataset CSV" in done.stderr
 
 
-@pytest.mark.parametrize("command", ["import-folder", "extract", "search", "evaluate", "rerank", "icfrr", "index", "serve", "demo", "train", "validate"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        "import-folder",
+        "extract",
+        "search",
+        "evaluate",
+        "rerank",
+        "icfrr",
+        "index",
+        "serve",
+        "demo",
+        "train",
+        "validate",
+    ],
+)
 def test_every_command_has_help(command):
     done = run(command, "--help")
     assert done.returncode == 0 and "Usage" in done.stdout
@@ -99,8 +137,19 @@ def test_every_command_has_help(command):
 STAGE_LINE = re.compile(r"^stage (.+): (CMC@1|mAP@all) ([\d.]+) -> ([\d.]+) \(([+-][\d.]+) points\)$", re.MULTILINE)
 
 
-SHORT_DEMO = ("model.name=test_resnet", "data.image_size=32", "train.epochs=1", "train.val_every=1", "train.batches_per_epoch=4",
-              "--pairwise", "train.epochs=1", "--pairwise", "train.val_every=1", "--pairwise", "train.batches_per_epoch=4")
+SHORT_DEMO = (
+    "model.name=test_resnet",
+    "data.image_size=32",
+    "train.epochs=1",
+    "train.val_every=1",
+    "train.batches_per_epoch=4",
+    "--pairwise",
+    "train.epochs=1",
+    "--pairwise",
+    "train.val_every=1",
+    "--pairwise",
+    "train.batches_per_epoch=4",
+)
 
 
 def test_demo_on_omniglot_prints_a_line_for_every_stage(tmp_path):
@@ -110,7 +159,11 @@ def test_demo_on_omniglot_prints_a_line_for_every_stage(tmp_path):
     done = run("demo", "--out", tmp_path / "demo", "trainer.progress=false", *SHORT_DEMO, timeout=900)
     assert done.returncode == 0, done.stderr
     stages = STAGE_LINE.findall(done.stdout)
-    assert [s[0] for s in stages] == ["trained extractor", "k-reciprocal re-ranking", "STIR pairwise re-ranker (top 5)"], done.stdout
+    assert [s[0] for s in stages] == [
+        "trained extractor",
+        "k-reciprocal re-ranking",
+        "STIR pairwise re-ranker (top 5)",
+    ], done.stdout
     for name, _, before, after, points in stages:
         assert float(points) == pytest.approx(100 * (float(after) - float(before)), abs=0.11), name
     out = tmp_path / "demo"
@@ -127,11 +180,23 @@ def test_demo_on_omniglot_prints_a_line_for_every_stage(tmp_path):
 
 
 def test_demo_keeps_the_digits_as_an_option(tmp_path):
-    done = run("demo", "--dataset", "digits", "--no-rerank", "--out", tmp_path, "model.name=test_resnet", "data.image_size=32",
-               "train.epochs=1", "trainer.progress=false")
+    done = run(
+        "demo",
+        "--dataset",
+        "digits",
+        "--no-rerank",
+        "--out",
+        tmp_path,
+        "model.name=test_resnet",
+        "data.image_size=32",
+        "train.epochs=1",
+        "trainer.progress=false",
+    )
     assert done.returncode == 0, done.stderr
     assert len(list((tmp_path / "digits").glob("*/*.png"))) == 1797
-    assert STAGE_LINE.findall(done.stdout)[0][0] == "trained extractor" and (tmp_path / "metrics_untrained.json").is_file()
+    assert (
+        STAGE_LINE.findall(done.stdout)[0][0] == "trained extractor" and (tmp_path / "metrics_untrained.json").is_file()
+    )
 
 
 ICFRR_EXAMPLE = Path(__file__).resolve().parent / "data" / "icfrr_example" / "-1"
@@ -154,16 +219,24 @@ def test_search_k_above_the_gallery_is_clamped_in_one_line(omniglot_small, tmp_p
     """Was: search.k=5000 silently padded every list to 5000 columns."""
     import numpy as np
 
-    from lookalike.search import RetrievalResults
-
     from lookalike.data.table import load_table
+    from lookalike.search import RetrievalResults
 
     import_folder(omniglot_small, validation_fraction=0.5, seed=1).save(tmp_path / "table.csv")
     paths = load_table(tmp_path / "table.csv").frame["path"].to_numpy(str)
-    Embeddings(np.random.default_rng(0).standard_normal((len(paths), 8)).astype(np.float32), paths).save(tmp_path / "emb.npz")
-    done = run("search", f"data.table={tmp_path / 'table.csv'}", f"extract.output={tmp_path / 'emb.npz'}",
-               f"search.output={tmp_path / 'res.npz'}", "search.k=5000")
+    Embeddings(np.random.default_rng(0).standard_normal((len(paths), 8)).astype(np.float32), paths).save(
+        tmp_path / "emb.npz"
+    )
+    done = run(
+        "search",
+        f"data.table={tmp_path / 'table.csv'}",
+        f"extract.output={tmp_path / 'emb.npz'}",
+        f"search.output={tmp_path / 'res.npz'}",
+        "search.k=5000",
+    )
     assert done.returncode == 0, done.stderr
     clamp = "warning: search.k: 5000 is more than the 79 gallery items a query may see; the lists hold 79"
-    assert [line for line in done.stderr.splitlines() if "search.k" in line] == [clamp]  # one line (beside progress lines)
+    assert [line for line in done.stderr.splitlines() if "search.k" in line] == [
+        clamp
+    ]  # one line (beside progress lines)
     assert "top-79 of 80 queries" in done.stdout and RetrievalResults.load(tmp_path / "res.npz").k == 79

@@ -35,7 +35,9 @@ def test_defaults():
 
 
 def test_yaml_file_and_overrides_precedence(tmp_path):
-    path = write_yaml(tmp_path, "model:\n  name: resnet18\n  pretrained: false\ndata:\n  batch_size: 8\n  table: data/t.csv\n")
+    path = write_yaml(
+        tmp_path, "model:\n  name: resnet18\n  pretrained: false\ndata:\n  batch_size: 8\n  table: data/t.csv\n"
+    )
     from_file = load_config(path)
     assert from_file.model.name == "resnet18"  # file over defaults
     assert from_file.model.pretrained is False
@@ -52,7 +54,15 @@ def test_later_override_wins():
 
 
 def test_override_values_are_typed():
-    cfg = load_config(overrides=["data.crop_fraction=1", "model.pretrained=false", "model.embedding_dim=128", "evaluate.grid=null", "data.root=/x"])
+    cfg = load_config(
+        overrides=[
+            "data.crop_fraction=1",
+            "model.pretrained=false",
+            "model.embedding_dim=128",
+            "evaluate.grid=null",
+            "data.root=/x",
+        ]
+    )
     assert cfg.data.crop_fraction == 1.0 and isinstance(cfg.data.crop_fraction, float)
     assert cfg.model.pretrained is False
     assert cfg.model.embedding_dim == 128
@@ -97,7 +107,11 @@ def test_valid_keys_lists_every_leaf():
 
 
 def test_unknown_override_key_lists_its_section():
-    err = config_error(r"^override: unknown key 'model\.nam'; valid keys: model\.name, model\.pretrained, model\.weights, model\.embedding_dim, model\.normalize, model\.last_stride, model\.bnneck$", overrides=["model.nam=x"])
+    err = config_error(
+        r"^override: unknown key 'model\.nam'; valid keys: model\.name, model\.pretrained, model\.weights, "
+        r"model\.embedding_dim, model\.normalize, model\.last_stride, model\.bnneck$",
+        overrides=["model.nam=x"],
+    )
     assert "data.table" not in str(err)
 
 
@@ -108,7 +122,11 @@ def test_unknown_override_section_lists_all_keys():
 
 def test_unknown_yaml_key_lists_its_section(tmp_path):
     path = write_yaml(tmp_path, "search:\n  k: 5\n  topk: 3\n")
-    err = config_error(rf"^{re.escape(str(path))}: unknown key 'search\.topk'; valid keys: search\.embeddings, search\.output, search\.k, ", path)
+    err = config_error(
+        rf"^{re.escape(str(path))}: unknown key 'search\.topk'; valid keys: search\.embeddings, search\.output, "
+        r"search\.k, ",
+        path,
+    )
     assert "model.name" not in str(err)
 
 
@@ -149,7 +167,9 @@ def test_yaml_that_is_not_a_mapping(tmp_path):
 
 @pytest.mark.parametrize("override", ["model.name", "=resnet18", ""])
 def test_override_without_equals(override):
-    config_error(rf"^override '{override}': expected key=value, e\.g\. model\.name=resnet18$", overrides=["search.k=3", override])
+    config_error(
+        rf"^override '{override}': expected key=value, e\.g\. model\.name=resnet18$", overrides=["search.k=3", override]
+    )
 
 
 def test_malformed_override_value():

@@ -11,7 +11,9 @@ from lookalike.search.results import RetrievalResults
 
 
 def _stage(name: str, cmc1: float, map_all: float) -> Stage:
-    results = RetrievalResults(np.zeros((1, 1), np.int64), np.zeros((1, 1), np.float32), np.array(["q"]), np.array(["g"]))
+    results = RetrievalResults(
+        np.zeros((1, 1), np.int64), np.zeros((1, 1), np.float32), np.array(["q"]), np.array(["g"])
+    )
     report = MetricsReport(per_query={}, means={"cmc@1": cmc1, "map@all": map_all}, n_queries=1, no_relevant_ids=[])
     return Stage(name, results, report)
 
@@ -26,4 +28,7 @@ def test_each_stage_states_its_headline_gain_over_the_one_before():
 
 
 def test_a_stage_that_hurts_prints_a_negative_gain():
-    assert StageGain("trained extractor", "cmc@1", 0.412, 0.3).line() == "stage trained extractor: CMC@1 0.412 -> 0.300 (-11.2 points)"
+    assert (
+        StageGain("trained extractor", "cmc@1", 0.412, 0.3).line()
+        == "stage trained extractor: CMC@1 0.412 -> 0.300 (-11.2 points)"
+    )

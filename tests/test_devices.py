@@ -22,7 +22,9 @@ def test_auto_resolves_to_the_best_device_present():
 @pytest.mark.parametrize("field", ["extract.device", "search.device", "adapt.device"])
 def test_every_device_field_accepts_auto_and_names_a_bad_value(field):
     assert load_config(None, [f"{field}=auto"]).model_dump()[field.split(".")[0]]["device"] == "auto"
-    with pytest.raises(ConfigError, match=rf"^{field}: Value error, expected auto, cpu, cuda, cuda:N or mps, got 'gpu'$"):
+    with pytest.raises(
+        ConfigError, match=rf"^{field}: Value error, expected auto, cpu, cuda, cuda:N or mps, got 'gpu'$"
+    ):
         load_config(None, [f"{field}=gpu"])
 
 

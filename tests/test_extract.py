@@ -24,7 +24,9 @@ def test_embeddings_are_l2_normalised_and_in_row_order(table):
     torch.manual_seed(0)
     model = Extractor("test_resnet", embedding_dim=24)
     calls = []
-    emb = extract_embeddings(model, table, eval_transform(32), batch_size=16, progress=lambda it, n: calls.append(n) or it)
+    emb = extract_embeddings(
+        model, table, eval_transform(32), batch_size=16, progress=lambda it, n: calls.append(n) or it
+    )
     assert emb.vectors.shape == (len(table), 24)
     np.testing.assert_allclose(np.linalg.norm(emb.vectors, axis=1), 1, atol=1e-5)
     assert emb.ids.tolist() == table.frame["path"].tolist()
@@ -36,8 +38,11 @@ def test_embeddings_are_l2_normalised_and_in_row_order(table):
 def test_lightning_checkpoint_with_prefix_loads(tmp_path, table):
     torch.manual_seed(1)
     trained = Extractor("test_resnet")
-    ckpt = {"state_dict": {f"model.{k}": v for k, v in trained.state_dict().items()}, "epoch": 3,
-            "optimizer_states": [{"lr": np.float64(1e-4), "step": np.int64(7)}]}  # numpy scalars, as older checkpoints hold
+    ckpt = {
+        "state_dict": {f"model.{k}": v for k, v in trained.state_dict().items()},
+        "epoch": 3,
+        "optimizer_states": [{"lr": np.float64(1e-4), "step": np.int64(7)}],
+    }  # numpy scalars, as older checkpoints hold
     torch.save(ckpt, tmp_path / "last.ckpt")
     torch.manual_seed(2)
     fresh = load_weights(Extractor("test_resnet"), tmp_path / "last.ckpt")

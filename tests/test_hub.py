@@ -28,7 +28,11 @@ CREATORS = {
     "adapt.backbones[0]": lambda: create_layer_features("resnet18", [-1], pretrained=True, field="adapt.backbones[0]"),
     "pairwise": lambda: create_backbone(PairwiseSpec(name="resnet18", image_size=32), pretrained=True),
 }
-LOCAL = {"model": "model.weights=PATH", "adapt.backbones[0]": "adapt.backbones[0].weights=PATH", "pairwise": "pairwise.init_from_extractor=true"}
+LOCAL = {
+    "model": "model.weights=PATH",
+    "adapt.backbones[0]": "adapt.backbones[0].weights=PATH",
+    "pairwise": "pairwise.init_from_extractor=true",
+}
 
 
 @pytest.mark.parametrize("field", list(CREATORS))
@@ -42,13 +46,20 @@ def test_hub_offline_mode_is_one_line_naming_the_field(field, empty_cache, monke
 
 
 def test_unreachable_hub_fails_at_once_without_retries(empty_cache, monkeypatch):
-    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # a closed port: refused at once, retried for a minute
+    monkeypatch.setattr(
+        constants, "ENDPOINT", "http://127.0.0.1:9"
+    )  # a closed port: refused at once, retried for a minute
     assert hub_unreachable().startswith("http://127.0.0.1:9 unreachable: ConnectionRefusedError")
     started = time.perf_counter()
-    with pytest.raises(LookalikeError, match=r"model.pretrained: could not download weights for resnet18 \(http://127.0.0.1:9 unreachable"):
+    with pytest.raises(
+        LookalikeError,
+        match=r"model.pretrained: could not download weights for resnet18 \(http://127.0.0.1:9 unreachable",
+    ):
         Extractor("resnet18", pretrained=True)
     assert time.perf_counter() - started < 20  # the hub's retries alone sleep 46 s
-    assert constants.HF_HUB_OFFLINE is False or constants.is_offline_mode() == constants.HF_HUB_OFFLINE  # offline mode restored
+    assert (
+        constants.HF_HUB_OFFLINE is False or constants.is_offline_mode() == constants.HF_HUB_OFFLINE
+    )  # offline mode restored
 
 
 def test_unknown_model_still_names_the_name_field():

@@ -1,4 +1,5 @@
-"""The CTL backbones: ResNet50-IBN-a registered with timm (IBN in stages 1-3 only, forward, local weights, official key names) and last stride 1."""
+"""The CTL backbones: ResNet50-IBN-a registered with timm (IBN in stages 1-3 only, forward, local weights, official key
+names) and last stride 1."""
 
 from __future__ import annotations
 
@@ -45,7 +46,9 @@ def test_ibn_normalises_each_half_its_own_way():
     x = torch.randn(4, 6, 5, 5) * 3 + 2
     y = ibn(x)
     torch.testing.assert_close(y[:, :3].mean((2, 3)), torch.zeros(4, 3), atol=1e-5, rtol=0)  # per image and channel
-    torch.testing.assert_close(y[:, 3:].mean((0, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0)  # per channel over the batch
+    torch.testing.assert_close(
+        y[:, 3:].mean((0, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0
+    )  # per channel over the batch
     assert y[:, 3:].mean((2, 3)).abs().max() > 0.1  # but not per image
 
 
@@ -54,8 +57,16 @@ def test_forward_shape_and_official_key_names(model):
         assert model(torch.randn(2, 3, 64, 32)).shape == (2, 2048)
     keys = set(model.state_dict())
     # names of the IBN-Net / centroids-reid ResNet_IBN checkpoints (fc dropped with num_classes=0)
-    for key in ("conv1.weight", "bn1.running_mean", "layer1.0.bn1.IN.weight", "layer1.0.bn1.BN.running_var", "layer3.5.bn1.IN.bias",
-                "layer4.0.bn1.weight", "layer4.0.downsample.0.weight", "layer4.2.bn3.running_mean"):
+    for key in (
+        "conv1.weight",
+        "bn1.running_mean",
+        "layer1.0.bn1.IN.weight",
+        "layer1.0.bn1.BN.running_var",
+        "layer3.5.bn1.IN.bias",
+        "layer4.0.bn1.weight",
+        "layer4.0.downsample.0.weight",
+        "layer4.2.bn3.running_mean",
+    ):
         assert key in keys
     assert not any(k.startswith("layer4") and ".IN." in k for k in keys)
 
@@ -67,7 +78,9 @@ def test_weights_round_trip_through_a_local_file(tmp_path):
         for p in source.parameters():
             p.add_(torch.randn_like(p) * 0.01)
     path = tmp_path / "r50_ibn_a.pth"
-    torch.save({f"module.{k}": v for k, v in source.state_dict().items()}, path)  # a backbone-only file, with fc and a prefix
+    torch.save(
+        {f"module.{k}": v for k, v in source.state_dict().items()}, path
+    )  # a backbone-only file, with fc and a prefix
     cfg = load_config(None, ["model.name=resnet50_ibn_a", "model.pretrained=true", f"model.weights={path}"])
     extractor = extractor_from_config(cfg)  # pretrained=true with a weights file: the file, no download
     own = extractor.backbone.state_dict()
@@ -84,10 +97,25 @@ def test_pretrained_without_a_file_is_one_line_error(omniglot_small, tmp_path):
     with pytest.raises(LookalikeError, match="resnet50_ibn_a has no weights to download; pass a local file"):
         Extractor("resnet50_ibn_a", pretrained=True)
     import_folder(omniglot_small, validation_fraction=0.5, seed=0).save(tmp_path / "table.csv")
-    done = subprocess.run([LOOKALIKE, "extract", "model.name=resnet50_ibn_a", "model.pretrained=true", f"data.table={tmp_path / 'table.csv'}",
-                           f"extract.output={tmp_path / 'emb.npz'}"], check=False, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            LOOKALIKE,
+            "extract",
+            "model.name=resnet50_ibn_a",
+            "model.pretrained=true",
+            f"data.table={tmp_path / 'table.csv'}",
+            f"extract.output={tmp_path / 'emb.npz'}",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0
-    assert "model.pretrained: resnet50_ibn_a has no weights to download" in done.stderr and not (tmp_path / "emb.npz").exists()
+    assert (
+        "model.pretrained: resnet50_ibn_a has no weights to download" in done.stderr
+        and not (tmp_path / "emb.npz").exists()
+    )
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50_ibn_a"])

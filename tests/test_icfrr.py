@@ -126,7 +126,9 @@ def test_four_item_toy_by_hand() -> None:
     np.testing.assert_allclose(two.distances[0], [-0.4, -0.3, -(-0.3 + 1 / 3), -(-0.4 + 1 / 3)], atol=1e-6)
 
 
-@pytest.mark.parametrize(("kg", "kq", "beta", "n_times"), [(10, 15, 0.5, 6), (59, 60, 0.3, 3), (1, 1, 2.0, 4), (300, 5, 0.5, 2)])
+@pytest.mark.parametrize(
+    ("kg", "kq", "beta", "n_times"), [(10, 15, 0.5, 6), (59, 60, 0.3, 3), (1, 1, 2.0, 4), (300, 5, 0.5, 2)]
+)
 def test_dense_path_matches_oracle(random_setup, kg: int, kq: int, beta: float, n_times: int) -> None:
     results, _, qg, gg = random_setup
     reranker = ICFRR(distance="search", kg=kg, kq=kq, beta=beta, n_times=n_times, exact=True)
@@ -148,7 +150,12 @@ def test_sparse_knn_path_equals_dense_path(random_setup) -> None:
 
 def test_chunking_does_not_change_anything(random_setup) -> None:
     results, gallery, _, _ = random_setup
-    outs = [ICFRR(distance="search", kg=12, kq=20, n_times=4, exact=True, chunk=c).rerank(results, RerankContext(gallery=gallery)) for c in (1, 5, 1024)]
+    outs = [
+        ICFRR(distance="search", kg=12, kq=20, n_times=4, exact=True, chunk=c).rerank(
+            results, RerankContext(gallery=gallery)
+        )
+        for c in (1, 5, 1024)
+    ]
     for other in outs[1:]:
         np.testing.assert_array_equal(outs[0].indices, other.indices)
         np.testing.assert_array_equal(outs[0].distances, other.distances)
@@ -163,8 +170,12 @@ def test_candidates_equal_exact_when_m_covers_the_votes() -> None:
     queries = Embeddings(centres + 0.1 * rng.standard_normal((5, 16)).astype(np.float32), [f"q{i}" for i in range(5)])
     results = search(queries, gallery, k=100, metric="euclidean")
     params = {"kg": 10, "kq": 8, "beta": 0.5, "n_times": 5}
-    exact = ICFRR(**params, distance="search", exact=True).rerank(results, RerankContext(gallery=gallery, metric="euclidean"))
-    head = ICFRR(**params, distance="search", candidates=30).rerank(results, RerankContext(gallery=gallery, metric="euclidean"))
+    exact = ICFRR(**params, distance="search", exact=True).rerank(
+        results, RerankContext(gallery=gallery, metric="euclidean")
+    )
+    head = ICFRR(**params, distance="search", candidates=30).rerank(
+        results, RerankContext(gallery=gallery, metric="euclidean")
+    )
     np.testing.assert_array_equal(head.indices, exact.indices)
     np.testing.assert_array_equal(head.distances, exact.distances)
     assert not np.array_equal(exact.indices, results.indices)  # re-ranking did something
@@ -172,28 +183,47 @@ def test_candidates_equal_exact_when_m_covers_the_votes() -> None:
 
 def test_candidates_keep_the_tail(random_setup) -> None:
     results, gallery, _, _ = random_setup
-    out = ICFRR(distance="search", kg=12, kq=10, n_times=3, candidates=10).rerank(results, RerankContext(gallery=gallery))
+    out = ICFRR(distance="search", kg=12, kq=10, n_times=3, candidates=10).rerank(
+        results, RerankContext(gallery=gallery)
+    )
     np.testing.assert_array_equal(out.indices[:, 10:], results.indices[:, 10:])
     np.testing.assert_array_equal(out.distances[:, 10:], results.distances[:, 10:])
     assert (np.sort(out.indices[:, :10], axis=1) == np.sort(results.indices[:, :10], axis=1)).all()
     check_ascending(out)
-    assert out.meta["rerank"][-1] == {"name": "icfrr", "kg": 12, "kq": 10, "beta": 0.5, "n_times": 3, "candidates": 10,
-                                      "exact": False, "distance": "search", "m": 10, "neighbours": "embeddings", "iteration": 3}
+    assert out.meta["rerank"][-1] == {
+        "name": "icfrr",
+        "kg": 12,
+        "kq": 10,
+        "beta": 0.5,
+        "n_times": 3,
+        "candidates": 10,
+        "exact": False,
+        "distance": "search",
+        "m": 10,
+        "neighbours": "embeddings",
+        "iteration": 3,
+    }
 
 
 def test_self_exclusion_respected() -> None:
     """Queries are the gallery, each query's own item excluded: it never appears, the empty slot stays last."""
     items = embeddings(40, 6, 4, "x")
     own = np.arange(40)
-    idx, dist = exact_knn(items.vectors, items.vectors, 40, exclude=(own, own))  # one PAD slot per row (search() clamps to 39)
+    idx, dist = exact_knn(
+        items.vectors, items.vectors, 40, exclude=(own, own)
+    )  # one PAD slot per row (search() clamps to 39)
     results = RetrievalResults(idx, dist, items.ids, items.ids)
     assert (results.indices[:, -1] == PAD).all()
-    out = ICFRR(distance="search", kg=8, kq=10, n_times=5, exact=True).rerank(results, RerankContext(queries=items, gallery=items, exclude=(own, own)))
+    out = ICFRR(distance="search", kg=8, kq=10, n_times=5, exact=True).rerank(
+        results, RerankContext(queries=items, gallery=items, exclude=(own, own))
+    )
     assert not (out.indices == own[:, None]).any()
     assert (out.indices[:, -1] == PAD).all() and np.isinf(out.distances[:, -1]).all()
     assert (np.sort(out.indices[:, :-1], axis=1) == np.sort(results.indices[:, :-1], axis=1)).all()
     check_ascending(out)
-    everyone = ICFRR(distance="search", kg=8, kq=40, n_times=3, exact=True).rerank(results, RerankContext(gallery=items))  # the empty slot votes nothing
+    everyone = ICFRR(distance="search", kg=8, kq=40, n_times=3, exact=True).rerank(
+        results, RerankContext(gallery=items)
+    )  # the empty slot votes nothing
     assert (everyone.indices[:, -1] == PAD).all() and not (everyone.indices == own[:, None]).any()
     check_ascending(everyone)
 
@@ -206,7 +236,9 @@ def test_ties_broken_by_gallery_position() -> None:
     np.fill_diagonal(gg, 0.0)
     results = RetrievalResults(np.array([[3, 1, 2, 0]]), np.array([[1.0, 1.0, 1.0, 1.0]]), ["q"], list("abcd"))
     context = RerankContext(gallery_distances=gg)
-    assert ICFRR(distance="search", kg=2, kq=2, n_times=0, exact=True).rerank(results, context).indices.tolist() == [[0, 1, 2, 3]]
+    assert ICFRR(distance="search", kg=2, kq=2, n_times=0, exact=True).rerank(results, context).indices.tolist() == [
+        [0, 1, 2, 3]
+    ]
     out = ICFRR(distance="search", kg=2, kq=2, n_times=1, exact=True).rerank(results, context)
     assert out.indices.tolist() == [[2, 0, 1, 3]]
     np.testing.assert_allclose(out.distances[0], [1 - 0.5 * 2 / 3, 1 - 0.25, 1 - 0.25, 1.0], atol=1e-6)
@@ -256,7 +288,9 @@ def test_cache_round_trip_and_same_rankings(tmp_path: Path, random_setup) -> Non
 
 
 def test_string_labels_are_coded(tmp_path: Path) -> None:
-    save_icfrr_cache(tmp_path, np.zeros((2, 3)), np.zeros((3, 3)), {"query": ["cat", "dog"], "gallery": ["dog", "cat", "cat"]})
+    save_icfrr_cache(
+        tmp_path, np.zeros((2, 3)), np.zeros((3, 3)), {"query": ["cat", "dog"], "gallery": ["dog", "cat", "cat"]}
+    )
     labels = load_icfrr_cache(tmp_path)[2]
     assert labels["query"].tolist() == [0, 1] and labels["gallery"].tolist() == [1, 0, 0]
 
@@ -277,7 +311,10 @@ def test_cache_errors(tmp_path: Path) -> None:
     with pytest.raises(LookalikeError, match="gg_dists.pth: not a torch file"):
         load_icfrr_cache(tmp_path)
     torch.save(torch.zeros(3, 3), tmp_path / "gg_dists.pth")
-    torch.save({"query": torch.zeros(2, dtype=torch.long), "gallery": torch.zeros(4, dtype=torch.long)}, tmp_path / "labels.pth")
+    torch.save(
+        {"query": torch.zeros(2, dtype=torch.long), "gallery": torch.zeros(4, dtype=torch.long)},
+        tmp_path / "labels.pth",
+    )
     with pytest.raises(LookalikeError, match="'gallery' must be an integer tensor of length 3"):
         load_icfrr_cache(tmp_path)
     torch.save([1, 2], tmp_path / "labels.pth")
@@ -326,7 +363,9 @@ def test_missing_or_mismatched_context(random_setup) -> None:
         ICFRR(distance="search").rerank(results, RerankContext(gallery_distances=np.zeros((5, 5))))
     with pytest.raises(LookalikeError, match="10 gallery embeddings for results over 60 gallery items"):
         ICFRR(distance="search").rerank(results, RerankContext(gallery=embeddings(10, 8, 0, "g")))
-    with pytest.raises(LookalikeError, match="distance=euclidean needs the query and gallery embeddings; give distance=search"):
+    with pytest.raises(
+        LookalikeError, match="distance=euclidean needs the query and gallery embeddings; give distance=search"
+    ):
         ICFRR().rerank(results, RerankContext(gallery_distances=np.zeros((60, 60))))
     queries = embeddings(12, 8, 0, "q")
     with pytest.raises(LookalikeError, match="10 gallery embeddings for results over 60 gallery items"):
@@ -342,8 +381,12 @@ def test_curve_and_rank_strips(tmp_path: Path) -> None:
         Image.new("RGB", (12, 12), colour).save(tmp_path / f"g{i}.png")
     Image.new("RGB", (12, 12), colours[0]).save(tmp_path / "q0.png")
     results = results_from_distances(np.array([[0.1, 0.2, 0.3, 0.4]]), ["q0.png"], [f"g{i}.png" for i in range(4)])
-    strips = save_rank_strips(results, tmp_path / "strips.png", tmp_path, np.array([0]), np.array([0, 1, 0, 1]), top_k=3)
-    records = [{"iteration": i, "map@all": 0.5 + 0.1 * i, "map@200": 0.5, "prec@100": 0.2, "prec@200": 0.1} for i in range(3)]
+    strips = save_rank_strips(
+        results, tmp_path / "strips.png", tmp_path, np.array([0]), np.array([0, 1, 0, 1]), top_k=3
+    )
+    records = [
+        {"iteration": i, "map@all": 0.5 + 0.1 * i, "map@200": 0.5, "prec@100": 0.2, "prec@200": 0.1} for i in range(3)
+    ]
     curve = plot_icfrr_curve(records, tmp_path / "curve.png")
     for path in (strips, curve):
         with Image.open(path) as img:
@@ -367,26 +410,35 @@ def clustered(n: int, seed: int, prefix: str, centres: np.ndarray) -> tuple[Embe
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, len(centres), n)
     x = centres[labels] + 0.9 * rng.standard_normal((n, centres.shape[1]))
-    return Embeddings((x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), [f"{prefix}{i}" for i in range(n)]), labels
+    return Embeddings(
+        (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), [f"{prefix}{i}" for i in range(n)]
+    ), labels
 
 
 def test_chain_on_embeddings_equals_icfrr_command_on_their_cache(tmp_path: Path) -> None:
     """The reference adds its votes to torch.cdist (Euclidean) distances: the chain's default does too, so a cosine
-    search re-ranked in a chain ranks every query as `lookalike icfrr` does on the Euclidean cache of the same vectors."""
+    search re-ranked in a chain ranks every query as `lookalike icfrr` does on the Euclidean cache of the same
+    vectors."""
     centres = np.random.default_rng(9).standard_normal((6, 16))
     (queries, q_labels), (gallery, g_labels) = clustered(30, 1, "q", centres), clustered(120, 2, "g", centres)
     results = search(queries, gallery, k=120)  # search.metric's default: cosine
     params = {"kg": 10, "kq": 15, "n_times": 5}
     chain = run_chain(results, RerankContext(queries=queries, gallery=gallery), build_chain([{"icfrr": params}]))
-    save_icfrr_cache(tmp_path / "cache", queries, gallery, {"query": q_labels, "gallery": g_labels})  # the reference's cdist
+    save_icfrr_cache(
+        tmp_path / "cache", queries, gallery, {"query": q_labels, "gallery": g_labels}
+    )  # the reference's cdist
     done = lookalike("icfrr", tmp_path / "cache", "--kg", 10, "--kq", 15, "--n-times", 5, "--output", tmp_path / "out")
     assert done.returncode == 0, done.stderr
     with np.load(tmp_path / "out" / "rankings.npz") as rankings:
         np.testing.assert_array_equal(chain[-1].results.indices, rankings["reranking_iter_5"])
     cosine_base = ICFRR(**params, distance="search").rerank(results, RerankContext(queries=queries, gallery=gallery))
-    assert (cosine_base.indices != chain[-1].results.indices).any(axis=1).sum() >= 20  # the old default ranked otherwise
+    assert (cosine_base.indices != chain[-1].results.indices).any(
+        axis=1
+    ).sum() >= 20  # the old default ranked otherwise
     cosine = ICFRR(**params, distance="cosine").rerank(results, RerankContext(queries=queries, gallery=gallery))
-    np.testing.assert_array_equal(cosine.indices, cosine_base.indices)  # cosine from the vectors = the cosine search's own
+    np.testing.assert_array_equal(
+        cosine.indices, cosine_base.indices
+    )  # cosine from the vectors = the cosine search's own
 
 
 def test_save_cache_defaults_to_euclidean_like_torch_cdist(tmp_path: Path) -> None:
@@ -395,7 +447,9 @@ def test_save_cache_defaults_to_euclidean_like_torch_cdist(tmp_path: Path) -> No
     qg, gg, _ = load_icfrr_cache(tmp_path)
     q, g = torch.from_numpy(queries.vectors), torch.from_numpy(gallery.vectors)
     np.testing.assert_allclose(qg.numpy(), torch.cdist(q, g).numpy(), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(gg.numpy(), torch.cdist(g, g).numpy(), rtol=1e-5, atol=2e-3)  # exact search: |g|² - 2 g.g + |g|²
+    np.testing.assert_allclose(
+        gg.numpy(), torch.cdist(g, g).numpy(), rtol=1e-5, atol=2e-3
+    )  # exact search: |g|² - 2 g.g + |g|²
     with pytest.raises(LookalikeError, match="qg: query embeddings need the gallery embeddings as gg"):
         save_icfrr_cache(tmp_path, queries, np.zeros((9, 9)))
 
@@ -418,7 +472,9 @@ def test_icfrr_command_without_labels_writes_rankings_of_every_iteration(tmp_pat
             np.testing.assert_array_equal(from_torch.numpy(), step.indices)
             np.testing.assert_array_equal(rankings[f"reranking_iter_{i}"], step.indices)
     qg = torch.load(cache / "qg_dists.pth", weights_only=True)
-    np.testing.assert_array_equal(steps[0].indices, torch.argsort(qg, stable=True).numpy())  # iteration 0: the cache's order
+    np.testing.assert_array_equal(
+        steps[0].indices, torch.argsort(qg, stable=True).numpy()
+    )  # iteration 0: the cache's order
 
 
 def test_icfrr_command_reads_the_reference_layout_and_draws_rank_strips(tmp_path: Path) -> None:
@@ -432,9 +488,27 @@ def test_icfrr_command_reads_the_reference_layout_and_draws_rank_strips(tmp_path
             (images / split).mkdir(parents=True, exist_ok=True)
             Image.new("RGB", (10, 10), (5 * i, 100, 200)).save(images / split / name, format="PNG")
     shutil.copy(EXAMPLE / "labels.json", images / "labels.json")
-    done = lookalike("icfrr", "--dataset", "custom", "--cache_root", tmp_path / "examples", "--n_times", 20, "--KG", 10, "--KQ", 15,
-                     "--rerank_results_dir", tmp_path / "results", "--query_idxs_to_vis", 0, "--num_gallery_ims_to_vis", 5,
-                     "--image-root", images)
+    done = lookalike(
+        "icfrr",
+        "--dataset",
+        "custom",
+        "--cache_root",
+        tmp_path / "examples",
+        "--n_times",
+        20,
+        "--KG",
+        10,
+        "--KQ",
+        15,
+        "--rerank_results_dir",
+        tmp_path / "results",
+        "--query_idxs_to_vis",
+        0,
+        "--num_gallery_ims_to_vis",
+        5,
+        "--image-root",
+        images,
+    )
     assert done.returncode == 0, done.stderr
     out = tmp_path / "results" / "custom" / "-1"
     records = json.loads((out / "metrics.json").read_text())
@@ -446,7 +520,8 @@ def test_icfrr_command_reads_the_reference_layout_and_draws_rank_strips(tmp_path
 
 
 def test_icfrr_command_errors_are_one_line(tmp_path: Path) -> None:
-    """Bad choices of what to draw or where the cache is: one line, exit 2, nothing written (in-process: the same command)."""
+    """Bad choices of what to draw or where the cache is: one line, exit 2, nothing written (in-process: the same
+    command)."""
     from typer.testing import CliRunner
 
     from lookalike.cli import app
@@ -457,18 +532,33 @@ def test_icfrr_command_errors_are_one_line(tmp_path: Path) -> None:
         for i in range(n):
             Image.new("RGB", (8, 8)).save(images / split / f"{i:02d}.png")
     cases = [
-        (["--query-idxs-to-vis", "0,3", "--image-root", images], "--query-idxs-to-vis: query 3 is not a row of the cache (it has 1 queries: 0..0)"),
-        (["--query-idxs-to-vis", "x", "--image-root", images], "--query-idxs-to-vis: expected query numbers (cache rows), got 'x'"),
-        (["--query-idxs-to-vis", "0"], "--query-idxs-to-vis: needs --image-root, the folder holding the query/ and gallery/ images"),
+        (
+            ["--query-idxs-to-vis", "0,3", "--image-root", images],
+            "--query-idxs-to-vis: query 3 is not a row of the cache (it has 1 queries: 0..0)",
+        ),
+        (
+            ["--query-idxs-to-vis", "x", "--image-root", images],
+            "--query-idxs-to-vis: expected query numbers (cache rows), got 'x'",
+        ),
+        (
+            ["--query-idxs-to-vis", "0"],
+            "--query-idxs-to-vis: needs --image-root, the folder holding the query/ and gallery/ images",
+        ),
         (["--query-idxs-to-vis", "0", "--image-root", tmp_path], f"{tmp_path / 'query'}: no such folder"),
         (["--dataset", "custom"], "icfrr: give a cache folder, or --cache-root and --dataset"),
     ]
     for args, message in cases:
-        done = CliRunner().invoke(app, ["icfrr", str(EXAMPLE / "-1"), "--n-times", "1", "--output", str(tmp_path / "out"), *map(str, args)])
-        assert done.exit_code == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+        done = CliRunner().invoke(
+            app, ["icfrr", str(EXAMPLE / "-1"), "--n-times", "1", "--output", str(tmp_path / "out"), *map(str, args)]
+        )
+        assert done.exit_code == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1, (
+            done.stderr
+        )
         assert not (tmp_path / "out").exists()
     (images / "gallery" / "00.png").unlink()
-    done = CliRunner().invoke(app, ["icfrr", str(EXAMPLE / "-1"), "--query-idxs-to-vis", "0", "--image-root", str(images)])
+    done = CliRunner().invoke(
+        app, ["icfrr", str(EXAMPLE / "-1"), "--query-idxs-to-vis", "0", "--image-root", str(images)]
+    )
     assert done.exit_code == 2 and f"{images / 'gallery'}: 49 images for the cache's 50 gallery items" in done.stderr
 
 
@@ -476,22 +566,36 @@ def test_rank_strips_of_a_sketch_dataset_follow_its_zero_shot_lists(tmp_path: Pa
     """--dataset tuberlin: rows are the zero list's sketches and columns its photos; per_class keeps the first of each
     class number, class by class (the reference's per_class); strips are drawn after every iteration."""
     root = tmp_path / "TUBerlin"
-    lists = {"png_ready": [("png_ready/cow/1.png", 1), ("png_ready/bee/2.png", 0), ("png_ready/cow/3.png", 1)],
-             "ImageResized_ready": [("ImageResized_ready/cow/a.jpg", 1), ("ImageResized_ready/bee/b.jpg", 0), ("ImageResized_ready/bee/c.jpg", 0)]}
+    lists = {
+        "png_ready": [("png_ready/cow/1.png", 1), ("png_ready/bee/2.png", 0), ("png_ready/cow/3.png", 1)],
+        "ImageResized_ready": [
+            ("ImageResized_ready/cow/a.jpg", 1),
+            ("ImageResized_ready/bee/b.jpg", 0),
+            ("ImageResized_ready/bee/c.jpg", 0),
+        ],
+    }
     for prefix, rows in lists.items():
         (root / "zeroshot").mkdir(parents=True, exist_ok=True)
         (root / "zeroshot" / f"{prefix}_filelist_zero.txt").write_text("".join(f"{p} {n}\n" for p, n in rows))
         for i, (path, _) in enumerate(rows):
             (root / path).parent.mkdir(parents=True, exist_ok=True)
             Image.new("RGB", (10, 10), (40 * i, 90, 9)).save(root / path)
-    assert reference_image_ids(root, 3, 3, "tuberlin") == ([p for p, _ in lists["png_ready"]], [p for p, _ in lists["ImageResized_ready"]])
+    assert reference_image_ids(root, 3, 3, "tuberlin") == (
+        [p for p, _ in lists["png_ready"]],
+        [p for p, _ in lists["ImageResized_ready"]],
+    )
     queries, gallery = reference_image_ids(root, 2, 2, "tuberlin", per_class=1)
-    assert queries == ["png_ready/bee/2.png", "png_ready/cow/1.png"] and gallery == ["ImageResized_ready/bee/b.jpg", "ImageResized_ready/cow/a.jpg"]
+    assert queries == ["png_ready/bee/2.png", "png_ready/cow/1.png"] and gallery == [
+        "ImageResized_ready/bee/b.jpg",
+        "ImageResized_ready/cow/a.jpg",
+    ]
     with pytest.raises(LookalikeError, match=r"png_ready_filelist_zero\.txt: 3 images for the cache's 4 query items"):
         reference_image_ids(root, 4, 3, "tuberlin")
     with pytest.raises(LookalikeError, match=r"zeroshot1/sketch_tx_000000000000_ready_filelist_zero\.txt: missing"):
         reference_image_ids(root, 3, 3, "sketchy_zs1")
-    save_icfrr_cache(tmp_path / "cache", np.array([[0.1, 0.2, 0.3], [0.3, 0.1, 0.2], [0.2, 0.3, 0.1]]), np.ones((3, 3)) - np.eye(3))
+    save_icfrr_cache(
+        tmp_path / "cache", np.array([[0.1, 0.2, 0.3], [0.3, 0.1, 0.2], [0.2, 0.3, 0.1]]), np.ones((3, 3)) - np.eye(3)
+    )
     ids = reference_image_ids(root, 3, 3, "tuberlin")
     strips = RankStrips(root, *ids, queries=[0, 2], top_k=2)
     run_icfrr_cache(tmp_path / "cache", kg=2, kq=2, n_times=2, output=tmp_path / "out", strips=strips)

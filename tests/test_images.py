@@ -1,4 +1,5 @@
-"""Hardened image loading: bad files named, every mode to RGB, EXIF rotation, bbox clipping, non-UTF-8 names, skipping."""
+"""Hardened image loading: bad files named, every mode to RGB, EXIF rotation, bbox clipping, non-UTF-8 names,
+skipping."""
 
 from __future__ import annotations
 
@@ -39,9 +40,13 @@ def pixel(img: Image.Image, xy=(0, 0)) -> tuple[int, ...]:
     ("content", "match"),
     [
         pytest.param(lambda: b"", r"cannot read image \(empty file\)", id="empty"),
-        pytest.param(lambda: jpeg_bytes()[:300], r"cannot read image \(truncated or corrupt \(OSError: ", id="truncated-jpeg"),
+        pytest.param(
+            lambda: jpeg_bytes()[:300], r"cannot read image \(truncated or corrupt \(OSError: ", id="truncated-jpeg"
+        ),
         pytest.param(lambda: b"\x89PNG\r\n\x1a\n" + b"\0" * 40, r"cannot read image \(", id="corrupt-png"),
-        pytest.param(lambda: b"hello, not an image", r"cannot read image \(not an image Pillow can decode\)", id="text"),
+        pytest.param(
+            lambda: b"hello, not an image", r"cannot read image \(not an image Pillow can decode\)", id="text"
+        ),
     ],
 )
 def test_bad_files_are_named_errors(tmp_path, content, match):
@@ -84,7 +89,9 @@ def test_modes_become_8bit_rgb(tmp_path):
     red = read_image(tmp_path / "cmyk.jpg")
     assert red.mode == "RGB" and pixel(red)[0] > 240 and max(pixel(red)[1:]) < 15
     img = read_image(tmp_path / "rgba.png")
-    assert img.mode == "RGB" and pixel(img) == (255, 255, 255) and pixel(img, (1, 1)) == (10, 20, 30)  # transparency over white
+    assert (
+        img.mode == "RGB" and pixel(img) == (255, 255, 255) and pixel(img, (1, 1)) == (10, 20, 30)
+    )  # transparency over white
     assert pixel(read_image(tmp_path / "p.png")) == (0, 255, 0)  # palette index 1; index 0 is transparent
     grey = np.asarray(read_image(tmp_path / "grey16.png"))
     assert grey.dtype == np.uint8 and grey[0, :, 0].tolist() == [0, 128, 255, 1]  # scaled, not clipped to white
@@ -94,7 +101,8 @@ def test_modes_become_8bit_rgb(tmp_path):
 
 
 def exif_rotated(path: Path) -> None:
-    """A 40x20 image, left half red and right half blue, stored with EXIF orientation 6 (display rotated 90° clockwise)."""
+    """A 40x20 image, left half red and right half blue, stored with EXIF orientation 6 (display rotated 90°
+    clockwise)."""
     img = Image.new("RGB", (40, 20), (0, 0, 255))
     img.paste((255, 0, 0), (0, 0, 20, 20))
     exif = Image.Exif()
@@ -109,7 +117,9 @@ def test_exif_rotation_is_applied(tmp_path):
     assert pixel(img, (10, 5))[0] > 200 and pixel(img, (10, 35))[2] > 200  # red on top, blue below
     crop = read_image(tmp_path / "r.jpg", np.array([0, 25, 20, 40]))  # a bbox of the upright image: the blue bottom
     assert crop.size == (20, 15) and pixel(crop, (10, 7))[2] > 200
-    verify_image(tmp_path / "r.jpg", np.array([0, 25, 20, 40]))  # inside the upright 20 x 40, though outside the stored 40 x 20
+    verify_image(
+        tmp_path / "r.jpg", np.array([0, 25, 20, 40])
+    )  # inside the upright 20 x 40, though outside the stored 40 x 20
 
 
 def test_bbox_is_clipped_or_rejected(tmp_path):
@@ -117,7 +127,10 @@ def test_bbox_is_clipped_or_rejected(tmp_path):
     assert read_image(tmp_path / "a.png", np.array([-5, 10, 50, 40])).size == (30, 10)
     assert read_image(tmp_path / "a.png", np.array([np.nan] * 4)).size == (30, 20)
     for load in (read_image, verify_image):
-        with pytest.raises(ImageError, match=r"a\.png: bbox \(x_1, y_1, x_2, y_2\) = \[31\.0, 0\.0, 40\.0, 5\.0\] lies outside the 30x20 image"):
+        with pytest.raises(
+            ImageError,
+            match=r"a\.png: bbox \(x_1, y_1, x_2, y_2\) = \[31\.0, 0\.0, 40\.0, 5\.0\] lies outside the 30x20 image",
+        ):
             load(tmp_path / "a.png", np.array([31, 0, 40, 5]))
 
 
@@ -143,7 +156,9 @@ def test_non_utf8_file_names_round_trip(tmp_path):
 def test_image_dataset_names_the_bad_file(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
     (tmp_path / "cut.jpg").write_bytes(jpeg_bytes()[:200])
-    (tmp_path / "t.csv").write_text("label,path,split,is_query,is_gallery\n1,ok.png,validation,1,1\n1,cut.jpg,validation,1,1\n")
+    (tmp_path / "t.csv").write_text(
+        "label,path,split,is_query,is_gallery\n1,ok.png,validation,1,1\n1,cut.jpg,validation,1,1\n"
+    )
     data = ImageDataset(load_table(tmp_path / "t.csv"), eval_transform(8))
     assert data[0][0].shape == (3, 8, 8)
     with pytest.raises(LookalikeError, match=r"cut\.jpg: cannot read image \(truncated"):
@@ -157,8 +172,15 @@ def partly_bad(tmp_path) -> Path:
         Image.new("RGB", (10, 10), (50, 60, 70)).save(tmp_path / name)
     (tmp_path / "cut.jpg").write_bytes(jpeg_bytes()[:200])
     (tmp_path / "empty.png").write_bytes(b"")
-    rows = ["label,path,split,is_query,is_gallery,x_1,y_1,x_2,y_2", "1,a.png,validation,1,1,,,,", "1,b.png,validation,1,1,0,0,5,5",
-            "2,c.png,validation,1,1,20,20,30,30", "2,cut.jpg,validation,1,1,,,,", "3,empty.png,validation,1,1,,,,", "3,gone.png,validation,1,1,,,,"]
+    rows = [
+        "label,path,split,is_query,is_gallery,x_1,y_1,x_2,y_2",
+        "1,a.png,validation,1,1,,,,",
+        "1,b.png,validation,1,1,0,0,5,5",
+        "2,c.png,validation,1,1,20,20,30,30",
+        "2,cut.jpg,validation,1,1,,,,",
+        "3,empty.png,validation,1,1,,,,",
+        "3,gone.png,validation,1,1,,,,",
+    ]
     (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
     return tmp_path / "t.csv"
 
@@ -170,7 +192,11 @@ def test_problems_are_found_and_described(partly_bad):
     assert [p.path for p in problems] == ["c.png", "cut.jpg", "empty.png", "gone.png"]  # named as the table writes them
     lines = describe_problems(problems, len(table), shown=2)
     assert lines[0].startswith("1 of 6 images missing: ") and lines[0].endswith("gone.png")
-    assert lines[1].startswith("3 of 6 images unreadable: ") and "c.png (bbox" in lines[1] and lines[1].endswith(", and 1 more")
+    assert (
+        lines[1].startswith("3 of 6 images unreadable: ")
+        and "c.png (bbox" in lines[1]
+        and lines[1].endswith(", and 1 more")
+    )
 
 
 def test_skip_bad_images_drops_and_warns(partly_bad):
@@ -187,13 +213,21 @@ def test_skip_bad_images_drops_and_warns(partly_bad):
 
 def test_skip_bad_images_with_nothing_left_is_an_error(tmp_path):
     (tmp_path / "t.csv").write_text("label,path,split,is_query,is_gallery\n1,x.png,train,,\n")
-    with pytest.raises(LookalikeError, match=r"no usable image \(data.skip_bad_images=true\): 1 of 1 images missing: .*x\.png"):
+    with pytest.raises(
+        LookalikeError, match=r"no usable image \(data.skip_bad_images=true\): 1 of 1 images missing: .*x\.png"
+    ):
         skip_bad_images(load_table(tmp_path / "t.csv", check_files=False))
 
 
 def test_cli_prints_the_skip_warning_and_carries_on(partly_bad, tmp_path):
-    args = [f"data.table={partly_bad}", "data.skip_bad_images=true", f"extract.output={tmp_path / 'e.npz'}",
-            "model.name=test_resnet", "model.pretrained=false", "data.image_size=16"]
+    args = [
+        f"data.table={partly_bad}",
+        "data.skip_bad_images=true",
+        f"extract.output={tmp_path / 'e.npz'}",
+        "model.name=test_resnet",
+        "model.pretrained=false",
+        "data.image_size=16",
+    ]
     done = subprocess.run([LOOKALIKE, "extract", *args], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "warning: skipped 4 bad images" in done.stderr and "2 embeddings" in done.stdout

@@ -72,7 +72,13 @@ def as_union(q, g, metric):
 
 @pytest.mark.parametrize(
     "metric, k1, k2, lam",
-    [("cosine", 20, 6, 0.3), ("cosine", 7, 3, 0.5), ("euclidean", 10, 1, 0.3), ("euclidean", 5, 4, 0.0), ("cosine", 20, 6, 1.0)],
+    [
+        ("cosine", 20, 6, 0.3),
+        ("cosine", 7, 3, 0.5),
+        ("euclidean", 10, 1, 0.3),
+        ("euclidean", 5, 4, 0.0),
+        ("cosine", 20, 6, 1.0),
+    ],
 )
 def test_sparse_equals_dense_oracle(metric, k1, k2, lam):
     results, context, q, g = make_case(seed=k1 + k2, metric=metric)
@@ -96,7 +102,9 @@ def test_query_in_gallery_is_one_node_and_never_returned():
     context = RerankContext(queries=queries, gallery=gallery, exclude=groups)
     final = dense_kreciprocal(as_union(np.empty((0, 8)), g, "cosine"), 20, 6, 0.3)[picked]
     for exclude in (groups, None):  # the incoming list already without self, or with self at rank 0
-        idx, dist = exact_knn(queries.vectors, gallery.vectors, 70, exclude=exclude)  # 70 columns either way (search() clamps)
+        idx, dist = exact_knn(
+            queries.vectors, gallery.vectors, 70, exclude=exclude
+        )  # 70 columns either way (search() clamps)
         results = RetrievalResults(idx, dist, queries.ids, gallery.ids)
         out = KReciprocal().rerank(results, context)
         assert not (out.indices == picked[:, None]).any()
@@ -118,7 +126,10 @@ def test_only_incoming_candidates_are_resorted_and_padding_kept():
     np.testing.assert_allclose(out.distances, np.take_along_axis(final, out.indices, 1), atol=1e-5)
     first = np.arange(15) < 10
     padded = RetrievalResults(
-        np.where(first, short.indices, PAD), np.where(first, short.distances, np.inf), short.query_ids, short.gallery_ids
+        np.where(first, short.indices, PAD),
+        np.where(first, short.distances, np.inf),
+        short.query_ids,
+        short.gallery_ids,
     )
     out = KReciprocal(k1=8, k2=3).rerank(padded, context)
     assert (out.indices[:, 10:] == PAD).all() and np.isinf(out.distances[:, 10:]).all()
@@ -131,7 +142,9 @@ def test_candidates_resorts_the_head_and_keeps_the_tail_in_order():
     out = KReciprocal(k1=8, k2=3, candidates=10).rerank(results, context)
     np.testing.assert_array_equal(out.indices[:, 10:], results.indices[:, 10:])
     np.testing.assert_array_equal(np.sort(out.indices[:, :10], 1), np.sort(results.indices[:, :10], 1))
-    np.testing.assert_allclose(np.diff(out.distances[:, 10:], axis=1), np.diff(results.distances[:, 10:], axis=1), atol=1e-5)
+    np.testing.assert_allclose(
+        np.diff(out.distances[:, 10:], axis=1), np.diff(results.distances[:, 10:], axis=1), atol=1e-5
+    )
     np.testing.assert_allclose(out.distances[:, 10], out.distances[:, 9], atol=1e-6)
     check_ascending(out)
 
@@ -153,11 +166,18 @@ def test_sparse_memory_stays_far_below_the_dense_matrix():
 
 def test_registry_and_bad_parameters():
     assert isinstance(create_reranker("kreciprocal", k1=10), KReciprocal)
-    for params, word in [({"k1": 0}, "k1"), ({"k2": 1.5}, "k2"), ({"lambda_value": 2}, "lambda_value"), ({"candidates": -1}, "candidates")]:
+    for params, word in [
+        ({"k1": 0}, "k1"),
+        ({"k2": 1.5}, "k2"),
+        ({"lambda_value": 2}, "lambda_value"),
+        ({"candidates": -1}, "candidates"),
+    ]:
         with pytest.raises(LookalikeError, match=word):
             KReciprocal(**params)
     results, context, _, _ = make_case(seed=8)
     with pytest.raises(LookalikeError, match="needs queries"):
         KReciprocal().rerank(results, RerankContext(gallery=context.gallery))
     with pytest.raises(LookalikeError, match="gallery vectors"):
-        KReciprocal().rerank(results, RerankContext(queries=context.queries, gallery=Embeddings(np.zeros((3, 8)), ["a", "b", "c"])))
+        KReciprocal().rerank(
+            results, RerankContext(queries=context.queries, gallery=Embeddings(np.zeros((3, 8)), ["a", "b", "c"]))
+        )

@@ -1,4 +1,5 @@
-"""Metric-learning losses against hand-computed values and gradients: distances, miners, triplet (+ memory), CTL, center loss."""
+"""Metric-learning losses against hand-computed values and gradients: distances, miners, triplet (+ memory), CTL, center
+loss."""
 
 from __future__ import annotations
 
@@ -67,7 +68,11 @@ def test_batch_hard_takes_farthest_positive_and_closest_negative():
 
 def test_n_hard_takes_all_combinations_of_the_hardest():
     hardest = {  # up to 2 farthest positives x 2 closest negatives, by hand
-        0: ([4, 2], [1, 3]), 1: ([3], [0, 2]), 2: ([4, 0], [1, 3]), 3: ([1], [2, 4]), 4: ([0, 2], [3, 5]),
+        0: ([4, 2], [1, 3]),
+        1: ([3], [0, 2]),
+        2: ([4, 0], [1, 3]),
+        3: ([1], [2, 4]),
+        4: ([0, 2], [3, 5]),
     }
     expected = sorted((a, p, n) for a, (ps, ns) in hardest.items() for p, n in itertools.product(ps, ns))
     assert triples(mine_triplets(D, Y, Y, "n_hard", n_positives=2, n_negatives=2, same_item=EYE)) == expected
@@ -180,7 +185,12 @@ def test_no_triplet_gives_zero_loss_connected_to_the_graph():
     out = TripletLoss()(x, torch.tensor([0, 1, 2]))  # no positives anywhere
     out.loss.backward()
     assert out.loss.item() == 0.0 and torch.all(x.grad == 0)
-    assert {k: v.item() for k, v in out.stats.items()} == {"active": 0.0, "pos_dist": 0.0, "neg_dist": 0.0, "triplets": 0.0}
+    assert {k: v.item() for k, v in out.stats.items()} == {
+        "active": 0.0,
+        "pos_dist": 0.0,
+        "neg_dist": 0.0,
+        "triplets": 0.0,
+    }
 
 
 def test_triplet_rejects_bad_inputs():
@@ -285,7 +295,9 @@ def test_ctl_mock_instances_change_nothing():
     assert out.loss.item() == out_moved.loss.item()
     torch.testing.assert_close(x.grad, moved.grad)
     assert torch.all(x.grad[6:] == 0)
-    assert ctl(column(CTL_X), CTL_Y).loss.item() != pytest.approx(out.loss.item())  # the same rows counted as valid do matter
+    assert ctl(column(CTL_X), CTL_Y).loss.item() != pytest.approx(
+        out.loss.item()
+    )  # the same rows counted as valid do matter
 
 
 def test_ctl_label_with_one_valid_instance_is_no_anchor():
@@ -327,7 +339,9 @@ def test_ctl_official_hand_worked_batch():
     x, y = column([0.0, 1.0, 3.0, 5.0]), torch.tensor([0, 0, 1, 1])
     out = CentroidTripletLoss(margin=0.5)(x, y)
     assert out.loss.item() == pytest.approx(0.125)
-    assert {k: v.item() for k, v in out.stats.items()} == pytest.approx({"active": 0.25, "pos_dist": 1.5, "neg_dist": 2.75, "anchors": 8.0})
+    assert {k: v.item() for k, v in out.stats.items()} == pytest.approx(
+        {"active": 0.25, "pos_dist": 1.5, "neg_dist": 2.75, "anchors": 8.0}
+    )
     assert CentroidTripletLoss(margin=0.5, mode="equation")(x, y).loss.item() == 0.0
     out.loss.backward()  # both active terms are d(x2, x3) - d(x2, x1) = x3 - 2 x2 + x1, each weighted 1 / 8
     torch.testing.assert_close(x.grad[:, 0], torch.tensor([0.0, 2.0, -4.0, 2.0], dtype=torch.float64) / 8)
@@ -344,8 +358,12 @@ def test_ctl_official_matches_the_loop_reference_on_p4_k4_batches(margin):
         assert out.loss.item() == pytest.approx(ref.item(), rel=1e-9)
         (out.loss + ref).backward()
         torch.testing.assert_close(x.grad, ref_x.grad)
-        interleaved = torch.arange(16).view(4, 4).T.reshape(-1)  # labels 0 1 2 3 0 1 2 3 ...: rounds follow each label's order
-        assert CentroidTripletLoss(margin)(x[interleaved], y[interleaved]).loss.item() == pytest.approx(ref.item(), rel=1e-9)
+        interleaved = (
+            torch.arange(16).view(4, 4).T.reshape(-1)
+        )  # labels 0 1 2 3 0 1 2 3 ...: rounds follow each label's order
+        assert CentroidTripletLoss(margin)(x[interleaved], y[interleaved]).loss.item() == pytest.approx(
+            ref.item(), rel=1e-9
+        )
 
 
 def test_ctl_official_distances_in_float32_for_half_precision_features():

@@ -65,8 +65,12 @@ def test_all_relevant():
 def test_ties_follow_the_stored_order():
     g = np.array([1, 0])
     same_distance = np.zeros((1, 2), dtype=np.float32)
-    wrong_first = compute_metrics(results([[1, 0]], 2, same_distance), np.array([1]), g, cmc_k=(1,), precision_k=(1,), map_k=(2,))
-    right_first = compute_metrics(results([[0, 1]], 2, same_distance), np.array([1]), g, cmc_k=(1,), precision_k=(1,), map_k=(2,))
+    wrong_first = compute_metrics(
+        results([[1, 0]], 2, same_distance), np.array([1]), g, cmc_k=(1,), precision_k=(1,), map_k=(2,)
+    )
+    right_first = compute_metrics(
+        results([[0, 1]], 2, same_distance), np.array([1]), g, cmc_k=(1,), precision_k=(1,), map_k=(2,)
+    )
     assert wrong_first.means["cmc@1"] == 0 and wrong_first.means["map@2"] == pytest.approx(0.5)
     assert right_first.means["cmc@1"] == 1 and right_first.means["map@2"] == 1
 
@@ -78,7 +82,9 @@ def test_sequence_exclusion_lowers_the_relevant_count():
     n_rel = count_relevant(q_labels, g_labels, (q_groups, g_groups))
     assert n_rel.tolist() == [1]
     rr = results([[2, 3, PAD, PAD]], 4)  # search hid the two same-sequence items
-    m = compute_metrics(rr, q_labels, g_labels, cmc_k=(1,), precision_k=(2,), map_k=(2,), exclude=(q_groups, g_groups)).means
+    m = compute_metrics(
+        rr, q_labels, g_labels, cmc_k=(1,), precision_k=(2,), map_k=(2,), exclude=(q_groups, g_groups)
+    ).means
     assert m["precision@2"] == 1.0  # 1 hit / min(2, 1); without the exclusion it would be 1/2
     assert m["map@all"] == 1.0
 
@@ -108,7 +114,13 @@ def test_truncated_ranking_is_flagged():
 def test_string_labels_and_per_category():
     rr = results([[0, 1], [0, 1]], 2)
     report = compute_metrics(
-        rr, np.array(["cat", "dog"]), np.array(["cat", "dog"]), cmc_k=(1,), precision_k=(1,), map_k=(1,), query_categories=np.array(["a", "b"])
+        rr,
+        np.array(["cat", "dog"]),
+        np.array(["cat", "dog"]),
+        cmc_k=(1,),
+        precision_k=(1,),
+        map_k=(1,),
+        query_categories=np.array(["a", "b"]),
     )
     assert report.per_category["a"]["cmc@1"] == 1.0
     assert report.per_category["b"]["cmc@1"] == 0.0

@@ -10,11 +10,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_serve import index_config, server  # noqa: F401  (server: the real `lookalike serve` over this module's index_dir)
 
 from lookalike.data.folder import import_folder
 from lookalike.pipeline import extractor_from_config, table_from_config
 from lookalike.serve import build_index, load_index
+from test_serve import index_config, server  # noqa: F401  (server: the real `lookalike serve` over this module's index_dir)
 
 CHROMIUM = Path("/usr/bin/chromium")
 RERANK = "rerank=[{icfrr: {kg: 10, kq: 10}}, kreciprocal]"
@@ -121,7 +121,9 @@ def test_no_broken_query_image_before_or_after_a_rejected_upload(page, index_dir
     expect(page.locator("#query-image")).to_be_visible()
     assert query_drawing(page)[0] > 50 and broken_images(page) == []  # the upload is drawn: strokes on white
 
-    page.set_input_files("#upload", {"name": "notes.txt", "mimeType": "text/plain", "buffer": b"just some text, not a picture\n"})
+    page.set_input_files(
+        "#upload", {"name": "notes.txt", "mimeType": "text/plain", "buffer": b"just some text, not a picture\n"}
+    )
     expect(page.locator("#error")).to_be_visible()
     expect(page.locator("#error")).to_contain_text("not an image")
     expect(page.locator(".result")).to_have_count(0)  # the old results are gone
@@ -180,7 +182,9 @@ def test_labels_are_whole_and_icfrr_shows_a_labelled_score(page, index_dir):
         label = labels.nth(i)
         text = label.text_content()
         assert text.startswith("Balinese/character") and label.get_attribute("title") == text
-        assert label.evaluate("e => e.scrollWidth <= e.clientWidth && e.scrollHeight <= e.clientHeight"), text  # not cut
+        assert label.evaluate("e => e.scrollWidth <= e.clientWidth && e.scrollHeight <= e.clientHeight"), (
+            text
+        )  # not cut
     expect(icfrr.locator("h2 .kind")).to_have_text("score, higher = closer")
     expect(page.locator('[data-column="original"] h2 .kind')).to_have_text("distance, lower = closer")
     values = icfrr.locator(".value").all_text_contents()
@@ -212,7 +216,9 @@ def test_rerank_and_click_a_result_to_search_with_it(page, index_dir, tmp_path):
 def test_the_page_works_under_a_strict_content_security_policy(browser, server, index_dir):  # noqa: F811
     from playwright.sync_api import expect
 
-    policy = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; object-src 'none'"
+    policy = (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; object-src 'none'"
+    )
     page = browser.new_page(viewport={"width": 1200, "height": 900})
     violations = []
     page.on("console", lambda message: "Content Security Policy" in message.text and violations.append(message.text))

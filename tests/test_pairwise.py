@@ -1,4 +1,5 @@
-"""STIR pairwise re-ranker: the merge rule, pair mining, the model, training (frozen backbone, loss falls), re-ranking."""
+"""STIR pairwise re-ranker: the merge rule, pair mining, the model, training (frozen backbone, loss falls),
+re-ranking."""
 
 from __future__ import annotations
 
@@ -16,7 +17,14 @@ from lookalike.data.folder import import_folder
 from lookalike.errors import ConfigError, LookalikeError
 from lookalike.losses.pairwise import mine_pairs, pair_bce
 from lookalike.metrics import evaluate_table
-from lookalike.models.pairwise import SPEC_KEY, PairwiseModel, PairwiseSpec, init_from_extractor, load_pairwise, save_pairwise
+from lookalike.models.pairwise import (
+    SPEC_KEY,
+    PairwiseModel,
+    PairwiseSpec,
+    init_from_extractor,
+    load_pairwise,
+    save_pairwise,
+)
 from lookalike.pipeline import extractor_from_config, search_and_score, table_from_config
 from lookalike.rerank import RerankContext, check_ascending, create_reranker
 from lookalike.rerank.pairwise import PairwiseReranker, merge_top_n, table_rows
@@ -26,16 +34,32 @@ from lookalike.train.pairwise import FrozenBackbone, auto_precision, build_pairw
 from lookalike.train.run import build_trainer
 
 FAST = [
-    "model.name=test_resnet", "model.pretrained=false", "data.image_size=32", "data.crop_fraction=1.0", "data.batch_size=16",
-    "train.p=2", "train.k=4", "train.lr=1e-3", "train.augment=none", "trainer.accelerator=cpu", "trainer.progress=false",
-    "trainer.log_every_n_steps=1", "search.k=50", "pairwise.name=test_vit", "pairwise.pretrained=false", "pairwise.batch_size=64",
-    "train.batches_per_epoch=2", "evaluate.grid_queries=3",
+    "model.name=test_resnet",
+    "model.pretrained=false",
+    "data.image_size=32",
+    "data.crop_fraction=1.0",
+    "data.batch_size=16",
+    "train.p=2",
+    "train.k=4",
+    "train.lr=1e-3",
+    "train.augment=none",
+    "trainer.accelerator=cpu",
+    "trainer.progress=false",
+    "trainer.log_every_n_steps=1",
+    "search.k=50",
+    "pairwise.name=test_vit",
+    "pairwise.pretrained=false",
+    "pairwise.batch_size=64",
+    "train.batches_per_epoch=2",
+    "evaluate.grid_queries=3",
 ]
 
 
 def results(indices, distances, n_gallery: int = 8) -> RetrievalResults:
     idx = np.asarray(indices, dtype=np.int64)
-    return RetrievalResults(idx, np.asarray(distances, dtype=np.float32), np.arange(len(idx)).astype(str), np.arange(n_gallery).astype(str))
+    return RetrievalResults(
+        idx, np.asarray(distances, dtype=np.float32), np.arange(len(idx)).astype(str), np.arange(n_gallery).astype(str)
+    )
 
 
 # ---------------------------------------------------------------- the merge rule
@@ -56,7 +80,9 @@ def test_merge_rescales_a_head_that_would_pass_the_next_distance():
     np.testing.assert_allclose(after.distances[0, :3], np.array([1, 2, 5]) * 0.5 * (1 - gap) / 5, rtol=1e-6)
     assert after.distances[0, 2] < after.distances[0, 3] == np.float32(0.5) and after.distances[0, 4] == np.float32(0.6)
     check_ascending(after)
-    tiny = merge_top_n(results([[0, 1, 2]], [[1e-6, 2e-6, 3e-6]]), np.array([[0.9, 0.2]]))  # cosine distances can be this small
+    tiny = merge_top_n(
+        results([[0, 1, 2]], [[1e-6, 2e-6, 3e-6]]), np.array([[0.9, 0.2]])
+    )  # cosine distances can be this small
     assert tiny.indices.tolist() == [[1, 0, 2]] and 0 < tiny.distances[0, 0] < tiny.distances[0, 1] < np.float32(3e-6)
 
 
@@ -64,7 +90,10 @@ def test_merge_keeps_tied_items_in_their_old_order():
     before = results([[5, 6, 7, 1, 2], [0, 1, 2, 3, 4]], [[0.1, 0.2, 0.3, 0.9, 0.9], [0.0, 0.0, 0.0, 0.0, 0.0]])
     after = merge_top_n(before, np.array([[0.7, 0.2, 0.7], [0.3, 0.3, 0.3]]))
     assert after.indices.tolist() == [[6, 5, 7, 1, 2], [0, 1, 2, 3, 4]]
-    assert np.all(after.distances[1, :3] < 0) and after.distances[1, 3:].tolist() == [0, 0]  # next distance 0: shifted below it
+    assert np.all(after.distances[1, :3] < 0) and after.distances[1, 3:].tolist() == [
+        0,
+        0,
+    ]  # next distance 0: shifted below it
     assert after.distances[1, 0] == after.distances[1, 1] == after.distances[1, 2]  # the tie survives the shift
     check_ascending(after)
 
@@ -153,7 +182,9 @@ def test_the_model_stacks_images_along_the_height_and_tta_averages_both_orders()
         plain = model.distance(a, b)
         model.spec.tta = True
         both = model.distance(a, b)
-        assert torch.allclose(both, (plain + torch.sigmoid(model(b, a))) / 2) and torch.allclose(both, model.distance(b, a))
+        assert torch.allclose(both, (plain + torch.sigmoid(model(b, a))) / 2) and torch.allclose(
+            both, model.distance(b, a)
+        )
     assert ((plain > 0) & (plain < 1)).all()
 
 
@@ -166,7 +197,11 @@ def test_the_backbone_starts_from_an_extractor_checkpoint_with_resampled_positio
     theirs = extractor.backbone.state_dict()
     ours = model.backbone.state_dict()
     assert torch.equal(ours["blocks.0.attn.qkv.weight"], theirs["blocks.0.attn.qkv.weight"])
-    assert ours["pos_embed"].shape == (1, 1 + 4 * 2, 64) and theirs["pos_embed"].shape == (1, 1 + 10 * 10, 64)  # 160 px default
+    assert ours["pos_embed"].shape == (1, 1 + 4 * 2, 64) and theirs["pos_embed"].shape == (
+        1,
+        1 + 10 * 10,
+        64,
+    )  # 160 px default
     assert torch.equal(ours["pos_embed"][:, 0], theirs["pos_embed"][:, 0])  # the class token's position is kept
 
 
@@ -228,8 +263,19 @@ def _same(a: dict, b: dict) -> bool:
 @pytest.mark.parametrize("scheduler", ["none", "cosine"])  # a schedule must cover the backbone's group too
 def test_the_backbone_stays_frozen_for_the_first_epochs_then_trains(trained, tmp_path, scheduler):
     _, base = trained
-    cfg = load_config(None, [*base, f"train.output={tmp_path}", "train.epochs=3", "pairwise.freeze_epochs=2", "train.backbone_lr=1e-4",
-                             "pairwise.name=test_resnet", "train.val_every=3", f"train.scheduler={scheduler}"])  # a CNN: BN too
+    cfg = load_config(
+        None,
+        [
+            *base,
+            f"train.output={tmp_path}",
+            "train.epochs=3",
+            "pairwise.freeze_epochs=2",
+            "train.backbone_lr=1e-4",
+            "pairwise.name=test_resnet",
+            "train.val_every=3",
+            f"train.scheduler={scheduler}",
+        ],
+    )  # a CNN: BN too
     L.seed_everything(0)
     module, data = build_pairwise_parts(cfg)
     snapshots = Snapshots()
@@ -240,12 +286,16 @@ def test_the_backbone_stays_frozen_for_the_first_epochs_then_trains(trained, tmp
     assert not _same(h0, h1) and not _same(h1, h2)  # while the head learns
     assert not _same(b2, b3)  # unfrozen in the third epoch
     groups = trainer.optimizers[0].param_groups
-    assert len(groups) == 2 and groups[1].get("initial_lr", groups[1]["lr"]) == pytest.approx(1e-4)  # before any schedule
+    assert len(groups) == 2 and groups[1].get("initial_lr", groups[1]["lr"]) == pytest.approx(
+        1e-4
+    )  # before any schedule
 
 
 def test_train_reranker_validates_by_reranking_and_the_reranker_reproduces_it(trained, tmp_path, monkeypatch):
     root, base = trained
-    cfg = load_config(None, [*base, f"train.output={tmp_path}", "train.epochs=2", "pairwise.top_n=4", "pairwise.tta=true"])
+    cfg = load_config(
+        None, [*base, f"train.output={tmp_path}", "train.epochs=2", "pairwise.top_n=4", "pairwise.tta=true"]
+    )
     assert auto_precision(cfg) == "32-true"
     result = run_train_reranker(cfg)
     assert result.best_checkpoint.is_file() and result.last_checkpoint.is_file()
@@ -254,8 +304,15 @@ def test_train_reranker_validates_by_reranking_and_the_reranker_reproduces_it(tr
     assert record["before"]["means"] == pytest.approx(result.metrics_before)
     assert {"grid_0_extractor.png", "grid_1_epoch001.png"} <= {p.name for p in (tmp_path / "validation").iterdir()}
     hparams = yaml.safe_load(next(tmp_path.glob("tensorboard/version_*/hparams.yaml")).read_text())
-    assert hparams["pairwise.top_n"] == 4 and hparams["pairwise.tta"] is True and hparams["model.weights"] == cfg.model.weights
-    assert record["provenance"]["model"]["weights"] == cfg.model.weights and record["provenance"]["model"]["weights_sha256"]
+    assert (
+        hparams["pairwise.top_n"] == 4
+        and hparams["pairwise.tta"] is True
+        and hparams["model.weights"] == cfg.model.weights
+    )
+    assert (
+        record["provenance"]["model"]["weights"] == cfg.model.weights
+        and record["provenance"]["model"]["weights_sha256"]
+    )
 
     # the re-ranker, loaded from the last checkpoint, re-ranks the extractor's lists into the same metrics
     table = table_from_config(cfg).split("validation")
@@ -267,14 +324,22 @@ def test_train_reranker_validates_by_reranking_and_the_reranker_reproduces_it(tr
     embeddings = extract_embeddings(extractor, table, eval_transform(32, 1.0, dc["mean"], dc["std"]))
     _, before = search_and_score(cfg, embeddings, table)
     decoded = []
-    monkeypatch.setattr(image_io, "read_image", lambda path, bbox=None, _read=image_io.read_image: decoded.append(path) or _read(path, bbox))
+    monkeypatch.setattr(
+        image_io,
+        "read_image",
+        lambda path, bbox=None, _read=image_io.read_image: decoded.append(path) or _read(path, bbox),
+    )
     reranker = create_reranker("pairwise", weights=str(result.last_checkpoint), top_n=4, progress=False)
     after = reranker.rerank(before, RerankContext(table=table))
-    assert evaluate_table(after, table, cmc_k=(1, 5, 10), precision_k=(5, 10), map_k=(5, 10, 100)).means == pytest.approx(result.metrics)
+    assert evaluate_table(
+        after, table, cmc_k=(1, 5, 10), precision_k=(5, 10), map_k=(5, 10, 100)
+    ).means == pytest.approx(result.metrics)
     q_rows, g_rows = table_rows(table, before)
     needed = set(q_rows) | set(g_rows[before.indices[:, :4].ravel()])
     assert len(decoded) == len(set(decoded)) == len(needed)  # every distinct image decoded once
-    assert (after.indices[:, 4:] == before.indices[:, 4:]).all() and (after.distances[:, 4:] == before.distances[:, 4:]).all()
+    assert (after.indices[:, 4:] == before.indices[:, 4:]).all() and (
+        after.distances[:, 4:] == before.distances[:, 4:]
+    ).all()
     assert after.meta["rerank"][-1] == {"name": "pairwise", "top_n": 4, "model": "test_vit", "tta": True}
 
     # the same pairs scored one by one give the same head; a tiny cache (many chunks) gives the same lists
@@ -287,7 +352,9 @@ def test_train_reranker_validates_by_reranking_and_the_reranker_reproduces_it(tr
     order = np.argsort(direct, kind="stable")
     assert after.indices[q, :4].tolist() == before.indices[q, :4][order].tolist()
     n_decoded = len(decoded)
-    small = PairwiseReranker(str(result.last_checkpoint), top_n=4, cache_mb=1, progress=False).rerank(before, RerankContext(table=table))
+    small = PairwiseReranker(str(result.last_checkpoint), top_n=4, cache_mb=1, progress=False).rerank(
+        before, RerankContext(table=table)
+    )
     assert (small.indices == after.indices).all() and np.allclose(small.distances, after.distances, atol=1e-6)
     assert len(decoded) - n_decoded > len(needed)  # several chunks: images shared by chunks are decoded again
 
@@ -311,16 +378,32 @@ def test_cli_trains_a_reranker_and_validate_shows_each_stage(trained, tmp_path):
     args = [a for a in base if not a.startswith("model.weights")]
     weights = next(a for a in base if a.startswith("model.weights")).split("=", 1)[1]
     runner = CliRunner()
-    run = runner.invoke(app, ["train-reranker", *args, f"extractor_weights={weights}", f"train.output={tmp_path}", "train.epochs=1"])
+    run = runner.invoke(
+        app, ["train-reranker", *args, f"extractor_weights={weights}", f"train.output={tmp_path}", "train.epochs=1"]
+    )
     assert run.exit_code == 0, run.output
     assert "re-ranked top 5" in run.output and "cmc@1" in run.output and "best checkpoint" in run.output
     chain = f"rerank=[{{pairwise: {{weights: {tmp_path / 'checkpoints' / 'last.ckpt'}, progress: false}}}}]"
     run = runner.invoke(app, ["validate", *args, f"weights={weights}", f"train.output={tmp_path}", chain])
     assert run.exit_code == 0, run.output
     assert "original" in run.output and "1:pairwise" in run.output
-    assert {"grid_rerank_0_original.png", "grid_rerank_1_pairwise.png", "metrics_rerank.json"} <= {p.name for p in (tmp_path / "validation").iterdir()}
-    run = runner.invoke(app, ["validate", *args, f"weights={weights}", f"train.output={tmp_path}", "evaluate.centroids=label", "rerank=[qe]"])
-    assert run.exit_code == 0 and "1:qe" in run.output, run.output  # the chain re-ranks the images' lists, not centroids
+    assert {"grid_rerank_0_original.png", "grid_rerank_1_pairwise.png", "metrics_rerank.json"} <= {
+        p.name for p in (tmp_path / "validation").iterdir()
+    }
+    run = runner.invoke(
+        app,
+        [
+            "validate",
+            *args,
+            f"weights={weights}",
+            f"train.output={tmp_path}",
+            "evaluate.centroids=label",
+            "rerank=[qe]",
+        ],
+    )
+    assert run.exit_code == 0 and "1:qe" in run.output, (
+        run.output
+    )  # the chain re-ranks the images' lists, not centroids
     run = runner.invoke(app, ["train-reranker", *args, f"train.output={tmp_path}"])
     assert run.exit_code == 2 and "model.weights" in run.output
 
@@ -371,20 +454,34 @@ def test_freeze_epochs_under_ddp_keeps_the_backbone_frozen_on_every_rank_then_tr
     script.write_text(DDP_SCRIPT)
     snaps = tmp_path / "snaps"
     snaps.mkdir()
-    args = [*base, f"train.output={tmp_path / 'run'}", "train.epochs=2", "pairwise.freeze_epochs=1", "pairwise.name=test_resnet",
-            "train.backbone_lr=1e-3", "train.val_every=2", "train.validate_before=false", "train.grid=false",
-            "trainer.devices=2", "trainer.strategy=ddp"]
+    args = [
+        *base,
+        f"train.output={tmp_path / 'run'}",
+        "train.epochs=2",
+        "pairwise.freeze_epochs=1",
+        "pairwise.name=test_resnet",
+        "train.backbone_lr=1e-3",
+        "train.val_every=2",
+        "train.validate_before=false",
+        "train.grid=false",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+    ]
     run = subprocess.run([sys.executable, str(script), str(snaps), *args], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("done") == 1
-    states = {(r, tag): torch.load(snaps / f"rank{r}_{tag}.pt") for r in (0, 1) for tag in ("start", "epoch0", "epoch1")}
+    states = {
+        (r, tag): torch.load(snaps / f"rank{r}_{tag}.pt") for r in (0, 1) for tag in ("start", "epoch0", "epoch1")
+    }
     backbone = lambda state: {k: v for k, v in state.items() if k.startswith("backbone.")}  # noqa: E731
     head = lambda state: {k: v for k, v in state.items() if k.startswith("head.")}  # noqa: E731
     for r in (0, 1):
         assert _same(backbone(states[r, "start"]), backbone(states[r, "epoch0"]))  # frozen: weights and BN statistics
         assert not _same(head(states[r, "start"]), head(states[r, "epoch0"]))  # while the head learnt
         assert not _same(backbone(states[r, "epoch0"]), backbone(states[r, "epoch1"]))  # trained after unfreezing
-    assert _same(states[0, "epoch0"], states[1, "epoch0"]) and _same(states[0, "epoch1"], states[1, "epoch1"])  # ranks agree
+    assert _same(states[0, "epoch0"], states[1, "epoch0"]) and _same(
+        states[0, "epoch1"], states[1, "epoch1"]
+    )  # ranks agree
 
 
 # ---------------------------------------------------------------- the recipe's configs
@@ -410,9 +507,24 @@ def _header_command(path) -> list[str]:
 def test_the_stir_recipe_configs_hold_the_published_settings(dataset):
     cfg = load_config(CONFIGS / f"{dataset}_pairwise.yaml")
     p, t = cfg.pairwise, cfg.train
-    assert (p.freeze_epochs, p.top_n, p.hidden, p.dropout, p.mining, p.batch_size, p.precision) == (3, 5, 192, 0.5, "hard", 128, "16-mixed")
+    assert (p.freeze_epochs, p.top_n, p.hidden, p.dropout, p.mining, p.batch_size, p.precision) == (
+        3,
+        5,
+        192,
+        0.5,
+        "hard",
+        128,
+        "16-mixed",
+    )
     assert p.init_from_extractor and p.name == cfg.model.name == "vit_small_patch16_224.dino" and cfg.model.normalize
-    assert (t.optimizer, t.lr, t.backbone_lr, t.scheduler, t.step_epochs, t.step_gamma) == ("adam", 2e-3, None, "step", [3], 5e-3)
+    assert (t.optimizer, t.lr, t.backbone_lr, t.scheduler, t.step_epochs, t.step_gamma) == (
+        "adam",
+        2e-3,
+        None,
+        "step",
+        [3],
+        5e-3,
+    )
     assert (t.p, t.k, t.epochs, t.val_every, t.seed) == (30, 4, 1000, 10, 42)
     assert (cfg.data.image_size, cfg.data.crop_fraction) == (224, 1.0)
     assert (cfg.trainer.devices, cfg.trainer.strategy) == (2, "ddp")
@@ -422,8 +534,19 @@ def test_the_stir_recipe_configs_hold_the_published_settings(dataset):
     e, loss = extractor.train, extractor.train.loss
     assert extractor.model.name == "vit_small_patch16_224.dino" and extractor.model.normalize
     assert (e.optimizer, e.lr, e.p, e.k, e.val_every) == ("adamw", 1e-5, 150, 4, 5)
-    assert (loss.triplet, loss.margin, loss.miner, loss.memory_size, loss.centroid, loss.cross_entropy) == (1.0, 0.15, "batch_hard", 0, 0.0, 0.0)
-    assert (extractor.trainer.devices, extractor.trainer.strategy, extractor.trainer.precision) == (2, "ddp", "16-mixed")
+    assert (loss.triplet, loss.margin, loss.miner, loss.memory_size, loss.centroid, loss.cross_entropy) == (
+        1.0,
+        0.15,
+        "batch_hard",
+        0,
+        0.0,
+        0.0,
+    )
+    assert (extractor.trainer.devices, extractor.trainer.strategy, extractor.trainer.precision) == (
+        2,
+        "ddp",
+        "16-mixed",
+    )
 
 
 def test_the_step_schedule_multiplies_by_step_gamma():
@@ -441,9 +564,8 @@ def test_the_step_schedule_multiplies_by_step_gamma():
 
 def test_train_reranker_stops_on_sigterm_with_a_checkpoint_that_resumes(trained, tmp_path):
     """Was: `kill PID` printed "Received SIGTERM" and the re-ranker kept training."""
-    from test_signals import last_line, start, terminate, wait_for
-
     from lookalike.signals import EXIT_CODE
+    from test_signals import last_line, start, terminate, wait_for
 
     _, base = trained
     args = [*base, f"train.output={tmp_path}"]
@@ -451,7 +573,9 @@ def test_train_reranker_stops_on_sigterm_with_a_checkpoint_that_resumes(trained,
     wait_for(process, (tmp_path / "validation" / "metrics_epoch000.json").is_file, "the first validation")
     rc, stderr, _ = terminate(process)
     last = tmp_path / "checkpoints" / "last.ckpt"
-    assert rc == EXIT_CODE and last_line(stderr) == f"stopped by SIGTERM; saved {last}; continue with --resume last", stderr[-2000:]
+    assert rc == EXIT_CODE and last_line(stderr) == f"stopped by SIGTERM; saved {last}; continue with --resume last", (
+        stderr[-2000:]
+    )
     saved = torch.load(last, map_location="cpu", weights_only=False)
     assert saved["global_step"] >= 2 and SPEC_KEY in saved
     resumed = run_train_reranker(load_config(None, [*args, f"train.epochs={saved['epoch'] + 2}"]), resume="last")

@@ -20,7 +20,12 @@ from lookalike.progress import INTERVAL_ENV, ProgressReporter, interval_from_env
 from lookalike.search.exact import exact_knn
 
 LOOKALIKE = str(Path(sys.executable).parent / "lookalike")
-SLOW_SMALL = ["model.name=test_resnet", "model.pretrained=false", "data.image_size=32", "data.batch_size=2"]  # 40 batches
+SLOW_SMALL = [
+    "model.name=test_resnet",
+    "model.pretrained=false",
+    "data.image_size=32",
+    "data.batch_size=2",
+]  # 40 batches
 LINE = re.compile(r"^embedding: (\d+)/40 batches \(\d+%\), [\d.]+ batches/s, (\d+ s left|time left unknown)$")
 
 
@@ -32,7 +37,9 @@ def table_csv(omniglot_small, tmp_path_factory) -> Path:
 
 
 def lookalike(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([LOOKALIKE, *map(str, args)], capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [LOOKALIKE, *map(str, args)], capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})}
+    )
 
 
 def extract_args(table_csv: Path, out: Path) -> list[str]:
@@ -42,8 +49,13 @@ def extract_args(table_csv: Path, out: Path) -> list[str]:
 def test_extract_into_a_pipe_prints_progress_lines_while_it_runs(table_csv, tmp_path):
     """stderr is a pipe (as under nohup, a scheduler or CI): lines arrive during the run, before the output exists."""
     out = tmp_path / "emb.npz"
-    proc = subprocess.Popen([LOOKALIKE, *extract_args(table_csv, out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, INTERVAL_ENV: "0.01"})  # 40 batches take ~0.15 s on an idle machine
+    proc = subprocess.Popen(
+        [LOOKALIKE, *extract_args(table_csv, out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, INTERVAL_ENV: "0.01"},
+    )  # 40 batches take ~0.15 s on an idle machine
     seen: list[tuple[str, bool]] = []  # (line, whether the embeddings file existed when the line was read)
     reader = threading.Thread(target=lambda: seen.extend((line.rstrip("\n"), out.exists()) for line in proc.stderr))
     reader.start()

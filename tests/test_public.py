@@ -1,4 +1,5 @@
-"""The public face: `import lookalike` exports the nouns and verbs lazily; Extractor/embed take files, folders, PIL images
+"""The public face: `import lookalike` exports the nouns and verbs lazily; Extractor/embed take files, folders, PIL
+images
 and tables with the model's own transform; GalleryIndex builds from a class-per-folder tree and answers one image."""
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ def python(code: str) -> subprocess.CompletedProcess:
 
 
 def test_import_lookalike_is_light_and_search_stays_callable():
-    """A fresh interpreter: no torch until a name needs it; then importing lookalike.search.* (which rebinds lookalike.search
+    """A fresh interpreter: no torch until a name needs it; then importing lookalike.search.* (which rebinds
+    lookalike.search
     to the subpackage) leaves the verb callable and the package's names reachable."""
     done = python(
         "import sys, lookalike\n"
-        "assert 'torch' not in sys.modules and 'lookalike.metrics' not in sys.modules, 'import lookalike loaded torch'\n"
+        "assert 'torch' not in sys.modules and 'lookalike.metrics' not in sys.modules, 'import lookalike loaded "
+        "torch'\n"
         "lookalike.Embeddings, lookalike.DatasetTable, lookalike.load_config\n"
         "assert 'torch' not in sys.modules, 'the data nouns loaded torch'\n"
         "import lookalike.search.exact, numpy as np\n"
@@ -64,7 +67,10 @@ def test_all_names_resolve_to_the_objects_where_they_live():
 def test_list_rerankers_names_what_create_reranker_accepts():
     names = lookalike.list_rerankers()
     assert names == sorted(names) and {"icfrr", "kreciprocal", "qe", "dba", "centroids", "pairwise"} <= set(names)
-    assert all(lookalike.create_reranker(name, **({"weights": "x.ckpt"} if name == "pairwise" else {})).name == name for name in names)
+    assert all(
+        lookalike.create_reranker(name, **({"weights": "x.ckpt"} if name == "pairwise" else {})).name == name
+        for name in names
+    )
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +80,8 @@ def extractor() -> Extractor:
 
 
 def test_embed_applies_the_models_own_transform(extractor, omniglot_small):
-    """embed(files) equals the model run by hand on the transform of image_size, crop_fraction and timm's mean and std."""
+    """embed(files) equals the model run by hand on the transform of image_size, crop_fraction and timm's mean and
+    std."""
     files = list_images(omniglot_small)[:5]
     emb = lookalike.embed(extractor, files, batch_size=2)
     dc = extractor.data_config()
@@ -97,7 +104,9 @@ def test_embed_takes_folders_pil_images_and_tables_alike(extractor, omniglot_sma
     table = import_folder(omniglot_small, validation_fraction=0.0)
     from_table = extractor.embed(table)
     assert from_table.ids.tolist() == table.frame["path"].tolist()
-    np.testing.assert_allclose(from_table.select([f"Balinese/character01/{f.name}" for f in files]).vectors, from_folder.vectors, atol=1e-6)
+    np.testing.assert_allclose(
+        from_table.select([f"Balinese/character01/{f.name}" for f in files]).vectors, from_folder.vectors, atol=1e-6
+    )
 
 
 def test_embed_errors_are_one_line_naming_the_input(extractor, tmp_path):
@@ -116,8 +125,17 @@ def test_extractor_defaults_and_weights_and_config(extractor, tmp_path):
     loaded = Extractor("test_resnet", embedding_dim=16, image_size=32, crop_fraction=1.0, weights=tmp_path / "model.pt")
     image = Image.new("RGB", (32, 32), (200, 10, 10))
     np.testing.assert_allclose(loaded.embed(image).vectors, extractor.embed(image).vectors, atol=1e-6)
-    cfg = load_config(None, ["model.name=test_resnet", "model.pretrained=false", "model.embedding_dim=16", f"model.weights={tmp_path / 'model.pt'}",
-                             "data.image_size=[32, 24]", "data.crop_fraction=0.5"])
+    cfg = load_config(
+        None,
+        [
+            "model.name=test_resnet",
+            "model.pretrained=false",
+            "model.embedding_dim=16",
+            f"model.weights={tmp_path / 'model.pt'}",
+            "data.image_size=[32, 24]",
+            "data.crop_fraction=0.5",
+        ],
+    )
     from_cfg = Extractor.from_config(cfg)
     assert (from_cfg.image_size, from_cfg.crop_fraction, from_cfg.settings()["embedding_dim"]) == ([32, 24], 0.5, 16)
     torch.testing.assert_close(from_cfg.state_dict(), extractor.state_dict())
@@ -131,7 +149,9 @@ def test_gallery_index_builds_from_a_folder_tree_and_answers_one_image(extractor
     query = list_images(omniglot_small / "Balinese" / "character03")[4]
     hits = index.query(query, k=5)
     assert list(hits.columns) == ["path", "label", "distance"] and hits.index.tolist() == [1, 2, 3, 4, 5]
-    assert hits["path"].iloc[0] == str(query.resolve()) and hits["distance"].iloc[0] == pytest.approx(0, abs=1e-5)  # a gallery image finds itself
+    assert hits["path"].iloc[0] == str(query.resolve()) and hits["distance"].iloc[0] == pytest.approx(
+        0, abs=1e-5
+    )  # a gallery image finds itself
     assert hits["distance"].is_monotonic_increasing
     with Image.open(query) as picture:
         np.testing.assert_allclose(index.query(picture, k=5)["distance"], hits["distance"], atol=1e-6)

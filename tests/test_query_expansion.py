@@ -85,7 +85,9 @@ def test_dba_by_hand():
     out = DatabaseAugmentation(n=1).rerank(results, context)
     assert out.indices[0, 0] == 2 and set(out.indices[0, 1:3]) == {0, 1} and out.indices[0, 3] == 3
     np.testing.assert_allclose(out.distances[0], 1 - np.cos(np.deg2rad([5, 40, 40, 75])), atol=1e-6)
-    a_prime = gallery[0] + np.cos(np.deg2rad(40)) ** 2 * gallery[1]  # alpha = 2, n = 2: a's second neighbour c has cos 0
+    a_prime = (
+        gallery[0] + np.cos(np.deg2rad(40)) ** 2 * gallery[1]
+    )  # alpha = 2, n = 2: a's second neighbour c has cos 0
     out = DatabaseAugmentation(n=2, alpha=2.0).rerank(results, context)
     expected = 1 - angles(60)[0] @ (a_prime / np.linalg.norm(a_prime))
     np.testing.assert_allclose(out.distances[0][out.indices[0] == 0], [expected], atol=1e-6)
@@ -102,7 +104,13 @@ def test_dba_leaves_its_gallery_for_a_following_qe():
 
 
 @pytest.mark.parametrize(
-    "reranker", [QueryExpansion(n=2), QueryExpansion(n=2, candidates=3), DatabaseAugmentation(n=2), DatabaseAugmentation(n=2, candidates=3)]
+    "reranker",
+    [
+        QueryExpansion(n=2),
+        QueryExpansion(n=2, candidates=3),
+        DatabaseAugmentation(n=2),
+        DatabaseAugmentation(n=2, candidates=3),
+    ],
 )
 def test_exclusion_groups_are_respected(reranker):
     rng = np.random.default_rng(0)
@@ -121,12 +129,16 @@ def test_exclusion_groups_are_respected(reranker):
     np.testing.assert_allclose(clean.distances[:, :3], dirty.distances[:, :3], atol=1e-6)
 
 
-@pytest.mark.parametrize("reranker", [QueryExpansion(n=3), QueryExpansion(n=3, candidates=4), DatabaseAugmentation(n=3)])
+@pytest.mark.parametrize(
+    "reranker", [QueryExpansion(n=3), QueryExpansion(n=3, candidates=4), DatabaseAugmentation(n=3)]
+)
 def test_output_contract_with_padding(reranker):
     rng = np.random.default_rng(1)
     queries = Embeddings(rng.standard_normal((5, 6)), [f"q{i}" for i in range(5)])
     gallery = Embeddings(rng.standard_normal((4, 6)), [f"g{i}" for i in range(4)])
-    idx, dist = exact_knn(queries.vectors, gallery.vectors, 7)  # only 4 gallery items: 3 PAD slots per row (search() clamps)
+    idx, dist = exact_knn(
+        queries.vectors, gallery.vectors, 7
+    )  # only 4 gallery items: 3 PAD slots per row (search() clamps)
     results = RetrievalResults(idx, dist, queries.ids, gallery.ids)
     out = reranker.rerank(results, RerankContext(queries=queries, gallery=gallery))
     assert out.indices.shape == (5, 7) and out.distances.dtype == np.float32
@@ -152,7 +164,10 @@ def test_qe_and_dba_improve_map_on_clusters():
     assert before < 0.9
     assert score(QueryExpansion(n=3).rerank(results, context)) > before + 0.03
     assert score(QueryExpansion(n=5, alpha=3.0).rerank(results, context)) > before + 0.03
-    assert score(DatabaseAugmentation(n=3).rerank(results, RerankContext(queries=queries, gallery=gallery))) > before + 0.03
+    assert (
+        score(DatabaseAugmentation(n=3).rerank(results, RerankContext(queries=queries, gallery=gallery)))
+        > before + 0.03
+    )
 
 
 def test_registry_and_bad_parameters():

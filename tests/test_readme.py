@@ -27,9 +27,12 @@ def python_blocks(text: str) -> list[tuple[int, str]]:
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
-    """A folder as the README's examples assume it: `lookalike data omniglot data/omniglot` run there, configs/ beside it."""
+    """A folder as the README's examples assume it: `lookalike data omniglot data/omniglot` run there, configs/ beside
+    it."""
     root = tmp_path_factory.mktemp("readme")
-    done = subprocess.run([LOOKALIKE, "data", "omniglot", "data/omniglot"], cwd=root, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [LOOKALIKE, "data", "omniglot", "data/omniglot"], cwd=root, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     shutil.copytree(REPO / "configs", root / "configs")
     return root
@@ -63,9 +66,20 @@ def test_python_blocks_are_found_with_their_lines():
 
 # the public functions and methods, in an order where each example finds what an earlier one wrote (runs/latin)
 DOCUMENTED = [
-    lookalike.load_table, lookalike.import_folder, lookalike.load_config, lookalike.Extractor, "Extractor.from_config",
-    lookalike.embed, "search.search", lookalike.search_table, lookalike.compute_metrics, lookalike.evaluate_table,
-    lookalike.list_rerankers, lookalike.create_reranker, "GalleryIndex.build", "GalleryIndex.query",
+    lookalike.load_table,
+    lookalike.import_folder,
+    lookalike.load_config,
+    lookalike.Extractor,
+    "Extractor.from_config",
+    lookalike.embed,
+    "search.search",
+    lookalike.search_table,
+    lookalike.compute_metrics,
+    lookalike.evaluate_table,
+    lookalike.list_rerankers,
+    lookalike.create_reranker,
+    "GalleryIndex.build",
+    "GalleryIndex.query",
 ]
 
 
@@ -82,9 +96,14 @@ def documented() -> list[tuple[str, object]]:
 
 
 def test_every_public_function_is_documented():
-    """Every function in lookalike.__all__ is listed above, and each docstring has Args (if it takes any), Returns, Example."""
+    """Every function in lookalike.__all__ is listed above, and each docstring has Args (if it takes any), Returns,
+    Example."""
     listed = {id(obj) for _, obj in documented()}
-    functions = [n for n in lookalike.__all__ if inspect.isfunction(getattr(lookalike, n)) and id(getattr(lookalike, n)) not in listed]
+    functions = [
+        n
+        for n in lookalike.__all__
+        if inspect.isfunction(getattr(lookalike, n)) and id(getattr(lookalike, n)) not in listed
+    ]
     assert functions == [], f"public functions missing from DOCUMENTED: {functions}"
     for name, obj in documented():
         doc = inspect.getdoc(obj) or ""

@@ -16,9 +16,21 @@ from lookalike.train import build_parts, run_train, run_validate
 # resnet18 (not timm's test_resnet): its convolutions run different oneDNN kernels in channels-last and contiguous
 # layout, enough to move CMC@1 of the validation split below when the paths embed differently
 FAST = [
-    "model.name=resnet18", "model.pretrained=false", "data.image_size=32", "data.crop_fraction=1.0", "data.batch_size=16",
-    "train.p=2", "train.k=4", "train.lr=1e-3", "train.augment=none", "trainer.accelerator=cpu", "trainer.progress=false",
-    "train.grid=false", "search.k=79", "evaluate.grid=null", "evaluate.cmc_plot=null",
+    "model.name=resnet18",
+    "model.pretrained=false",
+    "data.image_size=32",
+    "data.crop_fraction=1.0",
+    "data.batch_size=16",
+    "train.p=2",
+    "train.k=4",
+    "train.lr=1e-3",
+    "train.augment=none",
+    "trainer.accelerator=cpu",
+    "trainer.progress=false",
+    "train.grid=false",
+    "search.k=79",
+    "evaluate.grid=null",
+    "evaluate.cmc_plot=null",
 ]
 
 
@@ -40,7 +52,9 @@ def config(table_csv, out, *extra: str):
 def validation_embeddings(monkeypatch) -> list:
     """The Embeddings every Lightning validation searches, in order (training's, then `validate`'s)."""
     seen, search_and_score = [], module_mod.search_and_score
-    monkeypatch.setattr(module_mod, "search_and_score", lambda cfg, emb, table: seen.append(emb) or search_and_score(cfg, emb, table))
+    monkeypatch.setattr(
+        module_mod, "search_and_score", lambda cfg, emb, table: seen.append(emb) or search_and_score(cfg, emb, table)
+    )
     return seen
 
 
@@ -51,7 +65,9 @@ def test_train_validate_and_extract_search_evaluate_give_one_number(table_csv, t
     table = table_from_config(cfg)
     extracted = run_extract(cfg, table)
     evaluated = run_evaluate(cfg, table, run_search(cfg, table)).report.means
-    assert trained.metrics == validated == evaluated  # exactly; was CMC@1 0.2875 in train and validate, 0.35 from evaluate
+    assert (
+        trained.metrics == validated == evaluated
+    )  # exactly; was CMC@1 0.2875 in train and validate, 0.35 from evaluate
     last_fit, validate = validation_embeddings
     np.testing.assert_array_equal(last_fit.vectors, extracted.vectors)  # bit for bit: were 5e-8 apart (model layout)
     np.testing.assert_array_equal(validate.vectors, extracted.vectors)
@@ -66,7 +82,7 @@ def test_validation_under_mixed_precision_embeds_as_extract_does(table_csv, tmp_
     images, rows = next(iter(data.val_dataloader()))
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         module.validation_step((images, rows), 0)
-    (got_rows, got), = module._val_parts
+    ((got_rows, got),) = module._val_parts
     assert got.dtype == torch.float32
     np.testing.assert_array_equal(got.numpy(), extracted.vectors[got_rows.numpy()])  # was bf16 numbers, ~1e-3 apart
 
@@ -83,7 +99,9 @@ def test_two_runs_and_a_resumed_run_give_identical_metrics(table_csv, tmp_path):
     second = run_train(config(table_csv, tmp_path / "second", *short, "train.epochs=2"))
     run_train(config(table_csv, tmp_path / "resumed", *short, "train.epochs=1"))
     resumed = run_train(config(table_csv, tmp_path / "resumed", *short, "train.epochs=2"), resume="last")
-    assert first.metrics == second.metrics == resumed.metrics  # resumed: epoch 1 trained on epoch 0's batches, other crops
+    assert (
+        first.metrics == second.metrics == resumed.metrics
+    )  # resumed: epoch 1 trained on epoch 0's batches, other crops
     for run in (second, resumed):
         for key, value in weights(first.last_checkpoint).items():
             assert torch.equal(value, weights(run.last_checkpoint)[key]), key

@@ -1,4 +1,5 @@
-"""The re-ranking chain: config steps, per-stage metrics, centroids as the first stage, the `lookalike rerank` pipeline."""
+"""The re-ranking chain: config steps, per-stage metrics, centroids as the first stage, the `lookalike rerank`
+pipeline."""
 
 from __future__ import annotations
 
@@ -24,8 +25,15 @@ def clustered_table(tmp_path, n_labels=6, per_label=8, dim=16, seed=0):
     centres = rng.standard_normal((n_labels, dim))
     vectors = centres[labels] + 0.9 * rng.standard_normal((len(labels), dim))
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    frame = pd.DataFrame({"label": labels, "path": [f"{i}.png" for i in range(len(labels))], "split": "validation",
-                          "is_query": True, "is_gallery": True}).astype(str)
+    frame = pd.DataFrame(
+        {
+            "label": labels,
+            "path": [f"{i}.png" for i in range(len(labels))],
+            "split": "validation",
+            "is_query": True,
+            "is_gallery": True,
+        }
+    ).astype(str)
     table = validate_table(frame, tmp_path, check_files=False)
     return table, Embeddings(vectors.astype(np.float32), frame["path"].to_numpy(str))
 
@@ -59,7 +67,9 @@ def test_centroids_first_then_icfrr_on_the_centroids(tmp_path):
     table, emb = clustered_table(tmp_path)
     results = search_table(emb, table, k=47)
     context = rerank_context(load_config(), table, results, emb)
-    stages = run_chain(results, context, build_chain(["centroids", {"name": "icfrr", "kg": 3, "kq": 2, "candidates": 6}]))
+    stages = run_chain(
+        results, context, build_chain(["centroids", {"name": "icfrr", "kg": 3, "kq": 2, "candidates": 6}])
+    )
     centroid = stages[1].results
     assert len(centroid.gallery_ids) == 6 and centroid.gallery_ids[0].startswith("label=")
     assert (centroid.valid.sum(1) == 6).all()  # every label's centroid, the own one left-one-out
@@ -71,9 +81,16 @@ def test_rerank_pipeline_writes_final_list_and_stage_metrics(tmp_path):
     table, emb = clustered_table(tmp_path)
     table.save(tmp_path / "table.csv")
     emb.save(tmp_path / "emb.npz")
-    overrides = [f"data.table={tmp_path / 'table.csv'}", f"extract.output={tmp_path / 'emb.npz'}", f"search.output={tmp_path / 'res.npz'}",
-                 "search.k=47", f"search.reranked_output={tmp_path / 'reranked.npz'}", f"evaluate.output={tmp_path / 'm.json'}",
-                 f"evaluate.cmc_plot={tmp_path / 'cmc.png'}", "rerank=[qe,kreciprocal]"]
+    overrides = [
+        f"data.table={tmp_path / 'table.csv'}",
+        f"extract.output={tmp_path / 'emb.npz'}",
+        f"search.output={tmp_path / 'res.npz'}",
+        "search.k=47",
+        f"search.reranked_output={tmp_path / 'reranked.npz'}",
+        f"evaluate.output={tmp_path / 'm.json'}",
+        f"evaluate.cmc_plot={tmp_path / 'cmc.png'}",
+        "rerank=[qe,kreciprocal]",
+    ]
     cfg = load_config(None, overrides)
     search_table(emb, table, k=47).save(cfg.search.output)
     stages = run_rerank(cfg, table)
@@ -96,17 +113,25 @@ def test_a_reranker_used_twice_keeps_both_stages(tmp_path):
     assert list(reports) == ["original", "1:qe", "2:qe"] and reports["2:qe"] is stages[2].report
 
 
-
-@pytest.mark.parametrize("steps", [["kreciprocal", "centroids"], ["centroids", "qe", {"centroids": {"per_sequence": True}}]])
+@pytest.mark.parametrize(
+    "steps", [["kreciprocal", "centroids"], ["centroids", "qe", {"centroids": {"per_sequence": True}}]]
+)
 def test_a_first_only_stage_elsewhere_is_refused(tmp_path, steps):
-    """Was: rerank=[kreciprocal, centroids] ran and equalled centroids alone (the k-reciprocal stage silently discarded)."""
+    """Was: rerank=[kreciprocal, centroids] ran and equalled centroids alone (the k-reciprocal stage silently
+    discarded)."""
     position = len(steps) - 1
     with pytest.raises(ConfigError, match=rf"^rerank\[{position}\]: centroids must be the first stage of the chain"):
         build_chain(steps)
     table, emb = clustered_table(tmp_path)
     table.save(tmp_path / "table.csv")
-    cfg = load_config(None, [f"data.table={tmp_path / 'table.csv'}", f"search.output={tmp_path / 'missing.npz'}",
-                             f"rerank={json.dumps(steps)}"])
+    cfg = load_config(
+        None,
+        [
+            f"data.table={tmp_path / 'table.csv'}",
+            f"search.output={tmp_path / 'missing.npz'}",
+            f"rerank={json.dumps(steps)}",
+        ],
+    )
     with pytest.raises(ConfigError, match=r"must be the first stage"):  # before the results file is even read
         run_rerank(cfg, table)
 
@@ -123,9 +148,18 @@ def test_a_pairwise_only_chain_needs_no_embeddings_file(omniglot_small, tmp_path
     spec_cfg = load_config(None, ["pairwise.name=test_vit", "pairwise.pretrained=false", "data.image_size=32"])
     weights = save_pairwise(PairwiseModel(pairwise_spec(spec_cfg)), tmp_path / "pairwise.pt")
     chain = f"rerank=[{{pairwise: {{weights: {weights}, top_n: 3, progress: false}}}}]"
-    cfg = load_config(None, [f"extract.output={tmp_path / 'no_embeddings.npz'}", f"search.output={tmp_path / 'res.npz'}",
-                             f"search.reranked_output={tmp_path / 'reranked.npz'}", f"evaluate.output={tmp_path / 'm.json'}",
-                             "evaluate.cmc_plot=null", "evaluate.grid=null", chain])
+    cfg = load_config(
+        None,
+        [
+            f"extract.output={tmp_path / 'no_embeddings.npz'}",
+            f"search.output={tmp_path / 'res.npz'}",
+            f"search.reranked_output={tmp_path / 'reranked.npz'}",
+            f"evaluate.output={tmp_path / 'm.json'}",
+            "evaluate.cmc_plot=null",
+            "evaluate.grid=null",
+            chain,
+        ],
+    )
     search_table(Embeddings(vectors, paths), table, k=10).save(cfg.search.output)
     stages = run_rerank(cfg, table)
     assert [s.name for s in stages] == ["original", "pairwise"] and (tmp_path / "reranked.npz").is_file()

@@ -10,7 +10,9 @@ from lookalike.rows import float_from_sortable_bits, pack_rows, sortable_bits
 
 def test_pack_rows_pads_each_row_after_its_entries():
     rows = torch.tensor([0, 0, 2, 2, 2])
-    values, index = pack_rows(rows, 4, (torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]), -torch.inf), (torch.tensor([7, 8, 9, 10, 11]), -1))
+    values, index = pack_rows(
+        rows, 4, (torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]), -torch.inf), (torch.tensor([7, 8, 9, 10, 11]), -1)
+    )
     assert values.tolist() == [[1.0, 2.0, -np.inf], [-np.inf] * 3, [3.0, 4.0, 5.0], [-np.inf] * 3]
     assert index.tolist() == [[7, 8, -1], [-1, -1, -1], [9, 10, 11], [-1, -1, -1]] and index.dtype == torch.int64
     assert pack_rows(torch.empty(0, dtype=torch.int64), 2, (torch.empty(0), 0.0))[0].shape == (2, 0)

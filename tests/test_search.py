@@ -10,8 +10,8 @@ import pytest
 from lookalike.data.table import validate_table
 from lookalike.embeddings import Embeddings
 from lookalike.errors import LookalikeError
-from lookalike.search.exact import order_by_distance
 from lookalike.search import PAD, FaissIndex, RetrievalResults, exact_knn, search, search_table
+from lookalike.search.exact import order_by_distance
 
 
 def unit(rng, n, d=16):
@@ -137,7 +137,9 @@ def test_one_hidden_item_per_query_equals_the_masked_search(k):
 
 
 def test_exclusion_against_an_empty_gallery_gives_empty_slots():
-    idx, dist = exact_knn(np.ones((2, 4), np.float32), np.zeros((0, 4), np.float32), 3, exclude=(np.arange(2), np.arange(0)))
+    idx, dist = exact_knn(
+        np.ones((2, 4), np.float32), np.zeros((0, 4), np.float32), 3, exclude=(np.arange(2), np.arange(0))
+    )
     assert (idx == PAD).all() and np.isinf(dist).all() and idx.shape == (2, 3)
 
 
@@ -220,12 +222,21 @@ def clustered_validation(tmp_path, n_labels=5, per_label=6, sequences=None):
     rng = np.random.default_rng(7)
     labels = np.repeat(np.arange(n_labels), per_label)
     vectors = np.eye(n_labels, 8)[labels] + 0.8 * rng.standard_normal((len(labels), 8))
-    frame = pd.DataFrame({"label": labels, "path": [f"{i}.png" for i in range(len(labels))], "split": "validation",
-                          "is_query": True, "is_gallery": True})
+    frame = pd.DataFrame(
+        {
+            "label": labels,
+            "path": [f"{i}.png" for i in range(len(labels))],
+            "split": "validation",
+            "is_query": True,
+            "is_gallery": True,
+        }
+    )
     if sequences is not None:
         frame["sequence"] = sequences
     table = validate_table(frame.astype(str), tmp_path, check_files=False)
-    return table, Embeddings((vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32), frame["path"])
+    return table, Embeddings(
+        (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32), frame["path"]
+    )
 
 
 def test_every_other_image_is_a_complete_ranking(tmp_path):
@@ -248,7 +259,10 @@ def test_k_above_the_visible_gallery_is_clamped_with_one_warning(tmp_path):
     from lookalike.errors import LookalikeWarning
 
     table, emb = clustered_validation(tmp_path)
-    with pytest.warns(LookalikeWarning, match=r"^search\.k: 5000 is more than the 29 gallery items a query may see; the lists hold 29$"):
+    with pytest.warns(
+        LookalikeWarning,
+        match=r"^search\.k: 5000 is more than the 29 gallery items a query may see; the lists hold 29$",
+    ):
         rr = search_table(emb, table, k=5000)
     assert rr.k == 29 and rr.valid.all() and rr.meta["k"] == 29 and rr.meta["k_requested"] == 5000
     with pytest.warns(LookalikeWarning, match="more than the 30 gallery items; the lists hold 30"):
@@ -261,7 +275,8 @@ def test_k_above_the_visible_gallery_is_clamped_with_one_warning(tmp_path):
 
 
 def test_validation_scores_map_at_all_over_the_whole_ranking(tmp_path, monkeypatch):
-    """Was: training's validation (table and JSON) gave mAP@all of the top search.k as map@all, with no word about it."""
+    """Was: training's validation (table and JSON) gave mAP@all of the top search.k as map@all, with no word about
+    it."""
     from lookalike import pipeline
     from lookalike.config import load_config
     from lookalike.errors import LookalikeWarning
@@ -273,8 +288,13 @@ def test_validation_scores_map_at_all_over_the_whole_ranking(tmp_path, monkeypat
     whole = evaluate_table(search_table(emb, table, k=29), table)
     assert report.complete_ranking and results.k == 29
     assert report.means["map@all"] == pytest.approx(whole.means["map@all"])
-    assert report.means["map@all"] != pytest.approx(evaluate_table(search_table(emb, table, k=5), table).means["map@all"])
+    assert report.means["map@all"] != pytest.approx(
+        evaluate_table(search_table(emb, table, k=5), table).means["map@all"]
+    )
     monkeypatch.setattr(pipeline, "WHOLE_RANKING_LIMIT", 30 * 28)  # too large a split: top search.k, said in one line
-    with pytest.warns(LookalikeWarning, match=r"^validation ranks the top 5 of 29 gallery items .* count relevant items beyond 5 as missed$"):
+    with pytest.warns(
+        LookalikeWarning,
+        match=r"^validation ranks the top 5 of 29 gallery items .* count relevant items beyond 5 as missed$",
+    ):
         report, results = pipeline.search_and_score(cfg, emb, table)
     assert results.k == 5 and not report.complete_ranking and not report.to_dict()["complete_ranking"]

@@ -1,4 +1,5 @@
-"""The web app: index round trip, the JSON API and its safety rules, and a real server under concurrent load (the page in
+"""The web app: index round trip, the JSON API and its safety rules, and a real server under concurrent load (the
+page in
 a browser: test_page.py)."""
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from lookalike.data.folder import import_folder
 from lookalike.data.images import read_image
 from lookalike.errors import ConfigError, LookalikeError
 from lookalike.pipeline import extractor_from_config, table_from_config
-from lookalike.serve import build_index, load_index
 from lookalike.search import exact_knn
+from lookalike.serve import build_index, load_index
 from lookalike.serve.app import create_app
 
 LOOKALIKE = str(Path(sys.executable).parent / "lookalike")
@@ -39,8 +40,20 @@ RERANK = "rerank=[kreciprocal, {qe: {n: 3}}]"
 
 
 def index_config(table: Path, folder: Path, *extra: str):
-    return load_config(None, [f"data.table={table}", "model.name=test_resnet", "model.pretrained=false", "data.image_size=32",
-                              "data.batch_size=64", f"serve.index_dir={folder}", "serve.gallery=validation", RERANK, *extra])
+    return load_config(
+        None,
+        [
+            f"data.table={table}",
+            "model.name=test_resnet",
+            "model.pretrained=false",
+            "data.image_size=32",
+            "data.batch_size=64",
+            f"serve.index_dir={folder}",
+            "serve.gallery=validation",
+            RERANK,
+            *extra,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -68,16 +81,20 @@ def png_bytes(image: Image.Image) -> bytes:
 
 
 def png_of_size(width: int, height: int, rows: int | None = None) -> bytes:
-    """A black grey PNG whose header says width x height, with `rows` rows of pixel data (default all): tiny either way."""
+    """A black grey PNG whose header says width x height, with `rows` rows of pixel data (default all): tiny
+    either way."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     pixels = zlib.compress(b"\0" * ((width + 1) * (height if rows is None else rows)), 9)
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
 
 
 def copy_index(index_dir: Path, folder: Path, **serve) -> Path:
-    """A copy of the index folder with some serve settings changed (as `lookalike index serve.x=...` would write them)."""
+    """A copy of the index folder with some serve settings changed (as `lookalike index serve.x=...` would write
+    them)."""
     folder = shutil.copytree(index_dir, folder)
     settings = json.loads((folder / "index.json").read_text())
     settings["serve"].update(serve)
@@ -129,7 +146,9 @@ def test_non_utf8_gallery_names_survive_the_index(omniglot_small, tmp_path):
     import_folder(tmp_path / "images", validation_fraction=0.5, seed=0).save(table)
     cfg = index_config(table, tmp_path / "index", "serve.gallery=all")
     index = load_index(build_index(cfg, table_from_config(cfg), extractor_from_config(cfg)))
-    assert len(index) == 40 and all(os.fsencode(p).endswith(b".png") and b"caf\xe9" in os.fsencode(p) for p in index.paths)
+    assert len(index) == 40 and all(
+        os.fsencode(p).endswith(b".png") and b"caf\xe9" in os.fsencode(p) for p in index.paths
+    )
     np.testing.assert_allclose(index.embed(read_image(index.paths[3])), index.gallery.vectors[3], atol=1e-5)
 
 
@@ -175,7 +194,9 @@ def test_an_upload_is_decoded_like_the_same_file_in_the_gallery(tmp_path):
     for name, image in (("rgba.png", Image.fromarray(rgba)), ("grey16.png", grey16)):
         data = png_bytes(image)
         (tmp_path / name).write_bytes(data)
-        np.testing.assert_array_equal(np.asarray(decode_upload(data, 10**6, 10**6)), np.asarray(read_image(tmp_path / name)))
+        np.testing.assert_array_equal(
+            np.asarray(decode_upload(data, 10**6, 10**6)), np.asarray(read_image(tmp_path / name))
+        )
     assert np.asarray(decode_upload(png_bytes(Image.fromarray(rgba)), 10**6, 10**6))[7, 0].tolist() == [255, 255, 255]
 
 
@@ -194,7 +215,11 @@ def test_upload_searches_like_the_gallery_embedding(client, index_dir):
         (b"just some text, not a picture\n", 415, "not an image"),
         (b"", 400, "empty"),
         (png_bytes(Image.new("L", (7072, 7072))), 413, "50,013,184 pixels is more than the limit of 40,000,000"),
-        (png_bytes(Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 300, 3), dtype=np.uint8))), 413, "bytes is more than"),
+        (
+            png_bytes(Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 300, 3), dtype=np.uint8))),
+            413,
+            "bytes is more than",
+        ),
         (png_bytes(Image.new("RGB", (64, 64), "red"))[:60], 400, "cannot be decoded"),
     ],
     ids=["text", "empty", "50-megapixel", "too-many-bytes", "truncated"],
@@ -207,8 +232,14 @@ def test_bad_uploads_get_4xx_and_a_message(client, content, status, message):
 @pytest.mark.parametrize(
     "upload, message",
     [
-        (png_of_size(1, 5_000), "1x5000 has an aspect ratio of 5,000.0, more than the limit of 20"),  # resized: 37 x 185,000
-        (png_of_size(1, 39_000_000, rows=1), "1x39000000 has an aspect ratio of 39,000,000.0"),  # the issue's 479 GB one
+        (
+            png_of_size(1, 5_000),
+            "1x5000 has an aspect ratio of 5,000.0, more than the limit of 20",
+        ),  # resized: 37 x 185,000
+        (
+            png_of_size(1, 39_000_000, rows=1),
+            "1x39000000 has an aspect ratio of 39,000,000.0",
+        ),  # the issue's 479 GB one
         (png_of_size(200_000, 1, rows=1), "200000x1 has an aspect ratio"),
     ],
     ids=["1x5000", "1x39M", "200000x1"],
@@ -224,14 +255,19 @@ def test_the_resized_size_is_bounded_by_the_index_transform(index_dir):
     assert load_index(index_dir).short_side == 37  # data.image_size 32 / crop_fraction 0.875
     upload = png_of_size(100, 2_000)  # 200,000 pixels, aspect 20: within both limits
     assert decode_upload(upload, 10**6, 10**6, 20.0).size == (100, 2_000)
-    with pytest.raises(UploadRejected, match=r"100x2000 would be resized to 256x5120 = 1,310,720 pixels, more than the limit of 1,000,000"):
+    with pytest.raises(
+        UploadRejected,
+        match=r"100x2000 would be resized to 256x5120 = 1,310,720 pixels, more than the limit of 1,000,000",
+    ):
         decode_upload(upload, 10**6, 10**6, 20.0, short_side=256)
 
 
 @pytest.mark.parametrize("side", [10_000, 20_000], ids=["100MP-pillow-warns", "400MP-pillow-refuses"])
 def test_image_bombs_get_413_like_any_image_over_the_limit(client, side):
     response = client.post("/search", files={"file": ("bomb.png", png_of_size(side, side, rows=1), "image/png")})
-    assert response.status_code == 413 and "more than the limit of 40,000,000" in response.json()["detail"], response.text
+    assert response.status_code == 413 and "more than the limit of 40,000,000" in response.json()["detail"], (
+        response.text
+    )
 
 
 def test_new_serve_limits_must_be_positive():
@@ -240,7 +276,10 @@ def test_new_serve_limits_must_be_positive():
         for bad in ("0", "-1", "nan"):
             with pytest.raises(ConfigError, match=f"serve.{field}.*expected a number > 0"):
                 load_config(None, [f"serve.{field}={bad}"])
-    assert load_config(None, ["serve.allowed_hosts=[gallery.lan, '*.example.com']"]).serve.allowed_hosts == ["gallery.lan", "*.example.com"]
+    assert load_config(None, ["serve.allowed_hosts=[gallery.lan, '*.example.com']"]).serve.allowed_hosts == [
+        "gallery.lan",
+        "*.example.com",
+    ]
     with pytest.raises(ConfigError, match=r"serve.allowed_hosts.*patterns like '\*.example.com', got 'gal\*lery'"):
         load_config(None, ["serve.allowed_hosts=['gal*lery']"])
 
@@ -291,7 +330,10 @@ def test_every_search_runs_on_one_thread(index_dir):
 def test_security_headers_host_check_and_no_cdn_docs(client, index_dir):
     for path in ["/", "/health", "/static/app.js", "/image/0", "/image/999"]:
         headers = client.get(path).headers
-        assert "frame-ancestors 'none'" in headers["content-security-policy"] and "default-src 'self'" in headers["content-security-policy"]
+        assert (
+            "frame-ancestors 'none'" in headers["content-security-policy"]
+            and "default-src 'self'" in headers["content-security-policy"]
+        )
         assert headers["x-content-type-options"] == "nosniff" and headers["x-frame-options"] == "DENY", path
     assert client.get("/health", headers={"host": "rebound.attacker.example"}).status_code == 400  # DNS rebinding
     for host in ["127.0.0.1:8000", "localhost", "[::1]:8000"]:
@@ -299,7 +341,10 @@ def test_security_headers_host_check_and_no_cdn_docs(client, index_dir):
     with pytest.raises(LookalikeError, match=r"--allow-host: serve.allowed_hosts: .*got '\*example'"):
         create_app(load_index(index_dir), "0.0.0.0", ["*example"])
     public = TestClient(create_app(load_index(index_dir), "0.0.0.0", ["gallery.lan"]), base_url="http://gallery.lan")
-    assert public.get("/health").status_code == 200 and public.get("/health", headers={"host": "192.168.1.5"}).status_code == 400
+    assert (
+        public.get("/health").status_code == 200
+        and public.get("/health", headers={"host": "192.168.1.5"}).status_code == 400
+    )
     docs = client.get("/docs")  # no Swagger page loading its assets from a CDN: the schema itself
     assert docs.status_code == 200 and "cdn" not in docs.text.lower() and "/search" in docs.json()["paths"]
 
@@ -307,8 +352,14 @@ def test_security_headers_host_check_and_no_cdn_docs(client, index_dir):
 def test_images_are_served_by_gallery_id_only(client):
     assert client.get("/image/0").headers["content-type"] == "image/png"
     assert Image.open(io.BytesIO(client.get("/image/0").content)).size[0] <= 256
-    for path, status in [("/image/..%2F..%2Fetc%2Fpasswd", 404), ("/image/etc%2Fpasswd", 404), ("/image/abc", 422),
-                         ("/image/-1", 422), ("/image/80", 404), ("/image/%2Fetc%2Fpasswd", 404)]:
+    for path, status in [
+        ("/image/..%2F..%2Fetc%2Fpasswd", 404),
+        ("/image/etc%2Fpasswd", 404),
+        ("/image/abc", 422),
+        ("/image/-1", 422),
+        ("/image/80", 404),
+        ("/image/%2Fetc%2Fpasswd", 404),
+    ]:
         assert client.get(path).status_code == status, path
 
 
@@ -334,7 +385,11 @@ def test_pairwise_reranker_scores_the_uploaded_query_against_its_top_n(table_csv
     index = load_index(folder)
     client = TestClient(create_app(index), base_url="http://127.0.0.1")
     upload = Path(index.paths[20]).read_bytes()
-    body = client.post("/search", files={"file": ("q.png", upload, "image/png")}, data={"k": 6, "rerankers": ["pairwise(weights=pairwise.ckpt, top_n=4)"]})
+    body = client.post(
+        "/search",
+        files={"file": ("q.png", upload, "image/png")},
+        data={"k": 6, "rerankers": ["pairwise(weights=pairwise.ckpt, top_n=4)"]},
+    )
     assert body.status_code == 200, body.text
     original, pairwise = ([i["id"] for i in c["items"]] for c in body.json()["columns"])
     assert sorted(pairwise[:4]) == sorted(original[:4]) and pairwise[4:] == original[4:]  # only the top_n re-ordered
@@ -355,9 +410,15 @@ def free_port() -> int:
 
 
 def start_serve(folder: Path) -> tuple[subprocess.Popen, str]:
-    """`lookalike serve` of `folder` in a subprocess on a free loopback port, answering /health; the process and its URL."""
+    """`lookalike serve` of `folder` in a subprocess on a free loopback port, answering /health; the process and its
+    URL."""
     port = free_port()
-    process = subprocess.Popen([LOOKALIKE, "serve", str(folder), "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [LOOKALIKE, "serve", str(folder), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -384,7 +445,9 @@ def server(index_dir):
 @pytest.fixture(scope="module")
 def strict_server(index_dir, tmp_path_factory):
     """`lookalike serve` of the test index with short read timeouts (1 s idle, 3 s per body); its base URL."""
-    process, base = start_serve(copy_index(index_dir, tmp_path_factory.mktemp("strict") / "index", read_timeout=1.0, upload_timeout=3.0))
+    process, base = start_serve(
+        copy_index(index_dir, tmp_path_factory.mktemp("strict") / "index", read_timeout=1.0, upload_timeout=3.0)
+    )
     yield base
     process.terminate()
     process.wait(timeout=30)
@@ -396,12 +459,15 @@ def connect(base: str) -> socket.socket:
     return socket.create_connection((host, int(port)), timeout=10)
 
 
-REQUEST_HEAD = "POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n{length}\r\n\r\n"
+REQUEST_HEAD = (
+    "POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n{length}\r\n\r\n"
+)
 FILE_PART = b'--b\r\nContent-Disposition: form-data; name="file"; filename="q.png"\r\nContent-Type: image/png\r\n\r\n'
 
 
 def read_until_closed(sock: socket.socket) -> bytes:
-    """Everything the server sends until it closes the connection (socket.timeout when it does not within the timeout)."""
+    """Everything the server sends until it closes the connection (socket.timeout when it does not within the
+    timeout)."""
     answer = b""
     try:
         while chunk := sock.recv(65536):
@@ -468,4 +534,3 @@ def test_200_concurrent_searches_all_succeed(server, index_dir):
     with ThreadPoolExecutor(max_workers=16) as pool:  # bounded: at most 16 requests in flight
         codes = list(pool.map(one, range(200)))
     assert codes == [200] * 200
-

@@ -40,10 +40,19 @@ def tracked_files() -> list[str]:
 
 # ---- item 1: the repository is whole ----
 
+
 def test_no_tracked_file_needs_the_workplace_shared_folder():
-    text_files = [f for f in tracked_files() if f.endswith((".py", ".md", ".yaml", ".toml", ".txt", ".cfg", ".ini")) or f in ("Makefile", ".ci/run")]
+    text_files = [
+        f
+        for f in tracked_files()
+        if f.endswith((".py", ".md", ".yaml", ".toml", ".txt", ".cfg", ".ini")) or f in ("Makefile", ".ci/run")
+    ]
     own = {"tests/test_setup.py"}  # this test names the pattern it looks for
-    offenders = [f for f in text_files if f not in own and re.search(r"\.\./shared|shared/data|shared/DESIGN", (REPO / f).read_text(errors="replace"))]
+    offenders = [
+        f
+        for f in text_files
+        if f not in own and re.search(r"\.\./shared|shared/data|shared/DESIGN", (REPO / f).read_text(errors="replace"))
+    ]
     assert offenders == []
 
 
@@ -51,8 +60,15 @@ def test_every_file_the_tests_read_is_tracked_not_ignored():
     tracked = set(tracked_files())
     on_disk = {p.relative_to(REPO).as_posix() for p in (REPO / "tests" / "data").rglob("*") if p.is_file()}
     assert on_disk and on_disk <= tracked  # a .gitignore'd data/ once left tests/data out of every clone
-    for needed in ("src/lookalike/data/bundled/omniglot_background_small1.zip", "src/lookalike/data/bundled/OMNIGLOT_LICENSE",
-                   "docs/design.md", "docs/config.md", "LICENSE", "CHANGELOG.md", "CONTRIBUTING.md"):
+    for needed in (
+        "src/lookalike/data/bundled/omniglot_background_small1.zip",
+        "src/lookalike/data/bundled/OMNIGLOT_LICENSE",
+        "docs/design.md",
+        "docs/config.md",
+        "LICENSE",
+        "CHANGELOG.md",
+        "CONTRIBUTING.md",
+    ):
         assert needed in tracked, needed
 
 
@@ -64,7 +80,7 @@ def test_readme_links_the_projects_own_design_notes():
 
 # ---- item 1: a skip is a failure unless it names an optional component ----
 
-INNER_TESTS = '''
+INNER_TESTS = """
 import pytest
 
 @pytest.fixture
@@ -95,16 +111,36 @@ def test_xfail():
 
 def test_passes():
     pass
-'''
+"""
 
 
 def test_a_skip_fails_unless_it_names_an_optional_component(tmp_path):
     (tmp_path / "conftest.py").write_text((REPO / "tests" / "conftest.py").read_text())
     (tmp_path / "test_inner.py").write_text(textwrap.dedent(INNER_TESTS))
-    (tmp_path / "test_module_skip.py").write_text("import pytest\npytest.importorskip('no_such_module_xyz')\n\ndef test_x():\n    pass\n")
-    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rA", "--continue-on-collection-errors", str(tmp_path)],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    outcome = {name: word for word, name in re.findall(r"^(PASSED|FAILED|SKIPPED|XFAIL|ERROR)\S* (?:\[\d+\] )?(\S+)", done.stdout, re.M)}
+    (tmp_path / "test_module_skip.py").write_text(
+        "import pytest\npytest.importorskip('no_such_module_xyz')\n\ndef test_x():\n    pass\n"
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
+            "-q",
+            "-rA",
+            "--continue-on-collection-errors",
+            str(tmp_path),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    outcome = {
+        name: word
+        for word, name in re.findall(r"^(PASSED|FAILED|SKIPPED|XFAIL|ERROR)\S* (?:\[\d+\] )?(\S+)", done.stdout, re.M)
+    }
     inner = {k.split("::")[-1]: v for k, v in outcome.items() if "::" in k}
     assert inner["test_plain_skip"] == "FAILED"  # in the test body: a failure
     for name in ("test_skipif", "test_fixture_skip", "test_unlisted_component"):
@@ -119,6 +155,7 @@ def test_a_skip_fails_unless_it_names_an_optional_component(tmp_path):
 
 # ---- item 1: `lookalike data omniglot` prepares what the Omniglot configs read ----
 
+
 def test_data_omniglot_writes_the_tables_the_configs_read(tmp_path):
     done = run("data", "omniglot", "data/omniglot", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -127,7 +164,9 @@ def test_data_omniglot_writes_the_tables_the_configs_read(tmp_path):
         cfg = load_config(REPO / "configs" / config)
         table = load_table(tmp_path / cfg.data.table)  # checks every image exists
         assert len(table) == 2720 and table.frame["label"].nunique() == 136
-    expected = import_folder(tmp_path / "data/omniglot" / OMNIGLOT_ROOT, 0.3, 0)  # the command the config headers used to give
+    expected = import_folder(
+        tmp_path / "data/omniglot" / OMNIGLOT_ROOT, 0.3, 0
+    )  # the command the config headers used to give
     assert table.frame[["label", "split", "is_query"]].equals(expected.frame[["label", "split", "is_query"]])
     pairs = load_pairs(tmp_path / load_config(REPO / "configs" / "omniglot_adapt.yaml").adapt.pairs)
     assert len(pairs) == 136 and all(p.name.endswith("_01.png") for p in pairs.image_paths("left"))
@@ -150,6 +189,7 @@ def test_an_interrupted_unpack_leaves_nothing_that_looks_finished(tmp_path, monk
 
 # ---- item 5: docs/config.md lists every key, and cannot drift from the models ----
 
+
 def test_config_page_is_generated_from_the_models():
     page = (REPO / "docs" / "config.md").read_text()
     assert page == config_page(), "docs/config.md is out of date: run `make config-docs` (python tools/config_docs.py)"
@@ -168,12 +208,15 @@ def test_config_page_lists_every_key_with_a_default_and_a_meaning():
 
 # ---- item 5: `lookalike config show` ----
 
+
 def test_config_show_prints_every_default(tmp_path):
     done = run("config", "show")
     assert done.returncode == 0, done.stderr
     shown = yaml.safe_load(done.stdout)
     assert shown == Config().model_dump(mode="json")
-    flat = {f"{s}.{k}" for s, v in shown.items() if isinstance(v, dict) for k in v} | {k for k, v in shown.items() if not isinstance(v, dict)}
+    flat = {f"{s}.{k}" for s, v in shown.items() if isinstance(v, dict) for k in v} | {
+        k for k, v in shown.items() if not isinstance(v, dict)
+    }
     assert {k for k in valid_keys() if k.count(".") <= 1} <= flat
 
 
@@ -197,6 +240,7 @@ def test_config_show_bad_key_is_one_line():
 
 # ---- item 5: every --help ends with where the config keys are documented ----
 
+
 def all_commands(typer_app, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
     """Every command path of the app, e.g. ('train',), ('config', 'show')."""
     paths = [(*prefix, c.name or c.callback.__name__.replace("_", "-")) for c in typer_app.registered_commands]
@@ -218,5 +262,11 @@ def test_every_help_ends_with_where_config_keys_are_documented():
 
 
 def test_the_installed_command_help_names_the_config_page():
-    done = subprocess.run([LOOKALIKE, "extract", "--help"], capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "300"})
+    done = subprocess.run(
+        [LOOKALIKE, "extract", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "300"},
+    )
     assert done.returncode == 0 and "docs/config.md" in done.stdout.strip().splitlines()[-1]

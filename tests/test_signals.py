@@ -1,4 +1,5 @@
-"""SIGTERM (`kill PID`) stops the real `lookalike` commands in one line with exit code 143; training saves last.ckpt first."""
+"""SIGTERM (`kill PID`) stops the real `lookalike` commands in one line with exit code 143; training saves last.ckpt
+first."""
 
 from __future__ import annotations
 
@@ -17,9 +18,20 @@ from lookalike.signals import EXIT_CODE
 
 LOOKALIKE = str(Path(sys.executable).parent / "lookalike")
 FAST = [
-    "model.name=test_resnet", "model.pretrained=false", "data.image_size=32", "data.crop_fraction=1.0", "data.batch_size=16",
-    "train.p=2", "train.k=4", "train.lr=1e-3", "train.augment=none", "trainer.accelerator=cpu", "trainer.progress=false",
-    "search.k=50", "train.validate_before=false", "evaluate.grid_queries=3",
+    "model.name=test_resnet",
+    "model.pretrained=false",
+    "data.image_size=32",
+    "data.crop_fraction=1.0",
+    "data.batch_size=16",
+    "train.p=2",
+    "train.k=4",
+    "train.lr=1e-3",
+    "train.augment=none",
+    "trainer.accelerator=cpu",
+    "trainer.progress=false",
+    "search.k=50",
+    "train.validate_before=false",
+    "evaluate.grid_queries=3",
 ]
 STOP_SECONDS = 120  # a generous bound on a loaded 2-core machine; a run that ignores SIGTERM never ends (epochs=1000)
 
@@ -85,8 +97,15 @@ def test_train_stops_on_sigterm_with_a_checkpoint_that_resumes(table_csv, tmp_pa
 def test_extract_stops_on_sigterm_and_writes_nothing(table_csv, tmp_path):
     """A command without a checkpoint stops at once: exit code 143, one line, no embeddings file (not half of one)."""
     output = tmp_path / "emb.npz"
-    process = start("extract", f"data.table={table_csv}", "model.name=resnet18", "model.pretrained=false", "data.image_size=128",
-                    "data.batch_size=8", f"extract.output={output}")  # 160 images: seconds of work after the handler is set
+    process = start(
+        "extract",
+        f"data.table={table_csv}",
+        "model.name=resnet18",
+        "model.pretrained=false",
+        "data.image_size=128",
+        "data.batch_size=8",
+        f"extract.output={output}",
+    )  # 160 images: seconds of work after the handler is set
     wait_for(process, lambda: catches_sigterm(process.pid), "a SIGTERM handler")
     rc, stderr, _ = terminate(process)
     assert rc == EXIT_CODE, stderr[-2000:]

@@ -28,7 +28,9 @@ def valid_rows() -> list[dict]:
     ]
 
 
-def write_table(directory: Path, rows: list[dict], name: str = "table.csv", create_files: bool = True, drop: tuple[str, ...] = ()) -> Path:
+def write_table(
+    directory: Path, rows: list[dict], name: str = "table.csv", create_files: bool = True, drop: tuple[str, ...] = ()
+) -> Path:
     """Write `rows` as a CSV (every cell verbatim) and create an empty image file for each relative path."""
     frame = pd.DataFrame(rows, dtype=str).drop(columns=list(drop))
     path = directory / name
@@ -87,9 +89,24 @@ def test_labels_are_stripped(tmp_path):
     assert frame["label"][0] == "0" and frame["label"][5] == "dog"
 
 
-@pytest.mark.parametrize(("text", "value"), [("True", True), ("False", False), ("1", True), ("0", False), ("true", True), ("FALSE", False), (" yes ", True), ("no", False)])
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("True", True),
+        ("False", False),
+        ("1", True),
+        ("0", False),
+        ("true", True),
+        ("FALSE", False),
+        (" yes ", True),
+        ("no", False),
+    ],
+)
 def test_bool_spellings(tmp_path, text, value):
-    rows = [row("1", "b/1.png", is_query="True", is_gallery="True"), row("1", "b/2.png", is_query=text, is_gallery="True")]
+    rows = [
+        row("1", "b/1.png", is_query="True", is_gallery="True"),
+        row("1", "b/2.png", is_query=text, is_gallery="True"),
+    ]
     frame = load_table(write_table(tmp_path, rows)).frame
     assert frame["is_query"][1] is np.bool_(value)
 
@@ -221,7 +238,9 @@ def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
 @pytest.mark.parametrize("column", REQUIRED_COLUMNS)
 def test_missing_required_column(tmp_path, column):
     path = write_table(tmp_path, valid_rows(), drop=(column,))
-    err = load_error(path, rf"missing required column '{column}' \(expected columns label, path, split, is_query, is_gallery; found ")
+    err = load_error(
+        path, rf"missing required column '{column}' \(expected columns label, path, split, is_query, is_gallery; found "
+    )
     assert str(err).startswith(str(path))
 
 
@@ -241,15 +260,53 @@ def test_empty_table(tmp_path):
 
 # (row index to edit, column, new value, expected message), for the first six valid rows.
 ROW_ERRORS = [
-    pytest.param(1, "is_query", "maybe", r"row 2 \(line 3\), column 'is_query': expected a boolean \(True/False or 1/0\), got 'maybe'", id="bad-bool-train"),
-    pytest.param(3, "is_gallery", "yes please", r"row 4 \(line 5\), column 'is_gallery': expected a boolean .*got 'yes please'", id="bad-bool-val"),
-    pytest.param(2, "is_query", "", r"row 3 \(line 4\), column 'is_query': expected a boolean .*got ''", id="empty-bool-val-query"),
-    pytest.param(4, "is_gallery", " ", r"row 5 \(line 6\), column 'is_gallery': expected a boolean .*got ' '", id="empty-bool-val-gallery"),
-    pytest.param(1, "split", "test", r"row 2 \(line 3\), column 'split': expected 'train' or 'validation', got 'test'", id="unknown-split"),
-    pytest.param(0, "split", "", r"row 1 \(line 2\), column 'split': expected 'train' or 'validation', got ''", id="empty-split"),
-    pytest.param(2, "label", "", r"row 3 \(line 4\), column 'label': expected a value, got an empty cell", id="empty-label"),
-    pytest.param(5, "label", "   ", r"row 6 \(line 7\), column 'label': expected a value, got an empty cell", id="blank-label"),
-    pytest.param(3, "path", "", r"row 4 \(line 5\), column 'path': expected a value, got an empty cell", id="empty-path"),
+    pytest.param(
+        1,
+        "is_query",
+        "maybe",
+        r"row 2 \(line 3\), column 'is_query': expected a boolean \(True/False or 1/0\), got 'maybe'",
+        id="bad-bool-train",
+    ),
+    pytest.param(
+        3,
+        "is_gallery",
+        "yes please",
+        r"row 4 \(line 5\), column 'is_gallery': expected a boolean .*got 'yes please'",
+        id="bad-bool-val",
+    ),
+    pytest.param(
+        2,
+        "is_query",
+        "",
+        r"row 3 \(line 4\), column 'is_query': expected a boolean .*got ''",
+        id="empty-bool-val-query",
+    ),
+    pytest.param(
+        4,
+        "is_gallery",
+        " ",
+        r"row 5 \(line 6\), column 'is_gallery': expected a boolean .*got ' '",
+        id="empty-bool-val-gallery",
+    ),
+    pytest.param(
+        1,
+        "split",
+        "test",
+        r"row 2 \(line 3\), column 'split': expected 'train' or 'validation', got 'test'",
+        id="unknown-split",
+    ),
+    pytest.param(
+        0, "split", "", r"row 1 \(line 2\), column 'split': expected 'train' or 'validation', got ''", id="empty-split"
+    ),
+    pytest.param(
+        2, "label", "", r"row 3 \(line 4\), column 'label': expected a value, got an empty cell", id="empty-label"
+    ),
+    pytest.param(
+        5, "label", "   ", r"row 6 \(line 7\), column 'label': expected a value, got an empty cell", id="blank-label"
+    ),
+    pytest.param(
+        3, "path", "", r"row 4 \(line 5\), column 'path': expected a value, got an empty cell", id="empty-path"
+    ),
 ]
 
 
@@ -286,7 +343,9 @@ def test_validation_rows_without_query(tmp_path):
     for r in rows[2:]:
         r["is_query"] = "False"
     rows[0]["is_query"] = "True"  # a train query does not count
-    load_error(write_table(tmp_path, rows), r"column 'is_query': validation rows have no query; expected at least one True$")
+    load_error(
+        write_table(tmp_path, rows), r"column 'is_query': validation rows have no query; expected at least one True$"
+    )
 
 
 def test_validation_rows_without_gallery(tmp_path):
@@ -294,13 +353,19 @@ def test_validation_rows_without_gallery(tmp_path):
     for r in rows[2:]:
         r["is_gallery"] = "0"
     rows[1]["is_gallery"] = "1"
-    load_error(write_table(tmp_path, rows), r"column 'is_gallery': validation rows have no gallery; expected at least one True$")
+    load_error(
+        write_table(tmp_path, rows),
+        r"column 'is_gallery': validation rows have no gallery; expected at least one True$",
+    )
 
 
 def test_duplicate_paths_name_both_rows(tmp_path):
     rows = valid_rows()
     rows[4]["path"] = "a/2.png"
-    load_error(write_table(tmp_path, rows), r"row 5 \(line 6\), column 'path': duplicate path 'a/2\.png' \(first seen in row 2\)$")
+    load_error(
+        write_table(tmp_path, rows),
+        r"row 5 \(line 6\), column 'path': duplicate path 'a/2\.png' \(first seen in row 2\)$",
+    )
 
 
 def bbox_rows(**changes) -> list[dict]:
@@ -317,12 +382,32 @@ def bbox_rows(**changes) -> list[dict]:
 @pytest.mark.parametrize(
     ("changes", "match"),
     [
-        pytest.param({"x_1_2": "abc"}, r"row 3 \(line 4\), column 'x_1': expected a number, got 'abc'", id="not-a-number"),
-        pytest.param({"y_2_0": "1,5"}, r"row 1 \(line 2\), column 'y_2': expected a number, got '1,5'", id="comma-decimal"),
-        pytest.param({"x_2_1": ""}, r"row 2 \(line 3\), column 'x_2': expected a number \(a bbox needs all four corners\), got an empty cell", id="partial"),
-        pytest.param({"x_1_4": "", "y_1_4": ""}, r"row 5 \(line 6\), column 'x_1': expected a number \(a bbox needs all four corners\)", id="partial-two"),
-        pytest.param({"x_2_3": "0"}, r"row 4 \(line 5\), column 'x_2': expected x_1 < x_2 and y_1 < y_2, got box \[0\.0, 0\.0, 0\.0, 10\.0\]", id="x-inverted"),
-        pytest.param({"y_1_5": "20"}, r"row 6 \(line 7\), column 'y_2': expected x_1 < x_2 and y_1 < y_2, got box \[0\.0, 20\.0, 10\.0, 10\.0\]", id="y-inverted"),
+        pytest.param(
+            {"x_1_2": "abc"}, r"row 3 \(line 4\), column 'x_1': expected a number, got 'abc'", id="not-a-number"
+        ),
+        pytest.param(
+            {"y_2_0": "1,5"}, r"row 1 \(line 2\), column 'y_2': expected a number, got '1,5'", id="comma-decimal"
+        ),
+        pytest.param(
+            {"x_2_1": ""},
+            r"row 2 \(line 3\), column 'x_2': expected a number \(a bbox needs all four corners\), got an empty cell",
+            id="partial",
+        ),
+        pytest.param(
+            {"x_1_4": "", "y_1_4": ""},
+            r"row 5 \(line 6\), column 'x_1': expected a number \(a bbox needs all four corners\)",
+            id="partial-two",
+        ),
+        pytest.param(
+            {"x_2_3": "0"},
+            r"row 4 \(line 5\), column 'x_2': expected x_1 < x_2 and y_1 < y_2, got box \[0\.0, 0\.0, 0\.0, 10\.0\]",
+            id="x-inverted",
+        ),
+        pytest.param(
+            {"y_1_5": "20"},
+            r"row 6 \(line 7\), column 'y_2': expected x_1 < x_2 and y_1 < y_2, got box \[0\.0, 20\.0, 10\.0, 10\.0\]",
+            id="y-inverted",
+        ),
     ],
 )
 def test_bbox_errors(tmp_path, changes, match):
@@ -347,7 +432,11 @@ def test_directory_is_not_a_csv(tmp_path):
     ("content", "match"),
     [
         pytest.param(b"", r"not a readable CSV \(", id="empty-file"),
-        pytest.param(b"label,path\n1,2\n1,2,3,4\n", r"not a readable CSV \(Error tokenizing data.*Expected 2 fields in line 3, saw 4\)$", id="ragged"),
+        pytest.param(
+            b"label,path\n1,2\n1,2,3,4\n",
+            r"not a readable CSV \(Error tokenizing data.*Expected 2 fields in line 3, saw 4\)$",
+            id="ragged",
+        ),
     ],
 )
 def test_unreadable_csv(tmp_path, content, match):
@@ -357,7 +446,9 @@ def test_unreadable_csv(tmp_path, content, match):
 
 
 def test_validate_table_frame_with_any_index():
-    frame = pd.DataFrame([row("0", "x.png", "train"), row("1", "y.png", "oops"), row("2", "z.png", "train")], index=[7, 3, 9])
+    frame = pd.DataFrame(
+        [row("0", "x.png", "train"), row("1", "y.png", "oops"), row("2", "z.png", "train")], index=[7, 3, 9]
+    )
     with pytest.raises(TableError, match=r"<table>, row 2 \(line 3\), column 'split': .*got 'oops'"):
         validate_table(frame, ".", check_files=False)
     frame.loc[3, "split"] = "train"

@@ -15,10 +15,42 @@ from lookalike.data.table import BBOX_COLUMNS, OPTIONAL_COLUMNS, REQUIRED_COLUMN
 from lookalike.errors import TableError
 
 # The same examples on every run (CI stays deterministic); raise max_examples and drop derandomize to search wider.
-FUZZ = settings(max_examples=120, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=120, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
 COLUMNS = (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS, "left", "right", "extra", "", " label ", "\ufefflabel")
-CELLS = ("", " ", "1", "0", "-3", "1.0", "1.5", "True", "false", "yes", "maybe", "train", "validation", " train ", "a.png", "b.png",
-         "nan", "NaN", "inf", "-inf", "1e400", "99999999999999999999", "None", "NA", "\x00", "caf\udce9", '"', "a,b", "\n", "x\ry")
+CELLS = (
+    "",
+    " ",
+    "1",
+    "0",
+    "-3",
+    "1.0",
+    "1.5",
+    "True",
+    "false",
+    "yes",
+    "maybe",
+    "train",
+    "validation",
+    " train ",
+    "a.png",
+    "b.png",
+    "nan",
+    "NaN",
+    "inf",
+    "-inf",
+    "1e400",
+    "99999999999999999999",
+    "None",
+    "NA",
+    "\x00",
+    "caf\udce9",
+    '"',
+    "a,b",
+    "\n",
+    "x\ry",
+)
 
 
 def cell() -> st.SearchStrategy[str]:
@@ -31,7 +63,8 @@ def quoted(text: str) -> str:
 
 @st.composite
 def csv_text(draw) -> bytes:
-    """A header of known (sometimes repeated or odd) column names and rows of tricky cells, sometimes ragged or unquoted."""
+    """A header of known (sometimes repeated or odd) column names and rows of tricky cells, sometimes ragged or
+    unquoted."""
     header = draw(st.lists(st.sampled_from(COLUMNS), min_size=0, max_size=12))
     rows = draw(st.lists(st.lists(cell(), min_size=max(len(header) - 1, 0), max_size=len(header) + 1), max_size=6))
     quote = draw(st.booleans())
@@ -49,7 +82,9 @@ def loads_or_table_error(load, data: bytes, check_files: bool):
         try:
             return load(path, check_files=check_files)
         except TableError as exc:
-            assert "\n" not in str(exc).replace(repr("\n")[1:-1], "")  # one line (a newline inside a quoted value is shown escaped)
+            assert "\n" not in str(exc).replace(
+                repr("\n")[1:-1], ""
+            )  # one line (a newline inside a quoted value is shown escaped)
             return None
 
 
@@ -85,15 +120,28 @@ def test_pairs_loader_never_crashes(data, check_files):
 
 
 @FUZZ
-@given(rows=st.lists(st.tuples(st.sampled_from(["1", "2", "x"]), st.sampled_from(["a.png", "b.png"]), st.sampled_from(["train", "validation"]),
-                               st.sampled_from(["1", "0"]), st.sampled_from(["1", "0"])), min_size=1, max_size=4))
+@given(
+    rows=st.lists(
+        st.tuples(
+            st.sampled_from(["1", "2", "x"]),
+            st.sampled_from(["a.png", "b.png"]),
+            st.sampled_from(["train", "validation"]),
+            st.sampled_from(["1", "0"]),
+            st.sampled_from(["1", "0"]),
+        ),
+        min_size=1,
+        max_size=4,
+    )
+)
 def test_valid_looking_tables_load_or_say_why(rows):
     """Tables in the right shape: loaded with the same rows, or refused for a reason the schema states."""
     text = "label,path,split,is_query,is_gallery\n" + "\n".join(",".join(r) for r in rows) + "\n"
     table = loads_or_table_error(load_table, text.encode(), True)
     frame = pd.DataFrame(rows, columns=["label", "path", "split", "is_query", "is_gallery"])
     val = frame[frame["split"] == "validation"]
-    acceptable = frame["path"].is_unique and (val.empty or ((val["is_query"] == "1").any() and (val["is_gallery"] == "1").any()))
+    acceptable = frame["path"].is_unique and (
+        val.empty or ((val["is_query"] == "1").any() and (val["is_gallery"] == "1").any())
+    )
     assert (table is not None) == acceptable
     if table is not None:
         assert table.frame["path"].tolist() == frame["path"].tolist()

@@ -1,4 +1,5 @@
-"""Extractor training with Lightning on real Omniglot images: checkpoints, logs, resume, validate, BNNeck recipe, DDP."""
+"""Extractor training with Lightning on real Omniglot images: checkpoints, logs, resume, validate, BNNeck recipe,
+DDP."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pandas as pd
 import pytest
-import lightning as L
 import torch
 import yaml
 
@@ -24,9 +25,19 @@ from lookalike.train.data import LabelledImages, train_transform
 
 LOOKALIKE = str(Path(sys.executable).parent / "lookalike")
 FAST = [
-    "model.name=test_resnet", "model.pretrained=false", "data.image_size=32", "data.crop_fraction=1.0", "data.batch_size=16",
-    "train.p=2", "train.k=4", "train.lr=1e-3", "train.augment=none", "trainer.accelerator=cpu", "trainer.progress=false",
-    "trainer.log_every_n_steps=1", "search.k=50",
+    "model.name=test_resnet",
+    "model.pretrained=false",
+    "data.image_size=32",
+    "data.crop_fraction=1.0",
+    "data.batch_size=16",
+    "train.p=2",
+    "train.k=4",
+    "train.lr=1e-3",
+    "train.augment=none",
+    "trainer.accelerator=cpu",
+    "trainer.progress=false",
+    "trainer.log_every_n_steps=1",
+    "search.k=50",
 ]
 
 
@@ -52,18 +63,35 @@ def test_training_writes_checkpoints_logs_pictures_and_changes_the_metrics(table
     assert result.images_per_second > 0 and set(result.metrics) >= {"cmc@1", "map@all"}
     assert result.metrics_before and result.metrics_before != result.metrics
     val = tmp_path / "validation"
-    assert {p.name for p in val.iterdir()} >= {"metrics_before.json", "metrics_epoch000.json", "metrics_epoch001.json", "grid_epoch001.png"}
+    assert {p.name for p in val.iterdir()} >= {
+        "metrics_before.json",
+        "metrics_epoch000.json",
+        "metrics_epoch001.json",
+        "grid_epoch001.png",
+    }
     last = json.loads((val / "metrics_last.json").read_text())
     assert last["epoch"] == 1 and last["n_queries"] == 79 and last["means"] == pytest.approx(result.metrics)
     assert last["complete_ranking"]  # map@all over the whole ranking, not search.k=50 of the 78 others
     logged = pd.read_csv(tmp_path / "csv" / "version_0" / "metrics.csv")
-    assert {"train/loss", "train/triplet_active", "train/triplet_pos_dist", "train/triplet_neg_dist", "val/cmc@1"} <= set(logged.columns)
+    assert {
+        "train/loss",
+        "train/triplet_active",
+        "train/triplet_pos_dist",
+        "train/triplet_neg_dist",
+        "val/cmc@1",
+    } <= set(logged.columns)
     assert list(tmp_path.glob("tensorboard/version_0/events.out.tfevents.*"))
-    hparams = yaml.safe_load((tmp_path / "tensorboard" / "version_0" / "hparams.yaml").read_text())  # the resolved config, flattened
-    assert hparams["model.name"] == "test_resnet" and hparams["train.p"] == 2 and hparams["data.table"] == str(table_csv)
+    hparams = yaml.safe_load(
+        (tmp_path / "tensorboard" / "version_0" / "hparams.yaml").read_text()
+    )  # the resolved config, flattened
+    assert (
+        hparams["model.name"] == "test_resnet" and hparams["train.p"] == 2 and hparams["data.table"] == str(table_csv)
+    )
     events = b"".join(p.read_bytes() for p in tmp_path.glob("tensorboard/version_0/events.out.tfevents.*"))
     assert b"train.loss.margin" in events and b"test_resnet" in events  # TensorBoard's hparams tab
-    assert last["provenance"]["table"]["path"] == str(table_csv) and last["provenance"]["model"]["name"] == "test_resnet"
+    assert (
+        last["provenance"]["table"]["path"] == str(table_csv) and last["provenance"]["model"]["name"] == "test_resnet"
+    )
 
 
 class BatchRecorder(L.Callback):
@@ -93,7 +121,9 @@ def test_validate_reproduces_the_last_validation_and_resume_continues(table_csv,
     ckpt = torch.load(resumed.last_checkpoint, map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 2 * 2  # two epochs of 4 labels / p=2 batches: the second continued the first
     assert (tmp_path / "validation" / "metrics_epoch001.json").is_file()
-    assert (tmp_path / "csv" / "version_0" / "metrics.csv").is_file() and (tmp_path / "csv" / "version_1" / "metrics.csv").is_file()
+    assert (tmp_path / "csv" / "version_0" / "metrics.csv").is_file() and (
+        tmp_path / "csv" / "version_1" / "metrics.csv"
+    ).is_file()
 
 
 def test_resume_after_a_killed_run_keeps_one_best_checkpoint(table_csv, tmp_path):
@@ -103,24 +133,40 @@ def test_resume_after_a_killed_run_keeps_one_best_checkpoint(table_csv, tmp_path
     first.best_checkpoint.rename(first.best_checkpoint.with_name("best-epoch001.ckpt"))
     resumed = run_train(config(table_csv, tmp_path, "train.epochs=2", "train.validate_before=false"), resume="last")
     bests = sorted((tmp_path / "checkpoints").glob("best-*.ckpt"))
-    assert bests == [resumed.best_checkpoint]  # was: the killed run's file next to best-epoch001-v1.ckpt, or a best that is gone
+    assert bests == [
+        resumed.best_checkpoint
+    ]  # was: the killed run's file next to best-epoch001-v1.ckpt, or a best that is gone
     assert torch.load(bests[0], map_location="cpu", weights_only=False)["epoch"] == 1  # written by the resumed run
 
 
 def test_ctl_recipe_trains_with_bnneck_and_mock_instances(table_csv, tmp_path):
-    recipe = ["model.bnneck=true", "train.k=24", "train.few_images=pad", "train.loss.centroid=1", "train.loss.cross_entropy=1",
-              "train.loss.center=0.0005", "train.augment=reid", "train.scheduler=step", "train.warmup_epochs=1", "train.step_epochs=[1]",
-              "evaluate.centroids=label", "train.epochs=2"]
+    recipe = [
+        "model.bnneck=true",
+        "train.k=24",
+        "train.few_images=pad",
+        "train.loss.centroid=1",
+        "train.loss.cross_entropy=1",
+        "train.loss.center=0.0005",
+        "train.augment=reid",
+        "train.scheduler=step",
+        "train.warmup_epochs=1",
+        "train.step_epochs=[1]",
+        "evaluate.centroids=label",
+        "train.epochs=2",
+    ]
     result = run_train(config(table_csv, tmp_path, *recipe))
     logged = pd.read_csv(tmp_path / "csv" / "version_0" / "metrics.csv")
     assert {"train/triplet", "train/centroid", "train/cross_entropy", "train/center"} <= set(logged.columns)
     assert np.isfinite(logged["train/loss"].dropna()).all()
     state = torch.load(result.last_checkpoint, map_location="cpu", weights_only=False)["state_dict"]
-    assert torch.equal(state["extractor.neck.bias"], torch.zeros_like(state["extractor.neck.bias"]))  # BNNeck shift frozen
+    assert torch.equal(
+        state["extractor.neck.bias"], torch.zeros_like(state["extractor.neck.bias"])
+    )  # BNNeck shift frozen
 
 
 class CentreRecorder(L.Callback):
-    """Centres and their gradient as the optimizer is about to step (callbacks run before the module's hook), and after."""
+    """Centres and their gradient as the optimizer is about to step (callbacks run before the module's hook), and
+    after."""
 
     def __init__(self) -> None:
         self.before: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -137,7 +183,14 @@ class CentreRecorder(L.Callback):
 def test_centres_step_by_their_own_sgd_on_the_unweighted_center_loss(table_csv, tmp_path):
     from lookalike.train import build_parts, build_trainer
 
-    cfg = config(table_csv, tmp_path, "train.epochs=1", "train.validate_before=false", "train.loss.center=0.25", "train.optimizer=adam")
+    cfg = config(
+        table_csv,
+        tmp_path,
+        "train.epochs=1",
+        "train.validate_before=false",
+        "train.loss.center=0.25",
+        "train.optimizer=adam",
+    )
     module, data = build_parts(cfg)
     recorder = CentreRecorder()
     build_trainer(cfg, [recorder]).fit(module, datamodule=data)
@@ -150,19 +203,35 @@ def test_centres_step_by_their_own_sgd_on_the_unweighted_center_loss(table_csv, 
 
 
 def test_repeated_runs_report_mean_and_std_of_the_final_metrics(table_csv, tmp_path):
-    args = [*FAST, f"data.table={table_csv}", f"train.output={tmp_path}", "train.epochs=1", "train.validate_before=false",
-            "train.grid=false", "train.runs=2", "train.seed=3"]
+    args = [
+        *FAST,
+        f"data.table={table_csv}",
+        f"train.output={tmp_path}",
+        "train.epochs=1",
+        "train.validate_before=false",
+        "train.grid=false",
+        "train.runs=2",
+        "train.seed=3",
+    ]
     done = subprocess.run([LOOKALIKE, "train", *args], check=False, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     record = json.loads((tmp_path / "runs.json").read_text())
     assert [r["seed"] for r in record["runs"]] == [3, 4]
-    finals = [json.loads((tmp_path / f"run{r}" / "validation" / "metrics_last.json").read_text())["means"] for r in range(2)]
+    finals = [
+        json.loads((tmp_path / f"run{r}" / "validation" / "metrics_last.json").read_text())["means"] for r in range(2)
+    ]
     assert [r["metrics"] for r in record["runs"]] == [pytest.approx(f) for f in finals]
     values = np.array([f["cmc@1"] for f in finals])
     assert record["summary"]["cmc@1"] == pytest.approx({"mean": values.mean(), "std": values.std(ddof=1)})
     assert "mean ± std over 2 runs (seeds 3, 4)" in done.stdout and "cmc@1" in done.stdout
-    resumed = subprocess.run([LOOKALIKE, "train", *args, "--resume", "last"], check=False, capture_output=True, text=True, timeout=120)
-    assert resumed.returncode == 2 and resumed.stderr.strip().count("\n") == 0 and "--resume: continues one run" in resumed.stderr
+    resumed = subprocess.run(
+        [LOOKALIKE, "train", *args, "--resume", "last"], check=False, capture_output=True, text=True, timeout=120
+    )
+    assert (
+        resumed.returncode == 2
+        and resumed.stderr.strip().count("\n") == 0
+        and "--resume: continues one run" in resumed.stderr
+    )
 
 
 def test_bnneck_splits_metric_and_retrieval_features():
@@ -213,15 +282,24 @@ def test_unknown_monitor_metric_is_a_config_error(table_csv, tmp_path):
 
 
 def test_ddp_on_two_cpu_processes_matches_single_process_validation(table_csv, tmp_path):
-    """Real 2-process DDP (gloo) through the CLI; the gathered validation equals a 1-process run of the same checkpoint."""
+    """Real 2-process DDP (gloo) through the CLI; the gathered validation equals a 1-process run of the same
+    checkpoint."""
     args = [*FAST, f"data.table={table_csv}", f"train.output={tmp_path}"]
-    ddp = subprocess.run([LOOKALIKE, "train", *args, "train.epochs=2", "trainer.devices=2", "trainer.strategy=ddp"],
-                         capture_output=True, text=True, timeout=600)
+    ddp = subprocess.run(
+        [LOOKALIKE, "train", *args, "train.epochs=2", "trainer.devices=2", "trainer.strategy=ddp"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert ddp.stdout.count("best checkpoint:") == 1  # only rank 0 reports
     distributed = json.loads((tmp_path / "validation" / "metrics_last.json").read_text())
-    single = subprocess.run([LOOKALIKE, "validate", *args, f"weights={tmp_path / 'checkpoints' / 'last.ckpt'}"],
-                            capture_output=True, text=True, timeout=300)
+    single = subprocess.run(
+        [LOOKALIKE, "validate", *args, f"weights={tmp_path / 'checkpoints' / 'last.ckpt'}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert single.returncode == 0, single.stderr[-3000:]
     alone = json.loads((tmp_path / "validation" / "metrics_validate.json").read_text())
     assert distributed["n_queries"] == alone["n_queries"] == 79

@@ -1,6 +1,7 @@
 """lookalike: train embeddings, search a gallery, re-rank the top results, measure the ranking.
 
-The nouns and verbs of the library, importable from here (loaded on first use: `import lookalike` does not import torch):
+The nouns and verbs of the library, importable from here (loaded on first use: `import lookalike` does not import
+torch):
 
     import lookalike
     extractor = lookalike.Extractor("resnet18", image_size=32)
@@ -40,9 +41,9 @@ _EXPORTS = {
 }
 
 __all__ = [
-    "Config", "DatasetTable", "Embeddings", "Extractor", "GalleryIndex", "LookalikeError", "MetricsReport", "RerankContext",
-    "Reranker", "RetrievalResults", "__version__", "compute_metrics", "create_reranker", "embed", "evaluate_table",
-    "import_folder", "list_rerankers", "load_config", "load_table", "search", "search_table",
+    "Config", "DatasetTable", "Embeddings", "Extractor", "GalleryIndex", "LookalikeError", "MetricsReport",
+    "RerankContext", "Reranker", "RetrievalResults", "__version__", "compute_metrics", "create_reranker", "embed",
+    "evaluate_table", "import_folder", "list_rerankers", "load_config", "load_table", "search", "search_table",
 ]  # fmt: skip
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time names load on first use (__getattr__)

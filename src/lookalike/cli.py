@@ -54,13 +54,22 @@ def _print_version(value: bool) -> None:
 @app.callback()
 def _global_options(
     ctx: typer.Context,
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print no progress and no info lines (warnings, errors and exit codes stay)."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also print debug lines: the resolved settings and how long each step took."),
+    quiet: bool = typer.Option(
+        False, "--quiet", "-q", help="Print no progress and no info lines (warnings, errors and exit codes stay)."
+    ),
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="Also print debug lines: the resolved settings and how long each step took."
+    ),
     progress_seconds: float = typer.Option(
-        interval_from_env(), "--progress-seconds", min=0.01, envvar=INTERVAL_ENV,
+        interval_from_env(),
+        "--progress-seconds",
+        min=0.01,
+        envvar=INTERVAL_ENV,
         help="Seconds between progress lines when stderr is not a terminal (a log file, a pipe); a terminal gets bars.",
     ),
-    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
 ) -> None:
     """Image retrieval: import a dataset, extract embeddings, search a gallery, evaluate the ranking."""
     _output.quiet, _output.verbose, _output.interval = quiet, verbose and not quiet, progress_seconds
@@ -72,7 +81,11 @@ def _global_options(
 def _debug(message: str) -> None:
     """A -v line on stderr, stamped with the seconds since the command started."""
     if _output.verbose:
-        err.print(f"[dim]debug [{time.perf_counter() - _output.started:7.1f} s][/] {escape(printable(message))}", highlight=False, soft_wrap=True)
+        err.print(
+            f"[dim]debug [{time.perf_counter() - _output.started:7.1f} s][/] {escape(printable(message))}",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def _one_line(exc: BaseException) -> str:
@@ -109,10 +122,13 @@ _python_show_warning, warnings.showwarning = warnings.showwarning, _show_warning
 
 
 def _quiet_lightning() -> None:
-    """Keep Lightning's banners and tips and a deprecation warning from inside Lightning off the terminal (logs stay complete)."""
+    """Keep Lightning's banners and tips and a deprecation warning from inside Lightning off the terminal (logs stay
+    complete)."""
     import logging
 
-    signals = "lightning.pytorch.trainer.connectors.signal_connector"  # "Received SIGTERM": the CLI says it in its own line
+    signals = (
+        "lightning.pytorch.trainer.connectors.signal_connector"  # "Received SIGTERM": the CLI says it in its own line
+    )
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero", signals):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
@@ -130,8 +146,10 @@ def _config(args: list[str] | None):
     if _output.verbose:
         from lookalike.provenance import changed_settings
 
-        _debug(f"config {path or '(defaults)'} + {len(args)} overrides; settings other than the defaults: "
-               + (", ".join(f"{k}={v}" for k, v in changed_settings(cfg).items()) or "none"))
+        _debug(
+            f"config {path or '(defaults)'} + {len(args)} overrides; settings other than the defaults: "
+            + (", ".join(f"{k}={v}" for k, v in changed_settings(cfg).items()) or "none")
+        )
     return cfg
 
 
@@ -157,9 +175,15 @@ def _print_report(report, title: str = "metrics") -> None:
     out.print(table)
     if report.no_relevant_ids:
         shown = ", ".join(report.no_relevant_ids[:5])
-        out.print(f"[yellow]{len(report.no_relevant_ids)} queries have no relevant gallery item and were excluded[/] ({shown}{', ...' if len(report.no_relevant_ids) > 5 else ''})")
+        out.print(
+            f"[yellow]{len(report.no_relevant_ids)} queries have no relevant gallery item and were excluded[/] "
+            f"({shown}{', ...' if len(report.no_relevant_ids) > 5 else ''})"
+        )
     if not report.complete_ranking:
-        out.print("[yellow]note:[/] K is smaller than the gallery, so map@all and r_precision count relevant items beyond K as missed")
+        out.print(
+            "[yellow]note:[/] K is smaller than the gallery, so map@all and r_precision count relevant items beyond K "
+            "as missed"
+        )
     for category, means in report.per_category.items():
         out.print(f"  category {category}: " + ", ".join(f"{k}={v:.4f}" for k, v in means.items()))
 
@@ -171,7 +195,9 @@ def import_folder_cmd(
     output: Path = typer.Argument(..., help="CSV to write."),
     validation_fraction: float = typer.Option(0.5, help="Share of the classes that go to validation."),
     seed: int = typer.Option(0, help="Seed of the class split and query choice."),
-    queries_per_class: Optional[int] = typer.Option(None, help="Queries per validation class; default: every image is a query."),
+    queries_per_class: Optional[int] = typer.Option(
+        None, help="Queries per validation class; default: every image is a query."
+    ),
 ) -> None:
     """Turn a class-per-folder image tree into a dataset table, split by class."""
     from lookalike.data.folder import import_folder
@@ -181,28 +207,50 @@ def import_folder_cmd(
     val = table.frame[table.frame["split"] == "validation"]
     out.print(
         f"wrote {output}: {len(table)} images, {table.frame['label'].nunique()} labels "
-        f"({len(table) - len(val)} train, {len(val)} validation: {int(val['is_query'].sum())} queries, {int(val['is_gallery'].sum())} gallery)"
+        f"({len(table) - len(val)} train, {len(val)} validation: {int(val['is_query'].sum())} queries, "
+        f"{int(val['is_gallery'].sum())} gallery)"
     )
 
 
 @app.command()
 @reports_errors
 def convert(
-    name: str = typer.Argument(..., help="Published layout: sop, inshop, cub, cars, market1501, dukemtmc, street2shop, deepfashion2, sketchy, tu-berlin, tll, folder."),
+    name: str = typer.Argument(
+        ...,
+        help="Published layout: sop, inshop, cub, cars, market1501, dukemtmc, street2shop, deepfashion2, sketchy, "
+        "tu-berlin, tll, folder.",
+    ),
     root: Path = typer.Argument(..., help="The dataset's folder, unpacked as published."),
     output: Path = typer.Argument(..., help="CSV to write: a dataset table (tll: a pairs table)."),
-    check_images: bool = typer.Option(False, "--check-images", help="Also decode every image (slower); without it images are only checked to exist."),
-    class_split: Optional[Path] = typer.Option(None, help="sketchy, tu-berlin: file of the zero-shot test classes, one per line (the others train); in ICFRR's layout (png_ready/, file lists) the split to read: zs1 or zs2 (Sketchy; TU-Berlin's one split is read without it)."),
-    validation_fraction: Optional[float] = typer.Option(None, help="folder, tll: share of the classes (pairs) that go to validation."),
+    check_images: bool = typer.Option(
+        False, "--check-images", help="Also decode every image (slower); without it images are only checked to exist."
+    ),
+    class_split: Optional[Path] = typer.Option(
+        None,
+        help="sketchy, tu-berlin: file of the zero-shot test classes, one per line (the others train); in ICFRR's "
+        "layout (png_ready/, file lists) the split to read: zs1 or zs2 (Sketchy; TU-Berlin's one split is read "
+        "without it).",
+    ),
+    validation_fraction: Optional[float] = typer.Option(
+        None, help="folder, tll: share of the classes (pairs) that go to validation."
+    ),
     seed: Optional[int] = typer.Option(None, help="folder, tll: seed of the split."),
-    queries_per_class: Optional[int] = typer.Option(None, help="folder: queries per validation class; default: every image."),
+    queries_per_class: Optional[int] = typer.Option(
+        None, help="folder: queries per validation class; default: every image."
+    ),
 ) -> None:
-    """Turn a public dataset in its published layout into a dataset table; missing or unreadable images are listed, nothing is written."""
+    """Turn a public dataset in its published layout into a dataset table; missing or unreadable images are listed,
+    nothing is written."""
     from lookalike.data.check import describe_problems
     from lookalike.data.convert import conversion_problems
     from lookalike.data.convert import convert as run_convert
 
-    options = {"class_split": class_split, "validation_fraction": validation_fraction, "seed": seed, "queries_per_class": queries_per_class}
+    options = {
+        "class_split": class_split,
+        "validation_fraction": validation_fraction,
+        "seed": seed,
+        "queries_per_class": queries_per_class,
+    }
     conversion = run_convert(name, root, **options)
     out.print(f"{name}: {conversion.summary()}", highlight=False)
     for note in conversion.notes:
@@ -213,7 +261,9 @@ def convert(
     if problems:
         raise typer.Exit(2)
     conversion.table.save(output)
-    out.print(f"wrote {output}" + ("" if check_images else " (images checked to exist; --check-images also decodes them)"))
+    out.print(
+        f"wrote {output}" + ("" if check_images else " (images checked to exist; --check-images also decodes them)")
+    )
 
 
 @app.command()
@@ -239,7 +289,10 @@ def search(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP)) -> 
     table = table_from_config(cfg)
     _debug(f"table {cfg.data.table}: {len(table)} rows")
     results = run_search(cfg, table, progress=_progress("searching", unit="query block"))
-    out.print(f"wrote {cfg.search.output}: top-{results.k} of {results.n_queries} queries in {len(results.gallery_ids)} gallery items")
+    out.print(
+        f"wrote {cfg.search.output}: top-{results.k} of {results.n_queries} queries in {len(results.gallery_ids)} "
+        "gallery items"
+    )
 
 
 @app.command()
@@ -252,7 +305,10 @@ def evaluate(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP)) -
     table = table_from_config(cfg)
     _debug(f"table {cfg.data.table}: {len(table)} rows")
     evaluation = run_evaluate(cfg, table)
-    _debug(f"scored {evaluation.report.n_queries} queries, wrote {cfg.evaluate.output} and {len(evaluation.pictures)} pictures")
+    _debug(
+        f"scored {evaluation.report.n_queries} queries, wrote {cfg.evaluate.output} and {len(evaluation.pictures)} "
+        "pictures"
+    )
     _print_report(evaluation.report)
     out.print(f"wrote {cfg.evaluate.output}" + "".join(f", {p}" for p in evaluation.pictures))
     if cfg.rerank:
@@ -264,14 +320,17 @@ def _print_stages(cfg, table) -> None:
     from lookalike.rerank.chain import stage_reports
 
     stages = run_rerank(cfg, table, grids=True)
-    _print_comparison({key: r.means for key, r in stage_reports(stages).items()}, "metrics before and after each re-ranking stage")
+    _print_comparison(
+        {key: r.means for key, r in stage_reports(stages).items()}, "metrics before and after each re-ranking stage"
+    )
     out.print(f"wrote {cfg.search.reranked_output}")
 
 
 @app.command()
 @reports_errors
 def rerank(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP)) -> None:
-    """Re-rank search.output with the chain in `rerank` (centroids, icfrr, kreciprocal, qe, dba, pairwise); metrics after each stage."""
+    """Re-rank search.output with the chain in `rerank` (centroids, icfrr, kreciprocal, qe, dba, pairwise); metrics
+    after each stage."""
     from lookalike.pipeline import table_from_config
 
     cfg = _config(args)
@@ -281,22 +340,52 @@ def rerank(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP)) -> 
 @app.command()
 @reports_errors
 def icfrr(
-    cache: Optional[Path] = typer.Argument(None, help="An ICFRR cache folder: qg_dists.pth, gg_dists.pth, optional labels.pth (or give --cache-root and --dataset)."),
-    cache_root: Optional[Path] = typer.Option(None, "--cache-root", "--cache_root", help="The reference's layout: the cache is CACHE_ROOT/DATASET/PER_CLASS."),
-    dataset: Optional[str] = typer.Option(None, "--dataset", help="The reference's dataset name (tuberlin, sketchy_zs1, sketchy_zs2, custom) under --cache-root."),
-    per_class: int = typer.Option(-1, "--per-class", "--per_class", help="The reference's images per class of the cache (-1: all)."),
+    cache: Optional[Path] = typer.Argument(
+        None,
+        help="An ICFRR cache folder: qg_dists.pth, gg_dists.pth, optional labels.pth (or give --cache-root and "
+        "--dataset).",
+    ),
+    cache_root: Optional[Path] = typer.Option(
+        None, "--cache-root", "--cache_root", help="The reference's layout: the cache is CACHE_ROOT/DATASET/PER_CLASS."
+    ),
+    dataset: Optional[str] = typer.Option(
+        None,
+        "--dataset",
+        help="The reference's dataset name (tuberlin, sketchy_zs1, sketchy_zs2, custom) under --cache-root.",
+    ),
+    per_class: int = typer.Option(
+        -1, "--per-class", "--per_class", help="The reference's images per class of the cache (-1: all)."
+    ),
     kg: int = typer.Option(256, "--kg", "--KG", help="Gallery-gallery list length KG."),
     kq: int = typer.Option(250, "--kq", "--KQ", help="Voters per query KQ."),
     beta: float = typer.Option(0.5, help="Weight of the votes."),
     n_times: int = typer.Option(5, "--n-times", "--n_times", help="Iterations."),
-    output: Path = typer.Option(Path("runs/icfrr"), "--output", "--rerank-results-dir", "--rerank_results_dir",
-                                help="Folder for ranks/, rankings.npz, metrics.json, the plot and vis/ (with --dataset: OUTPUT/DATASET/PER_CLASS)."),
-    query_idxs_to_vis: Optional[list[str]] = typer.Option(None, "--query-idxs-to-vis", "--query_idxs_to_vis",
-                                                          help="Queries (cache rows) to draw after every iteration: repeat the option or separate by commas."),
-    num_gallery_ims_to_vis: int = typer.Option(20, "--num-gallery-ims-to-vis", "--num_gallery_ims_to_vis", help="Gallery images per drawn query."),
-    image_root: Optional[Path] = typer.Option(None, "--image-root", help="With --query-idxs-to-vis: the folder holding query/ and gallery/ (custom; labels.json gives the order), or with --dataset sketchy_zs1|sketchy_zs2|tuberlin the dataset folder with its zero-shot file lists."),
+    output: Path = typer.Option(
+        Path("runs/icfrr"),
+        "--output",
+        "--rerank-results-dir",
+        "--rerank_results_dir",
+        help="Folder for ranks/, rankings.npz, metrics.json, the plot and vis/ (with --dataset: "
+        "OUTPUT/DATASET/PER_CLASS).",
+    ),
+    query_idxs_to_vis: Optional[list[str]] = typer.Option(
+        None,
+        "--query-idxs-to-vis",
+        "--query_idxs_to_vis",
+        help="Queries (cache rows) to draw after every iteration: repeat the option or separate by commas.",
+    ),
+    num_gallery_ims_to_vis: int = typer.Option(
+        20, "--num-gallery-ims-to-vis", "--num_gallery_ims_to_vis", help="Gallery images per drawn query."
+    ),
+    image_root: Optional[Path] = typer.Option(
+        None,
+        "--image-root",
+        help="With --query-idxs-to-vis: the folder holding query/ and gallery/ (custom; labels.json gives the order), "
+        "or with --dataset sketchy_zs1|sketchy_zs2|tuberlin the dataset folder with its zero-shot file lists.",
+    ),
 ) -> None:
-    """ICFRR on a reference cache, exactly as the reference computes it: the ranking after every iteration, metrics and their plot when there are labels, rank strips of chosen queries."""
+    """ICFRR on a reference cache, exactly as the reference computes it: the ranking after every iteration, metrics and
+    their plot when there are labels, rank strips of chosen queries."""
     import json
 
     from lookalike.atomic import write_text_atomic
@@ -304,11 +393,16 @@ def icfrr(
     from lookalike.rerank.icfrr import RANKINGS_NPZ, RANKS_DIR, VIS_DIR, cache_folder, load_icfrr_cache
 
     if (cache is None) == (cache_root is None and dataset is None):
-        raise LookalikeError("icfrr: give a cache folder, or --cache-root and --dataset (the reference's CACHE_ROOT/DATASET/PER_CLASS), not both")
+        raise LookalikeError(
+            "icfrr: give a cache folder, or --cache-root and --dataset (the reference's CACHE_ROOT/DATASET/PER_CLASS), "
+            "not both"
+        )
     if cache is None:
         cache = cache_folder(cache_root or Path("cache"), dataset or "tuberlin", per_class)
         output = cache_folder(output, dataset or "tuberlin", per_class)
-    strips = _rank_strips(cache, query_idxs_to_vis, num_gallery_ims_to_vis, image_root, load_icfrr_cache, dataset, per_class)
+    strips = _rank_strips(
+        cache, query_idxs_to_vis, num_gallery_ims_to_vis, image_root, load_icfrr_cache, dataset, per_class
+    )
     records = run_icfrr_cache(cache, kg=kg, kq=kq, beta=beta, n_times=n_times, output=output, strips=strips)
     written = [output / RANKS_DIR, output / RANKINGS_NPZ] + ([output / VIS_DIR] if strips else [])
     if len(records[0]) == 1:
@@ -326,9 +420,17 @@ def icfrr(
     out.print("wrote " + ", ".join(map(str, [output / "metrics.json", plot, *written])))
 
 
-def _rank_strips(cache: Path, queries: Optional[list[str]], top_k: int, image_root: Optional[Path], load_cache,
-                 dataset: Optional[str] = None, per_class: int = -1):
-    """The rank strips `lookalike icfrr` draws (None without --query-idxs-to-vis): chosen rows, images from image_root."""
+def _rank_strips(
+    cache: Path,
+    queries: Optional[list[str]],
+    top_k: int,
+    image_root: Optional[Path],
+    load_cache,
+    dataset: Optional[str] = None,
+    per_class: int = -1,
+):
+    """The rank strips `lookalike icfrr` draws (None without --query-idxs-to-vis): chosen rows, images from
+    image_root."""
     from lookalike.rerank.icfrr import RankStrips, reference_image_ids
 
     if not queries:
@@ -339,7 +441,9 @@ def _rank_strips(cache: Path, queries: Optional[list[str]], top_k: int, image_ro
             raise LookalikeError(f"--query-idxs-to-vis: expected query numbers (cache rows), got {part!r}")
         rows.append(int(part))
     if image_root is None:
-        raise LookalikeError("--query-idxs-to-vis: needs --image-root, the folder holding the query/ and gallery/ images")
+        raise LookalikeError(
+            "--query-idxs-to-vis: needs --image-root, the folder holding the query/ and gallery/ images"
+        )
     qg = load_cache(cache)[0]
     query_ids, gallery_ids = reference_image_ids(image_root, *qg.shape, dataset, per_class)
     return RankStrips(image_root, query_ids, gallery_ids, rows, top_k)
@@ -355,8 +459,10 @@ def index(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP)) -> N
     cfg = _config(args)
     folder = build_index(cfg, table_from_config(cfg), extractor_from_config(cfg), _progress("embedding the gallery"))
     built = load_index(folder)
-    out.print(f"wrote {folder}: {len(built)} gallery images, {cfg.model.name}, {cfg.search.index} search, "
-              f"re-rankers: {', '.join(built.rerankers) or 'none'}")
+    out.print(
+        f"wrote {folder}: {len(built)} gallery images, {cfg.model.name}, {cfg.search.index} search, "
+        f"re-rankers: {', '.join(built.rerankers) or 'none'}"
+    )
     out.print(f"serve it with: lookalike serve {folder}")
 
 
@@ -366,7 +472,11 @@ def serve(
     index_dir: Path = typer.Argument(..., help="A folder written by `lookalike index`."),
     host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 for every interface)."),
     port: int = typer.Option(8000, help="TCP port."),
-    allow_host: Optional[list[str]] = typer.Option(None, "--allow-host", help="Host header name to answer besides loopback names and --host (repeat; also serve.allowed_hosts)."),
+    allow_host: Optional[list[str]] = typer.Option(
+        None,
+        "--allow-host",
+        help="Host header name to answer besides loopback names and --host (repeat; also serve.allowed_hosts).",
+    ),
 ) -> None:
     """Search the gallery of INDEX_DIR in the browser: upload or pick a query, compare re-rankers side by side."""
     import uvicorn
@@ -396,9 +506,12 @@ def _print_comparison(columns: dict[str, dict[str, float]], title: str) -> None:
 @reports_errors
 def train(
     args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP),
-    resume: Optional[str] = typer.Option(None, "--resume", help="Continue from a checkpoint: its path, or 'last' (train.output/checkpoints/last.ckpt)."),
+    resume: Optional[str] = typer.Option(
+        None, "--resume", help="Continue from a checkpoint: its path, or 'last' (train.output/checkpoints/last.ckpt)."
+    ),
 ) -> None:
-    """Train an extractor with metric losses (Lightning): checkpoints, logs and validation pictures under train.output."""
+    """Train an extractor with metric losses (Lightning): checkpoints, logs and validation pictures under
+    train.output."""
     from lookalike.train import run_train
 
     _quiet_lightning()
@@ -411,7 +524,9 @@ def train(
         return
     _print_comparison({"before": result.metrics_before, "after": result.metrics}, f"validation ({cfg.model.name})")
     out.print(f"training speed: {result.images_per_second:.1f} images/s")
-    out.print(f"best checkpoint: {result.best_checkpoint}\nlast checkpoint: {result.last_checkpoint}\nlogs: {result.log_dir}")
+    out.print(
+        f"best checkpoint: {result.best_checkpoint}\nlast checkpoint: {result.last_checkpoint}\nlogs: {result.log_dir}"
+    )
 
 
 def _train_repeated(cfg, resume: str | None) -> None:
@@ -419,36 +534,54 @@ def _train_repeated(cfg, resume: str | None) -> None:
     from lookalike.train import run_train_repeated
 
     if resume is not None:
-        raise LookalikeError(f"--resume: continues one run; with train.runs={cfg.train.runs} resume a run alone (train.output=.../runN train.runs=1)")
+        raise LookalikeError(
+            f"--resume: continues one run; with train.runs={cfg.train.runs} resume a run alone (train.output=.../runN "
+            "train.runs=1)"
+        )
     result = run_train_repeated(cfg)
     if not result.runs[-1].is_global_zero:
         return
-    table = Table(title=f"validation ({cfg.model.name}), mean ± std over {len(result.runs)} runs (seeds {', '.join(map(str, result.seeds))})")
+    table = Table(
+        title=f"validation ({cfg.model.name}), mean ± std over {len(result.runs)} runs (seeds "
+        f"{', '.join(map(str, result.seeds))})"
+    )
     for name in ("metric", "mean ± std", *(f"seed {s}" for s in result.seeds)):
         table.add_column(name, justify="left" if name == "metric" else "right")
     for metric, cell in result.summary.items():
-        table.add_row(metric, f"{cell['mean']:.4f} ± {cell['std']:.4f}", *(f"{r.metrics[metric]:.4f}" for r in result.runs))
+        table.add_row(
+            metric, f"{cell['mean']:.4f} ± {cell['std']:.4f}", *(f"{r.metrics[metric]:.4f}" for r in result.runs)
+        )
     out.print(table)
     out.print(f"wrote {result.path}; runs under {cfg.train.output}/run0 ... run{len(result.runs) - 1}")
 
 
 @app.command()
 @reports_errors
-def validate(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP + " `weights=PATH` is short for model.weights=PATH.")) -> None:
-    """Evaluate a trained checkpoint on the validation split, exactly as training validates; with `rerank`, each stage too."""
+def validate(
+    args: Optional[list[str]] = typer.Argument(
+        None, help=ARGS_HELP + " `weights=PATH` is short for model.weights=PATH."
+    ),
+) -> None:
+    """Evaluate a trained checkpoint on the validation split, exactly as training validates; with `rerank`, each stage
+    too."""
     from lookalike.train import run_validate
 
     _quiet_lightning()
     args = [f"model.{a}" if a.startswith("weights=") else a for a in args or []]
     cfg = _config(args)
     if not cfg.model.weights:
-        raise LookalikeError("model.weights: expected the checkpoint to evaluate, e.g. weights=runs/train/checkpoints/last.ckpt")
+        raise LookalikeError(
+            "model.weights: expected the checkpoint to evaluate, e.g. weights=runs/train/checkpoints/last.ckpt"
+        )
     if cfg.rerank:  # the extractor's lists, then each re-ranking stage (e.g. rerank=[{pairwise: {weights: PATH}}])
         from lookalike.pipeline import rerank_validation
         from lookalike.rerank.chain import stage_reports
 
         stages = rerank_validation(cfg, _progress("embedding"))
-        _print_comparison({key: r.means for key, r in stage_reports(stages).items()}, "validation before and after each re-ranking stage")
+        _print_comparison(
+            {key: r.means for key, r in stage_reports(stages).items()},
+            "validation before and after each re-ranking stage",
+        )
         out.print(f"wrote {cfg.train.output}/validation/metrics_rerank.json and grid_rerank_*.png")
         return
     metrics = run_validate(cfg)
@@ -459,10 +592,15 @@ def validate(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP + "
 @app.command("train-reranker")
 @reports_errors
 def train_reranker(
-    args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP + " `extractor_weights=PATH` is short for model.weights=PATH."),
-    resume: Optional[str] = typer.Option(None, "--resume", help="Continue from a checkpoint: its path, or 'last' (train.output/checkpoints/last.ckpt)."),
+    args: Optional[list[str]] = typer.Argument(
+        None, help=ARGS_HELP + " `extractor_weights=PATH` is short for model.weights=PATH."
+    ),
+    resume: Optional[str] = typer.Option(
+        None, "--resume", help="Continue from a checkpoint: its path, or 'last' (train.output/checkpoints/last.ckpt)."
+    ),
 ) -> None:
-    """Train the STIR pairwise re-ranker (pairwise.*) on pairs mined with the frozen extractor (model.*); validation re-ranks the top_n."""
+    """Train the STIR pairwise re-ranker (pairwise.*) on pairs mined with the frozen extractor (model.*); validation
+    re-ranks the top_n."""
     from lookalike.train.pairwise import run_train_reranker
 
     _quiet_lightning()
@@ -474,26 +612,35 @@ def train_reranker(
     columns = {"extractor": result.metrics_before, f"re-ranked top {cfg.pairwise.top_n}": result.metrics}
     _print_comparison(columns, f"validation ({cfg.pairwise.name} re-ranking {cfg.model.name})")
     out.print(f"training speed: {result.images_per_second:.1f} images/s")
-    out.print(f"best checkpoint: {result.best_checkpoint}\nlast checkpoint: {result.last_checkpoint}\nlogs: {result.log_dir}")
+    out.print(
+        f"best checkpoint: {result.best_checkpoint}\nlast checkpoint: {result.last_checkpoint}\nlogs: {result.log_dir}"
+    )
 
 
 @app.command("extract-pairs")
 @reports_errors
 def extract_pairs(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP)) -> None:
-    """Features of both images of every pair in adapt.pairs (adapt.backbones at their layers), with a PCA fitted on the train pairs; saved to adapt.features."""
+    """Features of both images of every pair in adapt.pairs (adapt.backbones at their layers), with a PCA fitted on the
+    train pairs; saved to adapt.features."""
     from lookalike.adapt import extract_from_config, pairs_from_config
 
     cfg = _config(args)
     features = extract_from_config(cfg, pairs_from_config(cfg), _progress("extracting"))
     mirrors = " (and of their mirror images)" if features.has_flip else ""
-    pca = f"; PCA to {features.pca.dim} dimensions fitted on the {int((features.split == 'train').sum())} train pairs" if features.pca else ""
+    pca = (
+        f"; PCA to {features.pca.dim} dimensions fitted on the {int((features.split == 'train').sum())} train pairs"
+        if features.pca
+        else ""
+    )
     out.print(f"wrote {cfg.adapt.features}: {len(features)} pairs, {features.dim} features per image{mirrors}{pca}")
 
 
 @app.command()
 @reports_errors
 def adapt(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP)) -> None:
-    """Learn an adaptation module on frozen features of image pairs over adapt.runs random splits; print top-k accuracy of raw vs adapted features on the test pairs. adapt.protocol=reference runs the published command (PCA on all pairs, 150 epochs, 1 run, 25 % test, last epoch)."""
+    """Learn an adaptation module on frozen features of image pairs over adapt.runs random splits; print top-k accuracy
+    of raw vs adapted features on the test pairs. adapt.protocol=reference runs the published command (PCA on all
+    pairs, 150 epochs, 1 run, 25 % test, last epoch)."""
     from lookalike.adapt import DIRECTIONS, run_adapt
     from lookalike.adapt.run import protocol_config, protocol_summary
 
@@ -501,7 +648,10 @@ def adapt(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP)) -> N
     out.print(protocol_summary(cfg))
     result = run_adapt(cfg, _progress("extracting"), _progress("runs", unit="run"))
     a, summary = cfg.adapt, result.summary()
-    table = Table(title=f"test top-k accuracy, mean ± std over {len(result.runs)} runs ({result.n_pairs} pairs, {result.dim} features)")
+    table = Table(
+        title=f"test top-k accuracy, mean ± std over {len(result.runs)} runs ({result.n_pairs} pairs, {result.dim} "
+        "features)"
+    )
     for name in ("k", "direction", "raw features", f"adapted ({a.module})"):
         table.add_column(name, justify="right" if name != "direction" else "left")
     for k in a.top_k:
@@ -511,22 +661,39 @@ def adapt(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP)) -> N
     out.print(table)
     kept = ", ".join(str(r.best_epoch) for r in result.runs)
     if a.protocol == "reference":
-        out.print(f"epoch reported: the last ({kept}), as the reference's train.py; test curves per epoch in TensorBoard")
+        out.print(
+            f"epoch reported: the last ({kept}), as the reference's train.py; test curves per epoch in TensorBoard"
+        )
     else:
         out.print(f"epochs kept (best {a.monitor} on validation pairs): {kept}")
     out.print(f"features: {'reused ' if result.features_reused else 'extracted to '}{result.features}")
-    out.print(f"wrote {result.output / 'metrics.json'}; TensorBoard curves per run and averaged: {result.output / 'tensorboard'}")
+    out.print(
+        f"wrote {result.output / 'metrics.json'}; TensorBoard curves per run and averaged: "
+        f"{result.output / 'tensorboard'}"
+    )
 
 
 @app.command()
 @reports_errors
 def demo(
-    images: Optional[Path] = typer.Option(None, help="A class-per-folder image tree; default: the bundled Omniglot subset."),
-    dataset: str = typer.Option("omniglot", help="omniglot (bundled, 136 characters) or digits (scikit-learn's 8x8 digits)."),
-    out_dir: Path = typer.Option(Path("runs/demo"), "--out", help="Where the table, embeddings, results, metrics and pictures go."),
-    overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides of the demo config (e.g. model.name=resnet34)."),
-    rerank: bool = typer.Option(True, "--rerank/--no-rerank", help="After training, re-rank with k-reciprocal and a briefly trained STIR model."),
-    pairwise: Optional[list[str]] = typer.Option(None, "--pairwise", help="key=value override of the STIR training (e.g. train.epochs=1)."),
+    images: Optional[Path] = typer.Option(
+        None, help="A class-per-folder image tree; default: the bundled Omniglot subset."
+    ),
+    dataset: str = typer.Option(
+        "omniglot", help="omniglot (bundled, 136 characters) or digits (scikit-learn's 8x8 digits)."
+    ),
+    out_dir: Path = typer.Option(
+        Path("runs/demo"), "--out", help="Where the table, embeddings, results, metrics and pictures go."
+    ),
+    overrides: Optional[list[str]] = typer.Argument(
+        None, help="key=value overrides of the demo config (e.g. model.name=resnet34)."
+    ),
+    rerank: bool = typer.Option(
+        True, "--rerank/--no-rerank", help="After training, re-rank with k-reciprocal and a briefly trained STIR model."
+    ),
+    pairwise: Optional[list[str]] = typer.Option(
+        None, "--pairwise", help="key=value override of the STIR training (e.g. train.epochs=1)."
+    ),
 ) -> None:
     """Run the whole pipeline on an embedded dataset: import, evaluate untrained, train, evaluate again, re-rank, draw;
     one line per stage gives its gain."""
@@ -534,15 +701,29 @@ def demo(
 
     _quiet_lightning()
     started = time.perf_counter()
-    run = run_demo(out_dir, images, tuple(overrides or ()), progress=_progress("embedding"), rerank=rerank, dataset=dataset,
-                   pairwise_overrides=tuple(pairwise or ()))
+    run = run_demo(
+        out_dir,
+        images,
+        tuple(overrides or ()),
+        progress=_progress("embedding"),
+        rerank=rerank,
+        dataset=dataset,
+        pairwise_overrides=tuple(pairwise or ()),
+    )
     if run.training is None:
         _print_report(run.evaluation.report, f"demo ({run.config.model.name}, untrained)")
     else:
-        columns = {"untrained": run.untrained.means, f"trained ({run.config.train.epochs} epochs)": run.evaluation.report.means}
+        columns = {
+            "untrained": run.untrained.means,
+            f"trained ({run.config.train.epochs} epochs)": run.evaluation.report.means,
+        }
         columns |= {g.name: s.report.means for g, s in zip(run.gains[1:], run.stages[1:])}
-        _print_comparison(columns, f"demo: {run.config.model.name} on {run.evaluation.report.n_queries} validation queries")
-        out.print(f"training speed: {run.training.images_per_second:.1f} images/s; checkpoint: {run.config.model.weights}")
+        _print_comparison(
+            columns, f"demo: {run.config.model.name} on {run.evaluation.report.n_queries} validation queries"
+        )
+        out.print(
+            f"training speed: {run.training.images_per_second:.1f} images/s; checkpoint: {run.config.model.weights}"
+        )
     if run.reranking is not None:
         out.print(f"re-ranker checkpoint: {run.reranking.last_checkpoint}")
     for gain in run.gains:
@@ -553,10 +734,13 @@ def demo(
     out.print(f"demo time: {time.perf_counter() - started:.0f} s")
 
 
-# ---- setting up: `lookalike data ...`, `lookalike config show`, and where every --help says config keys are documented ----
+# ---- setting up: `lookalike data ...`, `lookalike config show`, and where every --help says config keys are documented
+# ----
 
-CONFIG_DOCS_EPILOG = ("Config keys, with their defaults and meanings: docs/config.md in the repository; "
-                      "`lookalike config show CONFIG key=value ...` prints a resolved config (both optional).")
+CONFIG_DOCS_EPILOG = (
+    "Config keys, with their defaults and meanings: docs/config.md in the repository; "
+    "`lookalike config show CONFIG key=value ...` prints a resolved config (both optional)."
+)
 data_app = typer.Typer(help="Prepare the datasets the example configs use.", no_args_is_help=True)
 config_app = typer.Typer(help="Inspect configs.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -566,24 +750,38 @@ app.add_typer(config_app, name="config")
 @data_app.command("omniglot")
 @reports_errors
 def data_omniglot(
-    target: Path = typer.Argument(Path("data/omniglot"), help="Folder to unpack into; the Omniglot configs read data/omniglot."),
+    target: Path = typer.Argument(
+        Path("data/omniglot"), help="Folder to unpack into; the Omniglot configs read data/omniglot."
+    ),
     validation_fraction: float = typer.Option(0.3, help="Share of the characters that go to validation."),
     seed: int = typer.Option(0, help="Seed of the character split."),
 ) -> None:
-    """Unpack the bundled Omniglot subset and write omniglot.csv (dataset table) and pairs.csv (drawer pairs) beside it."""
+    """Unpack the bundled Omniglot subset and write omniglot.csv (dataset table) and pairs.csv (drawer pairs)
+    beside it."""
     from lookalike.data.bundled import prepare_omniglot
 
     prepared = prepare_omniglot(target, validation_fraction, seed)
     split = prepared.table.frame["split"]
-    out.print(f"images: {prepared.images} ({len(prepared.table)} images, {prepared.table.frame['label'].nunique()} characters)", highlight=False)
-    out.print(f"wrote {prepared.table_path}: {int((split == 'train').sum())} train, {int((split == 'validation').sum())} validation", highlight=False)
+    out.print(
+        f"images: {prepared.images} ({len(prepared.table)} images, {prepared.table.frame['label'].nunique()} "
+        "characters)",
+        highlight=False,
+    )
+    out.print(
+        f"wrote {prepared.table_path}: {int((split == 'train').sum())} train, {int((split == 'validation').sum())} "
+        "validation",
+        highlight=False,
+    )
     out.print(f"wrote {prepared.pairs_path}: {len(prepared.pairs)} pairs", highlight=False)
 
 
 @config_app.command("show")
 @reports_errors
-def config_show(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP + " Without them: the defaults.")) -> None:
-    """Print the resolved config (file, then overrides, over every default) as YAML that loads back to the same config."""
+def config_show(
+    args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP + " Without them: the defaults."),
+) -> None:
+    """Print the resolved config (file, then overrides, over every default) as YAML that loads back to the same
+    config."""
     from lookalike.config_doc import config_yaml
 
     typer.echo(config_yaml(_config(args)), nl=False)

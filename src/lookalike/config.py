@@ -30,11 +30,15 @@ class Section(BaseModel):
 class DataConfig(Section):
     table: str | None = None  # dataset CSV
     root: str | None = None  # folder that relative paths start from; default: the CSV's folder
-    image_size: int | list[int] = 224  # square side, or [height, width] (resized exactly, no crop; re-ID uses [256, 128])
-    crop_fraction: Annotated[float, Field(gt=0, le=1)] = 0.875  # evaluation: resize the short side to image_size / crop_fraction, then centre-crop (1.0: no crop)
+    # square side, or [height, width] (resized exactly, no crop; re-ID uses [256, 128])
+    image_size: int | list[int] = 224
+    # evaluation: resize the short side to image_size / crop_fraction, then centre-crop (1.0: no crop)
+    crop_fraction: Annotated[float, Field(gt=0, le=1)] = 0.875
     batch_size: PositiveInt = 64  # images per batch when embedding
     num_workers: Count = 0  # DataLoader worker processes that decode images (0: in the main process)
-    skip_bad_images: bool = False  # drop rows whose image is missing, empty, truncated or corrupt (or its bbox misses it), with a warning; false: such an image is an error naming it
+    # drop rows whose image is missing, empty, truncated or corrupt (or its bbox misses it), with a warning; false: such
+    # an image is an error naming it
+    skip_bad_images: bool = False
 
     @field_validator("image_size")
     @classmethod
@@ -51,7 +55,8 @@ class ModelConfig(Section):
     weights: str | None = None  # local state dict or Lightning checkpoint, loaded after creation
     embedding_dim: PositiveInt | None = None  # linear projection after pooling; None keeps the backbone's features
     normalize: bool = True  # L2-normalise embeddings
-    last_stride: int | None = None  # 1: no downsampling in a ResNet's last stage (re-ID: BoT / CTL); None keeps the model's own
+    # 1: no downsampling in a ResNet's last stage (re-ID: BoT / CTL); None keeps the model's own
+    last_stride: int | None = None
     bnneck: bool = False  # batch-norm neck after the projection (BoT / CTL recipe); embeddings taken after it
 
 
@@ -80,7 +85,8 @@ class EvaluateConfig(Section):
     grid: str | None = "runs/grid.png"  # picture of queries and their top results; null to skip
     cmc_plot: str | None = "runs/cmc.png"  # CMC curve picture; null to skip
     grid_queries: PositiveInt = 8  # queries shown in the result grid
-    centroids: Literal["none", "label", "label_sequence"] = "none"  # rank per-label gallery centroids (CTL) instead of images
+    # rank per-label gallery centroids (CTL) instead of images
+    centroids: Literal["none", "label", "label_sequence"] = "none"
     grid_top_k: PositiveInt = 6  # results shown per query in the result grid
 
     def metric_kwargs(self) -> dict[str, tuple[int, ...]]:
@@ -91,39 +97,49 @@ class EvaluateConfig(Section):
 class LossConfig(Section):
     triplet: NonNegativeFloat = 1.0  # weight of the triplet loss (0 turns it off)
     margin: float | None = 0.2  # triplet margin; null = soft margin, log(1 + exp(d_ap - d_an))
-    miner: Literal["all", "batch_hard", "n_hard"] = "batch_hard"  # every valid triplet, the hardest positive + negative per anchor, or the n hardest
+    # every valid triplet, the hardest positive + negative per anchor, or the n hardest
+    miner: Literal["all", "batch_hard", "n_hard"] = "batch_hard"
     n_positives: PositiveInt = 1  # n_hard: hardest positives per anchor
     n_negatives: PositiveInt = 1  # n_hard: hardest negatives per anchor
     memory_size: Count = 0  # cross-batch memory of past embeddings mined as extra positives/negatives; 0 = off
     centroid: NonNegativeFloat = 0.0  # weight of the centroid triplet loss (CTL)
     centroid_margin: PositiveFloat | None = 0.5  # margin of the centroid triplet loss; null = soft margin
-    centroid_mode: Literal["official", "equation"] = "official"  # official centroids-reid code (queries + centroids mined together) or the paper's equation
+    # official centroids-reid code (queries + centroids mined together) or the paper's equation
+    centroid_mode: Literal["official", "equation"] = "official"
     cross_entropy: NonNegativeFloat = 0.0  # weight of cross-entropy on a classifier over the (BNNeck) embedding
     label_smoothing: Fraction = 0.1  # label smoothing of the cross-entropy loss
     center: NonNegativeFloat = 0.0  # weight of the center loss
-    center_scale: PositiveFloat = 0.5  # center loss scale * ||x - c||^2: 0.5 is Wen et al.'s 1/2, 1.0 the official CTL code's
-    center_optimizer: Literal["sgd", "shared"] = "sgd"  # sgd: the centres' own plain SGD on the unweighted loss (official CTL); shared: a group of train.optimizer
-    center_lr: PositiveFloat | None = None  # learning rate of the class centres; None = 0.5 (sgd, the official value) or train.lr (shared)
+    # center loss scale * ||x - c||^2: 0.5 is Wen et al.'s 1/2, 1.0 the official CTL code's
+    center_scale: PositiveFloat = 0.5
+    # sgd: the centres' own plain SGD on the unweighted loss (official CTL); shared: a group of train.optimizer
+    center_optimizer: Literal["sgd", "shared"] = "sgd"
+    # learning rate of the class centres; None = 0.5 (sgd, the official value) or train.lr (shared)
+    center_lr: PositiveFloat | None = None
 
 
 class TrainConfig(Section):
     output: str = "runs/train"  # checkpoints/, tensorboard/, csv/ and validation grids land here
     seed: int = 0  # seed of weights, sampler and augmentation (Lightning seed_everything)
-    runs: PositiveInt = 1  # repeated runs with seeds seed, seed+1, ... under output/run{r}/: mean and std of the final metrics (runs.json)
+    # repeated runs with seeds seed, seed+1, ... under output/run{r}/: mean and std of the final metrics (runs.json)
+    runs: PositiveInt = 1
     epochs: PositiveInt = 10  # training epochs
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"  # optimizer of all parameter groups
     lr: PositiveFloat = 1e-4  # learning rate (of the head, and of the backbone unless backbone_lr)
     backbone_lr: PositiveFloat | None = None  # a lower rate for the backbone; None = lr
     weight_decay: NonNegativeFloat = 0.0  # weight decay of the optimizer
-    scheduler: Literal["none", "cosine", "step"] = "none"  # learning-rate schedule after the warm-up: constant, cosine to 0, or /10 at step_epochs
+    # learning-rate schedule after the warm-up: constant, cosine to 0, or /10 at step_epochs
+    scheduler: Literal["none", "cosine", "step"] = "none"
     warmup_epochs: Count = 0  # linear warm-up of the learning rate
     step_epochs: list[PositiveInt] = []  # scheduler=step: epochs at which the rate is multiplied by step_gamma
     step_gamma: PositiveFloat = 0.1  # scheduler=step: the factor (STIR's recipe: 5e-3 once the backbone joins)
     p: PositiveInt = 8  # labels per batch
     k: PositiveInt = 4  # images per label in a batch
-    batches_per_epoch: PositiveInt | None = None  # None: an epoch is one pass over the labels; set it when there are few labels
-    few_images: Literal["repeat", "pad", "drop"] = "repeat"  # labels with < k images: draw with repetition, pad with mock images (never anchors, never mined), or skip
-    augment: Literal["none", "light", "reid"] = "light"  # light: random resized crop + flip; reid: pad-crop + flip + random erasing
+    # None: an epoch is one pass over the labels; set it when there are few labels
+    batches_per_epoch: PositiveInt | None = None
+    # labels with < k images: draw with repetition, pad with mock images (never anchors, never mined), or skip
+    few_images: Literal["repeat", "pad", "drop"] = "repeat"
+    # light: random resized crop + flip; reid: pad-crop + flip + random erasing
+    augment: Literal["none", "light", "reid"] = "light"
     val_every: PositiveInt = 1  # validate every N epochs
     monitor: str = "cmc@1"  # validation metric that picks the best checkpoint (higher is better)
     grid: bool = True  # write a result grid picture per validation
@@ -133,12 +149,17 @@ class TrainConfig(Section):
 
 class TrainerConfig(Section):
     accelerator: str = "auto"  # cpu, gpu, auto
-    devices: int | str = 1  # devices (processes) per node, as Lightning takes it: a count, 'auto' or a list such as '0,1'
+    # devices (processes) per node, as Lightning takes it: a count, 'auto' or a list such as '0,1'
+    devices: int | str = 1
     strategy: str = "auto"  # ddp for several processes
     num_nodes: PositiveInt = 1  # machines for multi-node training
-    precision: str = "32-true"  # 16-mixed, bf16-mixed, ... (of training steps; validation embeds in fp32, as extract does)
-    channels_last: bool = True  # NHWC model while training (both trainers), validating, extracting and serving: faster convolutions (oneDNN on CPU, tensor cores on GPU), the same embeddings everywhere
-    limit_train_batches: int | float | None = None  # train on only this many batches (int) or this share (float) of each epoch; None: all
+    # 16-mixed, bf16-mixed, ... (of training steps; validation embeds in fp32, as extract does)
+    precision: str = "32-true"
+    # NHWC model while training (both trainers), validating, extracting and serving: faster convolutions (oneDNN on CPU,
+    # tensor cores on GPU), the same embeddings everywhere
+    channels_last: bool = True
+    # train on only this many batches (int) or this share (float) of each epoch; None: all
+    limit_train_batches: int | float | None = None
     log_every_n_steps: PositiveInt = 10  # steps between logged training losses
     progress: bool = True  # Lightning's progress bar
 
@@ -155,7 +176,8 @@ class PairwiseConfig(Section):
     hidden: PositiveInt = 192  # MLP head's hidden width
     dropout: Fraction = 0.5  # dropout of the MLP head
     tta: bool = False  # average both stacking orders when re-ranking
-    mining: Literal["hard", "random"] = "hard"  # per anchor the hardest (or a random) positive and negative by the extractor
+    # per anchor the hardest (or a random) positive and negative by the extractor
+    mining: Literal["hard", "random"] = "hard"
     freeze_epochs: Count = 0  # backbone frozen for the first N epochs (head only), then trained at train.backbone_lr
     top_n: PositiveInt = 5  # validation re-ranks each query's top_n
     batch_size: PositiveInt = 128  # pairs per batch when re-ranking
@@ -174,8 +196,10 @@ class ServeConfig(Section):
     max_aspect_ratio: float = 20.0  # uploads whose longer side is more times the shorter one get 413, before decoding
     search_timeout: float = 30.0  # seconds a search waits for the model (searches run one at a time); then 503
     read_timeout: float = 10.0  # seconds a request body may stall between bytes; then 408 and the connection is closed
-    upload_timeout: float = 60.0  # seconds a whole request body may take to arrive; then 408 and the connection is closed
-    allowed_hosts: list[str] = []  # Host header names accepted besides loopback names and --host ("*" any, "*.example.com")
+    # seconds a whole request body may take to arrive; then 408 and the connection is closed
+    upload_timeout: float = 60.0
+    # Host header names accepted besides loopback names and --host ("*" any, "*.example.com")
+    allowed_hosts: list[str] = []
 
     @field_validator("max_aspect_ratio", "search_timeout", "read_timeout", "upload_timeout")
     @classmethod
@@ -197,16 +221,21 @@ class BackboneConfig(Section):
     """One frozen timm backbone of `lookalike adapt`, read at chosen layers."""
 
     name: str = "resnet50"  # any timm model with forward_intermediates
-    layers: list[int] = [-1]  # indices into the model's feature layers (-1 = the deepest); each pooled and L2-normalised
+    # indices into the model's feature layers (-1 = the deepest); each pooled and L2-normalised
+    layers: list[int] = [-1]
     pretrained: bool = True  # download timm's pretrained weights
     weights: str | None = None  # local state dict or Lightning checkpoint (e.g. a trained lookalike extractor) instead
     image_size: int | list[int] | None = None  # None = data.image_size
 
 
 class AdaptConfig(Section):
-    """`lookalike adapt`: an adaptation module learnt on frozen features of image pairs (Risser-Maroix et al., ICIP 2021)."""
+    """`lookalike adapt`: an adaptation module learnt on frozen features of image pairs.
 
-    pairs: str | None = None  # pairs table CSV (left, right, optional split), or a folder with left/ and right/ paired by file name
+    The visual-similarity system of Risser-Maroix et al., ICIP 2021.
+    """
+
+    # pairs table CSV (left, right, optional split), or a folder with left/ and right/ paired by file name
+    pairs: str | None = None
     root: str | None = None  # folder that relative paths start from; default: the CSV's folder
     subset: str | None = None  # CSV with a column of file names (e.g. the published TLL_obj.csv): keep only those pairs
     subset_column: str | None = None  # its column of file names; None: its only named column
@@ -222,7 +251,8 @@ class AdaptConfig(Section):
     epochs: PositiveInt = 100  # training epochs per run (the best on the validation pairs is kept)
     batch_size: PositiveInt | None = None  # pairs per step; None: full batch
     monitor: str = "top1/mean"  # validation metric that picks the epoch kept; 'loss' for the lowest loss
-    split: Literal["random", "table"] = "random"  # random: train/validation/test drawn per run; table: the table's validation pairs are the test set
+    # random: train/validation/test drawn per run; table: the table's validation pairs are the test set
+    split: Literal["random", "table"] = "random"
     validation_fraction: Fraction = 0.1  # random: share of all pairs; table: share of the train pairs
     test_fraction: Fraction = 0.3  # random only
     runs: PositiveInt = 5  # repeated splits (seeds seed, seed+1, ...): mean and std
@@ -230,7 +260,8 @@ class AdaptConfig(Section):
     top_k: list[PositiveInt] = [1, 3, 5]  # k of the reported top-k accuracy
     device: Device = "cpu"  # torch device of feature extraction and training
     output: str = "runs/adapt"  # metrics.json, tensorboard/ (per run and average), run{r}/ (adapter, PCA, split)
-    protocol: Literal["lookalike", "reference"] = "lookalike"  # reference: the published train.py command (see lookalike.adapt.run)
+    # reference: the published train.py command (see lookalike.adapt.run)
+    protocol: Literal["lookalike", "reference"] = "lookalike"
 
 
 class Config(Section):
@@ -273,7 +304,9 @@ def _check_keys(values: dict, source: str, model: type[BaseModel] = Config, pref
             _check_keys(value, source, sub, f"{prefix}{key}.")
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = (), base: Config | None = None) -> Config:
+def load_config(
+    path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = (), base: Config | None = None
+) -> Config:
     """Defaults (or `base`), then the YAML file, then `key=value` overrides, validated as one Config.
 
     Args:
@@ -330,7 +363,9 @@ def _read_yaml(path: Path) -> dict:
     try:
         values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})") from None
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"
+        ) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     _check_keys(values, str(path))

@@ -1,6 +1,7 @@
 """The config reference, generated from the pydantic models of lookalike.config and the comments beside their fields.
 
-`config_page()` is docs/config.md (tools/config_docs.py writes it; a test checks the page equals it, so it cannot drift);
+`config_page()` is docs/config.md (tools/config_docs.py writes it; a test checks the page equals it, so it cannot
+drift);
 `config_yaml(cfg)` is the resolved config with every default, as `lookalike config show` prints it.
 """
 
@@ -44,16 +45,38 @@ def flow(value: Any) -> str:
 
 
 def field_comments(source: str = "") -> dict[tuple[str, str], str]:
-    """The comment at the end of each `name: type = default  # comment` line, keyed by (class name, field name)."""
+    """Each field's comment, keyed by (class name, field name).
+
+    The comment is the one at the end of a `name: type = default  # comment` line or, for long ones, the block of
+    comment lines directly above the field.
+    """
     source = source or inspect.getsource(config_module)
-    comments = {tok.start[0]: tok.string.lstrip("#").strip()
-                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    comments = {
+        tok.start[0]: tok.string.lstrip("#").strip()
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+        if tok.type == tokenize.COMMENT
+    }
     found = {}
     for cls in (node for node in ast.walk(ast.parse(source)) if isinstance(node, ast.ClassDef)):
         for stmt in cls.body:
-            if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and stmt.end_lineno in comments:
+            if not (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)):
+                continue
+            if stmt.end_lineno in comments:
                 found[(cls.name, stmt.target.id)] = comments[stmt.end_lineno]
+                continue
+            above = []
+            line = stmt.lineno - 1
+            while line in comments and _is_full_line_comment(source, line):
+                above.insert(0, comments[line])
+                line -= 1
+            if above:
+                found[(cls.name, stmt.target.id)] = " ".join(above)
     return found
+
+
+def _is_full_line_comment(source: str, line: int) -> bool:
+    """Whether line `line` (1-based) of `source` holds only a comment."""
+    return source.splitlines()[line - 1].lstrip().startswith("#")
 
 
 def type_name(annotation: Any) -> str:
@@ -101,7 +124,9 @@ def _section(model: type[BaseModel], prefix: str, comments: dict[tuple[str, str]
             nested.append((sub, f"{prefix}{name}[]."))
             meaning = (meaning + "; " if meaning else "") + f"each item: see `{prefix}{name}[]`"
         default = flow(field.get_default(call_default_factory=True))
-        lines.append(f"| `{prefix}{name}` | {_cell(type_name(field.annotation))} | `{_cell(default)}` | {_cell(meaning)} |")
+        lines.append(
+            f"| `{prefix}{name}` | {_cell(type_name(field.annotation))} | `{_cell(default)}` | {_cell(meaning)} |"
+        )
     lines.append("")
     for sub, sub_prefix in nested:
         lines += _section(sub, sub_prefix, comments)
@@ -127,5 +152,8 @@ def _section_top(names: list[str], comments: dict[tuple[str, str], str]) -> list
     for name in names:
         field = Config.model_fields[name]
         default = flow(field.get_default(call_default_factory=True))
-        lines.append(f"| `{name}` | {_cell(type_name(field.annotation))} | `{_cell(default)}` | {_cell(comments.get(('Config', name), ''))} |")
+        lines.append(
+            f"| `{name}` | {_cell(type_name(field.annotation))} | `{_cell(default)}` | "
+            f"{_cell(comments.get(('Config', name), ''))} |"
+        )
     return lines + [""]

@@ -1,4 +1,5 @@
-"""The embedded demo: the whole pipeline on the bundled Omniglot subset (or scikit-learn's digits, or any class-per-folder
+"""The embedded demo: the whole pipeline on the bundled Omniglot subset (or scikit-learn's digits, or any
+class-per-folder
 tree), every stage scored on the same validation queries so each one's gain shows: untrained -> trained extractor ->
 k-reciprocal re-ranking -> the STIR pairwise re-ranker trained briefly."""
 
@@ -20,7 +21,15 @@ from lookalike.data.table import DatasetTable
 from lookalike.embeddings import Embeddings
 from lookalike.extract import Progress
 from lookalike.metrics import MetricsReport, cmc_curve
-from lookalike.pipeline import Evaluation, rerank_context, run_evaluate, run_extract, run_search, validation_k, write_stage_metrics
+from lookalike.pipeline import (
+    Evaluation,
+    rerank_context,
+    run_evaluate,
+    run_extract,
+    run_search,
+    validation_k,
+    write_stage_metrics,
+)
 from lookalike.rerank import Stage, build_chain, run_chain
 from lookalike.rerank.chain import stage_reports
 from lookalike.search.results import RetrievalResults
@@ -68,11 +77,24 @@ PAIRWISE_OVERRIDES = (  # pairwise.name is model.name
     "train.scheduler=none",
 )
 DIGITS_OVERRIDES = (  # the 8 x 8 digits: 3 short epochs, a 50-step STIR of the extractor's backbone at 16 px
-    "model.embedding_dim=null", "train.epochs=3", "train.batches_per_epoch=20", "train.p=5", "train.k=8", "train.scheduler=none",
+    "model.embedding_dim=null",
+    "train.epochs=3",
+    "train.batches_per_epoch=20",
+    "train.p=5",
+    "train.k=8",
+    "train.scheduler=none",
     "train.val_every=1",
 )
-DIGITS_PAIRWISE = ("pairwise.init_from_extractor=true", "pairwise.image_size=16", "train.epochs=2", "train.batches_per_epoch=25", "train.p=5", "train.val_every=1")
-TRAINING_FREE = "kreciprocal"  # k-reciprocal re-ranking with its defaults: on Omniglot it lifts mAP@all the most (docs/benchmarks.md)
+DIGITS_PAIRWISE = (
+    "pairwise.init_from_extractor=true",
+    "pairwise.image_size=16",
+    "train.epochs=2",
+    "train.batches_per_epoch=25",
+    "train.p=5",
+    "train.val_every=1",
+)
+# k-reciprocal re-ranking with its defaults: on Omniglot it lifts mAP@all the most (docs/benchmarks.md)
+TRAINING_FREE = "kreciprocal"
 METRIC_NAMES = {"cmc@1": "CMC@1", "map@all": "mAP@all"}
 
 
@@ -145,13 +167,18 @@ def _untrained_config(cfg: Config) -> Config:
         update={
             "extract": cfg.extract.model_copy(update={"output": str(out / "embeddings_untrained.npz")}),
             "search": cfg.search.model_copy(update={"output": str(out / "results_untrained.npz")}),
-            "evaluate": cfg.evaluate.model_copy(update={"output": str(out / "metrics_untrained.json"), "grid": None, "cmc_plot": None}),
+            "evaluate": cfg.evaluate.model_copy(
+                update={"output": str(out / "metrics_untrained.json"), "grid": None, "cmc_plot": None}
+            ),
         }
     )
 
 
-def demo_images(out_dir: Path, dataset: str, images: str | os.PathLike | None) -> tuple[Path, tuple[str, ...], tuple[str, ...]]:
-    """The image tree and its extra extractor and pairwise settings: a given folder, the digits, or the bundled Omniglot."""
+def demo_images(
+    out_dir: Path, dataset: str, images: str | os.PathLike | None
+) -> tuple[Path, tuple[str, ...], tuple[str, ...]]:
+    """The image tree and its extra extractor and pairwise settings: a given folder, the digits, or the bundled
+    Omniglot."""
     if images:
         return Path(images), (), ()
     if dataset == "digits":
@@ -186,10 +213,19 @@ def run_demo(
     training = run_train(cfg)
     cfg.model.weights = str(training.last_checkpoint or training.best_checkpoint)
     after = _pipeline(cfg, table, progress, seed)
-    gains = [StageGain("trained extractor", "cmc@1", before.evaluation.report.means["cmc@1"], after.evaluation.report.means["cmc@1"])]
+    gains = [
+        StageGain(
+            "trained extractor",
+            "cmc@1",
+            before.evaluation.report.means["cmc@1"],
+            after.evaluation.report.means["cmc@1"],
+        )
+    ]
     run = DemoRun(cfg, after.evaluation, before.evaluation.report, Path(cfg.data.table), training, gains=gains)
     if rerank:
-        run.reranking = run_train_reranker(_pairwise_config(cfg, out_dir, pairwise_extra + pairwise_overrides), progress=progress)
+        run.reranking = run_train_reranker(
+            _pairwise_config(cfg, out_dir, pairwise_extra + pairwise_overrides), progress=progress
+        )
         run.stages = _rerank_stages(cfg, table, after, str(run.reranking.last_checkpoint))
         run.gains += stage_gains(run.stages)
     _save_curves(cfg, before.evaluation.report, after.evaluation.report, run.stages)
@@ -223,7 +259,10 @@ def _rerank_stages(cfg: Config, table: DatasetTable, trained: _Pass, pairwise_we
     """The trained list re-ranked by k-reciprocal, then its top 5 by the pairwise model; every stage scored and saved
     (metrics_rerank.json, the final list in search.reranked_output)."""
     p = load_config(None, PAIRWISE_OVERRIDES).pairwise
-    chain = [TRAINING_FREE, {"pairwise": {"weights": pairwise_weights, "top_n": p.top_n, "batch_size": p.batch_size, "progress": False}}]
+    chain = [
+        TRAINING_FREE,
+        {"pairwise": {"weights": pairwise_weights, "top_n": p.top_n, "batch_size": p.batch_size, "progress": False}},
+    ]
     context = rerank_context(cfg, table, trained.results, trained.embeddings)
     stages = run_chain(trained.results, context, build_chain(chain), **cfg.evaluate.metric_kwargs())
     stages[-1].results.save(cfg.search.reranked_output)
@@ -231,7 +270,10 @@ def _rerank_stages(cfg: Config, table: DatasetTable, trained: _Pass, pairwise_we
     return stages
 
 
-STAGE_TITLES = {"kreciprocal": ("k-reciprocal re-ranking", "map@all"), "pairwise": ("STIR pairwise re-ranker (top 5)", "cmc@1")}
+STAGE_TITLES = {
+    "kreciprocal": ("k-reciprocal re-ranking", "map@all"),
+    "pairwise": ("STIR pairwise re-ranker (top 5)", "cmc@1"),
+}
 
 
 def stage_gains(stages: list[Stage]) -> list[StageGain]:
@@ -249,5 +291,7 @@ def _save_curves(cfg: Config, untrained: MetricsReport, trained: MetricsReport, 
     if not cfg.evaluate.cmc_plot:
         return
     reports = {"untrained": untrained, "trained extractor": trained}
-    reports |= {STAGE_TITLES.get(k.split(":")[-1], (k,))[0]: r for k, r in stage_reports(stages).items() if k != "original"}
+    reports |= {
+        STAGE_TITLES.get(k.split(":")[-1], (k,))[0]: r for k, r in stage_reports(stages).items() if k != "original"
+    }
     save_cmc_curve({name: cmc_curve(r.relevance, r.n_relevant) for name, r in reports.items()}, cfg.evaluate.cmc_plot)

@@ -26,7 +26,8 @@ def check_device(name: str) -> str:
 
 
 def resolve_device(device: str | torch.device, field: str = "device") -> torch.device:
-    """`auto` -> cuda when available, else mps, else cpu; any other name as torch parses it (a bad one names `field`)."""
+    """`auto` -> cuda when available, else mps, else cpu; any other name as torch parses it (a bad one names
+    `field`)."""
     import torch
 
     if isinstance(device, torch.device):

@@ -16,7 +16,8 @@ class ConfigError(LookalikeError):
 
 
 class ImageError(LookalikeError):
-    """An image that cannot be used (missing, empty, truncated, corrupt, bbox outside it); `reason` omits the file name."""
+    """An image that cannot be used (missing, empty, truncated, corrupt, bbox outside it); `reason` omits the file
+    name."""
 
     def __init__(self, message: str, reason: str = "") -> None:
         super().__init__(message)

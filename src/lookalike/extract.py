@@ -20,7 +20,6 @@ from lookalike.models.extractor import Extractor
 from lookalike.progress import Progress
 
 
-
 def set_layout(module: torch.nn.Module, channels_last: bool) -> torch.nn.Module:
     """`module` (in place) in channels-last or contiguous memory layout: the layout picks the convolution kernels and so
     the float bits of the embeddings, so every path that embeds for metrics (training's validation, extract, serve)
@@ -48,7 +47,9 @@ def extract_embeddings(
     """Embed every row of `table` in row order on `device` (auto: the best present), in batches of `batch_size` and the
     memory layout `channels_last` (see set_layout); `progress(batches, total)` may wrap the batch loop."""
     dataset = ImageDataset(table, transform)
-    return _embed_dataset(extractor, dataset, table.frame["path"].to_numpy(str), batch_size, num_workers, device, progress, channels_last)
+    return _embed_dataset(
+        extractor, dataset, table.frame["path"].to_numpy(str), batch_size, num_workers, device, progress, channels_last
+    )
 
 
 def embed(
@@ -85,7 +86,9 @@ def embed(
         return extract_embeddings(extractor, images, extractor.transform(), batch_size, num_workers, device, progress)
     items = image_list(images)
     ids = np.array([_image_id(item, i) for i, item in enumerate(items)], dtype=str)
-    return _embed_dataset(extractor, ImageListDataset(items, extractor.transform()), ids, batch_size, num_workers, device, progress)
+    return _embed_dataset(
+        extractor, ImageListDataset(items, extractor.transform()), ids, batch_size, num_workers, device, progress
+    )
 
 
 def image_list(images: ImageSource | Sequence[ImageSource]) -> list[ImageSource]:
@@ -112,8 +115,14 @@ def _image_id(item: ImageSource, position: int) -> str:
 
 
 def _embed_dataset(
-    extractor: Extractor, dataset: torch.utils.data.Dataset, ids: np.ndarray, batch_size: int, num_workers: int,
-    device: str | torch.device, progress: Progress | None, channels_last: bool = False,
+    extractor: Extractor,
+    dataset: torch.utils.data.Dataset,
+    ids: np.ndarray,
+    batch_size: int,
+    num_workers: int,
+    device: str | torch.device,
+    progress: Progress | None,
+    channels_last: bool = False,
 ) -> Embeddings:
     """Run the extractor over (image tensor, position) items in batches; row i of the result is item i."""
     device = resolve_device(device, "extract.device")

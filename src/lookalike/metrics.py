@@ -1,4 +1,5 @@
-"""Retrieval metrics with Open Metric Learning's definitions: CMC@k, precision@k, mAP@k, AP over the ranking, R-precision.
+"""Retrieval metrics with Open Metric Learning's definitions: CMC@k, precision@k, mAP@k, AP over the ranking,
+R-precision.
 
 All are pure functions of (RetrievalResults, ground truth), vectorised over queries. A query with no
 relevant gallery item gets NaN, is listed in the report and is left out of every mean.
@@ -49,7 +50,8 @@ class MetricsReport:
         }
 
     def save(self, path: str | os.PathLike, provenance: dict | None = None) -> None:
-        """Write the summary (not the per-query arrays), with the run's provenance record when given, as JSON atomically."""
+        """Write the summary (not the per-query arrays), with the run's provenance record when given, as JSON
+        atomically."""
         extra = {"provenance": provenance} if provenance else {}
         write_text_atomic(path, json.dumps({**self.to_dict(), **extra}, indent=2) + "\n")
 
@@ -84,7 +86,9 @@ def count_relevant(
 def _encode_labels(query_labels: np.ndarray, gallery_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Integer codes shared by query and gallery labels (labels may be ints or strings)."""
     q, g = np.asarray(query_labels), np.asarray(gallery_labels)
-    codes, _ = pd.factorize(np.concatenate([q.astype(str), g.astype(str)]) if q.dtype != g.dtype else np.concatenate([q, g]))
+    codes, _ = pd.factorize(
+        np.concatenate([q.astype(str), g.astype(str)]) if q.dtype != g.dtype else np.concatenate([q, g])
+    )
     return codes[: len(q)], codes[len(q) :]
 
 
@@ -118,8 +122,10 @@ def compute_metrics(
 
     Example:
         >>> import numpy as np, lookalike
-        >>> results = lookalike.RetrievalResults(np.array([[0, 1], [0, 1]]), np.array([[0.1, 0.5], [0.2, 0.3]]), ["q0", "q1"], ["g0", "g1"])
-        >>> lookalike.compute_metrics(results, ["a", "b"], ["a", "b"], cmc_k=(1, 2), precision_k=(1,), map_k=(2,)).means["cmc@1"]
+        >>> results = lookalike.RetrievalResults(np.array([[0, 1], [0, 1]]), np.array([[0.1, 0.5], [0.2, 0.3]]), ["q0",
+        "q1"], ["g0", "g1"])
+        >>> lookalike.compute_metrics(results, ["a", "b"], ["a", "b"], cmc_k=(1, 2), precision_k=(1,),
+        map_k=(2,)).means["cmc@1"]
         0.5
     """
     _check_cutoffs(cmc_k=cmc_k, precision_k=precision_k, map_k=map_k)
@@ -128,7 +134,9 @@ def compute_metrics(
     hits = np.cumsum(rel, axis=1, dtype=np.int64)
     if (hits[:, -1] > n_rel).any() if hits.size else False:
         q = int(np.flatnonzero(hits[:, -1] > n_rel)[0])
-        raise LookalikeError(f"metrics: query {results.query_ids[q]!r} retrieves {hits[q, -1]} relevant items but has only {n_rel[q]}")
+        raise LookalikeError(
+            f"metrics: query {results.query_ids[q]!r} retrieves {hits[q, -1]} relevant items but has only {n_rel[q]}"
+        )
     per_query = _per_query(rel, hits, n_rel, cmc_k, precision_k, map_k)
     has_rel = n_rel > 0
     for values in per_query.values():
@@ -177,7 +185,9 @@ def _per_query(rel, hits, n_rel, cmc_k, precision_k, map_k) -> dict[str, np.ndar
     return out
 
 
-def _per_category(per_query: dict[str, np.ndarray], has_rel: np.ndarray, categories: np.ndarray | None) -> dict[str, dict[str, float]]:
+def _per_category(
+    per_query: dict[str, np.ndarray], has_rel: np.ndarray, categories: np.ndarray | None
+) -> dict[str, dict[str, float]]:
     if categories is None:
         return {}
     frame = pd.DataFrame(per_query)[has_rel]
@@ -199,7 +209,8 @@ def evaluate_table(results: RetrievalResults, table: DatasetTable, **metric_kwar
     Example:
         >>> import numpy as np, lookalike
         >>> table = lookalike.import_folder("data/omniglot/images_background_small1/Latin", validation_fraction=1.0)
-        >>> embeddings = lookalike.Embeddings(np.random.rand(len(table), 8), table.frame["path"])  # or embed(extractor, table)
+        >>> embeddings = lookalike.Embeddings(np.random.rand(len(table), 8), table.frame["path"])  # or embed(extractor,
+        table)
         >>> results = lookalike.search_table(embeddings, table, k=10)
         >>> sorted(lookalike.evaluate_table(results, table, map_k=(10,)).means)
         ['cmc@1', 'cmc@10', 'cmc@5', 'map@10', 'map@all', 'precision@10', 'precision@5', 'r_precision']
@@ -212,7 +223,12 @@ def evaluate_table(results: RetrievalResults, table: DatasetTable, **metric_kwar
     exclude = exclusion_groups(table, results.query_ids.astype(str), results.gallery_ids.astype(str))
     categories = q_rows["category"].to_numpy() if "category" in frame.columns else None
     return compute_metrics(
-        results, q_rows["label"].to_numpy(), g_rows["label"].to_numpy(), exclude=exclude, query_categories=categories, **metric_kwargs
+        results,
+        q_rows["label"].to_numpy(),
+        g_rows["label"].to_numpy(),
+        exclude=exclude,
+        query_categories=categories,
+        **metric_kwargs,
     )
 
 

@@ -28,7 +28,8 @@ WHOLE_RANKING_LIMIT = 2**26  # most query x gallery entries validation ranks in 
 
 
 def table_from_config(cfg: Config) -> DatasetTable:
-    """Load the dataset table named by data.table (relative paths resolved from data.root); data.skip_bad_images drops bad rows."""
+    """Load the dataset table named by data.table (relative paths resolved from data.root); data.skip_bad_images drops
+    bad rows."""
     if not cfg.data.table:
         raise ConfigError("data.table: expected the path of a dataset CSV, e.g. data.table=dataset.csv")
     if cfg.data.skip_bad_images:
@@ -72,29 +73,47 @@ def embed_table(cfg: Config, extractor: Extractor, table: DatasetTable, progress
     same embeddings, to the bit, and so the same metrics."""
     d, dc = cfg.data, extractor.data_config()
     transform = eval_transform(d.image_size, d.crop_fraction, dc["mean"], dc["std"])
-    return extract_embeddings(extractor, table, transform, d.batch_size, d.num_workers, cfg.extract.device, progress, cfg.trainer.channels_last)
+    return extract_embeddings(
+        extractor,
+        table,
+        transform,
+        d.batch_size,
+        d.num_workers,
+        cfg.extract.device,
+        progress,
+        cfg.trainer.channels_last,
+    )
 
 
-def run_search(cfg: Config, table: DatasetTable, embeddings: Embeddings | None = None, progress: Progress | None = None) -> RetrievalResults:
+def run_search(
+    cfg: Config, table: DatasetTable, embeddings: Embeddings | None = None, progress: Progress | None = None
+) -> RetrievalResults:
     """Search the table's validation queries against its gallery and save the results to search.output."""
     s = cfg.search
     emb = embeddings if embeddings is not None else load_embeddings(cfg, "search")
     if embeddings is not None and KEY in emb.meta:
         check_input(emb.meta, "the embeddings", cfg, "search", "extract")
     results = search_table(emb, table, s.k, metric=s.metric, index=s.index, device=s.device, progress=progress)
-    results = RetrievalResults(results.indices, results.distances, results.query_ids, results.gallery_ids, with_record(results.meta, cfg))
+    results = RetrievalResults(
+        results.indices, results.distances, results.query_ids, results.gallery_ids, with_record(results.meta, cfg)
+    )
     results.save(s.output)
     return results
 
 
-def search_and_score(cfg: Config, embeddings: Embeddings, table: DatasetTable) -> tuple[MetricsReport, RetrievalResults]:
-    """Search the validation queries against the gallery images, or their per-label centroids (evaluate.centroids), and score."""
+def search_and_score(
+    cfg: Config, embeddings: Embeddings, table: DatasetTable
+) -> tuple[MetricsReport, RetrievalResults]:
+    """Search the validation queries against the gallery images, or their per-label centroids (evaluate.centroids), and
+    score."""
     s, e = cfg.search, cfg.evaluate
     ks = e.metric_kwargs()
     if e.centroids != "none":
         from lookalike.search.centroids import evaluate_centroids
 
-        results, report = evaluate_centroids(embeddings, table, s.k, per_sequence=e.centroids == "label_sequence", metric=s.metric, **ks)
+        results, report = evaluate_centroids(
+            embeddings, table, s.k, per_sequence=e.centroids == "label_sequence", metric=s.metric, **ks
+        )
         return report, results
     results = search_table(embeddings, table, validation_k(s.k, table), metric=s.metric, index=s.index, device=s.device)
     return evaluate_table(results, table, **ks), results
@@ -103,14 +122,21 @@ def search_and_score(cfg: Config, embeddings: Embeddings, table: DatasetTable) -
 def validation_k(k: int, table: DatasetTable) -> int:
     """The list length validation searches: every gallery item a query may see when queries x gallery is at most
     WHOLE_RANKING_LIMIT, so that map@all and r_precision count every relevant item; else `k` (search.k), with a
-    LookalikeWarning that those two count relevant items beyond it as missed (the report's complete_ranking is false)."""
+    LookalikeWarning that those two count relevant items beyond it as missed (the report's complete_ranking is
+    false)."""
     query_ids, gallery_ids = query_gallery_ids(table)
-    whole = int(visible_counts(len(gallery_ids), len(query_ids), exclusion_groups(table, query_ids, gallery_ids)).max(initial=0))
+    whole = int(
+        visible_counts(len(gallery_ids), len(query_ids), exclusion_groups(table, query_ids, gallery_ids)).max(initial=0)
+    )
     if len(query_ids) * whole <= WHOLE_RANKING_LIMIT or k >= whole:
         return max(whole, 1)
-    warnings.warn(LookalikeWarning(f"validation ranks the top {k} of {whole} gallery items ({len(query_ids)} queries x {whole} is more "
-                                   f"than {WHOLE_RANKING_LIMIT} entries): map@all and r_precision count relevant items beyond {k} as missed"),
-                  stacklevel=3)
+    warnings.warn(
+        LookalikeWarning(
+            f"validation ranks the top {k} of {whole} gallery items ({len(query_ids)} queries x {whole} is more "
+            f"than {WHOLE_RANKING_LIMIT} entries): map@all and r_precision count relevant items beyond {k} as missed"
+        ),
+        stacklevel=3,
+    )
     return k
 
 
@@ -121,7 +147,8 @@ class Evaluation:
 
 
 def run_evaluate(cfg: Config, table: DatasetTable, results: RetrievalResults | None = None) -> Evaluation:
-    """Compute metrics (against gallery images, or per-label centroids of the embeddings), write the JSON and pictures."""
+    """Compute metrics (against gallery images, or per-label centroids of the embeddings), write the JSON and
+    pictures."""
     e = cfg.evaluate
     if e.centroids != "none":
         report, results = search_and_score(cfg, load_embeddings(cfg, "evaluate"), table)
@@ -135,13 +162,17 @@ def run_evaluate(cfg: Config, table: DatasetTable, results: RetrievalResults | N
     if e.grid and e.centroids == "none":  # centroids are not images: no grid for them
         queries = spread_queries(results.n_queries, e.grid_queries)
         labels = table_labels(table, results)
-        pictures.append(save_result_grid(results, e.grid, table.root, report.relevance, queries, e.grid_top_k, labels=labels))
+        pictures.append(
+            save_result_grid(results, e.grid, table.root, report.relevance, queries, e.grid_top_k, labels=labels)
+        )
     if e.cmc_plot:
         pictures.append(save_cmc_curve({"CMC": cmc_curve(report.relevance, report.n_relevant)}, e.cmc_plot))
     return Evaluation(report, pictures)
 
 
-def rerank_context(cfg: Config, table: DatasetTable, results: RetrievalResults, embeddings: Embeddings | None) -> RerankContext:
+def rerank_context(
+    cfg: Config, table: DatasetTable, results: RetrievalResults, embeddings: Embeddings | None
+) -> RerankContext:
     """What the chain needs: the results' query and gallery embeddings (None: a chain that reads none), labels and
     exclusion groups from the table."""
     frame = table.frame.set_index("path")
@@ -158,10 +189,13 @@ def rerank_context(cfg: Config, table: DatasetTable, results: RetrievalResults, 
 
 
 def run_rerank(cfg: Config, table: DatasetTable, grids: bool = False) -> list[Stage]:
-    """Re-rank search.output with the chain of `rerank`; save the final list and every stage's metrics (and with `grids`,
+    """Re-rank search.output with the chain of `rerank`; save the final list and every stage's metrics (and with
+    `grids`,
     result grids of the same queries per stage beside evaluate.grid)."""
     if not cfg.rerank:
-        raise ConfigError("rerank: expected a chain of re-rankers, e.g. rerank=[icfrr] or rerank=[centroids,kreciprocal]")
+        raise ConfigError(
+            "rerank: expected a chain of re-rankers, e.g. rerank=[icfrr] or rerank=[centroids,kreciprocal]"
+        )
     s, e = cfg.search, cfg.evaluate
     chain = build_chain(cfg.rerank)  # a bad chain fails before any file is read
     results = load_results(cfg, "rerank")
@@ -170,7 +204,9 @@ def run_rerank(cfg: Config, table: DatasetTable, grids: bool = False) -> list[St
     ks = e.metric_kwargs()
     stages = run_chain(results, context, chain, **ks)
     final = stages[-1].results
-    RetrievalResults(final.indices, final.distances, final.query_ids, final.gallery_ids, with_record(final.meta, cfg)).save(s.reranked_output)
+    RetrievalResults(
+        final.indices, final.distances, final.query_ids, final.gallery_ids, with_record(final.meta, cfg)
+    ).save(s.reranked_output)
     write_stage_metrics(stages, Path(e.output).with_name("metrics_rerank.json"), record(cfg))
     if e.cmc_plot:
         curves = {key: cmc_curve(report.relevance, report.n_relevant) for key, report in stage_reports(stages).items()}
@@ -186,13 +222,24 @@ def write_stage_metrics(stages: list[Stage], path: Path, provenance: dict | None
     write_text_atomic(path, json.dumps({**metrics, **({KEY: provenance} if provenance else {})}, indent=2) + "\n")
 
 
-def save_stage_grids(stages: list[Stage], table: DatasetTable, prefix: str | Path, n_queries: int, top_k: int) -> list[Path]:
-    """Result grids {prefix}_{i}_{stage}.png of the same queries, one per stage that ranks the original gallery images."""
+def save_stage_grids(
+    stages: list[Stage], table: DatasetTable, prefix: str | Path, n_queries: int, top_k: int
+) -> list[Path]:
+    """Result grids {prefix}_{i}_{stage}.png of the same queries, one per stage that ranks the original gallery
+    images."""
     queries = spread_queries(stages[0].results.n_queries, n_queries)
     images, labels = stages[0].results.gallery_ids, table_labels(table, stages[0].results)
     return [
-        save_result_grid(st.results, f"{prefix}_{i}_{st.name}.png", table.root, st.report.relevance if st.report else None, queries, top_k,
-                         labels=labels, scores=st.name in SCORE_RERANKERS)
+        save_result_grid(
+            st.results,
+            f"{prefix}_{i}_{st.name}.png",
+            table.root,
+            st.report.relevance if st.report else None,
+            queries,
+            top_k,
+            labels=labels,
+            scores=st.name in SCORE_RERANKERS,
+        )
         for i, st in enumerate(stages)
         if len(st.results.gallery_ids) == len(images) and (st.results.gallery_ids == images).all()  # not centroids
     ]
@@ -202,7 +249,9 @@ def rerank_validation(cfg: Config, progress: Progress | None = None) -> list[Sta
     """The validation split embedded by the extractor, searched, then re-ranked by the chain in `rerank`: every stage
     scored; metrics_rerank.json and grids of the same queries per stage go to train.output/validation/."""
     if not cfg.rerank:
-        raise ConfigError("rerank: expected a chain of re-rankers to validate, e.g. rerank=[{pairwise: {weights: PATH}}]")
+        raise ConfigError(
+            "rerank: expected a chain of re-rankers to validate, e.g. rerank=[{pairwise: {weights: PATH}}]"
+        )
     table = table_from_config(cfg).split("validation")
     embeddings, e = embed_table(cfg, extractor_from_config(cfg), table, progress), cfg.evaluate
     s = cfg.search  # the images' top-k (centroids, when wanted, are a stage of the chain: rerank=[centroids, ...])

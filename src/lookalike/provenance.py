@@ -78,9 +78,15 @@ def changed_settings(cfg: Config) -> dict[str, Any]:
 
 
 def model_record(cfg: Config) -> dict[str, Any]:
-    """The extractor a config names: timm name, whether timm's pretrained weights are used, the weights file and its sha256."""
+    """The extractor a config names: timm name, whether timm's pretrained weights are used, the weights file and its
+    sha256."""
     m = cfg.model
-    return {"name": m.name, "pretrained": bool(m.pretrained and not m.weights), "weights": m.weights, "weights_sha256": file_sha256(m.weights)}
+    return {
+        "name": m.name,
+        "pretrained": bool(m.pretrained and not m.weights),
+        "weights": m.weights,
+        "weights_sha256": file_sha256(m.weights),
+    }
 
 
 def table_record(cfg: Config) -> dict[str, Any]:
@@ -89,7 +95,8 @@ def table_record(cfg: Config) -> dict[str, Any]:
 
 
 def record(cfg: Config) -> dict[str, Any]:
-    """One small provenance record: model + weights, dataset table, resolved config and its hash, lookalike version, time."""
+    """One small provenance record: model + weights, dataset table, resolved config and its hash, lookalike version,
+    time."""
     return {
         "lookalike": __version__,
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -123,23 +130,34 @@ def _same_model(made: dict[str, Any], now: dict[str, Any]) -> bool:
     return made.get("weights") == now.get("weights")
 
 
-def check_input(meta: dict, source: str | os.PathLike, cfg: Config, command: str, rerun: str, model: bool = True) -> None:
+def check_input(
+    meta: dict, source: str | os.PathLike, cfg: Config, command: str, rerun: str, model: bool = True
+) -> None:
     """Refuse `source` (read by `command`) when its provenance names another table, or (`model`) another model, than
     `cfg`; warn, and go on, when it records none (written before provenance existed)."""
     made = (meta or {}).get(KEY)
     if not made:
-        warnings.warn(LookalikeWarning(f"{source} records no provenance (written by an older lookalike), so {command} cannot check "
-                                       f"which table and model made it; rerun {rerun} to record it"), stacklevel=2)
+        warnings.warn(
+            LookalikeWarning(
+                f"{source} records no provenance (written by an older lookalike), so {command} cannot check "
+                f"which table and model made it; rerun {rerun} to record it"
+            ),
+            stacklevel=2,
+        )
         return
     table = table_record(cfg)
     was = made.get("table") or {}
     if was.get("sha256") and table["sha256"] and was["sha256"] != table["sha256"]:
-        raise ProvenanceError(f"{source} was made from table {was.get('path')} ({_short(was['sha256'])}) but {command} reads "
-                              f"{table['path']} ({_short(table['sha256'])}); rerun {rerun}")
+        raise ProvenanceError(
+            f"{source} was made from table {was.get('path')} ({_short(was['sha256'])}) but {command} reads "
+            f"{table['path']} ({_short(table['sha256'])}); rerun {rerun}"
+        )
     now = model_record(cfg)
     if model and not _same_model(made.get("model") or {}, now):
-        raise ProvenanceError(f"{source} was made by model {_describe_model(made.get('model') or {})} but {command} is configured with "
-                              f"{_describe_model(now)}; rerun {rerun}, or set model.* as it was")
+        raise ProvenanceError(
+            f"{source} was made by model {_describe_model(made.get('model') or {})} but {command} is configured with "
+            f"{_describe_model(now)}; rerun {rerun}, or set model.* as it was"
+        )
 
 
 def with_record(meta: dict, cfg: Config) -> dict:

@@ -1,5 +1,7 @@
-"""Stopping on SIGTERM: `kill PID` ends a long command at once, or, inside `deferred_sigterm` (training), at the next safe
-point with what a resume needs saved. The library only raises `Terminated`; the CLI installs the handler, prints one line
+"""Stopping on SIGTERM: `kill PID` ends a long command at once, or, inside `deferred_sigterm` (training), at the next
+safe
+point with what a resume needs saved. The library only raises `Terminated`; the CLI installs the handler, prints one
+line
 and exits 143 (128 + SIGTERM), as a process killed by the signal would."""
 
 from __future__ import annotations

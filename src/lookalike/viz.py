@@ -55,9 +55,12 @@ def format_distance(value: float) -> str:
 
 
 def table_labels(table: DatasetTable, results: RetrievalResults) -> tuple[np.ndarray, np.ndarray]:
-    """The labels of the results' queries and gallery items, looked up by path in the table ("" for a path not in it)."""
+    """The labels of the results' queries and gallery items, looked up by path in the table ("" for a path not in
+    it)."""
     labels = table.frame.set_index("path")["label"].astype(str)
-    return tuple(labels.reindex(ids.astype(str)).fillna("").to_numpy() for ids in (results.query_ids, results.gallery_ids))
+    return tuple(
+        labels.reindex(ids.astype(str)).fillna("").to_numpy() for ids in (results.query_ids, results.gallery_ids)
+    )
 
 
 def _caption(head: str, label: str | None, wrap: int) -> str:
@@ -67,7 +70,9 @@ def _caption(head: str, label: str | None, wrap: int) -> str:
 
 def _legend(fig: Figure, judged: bool) -> None:
     """What the frame colours mean, below the grid."""
-    kinds = [(QUERY, "query")] + ([(RIGHT, "match (same label)"), (WRONG, "not a match")] if judged else [(UNKNOWN, "not judged (no labels)")])
+    kinds = [(QUERY, "query")] + (
+        [(RIGHT, "match (same label)"), (WRONG, "not a match")] if judged else [(UNKNOWN, "not judged (no labels)")]
+    )
     handles = [Patch(facecolor="white", edgecolor=color, linewidth=2.5, label=text) for color, text in kinds]
     fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8, frameon=False)
 
@@ -89,8 +94,12 @@ def result_grid_figure(
     rows = list(queries) if queries is not None else spread_queries(results.n_queries, 8)
     top_k = min(top_k, results.k)
     q_labels, g_labels = labels if labels is not None else (None, None)
-    wrap = max(12, cell_size // 4)  # characters per line: a column is cell_size * 5/3 px wide, 7-pt text ~6 px a character
-    fig = Figure(figsize=((top_k + 1) * cell_size / 60, len(rows) * cell_size / 45 + 0.4), dpi=100, layout="constrained")
+    wrap = max(
+        12, cell_size // 4
+    )  # characters per line: a column is cell_size * 5/3 px wide, 7-pt text ~6 px a character
+    fig = Figure(
+        figsize=((top_k + 1) * cell_size / 60, len(rows) * cell_size / 45 + 0.4), dpi=100, layout="constrained"
+    )
     axes = fig.subplots(len(rows), top_k + 1, squeeze=False)
     for r, q in enumerate(rows):
         ax = axes[r, 0]
@@ -105,7 +114,9 @@ def result_grid_figure(
             ax.imshow(_cell(root / str(results.gallery_ids[g]), cell_size))
             d = float(results.distances[q, c])
             value = f"score = {format_distance(-d)}" if scores else f"d = {format_distance(d)}"
-            ax.set_xlabel(_caption(f"#{c + 1}", None if g_labels is None else str(g_labels[g]), wrap) + f"\n{value}", fontsize=7)
+            ax.set_xlabel(
+                _caption(f"#{c + 1}", None if g_labels is None else str(g_labels[g]), wrap) + f"\n{value}", fontsize=7
+            )
             _frame(ax, UNKNOWN if relevance is None else (RIGHT if relevance[q, c] else WRONG))
     _legend(fig, relevance is not None)
     return fig

@@ -27,7 +27,9 @@ class LayerFeatures(nn.Module):
         super().__init__()
         self.model, self.layers, self.name = model.eval().requires_grad_(False), layers, name
         info = model.feature_info
-        self.blocks = [{"backbone": name, "layer": i, "module": info[i]["module"], "dim": int(info[i]["num_chs"])} for i in layers]
+        self.blocks = [
+            {"backbone": name, "layer": i, "module": info[i]["module"], "dim": int(info[i]["num_chs"])} for i in layers
+        ]
         self.dim = sum(block["dim"] for block in self.blocks)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -44,22 +46,32 @@ def resolve_layers(layers: list[int], n_layers: int, field: str) -> list[int]:
     bad = [i for i in layers if not -n_layers <= i < n_layers]
     if not layers or bad:
         got = f"{bad[0]}" if bad else "no layer"
-        raise LookalikeError(f"{field}: expected layer indices in [{-n_layers}, {n_layers - 1}] (the model has {n_layers} feature layers), got {got}")
+        raise LookalikeError(
+            f"{field}: expected layer indices in [{-n_layers}, {n_layers - 1}] (the model has {n_layers} feature "
+            f"layers), got {got}"
+        )
     return sorted({i % n_layers for i in layers})
 
 
 def create_layer_features(
-    name: str, layers: list[int], pretrained: bool = True, weights: str | os.PathLike | None = None, field: str = "adapt.backbones[0]",
+    name: str,
+    layers: list[int],
+    pretrained: bool = True,
+    weights: str | os.PathLike | None = None,
+    field: str = "adapt.backbones[0]",
     seed: int = 0,
 ) -> LayerFeatures:
-    """A frozen timm model (pretrained weights downloaded unless a local `weights` file, e.g. a lookalike checkpoint, is given)."""
+    """A frozen timm model (pretrained weights downloaded unless a local `weights` file, e.g. a lookalike checkpoint, is
+    given)."""
     if weights and not Path(weights).is_file():
         raise LookalikeError(f"{field}.weights: no such file {weights}")
     with torch.random.fork_rng(devices=[]):  # a random-initialised backbone is the same one every time
         torch.manual_seed(seed)
         model = create_timm_model(name, field, pretrained=pretrained and not weights, num_classes=0)
     if not hasattr(model, "forward_intermediates") or not getattr(model, "feature_info", None):
-        raise LookalikeError(f"{field}.name: timm model {name!r} cannot return intermediate layers (no forward_intermediates)")
+        raise LookalikeError(
+            f"{field}.name: timm model {name!r} cannot return intermediate layers (no forward_intermediates)"
+        )
     if weights:
         load_weights(model, weights, field=f"{field}.weights")
     return LayerFeatures(model, resolve_layers(list(layers), len(model.feature_info), f"{field}.layers"), name)
@@ -96,7 +108,9 @@ def extract_image_features(
     progress: Progress | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Features [N, D] of every image, concatenated across backbones in order, and of its mirror image when `flip`."""
-    loader = torch.utils.data.DataLoader(ImageListDataset(paths, transforms), batch_size=batch_size, num_workers=num_workers)
+    loader = torch.utils.data.DataLoader(
+        ImageListDataset(paths, transforms), batch_size=batch_size, num_workers=num_workers
+    )
     dim = sum(b.dim for b in backbones)
     plain = np.empty((len(paths), dim), dtype=np.float32)
     mirrored = np.empty((len(paths), dim), dtype=np.float32) if flip else None
@@ -106,5 +120,7 @@ def extract_image_features(
             images = [x.to(device) for x in images]
             plain[rows.numpy()] = torch.cat([b(x) for b, x in zip(backbones, images)], dim=1).cpu().numpy()
             if mirrored is not None:
-                mirrored[rows.numpy()] = torch.cat([b(x.flip(-1)) for b, x in zip(backbones, images)], dim=1).cpu().numpy()
+                mirrored[rows.numpy()] = (
+                    torch.cat([b(x.flip(-1)) for b, x in zip(backbones, images)], dim=1).cpu().numpy()
+                )
     return plain, mirrored

@@ -24,7 +24,9 @@ def partner_ranks(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor
     return (sim >= diag[:, None]).sum(1) - 1, (sim >= diag[None, :]).sum(0) - 1
 
 
-def topk_accuracy(left: torch.Tensor | np.ndarray, right: torch.Tensor | np.ndarray, ks: tuple[int, ...] | list[int] = (1, 3, 5)) -> dict[str, float]:
+def topk_accuracy(
+    left: torch.Tensor | np.ndarray, right: torch.Tensor | np.ndarray, ks: tuple[int, ...] | list[int] = (1, 3, 5)
+) -> dict[str, float]:
     """For each k: accuracy left->right, right->left, their mean, and the published 'either direction' variant (a pair
     counts when either of its images finds the other in its top k). The gallery is the other side of the same pairs."""
     left, right = torch.as_tensor(left), torch.as_tensor(right)

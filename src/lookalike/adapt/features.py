@@ -35,7 +35,9 @@ class PairFeatures:
     def __post_init__(self) -> None:
         n, dim = self.left.shape
         arrays = [self.right, self.left_flip, self.right_flip]
-        if any(a is not None and a.shape != (n, dim) for a in arrays) or any(len(a) != n for a in (self.left_ids, self.right_ids, self.split)):
+        if any(a is not None and a.shape != (n, dim) for a in arrays) or any(
+            len(a) != n for a in (self.left_ids, self.right_ids, self.split)
+        ):
             raise LookalikeError(f"pair features: expected left, right, flips [{n}, {dim}] and {n} ids and splits")
 
     def __len__(self) -> int:
@@ -50,7 +52,8 @@ class PairFeatures:
         return self.left_flip is not None
 
     def images(self, rows: np.ndarray) -> np.ndarray:
-        """Every image feature of the chosen pairs, both sides and their mirrors: what a PCA of those pairs is fitted on."""
+        """Every image feature of the chosen pairs, both sides and their mirrors: what a PCA of those pairs is fitted
+        on."""
         sides = [self.left, self.right] + ([self.left_flip, self.right_flip] if self.has_flip else [])
         return np.concatenate([side[rows] for side in sides])
 
@@ -63,11 +66,21 @@ class PairFeatures:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write every array (and the PCA with the reduced features) into one .npz file atomically; no pickles."""
-        arrays = {"left": self.left, "right": self.right, "left_ids": self.left_ids, "right_ids": self.right_ids, "split": self.split}
+        arrays = {
+            "left": self.left,
+            "right": self.right,
+            "left_ids": self.left_ids,
+            "right_ids": self.right_ids,
+            "split": self.split,
+        }
         if self.has_flip:
             arrays.update(left_flip=self.left_flip, right_flip=self.right_flip)
         if self.pca is not None:
-            arrays.update(self.pca.arrays(), left_reduced=self.pca.transform(self.left), right_reduced=self.pca.transform(self.right))
+            arrays.update(
+                self.pca.arrays(),
+                left_reduced=self.pca.transform(self.left),
+                right_reduced=self.pca.transform(self.right),
+            )
         with atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as fh:
             np.savez(fh, **arrays, meta=np.array(json.dumps(self.meta)))
 
@@ -79,8 +92,16 @@ class PairFeatures:
             with np.load(path, allow_pickle=False) as data:
                 arrays = {k: data[k] for k in data.files}
             optional = {k: arrays.get(k) for k in ("left_flip", "right_flip")}
-            return cls(arrays["left"], arrays["right"], arrays["left_ids"].astype(str), arrays["right_ids"].astype(str),
-                       arrays["split"].astype(str), **optional, pca=PCAProjection.from_arrays(arrays), meta=json.loads(str(arrays["meta"])))
+            return cls(
+                arrays["left"],
+                arrays["right"],
+                arrays["left_ids"].astype(str),
+                arrays["right_ids"].astype(str),
+                arrays["split"].astype(str),
+                **optional,
+                pca=PCAProjection.from_arrays(arrays),
+                meta=json.loads(str(arrays["meta"])),
+            )
         except FileNotFoundError:
             raise LookalikeError(f"{path}: no such pair features file") from None
         except (KeyError, ValueError, OSError) as exc:
@@ -102,14 +123,23 @@ def extract_pair_features(
     paths = [p.resolve() for side in SIDES for p in pairs.image_paths(side)]
     unique, index = np.unique(np.array([str(p) for p in paths]), return_inverse=True)
     transforms = [backbone_transform(b, size, crop_fraction) for b, size in zip(backbones, image_sizes)]
-    plain, mirrored = extract_image_features([Path(p) for p in unique], backbones, transforms, flip, batch_size, num_workers, device, progress)
+    plain, mirrored = extract_image_features(
+        [Path(p) for p in unique], backbones, transforms, flip, batch_size, num_workers, device, progress
+    )
     n = len(pairs)
     left, right = index[:n], index[n:]
     flips = {"left_flip": mirrored[left], "right_flip": mirrored[right]} if mirrored is not None else {}
     blocks = [block for b in backbones for block in b.blocks]
     frame = pairs.frame
-    return PairFeatures(plain[left], plain[right], frame["left"].to_numpy(str), frame["right"].to_numpy(str), frame["split"].to_numpy(str),
-                        **flips, meta={"blocks": blocks})
+    return PairFeatures(
+        plain[left],
+        plain[right],
+        frame["left"].to_numpy(str),
+        frame["right"].to_numpy(str),
+        frame["split"].to_numpy(str),
+        **flips,
+        meta={"blocks": blocks},
+    )
 
 
 def with_table_pca(features: PairFeatures, dim: int | None, seed: int = 0) -> PairFeatures:

@@ -28,7 +28,11 @@ class PCAProjection:
 
     def arrays(self, prefix: str = "pca_") -> dict[str, np.ndarray]:
         """The projection as named arrays for an .npz file."""
-        return {f"{prefix}mean": self.mean, f"{prefix}components": self.components, f"{prefix}explained_variance_ratio": self.explained_variance_ratio}
+        return {
+            f"{prefix}mean": self.mean,
+            f"{prefix}components": self.components,
+            f"{prefix}explained_variance_ratio": self.explained_variance_ratio,
+        }
 
     @classmethod
     def from_arrays(cls, arrays, prefix: str = "pca_") -> PCAProjection | None:
@@ -42,6 +46,9 @@ def fit_pca(samples: np.ndarray, dim: int, seed: int = 0, field: str = "adapt.pc
     """Fit a `dim`-component PCA on `samples` [M, D] (the training images only; the caller chooses them)."""
     most = min(samples.shape)
     if not 1 <= dim <= most:
-        raise LookalikeError(f"{field}: expected 1 to {most} components ({samples.shape[0]} training images of {samples.shape[1]} features), got {dim}")
+        raise LookalikeError(
+            f"{field}: expected 1 to {most} components ({samples.shape[0]} training images of {samples.shape[1]} "
+            f"features), got {dim}"
+        )
     pca = PCA(n_components=dim, random_state=seed).fit(np.asarray(samples, dtype=np.float64))
     return PCAProjection(pca.mean_.copy(), pca.components_.copy(), pca.explained_variance_ratio_.copy())

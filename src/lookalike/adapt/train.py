@@ -1,4 +1,5 @@
-"""Training one adaptation module on pair features with symmetric InfoNCE; the epoch kept is chosen on validation pairs."""
+"""Training one adaptation module on pair features with symmetric InfoNCE; the epoch kept is chosen on validation
+pairs."""
 
 from __future__ import annotations
 
@@ -77,17 +78,29 @@ def _better(new: dict[str, float], best: dict[str, float] | None, monitor: str) 
     return (sign * new[monitor], -new["loss"]) > (sign * best[monitor], -best["loss"])
 
 
-def train_epoch(module: nn.Module, optimizer: torch.optim.Optimizer, data: dict[str, torch.Tensor], s: TrainSettings, generator: torch.Generator) -> float:
+def train_epoch(
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: dict[str, torch.Tensor],
+    s: TrainSettings,
+    generator: torch.Generator,
+) -> float:
     """One pass over the training pairs (shuffled mini-batches, or one full batch); the mean loss."""
     module.train()
     both = s.mirrors == "both" and "left_flip" in data
-    views = [(data["left"], data["right"]), (data["left_flip"], data["right_flip"])] if both else [augmented(data, generator)]
+    views = (
+        [(data["left"], data["right"]), (data["left_flip"], data["right_flip"])]
+        if both
+        else [augmented(data, generator)]
+    )
     order = torch.randperm(len(data["left"]), generator=generator).to(data["left"].device)
     losses = []
     for chunk in order.split(s.batch_size or len(order)):
         if len(chunk) < 2:  # a lone pair has no negatives
             continue
-        loss = sum(symmetric_info_nce(module(left[chunk]), module(right[chunk]), s.scale) for left, right in views) / len(views)
+        loss = sum(
+            symmetric_info_nce(module(left[chunk]), module(right[chunk]), s.scale) for left, right in views
+        ) / len(views)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -95,12 +108,21 @@ def train_epoch(module: nn.Module, optimizer: torch.optim.Optimizer, data: dict[
     return float(np.mean(losses))
 
 
-def fit_adapter(train: PairFeatures, validation: PairFeatures | None, s: TrainSettings, seed: int = 0, test: PairFeatures | None = None) -> FitResult:
-    """Adam on symmetric InfoNCE for `epochs`; keeps the epoch (0 = untrained) with the best validation `monitor`, or the
+def fit_adapter(
+    train: PairFeatures,
+    validation: PairFeatures | None,
+    s: TrainSettings,
+    seed: int = 0,
+    test: PairFeatures | None = None,
+) -> FitResult:
+    """Adam on symmetric InfoNCE for `epochs`; keeps the epoch (0 = untrained) with the best validation `monitor`, or
+    the
     last epoch when there are no validation pairs. The identity module has nothing to train and stays at epoch 0.
     `test` pairs, when given, are scored after every epoch into the history (test/...) and never choose anything."""
     if s.monitor != "loss" and s.monitor not in {f"top{k}/{d}" for k in s.top_k for d in DIRECTIONS}:
-        raise LookalikeError(f"adapt.monitor: expected 'loss' or top{{k}}/{{direction}} with k in adapt.top_k, got {s.monitor!r}")
+        raise LookalikeError(
+            f"adapt.monitor: expected 'loss' or top{{k}}/{{direction}} with k in adapt.top_k, got {s.monitor!r}"
+        )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         module = create_adapter(s.module, train.dim, s.hidden).to(s.device)
@@ -109,7 +131,11 @@ def fit_adapter(train: PairFeatures, validation: PairFeatures | None, s: TrainSe
     test_data = tensors(test, s.device) if test is not None and len(test) > 1 else None
     params = list(module.parameters())
     if not params:
-        return FitResult(module, 0, [{f"validation/{k}": v for k, v in score(module, val_data, s.scale, s.top_k).items()}] if val_data else [])
+        return FitResult(
+            module,
+            0,
+            [{f"validation/{k}": v for k, v in score(module, val_data, s.scale, s.top_k).items()}] if val_data else [],
+        )
     optimizer = torch.optim.Adam(params, lr=s.lr, weight_decay=s.weight_decay)
     generator = torch.Generator().manual_seed(seed)
     history, best, best_epoch, best_state = [], None, 0, None

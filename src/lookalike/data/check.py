@@ -49,12 +49,17 @@ def image_problem(path: Path, bbox: np.ndarray | None = None, decode: bool = Fal
 
 
 def find_image_problems(
-    paths: list[Path], boxes: np.ndarray | None = None, decode: bool = False, names: list[str] | None = None, workers: int | None = None
+    paths: list[Path],
+    boxes: np.ndarray | None = None,
+    decode: bool = False,
+    names: list[str] | None = None,
+    workers: int | None = None,
 ) -> list[ImageProblem]:
     """Every missing or empty image, and with `decode` every undecodable one or one its bbox misses, in list order.
 
     Problems carry `names[i]` (e.g. the path as the table writes it) when given, else the path checked.
     """
+
     def check(i: int) -> str | None:
         return image_problem(paths[i], None if boxes is None else boxes[i], decode)
 
@@ -89,9 +94,14 @@ def skip_bad_images(table: DatasetTable) -> DatasetTable:
     if not problems:
         return table
     if len(problems) == len(table):
-        raise LookalikeError(f"{table.source}: no usable image (data.skip_bad_images=true): " + "; ".join(describe_problems(problems, len(table))))
+        raise LookalikeError(
+            f"{table.source}: no usable image (data.skip_bad_images=true): "
+            + "; ".join(describe_problems(problems, len(table)))
+        )
     keep = np.ones(len(table), dtype=bool)
     keep[[p.index for p in problems]] = False
     described = "; ".join(describe_problems(problems, len(table)))
-    warnings.warn(LookalikeWarning(f"skipped {len(problems)} bad images (data.skip_bad_images=true): {described}"), stacklevel=2)
+    warnings.warn(
+        LookalikeWarning(f"skipped {len(problems)} bad images (data.skip_bad_images=true): {described}"), stacklevel=2
+    )
     return DatasetTable(table.frame[keep].reset_index(drop=True), table.root, table.source)

@@ -44,7 +44,8 @@ def decoding(path: str | os.PathLike) -> Iterator[None]:
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """8-bit RGB from any mode: transparency over white, 16-bit and float grey scaled to 8 bits, CMYK/palette/grey converted."""
+    """8-bit RGB from any mode: transparency over white, 16-bit and float grey scaled to 8 bits, CMYK/palette/grey
+    converted."""
     if img.mode == "RGB":
         return img
     if img.mode in _ALPHA_MODES or (img.mode == "P" and "transparency" in img.info):
@@ -65,15 +66,20 @@ def _grey_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
     return np.clip(np.nan_to_num(values * scale), 0, 255).round().astype(np.uint8)
 
 
-def clip_box(bbox: np.ndarray, size: tuple[int, int], path: str | os.PathLike) -> tuple[float, float, float, float] | None:
-    """The bbox (x_1, y_1, x_2, y_2) clipped to the image; None when it has no box (NaN); an error when it misses the image."""
+def clip_box(
+    bbox: np.ndarray, size: tuple[int, int], path: str | os.PathLike
+) -> tuple[float, float, float, float] | None:
+    """The bbox (x_1, y_1, x_2, y_2) clipped to the image; None when it has no box (NaN); an error when it misses the
+    image."""
     box = np.asarray(bbox, dtype=float)
     if np.isnan(box).any():
         return None
     width, height = size
     x1, y1, x2, y2 = np.clip(box, 0, [width, height, width, height]).tolist()
     if x2 <= x1 or y2 <= y1:
-        reason = f"bbox (x_1, y_1, x_2, y_2) = {box.tolist()} lies outside the {width}x{height} image; fix or drop its row"
+        reason = (
+            f"bbox (x_1, y_1, x_2, y_2) = {box.tolist()} lies outside the {width}x{height} image; fix or drop its row"
+        )
         raise ImageError(f"{display_path(path)}: {reason}", reason)
     return x1, y1, x2, y2
 
@@ -101,7 +107,8 @@ def read_image(path: str | os.PathLike, bbox: np.ndarray | None = None) -> Image
 
 
 def verify_image(path: str | os.PathLike, bbox: np.ndarray | None = None) -> None:
-    """Decode an image cheaply (JPEGs at reduced scale) and check its bbox overlaps it; ImageError naming the file otherwise."""
+    """Decode an image cheaply (JPEGs at reduced scale) and check its bbox overlaps it; ImageError naming the file
+    otherwise."""
     with decoding(path), Image.open(path) as img:
         size = img.size
         transposed = _orientation(img) in (5, 6, 7, 8)  # rotated by 90 degrees: width and height swap

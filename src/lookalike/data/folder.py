@@ -78,7 +78,9 @@ def _split_by_class(labels: pd.Series, validation_fraction: float, rng: np.rando
     return np.where(labels.isin(val_classes), "validation", "train")
 
 
-def _assign_roles(frame: pd.DataFrame, queries_per_class: int | None, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _assign_roles(
+    frame: pd.DataFrame, queries_per_class: int | None, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """All validation rows are query and gallery, or `queries_per_class` random queries per class."""
     is_val = (frame["split"] == "validation").to_numpy()
     if queries_per_class is None:

@@ -1,4 +1,5 @@
-"""Image loading for a dataset table: rows to tensors through `decode.read_image` (RGB, upright, cropped) and v2 transforms."""
+"""Image loading for a dataset table: rows to tensors through `decode.read_image` (RGB, upright, cropped) and v2
+transforms."""
 
 from __future__ import annotations
 
@@ -22,7 +23,10 @@ def resize_side(image_size: int | list[int], crop_fraction: float) -> int | None
 
 
 def eval_transform(
-    image_size: int | list[int] = 224, crop_fraction: float = 0.875, mean: tuple = IMAGENET_MEAN, std: tuple = IMAGENET_STD
+    image_size: int | list[int] = 224,
+    crop_fraction: float = 0.875,
+    mean: tuple = IMAGENET_MEAN,
+    std: tuple = IMAGENET_STD,
 ) -> v2.Compose:
     """Square size: resize the short side to size / crop_fraction and centre-crop. [height, width] (re-ID's 256 x 128):
     resize to exactly that. Then scale to float and normalise."""

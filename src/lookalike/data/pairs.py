@@ -9,7 +9,16 @@ from pathlib import Path, PurePath
 import pandas as pd
 
 from lookalike.data.table import (
-    RowTable, check_files_exist, check_non_empty, check_paths, check_split, column_names, first_bad, read_csv_cells, save_csv, where,
+    RowTable,
+    check_files_exist,
+    check_non_empty,
+    check_paths,
+    check_split,
+    column_names,
+    first_bad,
+    read_csv_cells,
+    save_csv,
+    where,
 )
 from lookalike.errors import TableError
 
@@ -36,13 +45,19 @@ def load_pairs(path: str | os.PathLike, root: str | os.PathLike | None = None, c
     return validate_pairs(frame, Path(root) if root is not None else path.parent, str(path), check_files)
 
 
-def validate_pairs(frame: pd.DataFrame, root: str | os.PathLike, source: str = "<pairs>", check_files: bool = True) -> PairsTable:
-    """Check the columns and rows of a raw pairs table (no `split` column: every pair is 'train'); TableError names the row."""
+def validate_pairs(
+    frame: pd.DataFrame, root: str | os.PathLike, source: str = "<pairs>", check_files: bool = True
+) -> PairsTable:
+    """Check the columns and rows of a raw pairs table (no `split` column: every pair is 'train'); TableError names the
+    row."""
     frame = frame.reset_index(drop=True).astype(str)
     frame.columns = [str(c).strip() for c in frame.columns]
     missing = [c for c in PAIR_COLUMNS if c not in frame.columns]
     if missing:
-        raise TableError(f"{source}: missing required column {missing[0]!r} (expected left, right and optionally split; found {column_names(frame.columns)})")
+        raise TableError(
+            f"{source}: missing required column {missing[0]!r} (expected left, right and optionally split; found "
+            f"{column_names(frame.columns)})"
+        )
     if len(frame) == 0:
         raise TableError(f"{source}: the table has no rows")
     for col in PAIR_COLUMNS:
@@ -67,7 +82,10 @@ def read_name_list(path: str | os.PathLike, column: str | None = None) -> list[s
     frame = read_csv_cells(path, "list of file names")
     named = [c for c in frame.columns if c]
     if column is None and len(named) != 1:
-        raise TableError(f"{path}: expected one named column of file names, found {column_names(frame.columns)}; name the column to use")
+        raise TableError(
+            f"{path}: expected one named column of file names, found {column_names(frame.columns)}; name the column to "
+            "use"
+        )
     column = named[0] if column is None else column
     if column not in frame.columns:
         raise TableError(f"{path}: no column {column!r}; found {column_names(frame.columns)}")

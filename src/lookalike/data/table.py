@@ -60,12 +60,14 @@ class DatasetTable(RowTable):
         return [_resolve(self.root, p) for p in self.frame["path"]]
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the table as CSV atomically, paths made relative to the CSV's folder so `load_table(path)` finds them."""
+        """Write the table as CSV atomically, paths made relative to the CSV's folder so `load_table(path)` finds
+        them."""
         save_csv(self.frame, ("path",), self.root, path)
 
 
 def save_csv(frame: pd.DataFrame, path_columns: tuple[str, ...], root: Path, path: str | os.PathLike) -> None:
-    """Write a table atomically with its path columns re-rooted at the CSV's folder (non-UTF-8 file names kept byte for byte)."""
+    """Write a table atomically with its path columns re-rooted at the CSV's folder (non-UTF-8 file names kept byte for
+    byte)."""
     folder = Path(path).resolve().parent
     frame = frame.copy()
     for col in path_columns:
@@ -79,7 +81,9 @@ def _resolve(root: Path, path: str) -> Path:
     return p if p.is_absolute() else root / p
 
 
-def load_table(path: str | os.PathLike, root: str | os.PathLike | None = None, check_files: bool = True) -> DatasetTable:
+def load_table(
+    path: str | os.PathLike, root: str | os.PathLike | None = None, check_files: bool = True
+) -> DatasetTable:
     """Read and validate a dataset CSV; `root` defaults to the CSV's folder.
 
     Args:
@@ -107,7 +111,9 @@ def read_csv_cells(path: Path, what: str) -> pd.DataFrame:
     try:
         raw = pd.read_csv(path, header=None, dtype=str, keep_default_na=False, encoding_errors="surrogateescape")
     except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError, OSError) as exc:
-        raise TableError(f"{path}: not a readable CSV ({(str(exc).splitlines() or [exc.__class__.__name__])[0]})") from None
+        raise TableError(
+            f"{path}: not a readable CSV ({(str(exc).splitlines() or [exc.__class__.__name__])[0]})"
+        ) from None
     header = [str(c).strip().lstrip("\ufeff").strip() for c in raw.iloc[0]]
     dup = pd.Series(header).duplicated().to_numpy()
     if dup.any():
@@ -115,7 +121,9 @@ def read_csv_cells(path: Path, what: str) -> pd.DataFrame:
     return pd.DataFrame(raw.iloc[1:].to_numpy(), columns=header)
 
 
-def validate_table(frame: pd.DataFrame, root: str | os.PathLike, source: str = "<table>", check_files: bool = True) -> DatasetTable:
+def validate_table(
+    frame: pd.DataFrame, root: str | os.PathLike, source: str = "<table>", check_files: bool = True
+) -> DatasetTable:
     """Check every column and row of a raw table; raise TableError naming the first bad row and column."""
     frame = frame.reset_index(drop=True)  # positional row numbers in errors, whatever the index
     frame.columns = [str(c).strip().lstrip("\ufeff").strip() for c in frame.columns]
@@ -180,7 +188,10 @@ def check_paths(frame: pd.DataFrame, column: str, source: str) -> None:
     check_non_empty(frame, column, source)
     bad = frame[column].str.contains("\x00", regex=False).to_numpy()
     if bad.any():
-        raise TableError(f"{where(source, first_bad(bad), column)}: expected a file path, got {frame[column][first_bad(bad)]!r} (contains a NUL character)")
+        raise TableError(
+            f"{where(source, first_bad(bad), column)}: expected a file path, got {frame[column][first_bad(bad)]!r} "
+            "(contains a NUL character)"
+        )
 
 
 def _parse_labels(labels: pd.Series) -> pd.Series:
@@ -215,14 +226,18 @@ def _check_duplicate_paths(frame: pd.DataFrame, source: str) -> None:
     if dup.any():
         i = first_bad(dup)
         first = int(np.flatnonzero((frame["path"] == frame["path"][i]).to_numpy())[0])
-        raise TableError(f"{where(source, i, 'path')}: duplicate path {frame['path'][i]!r} (first seen in row {first + 1})")
+        raise TableError(
+            f"{where(source, i, 'path')}: duplicate path {frame['path'][i]!r} (first seen in row {first + 1})"
+        )
 
 
 def _parse_bbox(frame: pd.DataFrame, source: str) -> None:
     """All four bbox columns or none; numbers with x_1 < x_2 and y_1 < y_2, or all empty for a row."""
     absent = [c for c in BBOX_COLUMNS if c not in frame.columns]
     if absent:
-        raise TableError(f"{source}: bbox column {absent[0]!r} missing; expected all of {', '.join(BBOX_COLUMNS)} or none")
+        raise TableError(
+            f"{source}: bbox column {absent[0]!r} missing; expected all of {', '.join(BBOX_COLUMNS)} or none"
+        )
     for col in BBOX_COLUMNS:
         text = frame[col].astype(str).str.strip()
         numbers = pd.to_numeric(text.replace("", np.nan), errors="coerce").astype(float)
@@ -236,7 +251,9 @@ def _parse_bbox(frame: pd.DataFrame, source: str) -> None:
     if partial.any():
         i = first_bad(partial)
         col = BBOX_COLUMNS[int(np.flatnonzero(np.isnan(box[i]))[0])]
-        raise TableError(f"{where(source, i, col)}: expected a number (a bbox needs all four corners), got an empty cell")
+        raise TableError(
+            f"{where(source, i, col)}: expected a number (a bbox needs all four corners), got an empty cell"
+        )
     with np.errstate(invalid="ignore"):
         inverted = (box[:, 2] <= box[:, 0]) | (box[:, 3] <= box[:, 1])
     if inverted.any():

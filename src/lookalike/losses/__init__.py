@@ -5,4 +5,12 @@ from lookalike.losses.centroid import CentroidTripletLoss
 from lookalike.losses.miners import STRATEGIES, mine_triplets, pairwise_euclidean
 from lookalike.losses.triplet import LossOutput, TripletLoss
 
-__all__ = ["STRATEGIES", "CenterLoss", "CentroidTripletLoss", "LossOutput", "TripletLoss", "mine_triplets", "pairwise_euclidean"]
+__all__ = [
+    "STRATEGIES",
+    "CenterLoss",
+    "CentroidTripletLoss",
+    "LossOutput",
+    "TripletLoss",
+    "mine_triplets",
+    "pairwise_euclidean",
+]

@@ -1,4 +1,5 @@
-"""Centroid triplet loss (Wieczorek et al. 2021, "On the Unreasonable Effectiveness of Centroids in Image Retrieval")."""
+"""Centroid triplet loss (Wieczorek et al. 2021, "On the Unreasonable Effectiveness of Centroids in Image
+Retrieval")."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ CTL_STATS = ("active", "pos_dist", "neg_dist", "anchors")
 
 
 class CentroidTripletLoss(nn.Module):
-    """The centroid triplet loss, as the official centroids-reid code computes it ('official') or as the paper writes it.
+    """The centroid triplet loss, as the official centroids-reid code computes it ('official') or as the paper writes
+    it.
 
     'official' (the default): the batch is cut into rounds; round s takes the s-th valid instance of every label as
     the query and the mean of the label's OTHER valid instances as its (leave-one-out) centroid. Queries and centroids
@@ -38,7 +40,8 @@ class CentroidTripletLoss(nn.Module):
         self.margin, self.mode = margin, mode
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor | None = None) -> LossOutput:
-        """Loss of a P x K batch [B, D]; stats: active (fraction of anchors with positive loss), pos_dist, neg_dist, anchors."""
+        """Loss of a P x K batch [B, D]; stats: active (fraction of anchors with positive loss), pos_dist, neg_dist,
+        anchors."""
         valid = check_batch(embeddings, labels, valid)
         x, y = embeddings[valid], labels.to(embeddings.device)[valid]
         _, own = torch.unique(y, return_inverse=True)
@@ -53,7 +56,8 @@ class CentroidTripletLoss(nn.Module):
         return self._equation(x, left_out, own, anchor, sums / counts[:, None].to(x.dtype), embeddings)
 
     def _equation(self, x, left_out, own, anchor, centroids, embeddings) -> LossOutput:
-        """The paper's equation: each anchor's leave-one-out centroid against the closest full centroid of another label."""
+        """The paper's equation: each anchor's leave-one-out centroid against the closest full centroid of another
+        label."""
         d_pos = safe_sqrt(((x - left_out) ** 2).sum(1))
         is_own = own[:, None] == torch.arange(len(centroids), device=x.device)[None, :]
         d_neg = pairwise_euclidean(x, centroids).masked_fill(is_own, torch.inf).min(1).values
@@ -68,7 +72,9 @@ class CentroidTripletLoss(nn.Module):
         starts = torch.searchsorted(own[order], own[order], side="left")
         rank[order] = torch.arange(n, device=own.device) - starts  # s: position of the instance among its label's
         points = torch.cat([queries, centroids])
-        points = points.to(torch.promote_types(points.dtype, torch.float32))  # distances in float32 at least, as the official code
+        points = points.to(
+            torch.promote_types(points.dtype, torch.float32)
+        )  # distances in float32 at least, as the official code
         label, round_ = own.repeat(2), rank.repeat(2)
         dist = pairwise_euclidean(points, points)
         d_pos = dist[torch.arange(2 * n, device=dist.device), torch.arange(2 * n, device=dist.device).roll(n)]

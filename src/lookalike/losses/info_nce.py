@@ -17,7 +17,9 @@ def symmetric_info_nce(left: torch.Tensor, right: torch.Tensor, scale: float = 1
     """Mean of the cross-entropies of left->right and right->left over the pair-similarity matrix (cosine x `scale`,
     the inverse temperature): each image must pick its own partner among the other side of the batch."""
     if left.ndim != 2 or left.shape != right.shape or len(left) == 0:
-        raise LookalikeError(f"info_nce: expected two [N, D] batches of the same shape, got {tuple(left.shape)} and {tuple(right.shape)}")
+        raise LookalikeError(
+            f"info_nce: expected two [N, D] batches of the same shape, got {tuple(left.shape)} and {tuple(right.shape)}"
+        )
     logits = scale * cosine_matrix(left, right)
     target = torch.arange(len(left), device=left.device)
     return 0.5 * (nn.functional.cross_entropy(logits, target) + nn.functional.cross_entropy(logits.T, target))

@@ -18,7 +18,9 @@ def safe_sqrt(squared: torch.Tensor) -> torch.Tensor:
 def pairwise_euclidean(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Euclidean distances [N, M] by one matrix product (no [N, M, D] difference tensor), safe to backpropagate at 0."""
     if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
-        raise LookalikeError(f"pairwise_euclidean: x {tuple(x.shape)} and y {tuple(y.shape)} must be [N, D] and [M, D] with equal D")
+        raise LookalikeError(
+            f"pairwise_euclidean: x {tuple(x.shape)} and y {tuple(y.shape)} must be [N, D] and [M, D] with equal D"
+        )
     squared = (x * x).sum(1, keepdim=True) + (y * y).sum(1)[None, :] - 2.0 * (x @ y.T)
     return safe_sqrt(squared)
 
@@ -26,10 +28,14 @@ def pairwise_euclidean(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def check_batch(embeddings: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     """The batch's validity mask [B] (all True when None), after checking that the three inputs fit together."""
     if embeddings.ndim != 2 or not embeddings.dtype.is_floating_point:
-        raise LookalikeError(f"embeddings: expected a float tensor [B, D], got {embeddings.dtype} of shape {tuple(embeddings.shape)}")
+        raise LookalikeError(
+            f"embeddings: expected a float tensor [B, D], got {embeddings.dtype} of shape {tuple(embeddings.shape)}"
+        )
     b = embeddings.shape[0]
     if labels.shape != (b,) or labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise LookalikeError(f"labels: expected an integer tensor of shape ({b},), got {labels.dtype} of shape {tuple(labels.shape)}")
+        raise LookalikeError(
+            f"labels: expected an integer tensor of shape ({b},), got {labels.dtype} of shape {tuple(labels.shape)}"
+        )
     if valid is None:
         return torch.ones(b, dtype=torch.bool, device=embeddings.device)
     if valid.shape != (b,):
@@ -64,7 +70,9 @@ def mine_triplets(
     """
     check_strategy(strategy)
     if n_positives < 1 or n_negatives < 1:
-        raise LookalikeError(f"n_positives, n_negatives: expected positive integers, got {n_positives} and {n_negatives}")
+        raise LookalikeError(
+            f"n_positives, n_negatives: expected positive integers, got {n_positives} and {n_negatives}"
+        )
     positive, negative = _pair_masks(dist, anchor_labels, candidate_labels, same_item, candidate_valid)
     if strategy == "all":
         return (positive[:, :, None] & negative[:, None, :]).nonzero(as_tuple=True)
@@ -78,10 +86,16 @@ def _pair_masks(dist, anchor_labels, candidate_labels, same_item, candidate_vali
     if dist.ndim != 2:
         raise LookalikeError(f"dist: expected a matrix [N, M], got shape {tuple(dist.shape)}")
     n, m = dist.shape
-    for name, value, shape in (("anchor_labels", anchor_labels, (n,)), ("candidate_labels", candidate_labels, (m,)),
-                               ("same_item", same_item, (n, m)), ("candidate_valid", candidate_valid, (m,))):
+    for name, value, shape in (
+        ("anchor_labels", anchor_labels, (n,)),
+        ("candidate_labels", candidate_labels, (m,)),
+        ("same_item", same_item, (n, m)),
+        ("candidate_valid", candidate_valid, (m,)),
+    ):
         if value is not None and value.shape != shape:
-            raise LookalikeError(f"{name}: expected shape {shape} to fit dist {tuple(dist.shape)}, got {tuple(value.shape)}")
+            raise LookalikeError(
+                f"{name}: expected shape {shape} to fit dist {tuple(dist.shape)}, got {tuple(value.shape)}"
+            )
     same_label = anchor_labels[:, None] == candidate_labels[None, :]
     allowed = torch.ones_like(same_label)
     if candidate_valid is not None:
@@ -91,7 +105,9 @@ def _pair_masks(dist, anchor_labels, candidate_labels, same_item, candidate_vali
     return same_label & allowed, ~same_label & allowed
 
 
-def _hardest(dist, positive, negative, n_positives: int, n_negatives: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _hardest(
+    dist, positive, negative, n_positives: int, n_negatives: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The farthest positives x closest negatives of every anchor, by topk on masked distance matrices."""
     m = dist.shape[1]
     pos = dist.masked_fill(~positive, -torch.inf).topk(min(n_positives, m), dim=1).indices

@@ -36,8 +36,12 @@ def mine_pairs(
     valid = check_batch(embeddings, labels, valid)
     items = torch.arange(len(labels), device=labels.device) if items is None else items.to(labels.device)
     x = embeddings.detach().float()
-    dist = pairwise_euclidean(x, x) if mining == "hard" else torch.rand(len(x), len(x), generator=generator).to(x.device)
-    a, p, n = mine_triplets(dist, labels, labels, "batch_hard", same_item=items[:, None] == items[None, :], candidate_valid=valid)
+    dist = (
+        pairwise_euclidean(x, x) if mining == "hard" else torch.rand(len(x), len(x), generator=generator).to(x.device)
+    )
+    a, p, n = mine_triplets(
+        dist, labels, labels, "batch_hard", same_item=items[:, None] == items[None, :], candidate_valid=valid
+    )
     a, p, n = a[valid[a]], p[valid[a]], n[valid[a]]
     first, second = torch.cat([a, a]), torch.cat([p, n])
     is_negative = torch.cat([torch.zeros_like(a, dtype=torch.bool), torch.ones_like(a, dtype=torch.bool)])
@@ -59,7 +63,9 @@ def _first_of_each(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 def pair_bce(logits: torch.Tensor, is_negative: torch.Tensor) -> LossOutput:
     """Binary cross-entropy of the pair logits with target 1 for a negative pair (so sigmoid(logit) is a distance)."""
     if logits.shape != is_negative.shape:
-        raise LookalikeError(f"logits {tuple(logits.shape)} and is_negative {tuple(is_negative.shape)} must have the same shape")
+        raise LookalikeError(
+            f"logits {tuple(logits.shape)} and is_negative {tuple(is_negative.shape)} must have the same shape"
+        )
     if len(logits) == 0:
         return empty_output(logits, PAIR_STATS)
     target = is_negative.float()

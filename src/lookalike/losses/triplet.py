@@ -22,14 +22,17 @@ class LossOutput:
 
 
 def empty_output(embeddings: torch.Tensor, keys: tuple[str, ...], *params: torch.Tensor) -> LossOutput:
-    """Loss 0 still connected to the graph (so backward and DDP work) and zero stats, for a batch with nothing to learn."""
+    """Loss 0 still connected to the graph (so backward and DDP work) and zero stats, for a batch with nothing to
+    learn."""
     loss = embeddings.sum() * 0
     for p in params:
         loss = loss + p.sum() * 0
     return LossOutput(loss, {k: torch.zeros((), device=embeddings.device) for k in keys})
 
 
-def margin_output(d_pos: torch.Tensor, d_neg: torch.Tensor, margin: float | None, embeddings: torch.Tensor) -> LossOutput:
+def margin_output(
+    d_pos: torch.Tensor, d_neg: torch.Tensor, margin: float | None, embeddings: torch.Tensor
+) -> LossOutput:
     """Mean of relu(d_pos - d_neg + margin), or softplus(d_pos - d_neg) when margin is None, with its stats."""
     if len(d_pos) == 0:
         return empty_output(embeddings, TRIPLET_STATS)
@@ -46,7 +49,8 @@ def margin_output(d_pos: torch.Tensor, d_neg: torch.Tensor, margin: float | None
 
 
 class TripletLoss(nn.Module):
-    """Triplet loss relu(d_ap - d_an + margin) (soft margin softplus(d_ap - d_an) when margin is None), mean over mined triplets.
+    """Triplet loss relu(d_ap - d_an + margin) (soft margin softplus(d_ap - d_an) when margin is None), mean over mined
+    triplets.
 
     memory_size > 0 adds a cross-batch memory (XBM, Wang et al. 2020): a FIFO ring of the last memory_size
     detached valid embeddings and their labels, kept in registered buffers (they follow .to(device) and the
@@ -70,13 +74,17 @@ class TripletLoss(nn.Module):
         if margin is not None and margin < 0:
             raise LookalikeError(f"margin: expected a non-negative number or None (soft margin), got {margin}")
         if n_positives < 1 or n_negatives < 1:
-            raise LookalikeError(f"n_positives, n_negatives: expected positive integers, got {n_positives} and {n_negatives}")
+            raise LookalikeError(
+                f"n_positives, n_negatives: expected positive integers, got {n_positives} and {n_negatives}"
+            )
         if memory_size < 0:
             raise LookalikeError(f"memory_size: expected 0 (no memory) or a positive integer, got {memory_size}")
         self.margin, self.miner, self.memory_size = margin, miner, memory_size
         self.n_positives, self.n_negatives, self.dim = n_positives, n_negatives, dim
         if memory_size:
-            self.register_buffer("memory_embeddings", torch.zeros(memory_size, dim or 0))  # width 0: set by the first batch
+            self.register_buffer(
+                "memory_embeddings", torch.zeros(memory_size, dim or 0)
+            )  # width 0: set by the first batch
             self.register_buffer("memory_labels", torch.zeros(memory_size, dtype=torch.long))
             self.register_buffer("memory_filled", torch.zeros(memory_size, dtype=torch.bool))
             self.register_buffer("memory_ptr", torch.zeros((), dtype=torch.long))
@@ -91,33 +99,50 @@ class TripletLoss(nn.Module):
         dist = pairwise_euclidean(embeddings[anchors], candidates)
         same_item = anchors[:, None] == torch.arange(len(candidates), device=dist.device)[None, :]
         a, p, n = mine_triplets(
-            dist.detach(), labels[anchors], candidate_labels, self.miner, self.n_positives, self.n_negatives, same_item, candidate_valid
+            dist.detach(),
+            labels[anchors],
+            candidate_labels,
+            self.miner,
+            self.n_positives,
+            self.n_negatives,
+            same_item,
+            candidate_valid,
         )
         out = margin_output(dist[a, p], dist[a, n], self.margin, embeddings)
         if use_memory:
             self._enqueue(embeddings.detach(), labels, valid)
         return out
 
-    def _candidates(self, embeddings, labels, valid, use_memory: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _candidates(
+        self, embeddings, labels, valid, use_memory: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Candidate embeddings, labels and validity: the batch, then the memory slots when the memory is in use."""
         if not use_memory:
             return embeddings, labels, valid
         self._fit_memory(embeddings)
         memory = self.memory_embeddings.to(embeddings.dtype)
-        return torch.cat([embeddings, memory]), torch.cat([labels, self.memory_labels]), torch.cat([valid, self.memory_filled])
+        return (
+            torch.cat([embeddings, memory]),
+            torch.cat([labels, self.memory_labels]),
+            torch.cat([valid, self.memory_filled]),
+        )
 
     def _fit_memory(self, embeddings: torch.Tensor) -> None:
-        """Give the memory the batch's width on first use; a width other than `dim` or than the stored one is an error."""
+        """Give the memory the batch's width on first use; a width other than `dim` or than the stored one is an
+        error."""
         dim = embeddings.shape[1]
         if self.memory_embeddings.shape[1] == dim:
             return
         if self.dim is not None or self.memory_filled.any():
-            raise LookalikeError(f"embeddings: width {dim} differs from the {self.memory_embeddings.shape[1]} stored in the memory")
+            raise LookalikeError(
+                f"embeddings: width {dim} differs from the {self.memory_embeddings.shape[1]} stored in the memory"
+            )
         self.memory_embeddings = torch.zeros(self.memory_size, dim, device=embeddings.device, dtype=embeddings.dtype)
 
     @torch.no_grad()
     def _enqueue(self, embeddings: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> None:
-        """Write the valid rows into the ring after the pointer, overwriting the oldest; keep the last memory_size if more."""
+        """Write the valid rows into the ring after the pointer, overwriting the oldest; keep the last memory_size if
+        more."""
         x, y = embeddings[valid][-self.memory_size :], labels[valid][-self.memory_size :]
         slots = (self.memory_ptr + torch.arange(len(x), device=x.device)) % self.memory_size
         self.memory_embeddings[slots] = x.to(self.memory_embeddings.dtype)

@@ -1,4 +1,5 @@
-"""Models: the embedding extractor (timm backbone + optional projection + L2 norm); resnet50_ibn_a registered with timm."""
+"""Models: the embedding extractor (timm backbone + optional projection + L2 norm); resnet50_ibn_a registered with
+timm."""
 
 from lookalike.models import ibn  # noqa: F401 - registers resnet50_ibn_a with timm
 from lookalike.models.extractor import Extractor, load_weights

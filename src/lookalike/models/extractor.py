@@ -35,7 +35,8 @@ class Extractor(nn.Module):
         bnneck: batch norm without shift after the projection (CTL / re-ID).
         weights: a state dict or Lightning checkpoint to load (e.g. runs/omniglot/checkpoints/last.ckpt).
         image_size: side (or [height, width]) that `transform` and `embed` feed the model; None: timm's input size.
-        crop_fraction: `transform` resizes the short side to image_size / crop_fraction and centre-crops; None: timm's crop_pct.
+        crop_fraction: `transform` resizes the short side to image_size / crop_fraction and centre-crops; None: timm's
+        crop_pct.
 
     Example:
         >>> import lookalike
@@ -45,9 +46,17 @@ class Extractor(nn.Module):
     """
 
     def __init__(
-        self, name: str, pretrained: bool = False, embedding_dim: int | None = None, normalize: bool = True, bnneck: bool = False,
+        self,
+        name: str,
+        pretrained: bool = False,
+        embedding_dim: int | None = None,
+        normalize: bool = True,
+        bnneck: bool = False,
         last_stride: int | None = None,
-        *, weights: str | os.PathLike | None = None, image_size: int | list[int] | None = None, crop_fraction: float | None = None,
+        *,
+        weights: str | os.PathLike | None = None,
+        image_size: int | list[int] | None = None,
+        crop_fraction: float | None = None,
     ) -> None:
         super().__init__()
         self.backbone = create_timm_model(name, "model", pretrained=pretrained, num_classes=0)
@@ -69,7 +78,8 @@ class Extractor(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: Config) -> Extractor:
-        """The extractor of a config: model.* (model.weights loaded when given), with data.image_size and data.crop_fraction.
+        """The extractor of a config: model.* (model.weights loaded when given), with data.image_size and
+        data.crop_fraction.
 
         Args:
             cfg: a Config, e.g. `lookalike.load_config("configs/omniglot.yaml")`.
@@ -79,22 +89,39 @@ class Extractor(nn.Module):
 
         Example:
             >>> import lookalike
-            >>> cfg = lookalike.load_config(None, ["model.name=resnet18", "model.pretrained=false", "data.image_size=32"])
+            >>> cfg = lookalike.load_config(None, ["model.name=resnet18", "model.pretrained=false",
+            "data.image_size=32"])
             >>> lookalike.Extractor.from_config(cfg).image_size
             32
         """
         m, d = cfg.model, cfg.data
-        return cls(m.name, pretrained=m.pretrained and not m.weights, embedding_dim=m.embedding_dim, normalize=m.normalize,
-                   bnneck=m.bnneck, last_stride=m.last_stride, weights=m.weights, image_size=d.image_size, crop_fraction=d.crop_fraction)
+        return cls(
+            m.name,
+            pretrained=m.pretrained and not m.weights,
+            embedding_dim=m.embedding_dim,
+            normalize=m.normalize,
+            bnneck=m.bnneck,
+            last_stride=m.last_stride,
+            weights=m.weights,
+            image_size=d.image_size,
+            crop_fraction=d.crop_fraction,
+        )
 
     def settings(self) -> dict:
-        """The constructor arguments that rebuild this architecture (name, embedding_dim, normalize, bnneck, last_stride)."""
+        """The constructor arguments that rebuild this architecture (name, embedding_dim, normalize, bnneck,
+        last_stride)."""
         projection = self.projection.out_features if isinstance(self.projection, nn.Linear) else None
-        return {"name": self.name, "embedding_dim": projection, "normalize": self.normalize, "bnneck": isinstance(self.neck, nn.BatchNorm1d),
-                "last_stride": self.last_stride}
+        return {
+            "name": self.name,
+            "embedding_dim": projection,
+            "normalize": self.normalize,
+            "bnneck": isinstance(self.neck, nn.BatchNorm1d),
+            "last_stride": self.last_stride,
+        }
 
     def transform(self) -> v2.Compose:
-        """The evaluation transform this model expects: image_size, crop_fraction, and timm's mean and std for the backbone."""
+        """The evaluation transform this model expects: image_size, crop_fraction, and timm's mean and std for the
+        backbone."""
         dc = self.data_config()
         return eval_transform(self.image_size, self.crop_fraction, dc["mean"], dc["std"])
 
@@ -123,10 +150,17 @@ def set_last_stride(backbone: nn.Module, stride: int, name: str) -> None:
     BoT and the official CTL code (a feature map twice as high and wide; the weights stay the same)."""
     stage = getattr(backbone, "layer4", None)
     if stride < 1 or not isinstance(stage, nn.Sequential) or len(stage) == 0:
-        raise LookalikeError(f"model.last_stride: expected a positive stride for a ResNet-like model with a layer4 stage, got {stride} for {name!r}")
-    strided = [m for m in stage[0].modules() if isinstance(m, (nn.Conv2d, nn.AvgPool2d)) and m.stride not in (1, (1, 1))]
+        raise LookalikeError(
+            f"model.last_stride: expected a positive stride for a ResNet-like model with a layer4 stage, got {stride} "
+            f"for {name!r}"
+        )
+    strided = [
+        m for m in stage[0].modules() if isinstance(m, (nn.Conv2d, nn.AvgPool2d)) and m.stride not in (1, (1, 1))
+    ]
     if any(isinstance(m, nn.AvgPool2d) for m in strided):
-        raise LookalikeError(f"model.last_stride: {name!r} downsamples by average pooling, which last_stride does not change")
+        raise LookalikeError(
+            f"model.last_stride: {name!r} downsamples by average pooling, which last_stride does not change"
+        )
     for conv in strided:
         conv.stride = (stride, stride)
 
@@ -140,7 +174,11 @@ def _bnneck(dim: int) -> nn.BatchNorm1d:
 
 
 # plain numbers that other tools (and Lightning optimiser states) store as numpy scalars: data, not code
-NUMPY_SCALAR_GLOBALS = [np._core.multiarray.scalar, np.dtype, *{type(np.dtype(t)) for t in (np.float32, np.float64, np.int64, np.bool_)}]
+NUMPY_SCALAR_GLOBALS = [
+    np._core.multiarray.scalar,
+    np.dtype,
+    *{type(np.dtype(t)) for t in (np.float32, np.float64, np.int64, np.bool_)},
+]
 
 
 def read_checkpoint(path: str | os.PathLike, field: str = "model.weights") -> object:
@@ -156,23 +194,34 @@ def read_checkpoint(path: str | os.PathLike, field: str = "model.weights") -> ob
 
 
 def load_weights(
-    module: nn.Module, path: str | os.PathLike, adapt: Callable[[dict], dict] | None = None, field: str = "model.weights",
+    module: nn.Module,
+    path: str | os.PathLike,
+    adapt: Callable[[dict], dict] | None = None,
+    field: str = "model.weights",
     checkpoint: object | None = None,
 ) -> nn.Module:
-    """Load a state dict or a Lightning checkpoint into `module`, finding the key prefix by itself, or into module.backbone
+    """Load a state dict or a Lightning checkpoint into `module`, finding the key prefix by itself, or into
+    module.backbone
     when no key fits the module (a backbone-only file such as ImageNet or IBN-Net weights); `adapt` may reshape the
-    stripped state first (e.g. resample position embeddings). Errors name `field`; `checkpoint` is the file already read."""
+    stripped state first (e.g. resample position embeddings). Errors name `field`; `checkpoint` is the file already
+    read."""
     state = read_checkpoint(path, field) if checkpoint is None else checkpoint
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     if not isinstance(state, dict):
         raise LookalikeError(f"{field}: {path} holds no state dict")
     own = module.state_dict()
     prefix = _common_prefix(state, own)
-    if prefix is None and isinstance(getattr(module, "backbone", None), nn.Module):  # the backbone's own weights (e.g. ImageNet)
+    if prefix is None and isinstance(
+        getattr(module, "backbone", None), nn.Module
+    ):  # the backbone's own weights (e.g. ImageNet)
         load_weights(module.backbone, path, adapt, field, state)
         return module
     prefix = prefix or ""
-    stripped = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix) and k[len(prefix) :] not in _dropped_head(module)}
+    stripped = {
+        k[len(prefix) :]: v
+        for k, v in state.items()
+        if k.startswith(prefix) and k[len(prefix) :] not in _dropped_head(module)
+    }
     stripped = adapt(stripped) if adapt is not None else stripped
     check_state(stripped, own, f"{field}: {path}")
     module.load_state_dict(stripped)
@@ -191,7 +240,10 @@ def check_state(state: dict, own: dict, where: str) -> None:
         theirs = state[key]
         if not isinstance(theirs, torch.Tensor) or theirs.shape != value.shape:
             got = list(theirs.shape) if isinstance(theirs, torch.Tensor) else type(theirs).__name__
-            raise LookalikeError(f"{where}: {key!r} has shape {got}, this model expects {list(value.shape)} (another embedding size or model?)")
+            raise LookalikeError(
+                f"{where}: {key!r} has shape {got}, this model expects {list(value.shape)} (another embedding size or "
+                "model?)"
+            )
 
 
 def _few(keys: list[str], n: int = 3) -> str:
@@ -201,7 +253,8 @@ def _few(keys: list[str], n: int = 3) -> str:
 
 
 def _dropped_head(module: nn.Module) -> set[str]:
-    """Classifier keys of a timm checkpoint that a head-less timm model (num_classes=0) leaves out, as timm itself does."""
+    """Classifier keys of a timm checkpoint that a head-less timm model (num_classes=0) leaves out, as timm itself
+    does."""
     if getattr(module, "num_classes", None) != 0:
         return set()
     names = (getattr(module, "pretrained_cfg", None) or {}).get("classifier") or ()
@@ -209,6 +262,12 @@ def _dropped_head(module: nn.Module) -> set[str]:
 
 
 def _common_prefix(state: dict, own: dict) -> str | None:
-    """The prefix that, removed from checkpoint keys, matches the most of the model's own keys; None when no key matches."""
-    votes = Counter(k[: len(k) - len(o)] for k in state for o in own if k.endswith(o) and (len(k) == len(o) or k[len(k) - len(o) - 1] == "."))
+    """The prefix that, removed from checkpoint keys, matches the most of the model's own keys; None when no key
+    matches."""
+    votes = Counter(
+        k[: len(k) - len(o)]
+        for k in state
+        for o in own
+        if k.endswith(o) and (len(k) == len(o) or k[len(k) - len(o) - 1] == ".")
+    )
     return votes.most_common(1)[0][0] if votes else None

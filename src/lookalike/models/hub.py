@@ -1,4 +1,5 @@
-"""The one place timm models are created: an unknown name or weights that cannot be downloaded become one-line errors."""
+"""The one place timm models are created: an unknown name or weights that cannot be downloaded become one-line
+errors."""
 
 from __future__ import annotations
 
@@ -13,12 +14,18 @@ from torch import nn
 
 from lookalike.errors import LookalikeError
 
-PROBE_TIMEOUT_S = 3.0  # one TCP connection to the hub before a pretrained download: fail at once instead of minutes of retries
+PROBE_TIMEOUT_S = (
+    3.0  # one TCP connection to the hub before a pretrained download: fail at once instead of minutes of retries
+)
 
 
-def create_timm_model(name: str, field: str, pretrained: bool = False, local: str = "weights=PATH for a local file", **kwargs) -> nn.Module:
-    """timm.create_model(name, pretrained, **kwargs); errors name `field` (e.g. model): `.name` when timm does not know the
-    model, `.pretrained` when its weights cannot be downloaded, with what to set instead (`local`: the offline alternative)."""
+def create_timm_model(
+    name: str, field: str, pretrained: bool = False, local: str = "weights=PATH for a local file", **kwargs
+) -> nn.Module:
+    """timm.create_model(name, pretrained, **kwargs); errors name `field` (e.g. model): `.name` when timm does not
+    know the
+    model, `.pretrained` when its weights cannot be downloaded, with what to set instead (`local`: the offline
+    alternative)."""
     unreachable = None
     try:
         with _offline_when_unreachable(pretrained) as unreachable:
@@ -28,7 +35,8 @@ def create_timm_model(name: str, field: str, pretrained: bool = False, local: st
     except DOWNLOAD_ERRORS as exc:
         reason = unreachable or _root_cause(exc)
         raise LookalikeError(
-            f"{field}.pretrained: could not download weights for {name} ({reason}); use {field}.pretrained=false to train from scratch, "
+            f"{field}.pretrained: could not download weights for {name} ({reason}); use {field}.pretrained=false to "
+            "train from scratch, "
             f"or {field}.{local}"
         ) from None
 
@@ -53,7 +61,8 @@ def _root_cause(exc: BaseException) -> str:
 
 
 def hub_unreachable(timeout: float = PROBE_TIMEOUT_S) -> str | None:
-    """Why the Hugging Face hub cannot be reached (host not found, connection refused, timeout), or None when it can, when
+    """Why the Hugging Face hub cannot be reached (host not found, connection refused, timeout), or None when it can,
+    when
     a proxy is configured (only the proxy knows) or when HF_HUB_OFFLINE already makes the hub fail at once."""
     from huggingface_hub import constants
 
@@ -70,7 +79,8 @@ def hub_unreachable(timeout: float = PROBE_TIMEOUT_S) -> str | None:
 
 @contextlib.contextmanager
 def _offline_when_unreachable(pretrained: bool) -> Iterator[str | None]:
-    """Run the block in the hub's offline mode (weights from the local cache only, no retries) when a pretrained model is
+    """Run the block in the hub's offline mode (weights from the local cache only, no retries) when a pretrained
+    model is
     wanted and the hub cannot be reached; yields the reason, or None when the block runs unchanged."""
     reason = hub_unreachable() if pretrained else None
     if reason is None:

@@ -37,17 +37,24 @@ class PairwiseSpec:
     hidden: int = 192
     dropout: float = 0.5
     tta: bool = False
-    model_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments (patch_size, depth, ...)
+    model_kwargs: dict[str, Any] = field(
+        default_factory=dict
+    )  # extra timm.create_model arguments (patch_size, depth, ...)
     crop_fraction: float = 1.0  # eval transform of each image (lookalike.data.images.eval_transform)
 
     def __post_init__(self) -> None:
         size = self.image_size if isinstance(self.image_size, int) else list(self.image_size)
         sides = [size] if isinstance(size, int) else size
         if len(sides) not in (1, 2) or min(sides) < 1:
-            raise LookalikeError(f"pairwise.image_size: expected a positive side or [height, width], got {self.image_size!r}")
+            raise LookalikeError(
+                f"pairwise.image_size: expected a positive side or [height, width], got {self.image_size!r}"
+            )
         self.image_size = int(sides[0]) if len(sides) == 1 else [int(s) for s in sides]
         if self.hidden < 1 or not 0.0 <= self.dropout < 1.0:
-            raise LookalikeError(f"pairwise.hidden, pairwise.dropout: expected hidden >= 1 and 0 <= dropout < 1, got {self.hidden} and {self.dropout}")
+            raise LookalikeError(
+                f"pairwise.hidden, pairwise.dropout: expected hidden >= 1 and 0 <= dropout < 1, got {self.hidden} and "
+                f"{self.dropout}"
+            )
 
     @property
     def size(self) -> tuple[int, int]:
@@ -112,7 +119,8 @@ def mlp_head(features: int, hidden: int, dropout: float) -> nn.Sequential:
 
 
 def init_from_extractor(model: PairwiseModel, path: str | os.PathLike) -> PairwiseModel:
-    """Start the backbone from an extractor checkpoint of the same timm model (position embeddings resampled to the pair)."""
+    """Start the backbone from an extractor checkpoint of the same timm model (position embeddings resampled to the
+    pair)."""
     load_weights(model.backbone, path, adapt=lambda state: _fit_pos_embed(state, model.backbone))
     return model
 
@@ -131,10 +139,14 @@ def _fit_pos_embed(state: dict[str, torch.Tensor], backbone: nn.Module) -> dict[
 
 
 def load_pairwise(path: str | os.PathLike, tta: bool | None = None) -> PairwiseModel:
-    """A trained pairwise model from a checkpoint written by training (or save_pairwise); `tta` overrides the stored one."""
+    """A trained pairwise model from a checkpoint written by training (or save_pairwise); `tta` overrides the stored
+    one."""
     checkpoint = read_checkpoint(path, "pairwise weights")
     if not isinstance(checkpoint, dict) or SPEC_KEY not in checkpoint:
-        raise LookalikeError(f"pairwise weights: {path} is not a pairwise checkpoint (no {SPEC_KEY!r}; train one with lookalike train-reranker)")
+        raise LookalikeError(
+            f"pairwise weights: {path} is not a pairwise checkpoint (no {SPEC_KEY!r}; train one with lookalike "
+            "train-reranker)"
+        )
     spec = PairwiseSpec(**checkpoint[SPEC_KEY])
     if tta is not None:
         spec.tta = bool(tta)

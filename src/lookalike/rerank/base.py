@@ -26,7 +26,9 @@ class RerankContext:
     queries: Embeddings | None = None  # one vector per results.query_ids
     gallery: Embeddings | None = None  # one vector per results.gallery_ids
     metric: str = "cosine"
-    exclude: tuple[np.ndarray, np.ndarray] | None = None  # (query groups, gallery groups): never a match (self, sequence)
+    exclude: tuple[np.ndarray, np.ndarray] | None = (
+        None  # (query groups, gallery groups): never a match (self, sequence)
+    )
     gallery_distances: np.ndarray | None = None  # optional dense [G, G] distances (e.g. an imported ICFRR cache)
     table: DatasetTable | None = None  # the dataset table the ids come from (labels, sequences)
     query_labels: np.ndarray | None = None  # ground truth for per-stage metrics
@@ -38,7 +40,9 @@ class RerankContext:
         """Fail with one line when a field a re-ranker needs is missing."""
         missing = [n for n in names if getattr(self, n) is None]
         if missing:
-            raise LookalikeError(f"rerank {by}: needs {', '.join(missing)} (embeddings of the queries/gallery of the results)")
+            raise LookalikeError(
+                f"rerank {by}: needs {', '.join(missing)} (embeddings of the queries/gallery of the results)"
+            )
 
 
 class Reranker(ABC):

@@ -23,7 +23,9 @@ class CentroidRanker(Reranker):
     def rerank(self, results: RetrievalResults, context: RerankContext) -> RetrievalResults:
         context.require("table", "queries", "gallery", by=self.name)
         both = _union(context.queries, context.gallery)
-        reranked, labels, n_relevant = search_centroids(both, context.table, results.k, self.per_sequence, context.metric)
+        reranked, labels, n_relevant = search_centroids(
+            both, context.table, results.k, self.per_sequence, context.metric
+        )
         context.gallery = table_centroids(both, context.table, self.per_sequence).embeddings
         context.gallery_labels, context.n_relevant = labels, n_relevant
         context.exclude = None  # centroid visibility is settled here; later stages see only what this list holds

@@ -26,8 +26,10 @@ def build_chain(steps: list[str | dict[str, Any]]) -> list[Reranker]:
     chain = [_build_step(step, i) for i, step in enumerate(steps)]
     for i, reranker in enumerate(chain[1:], 1):
         if reranker.first_only:
-            raise ConfigError(f"rerank[{i}]: {reranker.name} must be the first stage of the chain (it ranks a gallery of its own, "
-                              f"discarding what {chain[i - 1].name} did before it); move it to the front")
+            raise ConfigError(
+                f"rerank[{i}]: {reranker.name} must be the first stage of the chain (it ranks a gallery of its own, "
+                f"discarding what {chain[i - 1].name} did before it); move it to the front"
+            )
     return chain
 
 
@@ -43,7 +45,7 @@ def step_parts(step: str | dict[str, Any], position: int = 0) -> tuple[str, dict
     if isinstance(step, dict) and "name" in step:
         return str(step["name"]), {k: v for k, v in step.items() if k != "name"}
     if isinstance(step, dict) and len(step) == 1:
-        (name, params), = step.items()
+        ((name, params),) = step.items()
         return str(name), dict(params or {})
     raise ConfigError(f"rerank[{position}]: expected a re-ranker name or {{name: ..., parameter: value}}, got {step!r}")
 
@@ -58,15 +60,26 @@ def stage_report(results: RetrievalResults, context: RerankContext, **metric_kwa
     if context.query_labels is None or context.gallery_labels is None:
         return None
     exclude = context.exclude if context.n_relevant is None else None
-    return compute_metrics(results, context.query_labels, context.gallery_labels, n_relevant=context.n_relevant, exclude=exclude, **metric_kwargs)
+    return compute_metrics(
+        results,
+        context.query_labels,
+        context.gallery_labels,
+        n_relevant=context.n_relevant,
+        exclude=exclude,
+        **metric_kwargs,
+    )
 
 
 def stage_reports(stages: list[Stage]) -> dict[str, MetricsReport]:
     """Each scored stage's report by its key: "original", then "1:icfrr", "2:qe", ... (a re-ranker may appear twice)."""
-    return {stage.name if i == 0 else f"{i}:{stage.name}": stage.report for i, stage in enumerate(stages) if stage.report}
+    return {
+        stage.name if i == 0 else f"{i}:{stage.name}": stage.report for i, stage in enumerate(stages) if stage.report
+    }
 
 
-def run_chain(results: RetrievalResults, context: RerankContext, rerankers: list[Reranker], **metric_kwargs) -> list[Stage]:
+def run_chain(
+    results: RetrievalResults, context: RerankContext, rerankers: list[Reranker], **metric_kwargs
+) -> list[Stage]:
     """Apply the re-rankers in turn; every stage's list is checked (ascending distances) and scored."""
     stages = [Stage("original", results, stage_report(results, context, **metric_kwargs))]
     for reranker in rerankers:

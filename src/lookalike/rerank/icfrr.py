@@ -63,10 +63,23 @@ ACCUMULATOR_BYTES = 1 << 21  # float64 vote accumulator per step, small enough t
 KNN_BLOCK_ELEMENTS = 1 << 24  # gallery-gallery search: its score buffer stays <= 64 MiB
 DISTANCES = ("euclidean", "cosine", "search")  # the base distances: recomputed from the embeddings, or the list's own
 PAIR_BLOCK_ELEMENTS = 1 << 24  # pair_distances: gathered gallery vectors per block (64 MiB of float32)
-CURVES = (("map@all", "mAP@all"), ("map@200", "mAP@200"), ("prec@100", "P@100"), ("prec@200", "P@200"))  # the reference's four
-RANKS_DIR, RANKS_FILE, RANKINGS_NPZ = "ranks", "reranking_iter_{}.pth", "rankings.npz"  # the reference's ranks/ layout, + one npz
+CURVES = (
+    ("map@all", "mAP@all"),
+    ("map@200", "mAP@200"),
+    ("prec@100", "P@100"),
+    ("prec@200", "P@200"),
+)  # the reference's four
+RANKS_DIR, RANKS_FILE, RANKINGS_NPZ = (
+    "ranks",
+    "reranking_iter_{}.pth",
+    "rankings.npz",
+)  # the reference's ranks/ layout, + one npz
 VIS_DIR, VIS_FILE = "vis", "reranking_iter_{}.png"
-ICFRR_DATASETS = {"sketchy_zs1": ("sketchy", "zeroshot1"), "sketchy_zs2": ("sketchy", "zeroshot2"), "tuberlin": ("tu-berlin", "zeroshot")}
+ICFRR_DATASETS = {
+    "sketchy_zs1": ("sketchy", "zeroshot1"),
+    "sketchy_zs2": ("sketchy", "zeroshot2"),
+    "tuberlin": ("tu-berlin", "zeroshot"),
+}
 
 
 @register
@@ -86,10 +99,14 @@ class ICFRR(Reranker):
         chunk: int = 1024,
         distance: str = "euclidean",
     ) -> None:
-        self.kg, self.kq, self.chunk = (positive_int(v, n, self.name) for v, n in ((kg, "kg"), (kq, "kq"), (chunk, "chunk")))
+        self.kg, self.kq, self.chunk = (
+            positive_int(v, n, self.name) for v, n in ((kg, "kg"), (kq, "kq"), (chunk, "chunk"))
+        )
         self.candidates = positive_int(candidates, "candidates", self.name)
         if self.candidates < self.kq and not exact:
-            raise LookalikeError(f"rerank icfrr: candidates must be >= kq ({self.kq}), got {candidates} (or exact=True)")
+            raise LookalikeError(
+                f"rerank icfrr: candidates must be >= kq ({self.kq}), got {candidates} (or exact=True)"
+            )
         if isinstance(n_times, bool) or not isinstance(n_times, (int, np.integer)) or n_times < 0:
             raise LookalikeError(f"rerank icfrr: n_times must be an integer >= 0, got {n_times!r}")
         if isinstance(beta, bool) or not isinstance(beta, (int, float, np.floating)) or not 0 <= beta < np.inf:
@@ -100,8 +117,15 @@ class ICFRR(Reranker):
 
     def params(self) -> dict[str, Any]:
         """The parameters, as recorded in the results' meta."""
-        return {"kg": self.kg, "kq": self.kq, "beta": self.beta, "n_times": self.n_times,
-                "candidates": self.candidates, "exact": self.exact, "distance": self.distance}
+        return {
+            "kg": self.kg,
+            "kq": self.kq,
+            "beta": self.beta,
+            "n_times": self.n_times,
+            "candidates": self.candidates,
+            "exact": self.exact,
+            "distance": self.distance,
+        }
 
     def rerank(self, results: RetrievalResults, context: RerankContext) -> RetrievalResults:
         """The results after n_times iterations: rows re-sorted by the new score, distances = -score."""
@@ -126,12 +150,21 @@ class ICFRR(Reranker):
         neighbours, source = rank_lists(results, context, self.kg, self.chunk, metric)
         m = results.k if self.exact else min(self.candidates, results.k)
         meta = {"name": self.name, **self.params(), "m": m, "neighbours": source}
-        return _Run(results, neighbours, icfrr_weights(n_gallery, neighbours.shape[1]), min(self.kq, results.k),
-                    m, self.beta, self.chunk, meta)
+        return _Run(
+            results,
+            neighbours,
+            icfrr_weights(n_gallery, neighbours.shape[1]),
+            min(self.kq, results.k),
+            m,
+            self.beta,
+            self.chunk,
+            meta,
+        )
 
 
 def icfrr_iterations(results: RetrievalResults, context: RerankContext, **params: Any) -> Iterator[RetrievalResults]:
-    """The results after each ICFRR iteration; params as for ICFRR (kg, kq, beta, n_times, candidates, exact, chunk, distance)."""
+    """The results after each ICFRR iteration; params as for ICFRR (kg, kq, beta, n_times, candidates, exact, chunk,
+    distance)."""
     return ICFRR(**params).iterations(results, context)
 
 
@@ -147,9 +180,14 @@ def rescore(results: RetrievalResults, context: RerankContext, metric: str) -> R
     """The list's items with their `metric` distances from the context's embeddings, re-sorted stably (ties by
     gallery position): the reference's base, torch.cdist distances sorted, whatever metric the search used."""
     if context.queries is None or context.gallery is None:
-        raise LookalikeError(f"rerank icfrr: distance={metric} needs the query and gallery embeddings; "
-                             "give distance=search to use the list's own distances")
-    for name, emb, n in (("query", context.queries, results.n_queries), ("gallery", context.gallery, len(results.gallery_ids))):
+        raise LookalikeError(
+            f"rerank icfrr: distance={metric} needs the query and gallery embeddings; "
+            "give distance=search to use the list's own distances"
+        )
+    for name, emb, n in (
+        ("query", context.queries, results.n_queries),
+        ("gallery", context.gallery, len(results.gallery_ids)),
+    ):
         if len(emb) != n:
             raise LookalikeError(f"rerank icfrr: {len(emb)} {name} embeddings for results over {n} {name} items")
     distances = pair_distances(context.queries.vectors, context.gallery.vectors, results.indices, metric)
@@ -165,7 +203,10 @@ def pair_distances(queries: np.ndarray, gallery: np.ndarray, indices: np.ndarray
     """
     if metric not in ("euclidean", "cosine"):
         raise LookalikeError(f"metric: expected euclidean or cosine, got {metric!r}")
-    q, g = torch.from_numpy(np.ascontiguousarray(queries, np.float32)), torch.from_numpy(np.ascontiguousarray(gallery, np.float32))
+    q, g = (
+        torch.from_numpy(np.ascontiguousarray(queries, np.float32)),
+        torch.from_numpy(np.ascontiguousarray(gallery, np.float32)),
+    )
     if metric == "cosine":
         q, g = torch.nn.functional.normalize(q, dim=1), torch.nn.functional.normalize(g, dim=1)
     valid = indices != PAD
@@ -209,9 +250,13 @@ def rank_lists(
         return cached["indices"][:, :k], "distances"
     context.require("gallery", by="icfrr")
     if len(context.gallery) != n_gallery:
-        raise LookalikeError(f"rerank icfrr: {len(context.gallery)} gallery embeddings for results over {n_gallery} gallery items")
+        raise LookalikeError(
+            f"rerank icfrr: {len(context.gallery)} gallery embeddings for results over {n_gallery} gallery items"
+        )
     cached = context.cache.get(GALLERY_KNN_KEY)
-    fresh = isinstance(cached, dict) and cached.get("vectors") is context.gallery.vectors and cached.get("metric") == metric
+    fresh = (
+        isinstance(cached, dict) and cached.get("vectors") is context.gallery.vectors and cached.get("metric") == metric
+    )
     if not (fresh and cached["indices"].shape[1] >= k):
         idx, dist = gallery_knn(context.gallery.vectors, k, metric, chunk)
         cached = {"vectors": context.gallery.vectors, "metric": metric, "indices": idx, "distances": dist}
@@ -219,7 +264,9 @@ def rank_lists(
     return cached["indices"][:, :k], "embeddings"
 
 
-def gallery_knn(gallery: np.ndarray, k: int, metric: str = "cosine", chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+def gallery_knn(
+    gallery: np.ndarray, k: int, metric: str = "cosine", chunk: int = 1024
+) -> tuple[np.ndarray, np.ndarray]:
     """Every gallery item's k nearest other items [G, k] and their distances, equal distances in gallery order
     (exact_knn's order), as a stable sort of the dense row ranks them. One extra neighbour is fetched so that a tie
     of two items at the k-th place is broken the same way; with more items tied there (duplicated images), which of
@@ -230,7 +277,9 @@ def gallery_knn(gallery: np.ndarray, k: int, metric: str = "cosine", chunk: int 
     if k == 0:
         return np.empty((n, 0), np.int64), np.empty((n, 0), np.float32)
     own = np.arange(n)
-    idx, dist = exact_knn(gallery, gallery, min(k + 1, n - 1), metric, exclude=(own, own), query_block=_knn_block(n, chunk))
+    idx, dist = exact_knn(
+        gallery, gallery, min(k + 1, n - 1), metric, exclude=(own, own), query_block=_knn_block(n, chunk)
+    )
     return idx[:, :k], dist[:, :k]
 
 
@@ -391,7 +440,10 @@ def _nonzero(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _start_chunk(results: RetrievalResults, rows: slice, m: int) -> _Chunk:
     """A chunk's first m items (PAD as the sink G) and distances, ties ordered by gallery position."""
     n_gallery = len(results.gallery_ids)
-    idx, dist = np.where(results.indices[rows, :m] == PAD, n_gallery, results.indices[rows, :m]), results.distances[rows, :m]
+    idx, dist = (
+        np.where(results.indices[rows, :m] == PAD, n_gallery, results.indices[rows, :m]),
+        results.distances[rows, :m],
+    )
     out_of_order = (dist[:, 1:] < dist[:, :-1]) | ((dist[:, 1:] == dist[:, :-1]) & (idx[:, 1:] < idx[:, :-1]))
     if out_of_order.any():  # exact search returns (distance, position) order already; anything else is sorted so
         idx, dist = order_by_distance(idx, np.asarray(dist, np.float32))
@@ -417,7 +469,9 @@ def load_icfrr_cache(folder: str | os.PathLike) -> tuple[torch.Tensor, torch.Ten
     """Read an ICFRR cache folder: qg_dists.pth [Q, G], gg_dists.pth [G, G], optional labels.pth {query, gallery}."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise LookalikeError(f"{folder}: no such ICFRR cache folder (expected {CACHE_FILES['qg']} and {CACHE_FILES['gg']} in it)")
+        raise LookalikeError(
+            f"{folder}: no such ICFRR cache folder (expected {CACHE_FILES['qg']} and {CACHE_FILES['gg']} in it)"
+        )
     qg = _load_matrix(folder / CACHE_FILES["qg"], "[Q, G]")
     gg = _load_matrix(folder / CACHE_FILES["gg"], "[G, G]")
     if gg.shape != (qg.shape[1], qg.shape[1]):
@@ -444,7 +498,11 @@ def _load_matrix(path: Path, shape: str) -> torch.Tensor:
     """A 2-D floating-point distance tensor from a .pth file."""
     value = _load(path)
     if not isinstance(value, torch.Tensor) or value.ndim != 2 or not value.is_floating_point():
-        got = f"{value.dtype} tensor of shape {list(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+        got = (
+            f"{value.dtype} tensor of shape {list(value.shape)}"
+            if isinstance(value, torch.Tensor)
+            else type(value).__name__
+        )
         raise LookalikeError(f"{path}: expected a floating-point distance tensor {shape}, got {got}")
     return value.float()
 
@@ -507,7 +565,9 @@ def _matrix(x: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
     """A 2-D float32 numpy copy of a distance matrix."""
     array = _as_numpy(x)
     if array.ndim != 2 or not np.issubdtype(array.dtype, np.number):
-        raise LookalikeError(f"{name}: expected a 2-D numeric distance matrix, got shape {list(array.shape)} {array.dtype}")
+        raise LookalikeError(
+            f"{name}: expected a 2-D numeric distance matrix, got shape {list(array.shape)} {array.dtype}"
+        )
     return np.array(array, dtype=np.float32)
 
 
@@ -515,7 +575,9 @@ def dense_query_distances(results: RetrievalResults) -> np.ndarray:
     """The [Q, G] query-gallery distances of results that list the whole gallery; excluded items get inf."""
     n_gallery = len(results.gallery_ids)
     if results.k < n_gallery:
-        raise LookalikeError(f"qg: results must list the whole gallery (K = G = {n_gallery}), got K = {results.k}; search with k = G")
+        raise LookalikeError(
+            f"qg: results must list the whole gallery (K = G = {n_gallery}), got K = {results.k}; search with k = G"
+        )
     out = np.full((results.n_queries, n_gallery), np.inf, np.float32)
     rows = np.broadcast_to(np.arange(results.n_queries)[:, None], results.indices.shape)
     valid = results.valid
@@ -537,7 +599,10 @@ def _label_tensors(labels: dict[str, Sequence], shape: tuple[int, int]) -> dict[
     """Query and gallery labels as LongTensors; non-integer labels get shared integer codes."""
     if not isinstance(labels, dict) or not {"query", "gallery"} <= set(labels):
         raise LookalikeError("labels: expected a dict with 'query' and 'gallery' label arrays")
-    q, g = (np.asarray(_as_numpy(labels[k]) if isinstance(labels[k], torch.Tensor) else labels[k]) for k in ("query", "gallery"))
+    q, g = (
+        np.asarray(_as_numpy(labels[k]) if isinstance(labels[k], torch.Tensor) else labels[k])
+        for k in ("query", "gallery")
+    )
     if q.shape != (shape[0],) or g.shape != (shape[1],):
         got = f"got shapes {list(q.shape)} and {list(g.shape)}"
         raise LookalikeError(f"labels: expected {shape[0]} query and {shape[1]} gallery labels, {got}")
@@ -554,7 +619,10 @@ def _save_tensor(value: Any, path: Path) -> None:
 
 
 def results_from_distances(
-    distances: np.ndarray | torch.Tensor, query_ids: Sequence | None = None, gallery_ids: Sequence | None = None, chunk: int = 1024
+    distances: np.ndarray | torch.Tensor,
+    query_ids: Sequence | None = None,
+    gallery_ids: Sequence | None = None,
+    chunk: int = 1024,
 ) -> RetrievalResults:
     """Results listing the whole gallery from a [Q, G] distance matrix, sorted stably (ties by gallery position)."""
     dense = _matrix(distances, "qg")
@@ -566,7 +634,9 @@ def results_from_distances(
     g_ids = np.arange(n_g).astype(str) if gallery_ids is None else np.asarray(gallery_ids)
     if len(q_ids) != n_q or len(g_ids) != n_g:
         raise LookalikeError(f"ids: expected {n_q} query and {n_g} gallery ids, got {len(q_ids)} and {len(g_ids)}")
-    return RetrievalResults(indices, np.take_along_axis(dense, indices, 1), q_ids, g_ids, {"source": "distances", "k": n_g})
+    return RetrievalResults(
+        indices, np.take_along_axis(dense, indices, 1), q_ids, g_ids, {"source": "distances", "k": n_g}
+    )
 
 
 # ---------------------------------------------------------------- the reference's printout, plot and pictures
@@ -612,7 +682,8 @@ def run_icfrr_cache(
     output: str | os.PathLike | None = None,
     strips: RankStrips | None = None,
 ) -> list[dict[str, float]]:
-    """ICFRR on a reference cache folder, exactly (whole lists, the cache's distances): one record per iteration, 0 = before.
+    """ICFRR on a reference cache folder, exactly (whole lists, the cache's distances): one record per iteration, 0 =
+    before.
 
     Each record holds 'iteration' and, when the folder has labels, the icfrr_metrics of that iteration. With `output`,
     the ranking of every iteration is written as the reference writes it (output/ranks/reranking_iter_{i}.pth, a
@@ -652,7 +723,10 @@ class RankStrips:
         """Fail with one line when a chosen query is not a row of the cache."""
         bad = [q for q in self.queries if not 0 <= q < n_queries]
         if bad:
-            raise LookalikeError(f"--query-idxs-to-vis: query {bad[0]} is not a row of the cache (it has {n_queries} queries: 0..{n_queries - 1})")
+            raise LookalikeError(
+                f"--query-idxs-to-vis: query {bad[0]} is not a row of the cache (it has {n_queries} queries: "
+                f"0..{n_queries - 1})"
+            )
         if self.top_k < 1:
             raise LookalikeError(f"--num-gallery-ims-to-vis: expected a positive number of images, got {self.top_k}")
 
@@ -664,7 +738,8 @@ class RankStrips:
 
 class RankingsWriter:
     """Writes each iteration's ranking [Q, G] as it comes: ranks/reranking_iter_{i}.pth (torch, the reference's
-    layout) and one member of rankings.npz (numpy's zip format, built member by member, renamed into place at the end)."""
+    layout) and one member of rankings.npz (numpy's zip format, built member by member, renamed into place at the
+    end)."""
 
     def __init__(self, output: str | os.PathLike) -> None:
         self.output = Path(output)
@@ -706,8 +781,12 @@ def reference_image_ids(
     for split, n in (("query", n_queries), ("gallery", n_gallery)):
         folder = root / split
         if not folder.is_dir():
-            raise LookalikeError(f"{folder}: no such folder (an image root holds query/ and gallery/, as the reference's custom dataset)")
-        names = order.get(split) or sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+            raise LookalikeError(
+                f"{folder}: no such folder (an image root holds query/ and gallery/, as the reference's custom dataset)"
+            )
+        names = order.get(split) or sorted(
+            p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+        )
         if len(names) != n:
             raise LookalikeError(f"{folder}: {len(names)} images for the cache's {n} {split} items")
         ids.append([f"{split}/{name}" for name in names])
@@ -715,7 +794,8 @@ def reference_image_ids(
 
 
 def _listed_image_ids(root: Path, dataset: str, per_class: int, sizes: tuple[int, int]) -> tuple[list[str], list[str]]:
-    """Query (sketch) and gallery (photo) paths from a sketch dataset's zero-shot file lists, as the reference reads them."""
+    """Query (sketch) and gallery (photo) paths from a sketch dataset's zero-shot file lists, as the reference reads
+    them."""
     from lookalike.data.convert.sketch import FILE_LISTS, read_file_list  # here: the converters import scipy
 
     if dataset not in ICFRR_DATASETS:
@@ -725,13 +805,18 @@ def _listed_image_ids(root: Path, dataset: str, per_class: int, sizes: tuple[int
     for (domain, prefix), n in zip(FILE_LISTS[name].items(), sizes):
         path = root / split_folder / f"{prefix}_filelist_zero.txt"
         if not path.is_file():
-            raise LookalikeError(f"{path}: missing (the {domain} images of {dataset}'s zero-shot split; --image-root is the dataset folder)")
+            raise LookalikeError(
+                f"{path}: missing (the {domain} images of {dataset}'s zero-shot split; --image-root is the dataset "
+                "folder)"
+            )
         rows = read_file_list(path)
         if per_class > 0:
             numbers = rows["number"].to_numpy()
             rows = rows.iloc[np.concatenate([np.flatnonzero(numbers == c)[:per_class] for c in np.unique(numbers)])]
         if len(rows) != n:
-            raise LookalikeError(f"{path}: {len(rows)} images for the cache's {n} {'query' if domain == 'sketch' else 'gallery'} items")
+            raise LookalikeError(
+                f"{path}: {len(rows)} images for the cache's {n} {'query' if domain == 'sketch' else 'gallery'} items"
+            )
         ids.append(rows["path"].tolist())
     return ids[0], ids[1]
 

@@ -38,7 +38,9 @@ class KReciprocal(Reranker):
 
     name = "kreciprocal"
 
-    def __init__(self, k1: int = 20, k2: int = 6, lambda_value: float = 0.3, candidates: int | None = None, chunk: int = 16384) -> None:
+    def __init__(
+        self, k1: int = 20, k2: int = 6, lambda_value: float = 0.3, candidates: int | None = None, chunk: int = 16384
+    ) -> None:
         self.k1 = positive_int(k1, "k1", self.name)
         self.k2 = positive_int(k2, "k2", self.name)
         self.candidates = None if candidates is None else positive_int(candidates, "candidates", self.name)
@@ -60,7 +62,9 @@ class KReciprocal(Reranker):
         return rerank_head(results, distances)
 
 
-def union_vectors(queries: np.ndarray, gallery: np.ndarray, results: RetrievalResults, metric: str) -> tuple[np.ndarray, np.ndarray]:
+def union_vectors(
+    queries: np.ndarray, gallery: np.ndarray, results: RetrievalResults, metric: str
+) -> tuple[np.ndarray, np.ndarray]:
     """The union's vectors [N, D] (gallery first, then queries that are not gallery items) and each query's node."""
     same = _gallery_position(results.query_ids, results.gallery_ids)
     found = same >= 0
@@ -104,7 +108,9 @@ def farthest_sqdist(x: np.ndarray, row_block: int = 1024, col_block: int = 16384
             top, arg = torch.full((len(rows),), -torch.inf), torch.zeros(len(rows), dtype=torch.int64)
             for c in range(0, len(t), col_block):
                 cols = cols_aug[c : c + col_block]
-                value, pos = torch.mm(rows, cols.T, out=buffer[: len(rows) * len(cols)].view(len(rows), len(cols))).max(1)
+                value, pos = torch.mm(rows, cols.T, out=buffer[: len(rows) * len(cols)].view(len(rows), len(cols))).max(
+                    1
+                )
                 better = value > top
                 top, arg = torch.where(better, value, top), torch.where(better, pos + c, arg)
             best[r : r + row_block] = arg
@@ -124,7 +130,9 @@ def reciprocal_sets(neighbours: np.ndarray, k: int) -> sp.csr_matrix:
     """R(i, k) as a 0/1 CSR matrix: j among i's k + 1 nearest and i among j's (the matrix is symmetric)."""
     n = len(neighbours)
     head = neighbours[:, : k + 1]
-    a = sp.csr_matrix((np.ones(head.size, dtype=np.int32), (np.repeat(np.arange(n), head.shape[1]), head.ravel())), shape=(n, n))
+    a = sp.csr_matrix(
+        (np.ones(head.size, dtype=np.int32), (np.repeat(np.arange(n), head.shape[1]), head.ravel())), shape=(n, n)
+    )
     return a.multiply(a.T).tocsr()
 
 
@@ -142,7 +150,9 @@ def expanded_sets(neighbours: np.ndarray, k1: int) -> sp.csr_matrix:
     return e
 
 
-def kreciprocal_vectors(x: np.ndarray, neighbours: np.ndarray, farthest: np.ndarray, k1: int, k2: int, chunk: int) -> sp.csr_matrix:
+def kreciprocal_vectors(
+    x: np.ndarray, neighbours: np.ndarray, farthest: np.ndarray, k1: int, k2: int, chunk: int
+) -> sp.csr_matrix:
     """V after local query expansion: Gaussian weights over E(i), each row averaged over its k2 nearest rows."""
     e = expanded_sets(neighbours, k1)
     rows = np.repeat(np.arange(len(x)), np.diff(e.indptr))
@@ -152,14 +162,22 @@ def kreciprocal_vectors(x: np.ndarray, neighbours: np.ndarray, farthest: np.ndar
     k2 = min(k2, neighbours.shape[1])
     if k2 > 1:
         near = neighbours[:, :k2]
-        mean = sp.csr_matrix((np.full(near.size, 1.0 / k2), (np.repeat(np.arange(len(x)), k2), near.ravel())), shape=e.shape)
+        mean = sp.csr_matrix(
+            (np.full(near.size, 1.0 / k2), (np.repeat(np.arange(len(x)), k2), near.ravel())), shape=e.shape
+        )
         v = (mean @ v).tocsr()
         v.sort_indices()
     return v
 
 
 def final_distances(
-    x: np.ndarray, v: sp.csr_matrix, farthest: np.ndarray, query_nodes: np.ndarray, head: np.ndarray, lambda_value: float, chunk: int
+    x: np.ndarray,
+    v: sp.csr_matrix,
+    farthest: np.ndarray,
+    query_nodes: np.ndarray,
+    head: np.ndarray,
+    lambda_value: float,
+    chunk: int,
 ) -> np.ndarray:
     """(1 - lambda) Jaccard + lambda d~ for every (query, gallery) pair in `head` [Q, M]; inf on PAD slots."""
     out = np.full(head.shape, np.inf)

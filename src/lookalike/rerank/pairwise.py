@@ -32,8 +32,7 @@ from lookalike.data.table import DatasetTable
 from lookalike.devices import resolve_device
 from lookalike.errors import LookalikeError
 from lookalike.models.pairwise import PairwiseModel, load_pairwise
-from lookalike.rerank.base import RerankContext, Reranker, register
-from lookalike.rerank.base import positive_int
+from lookalike.rerank.base import RerankContext, Reranker, positive_int, register
 from lookalike.search.results import PAD, RetrievalResults
 
 MERGE_GAP = np.float32(1000 * np.finfo(np.float32).eps)  # relative gap kept below the first untouched distance
@@ -61,7 +60,12 @@ class PairwiseReranker(Reranker):
         self.top_n = positive_int(top_n, "top_n", self.name)
         self.batch_size = positive_int(batch_size, "batch_size", self.name)
         self.cache_mb = positive_int(cache_mb, "cache_mb", self.name)
-        self.weights, self.tta, self.device, self.amp = weights, tta, resolve_device(device, "pairwise.device"), bool(amp)
+        self.weights, self.tta, self.device, self.amp = (
+            weights,
+            tta,
+            resolve_device(device, "pairwise.device"),
+            bool(amp),
+        )
         self.num_workers, self.progress = int(num_workers), bool(progress)
         self._model: PairwiseModel | None = None
 
@@ -69,11 +73,14 @@ class PairwiseReranker(Reranker):
     def model(self) -> PairwiseModel:
         """The pairwise model, loaded on first use."""
         if self._model is None:
-            self._model = self.weights if isinstance(self.weights, PairwiseModel) else load_pairwise(self.weights, self.tta)
+            self._model = (
+                self.weights if isinstance(self.weights, PairwiseModel) else load_pairwise(self.weights, self.tta)
+            )
         return self._model
 
     def rerank(self, results: RetrievalResults, context: RerankContext) -> RetrievalResults:
-        """New results: each row's top_n sorted by the pairwise distance, the rest in place (see the module's merge rule)."""
+        """New results: each row's top_n sorted by the pairwise distance, the rest in place (see the module's merge
+        rule)."""
         context.require("table", by=self.name)
         batches = self.pair_batches(results, context.table)
         model, training = self.model.to(self.device), self.model.training
@@ -105,7 +112,9 @@ def table_rows(table: DatasetTable, results: RetrievalResults) -> tuple[np.ndarr
         rows = index.get_indexer(np.asarray(ids).astype(str))
         if (rows < 0).any():
             missing = np.asarray(ids)[rows < 0][0]
-            raise LookalikeError(f"rerank pairwise: {kind} id {missing!r} is not a path of the dataset table {table.source}")
+            raise LookalikeError(
+                f"rerank pairwise: {kind} id {missing!r} is not a path of the dataset table {table.source}"
+            )
         out.append(rows.astype(np.int64))
     return out[0], out[1]
 
@@ -120,7 +129,9 @@ class PairPlan:
     cells: np.ndarray  # [P] flat position q * top_n + j in the [Q, top_n] head
 
 
-def plan_pairs(results: RetrievalResults, query_rows: np.ndarray, gallery_rows: np.ndarray, top_n: int, images_per_chunk: int) -> list[PairPlan]:
+def plan_pairs(
+    results: RetrievalResults, query_rows: np.ndarray, gallery_rows: np.ndarray, top_n: int, images_per_chunk: int
+) -> list[PairPlan]:
     """Chunks of queries whose distinct images (queries and their top_n candidates) number at most images_per_chunk."""
     n = min(top_n, results.k)
     head = results.indices[:, :n]
@@ -134,7 +145,9 @@ def plan_pairs(results: RetrievalResults, query_rows: np.ndarray, gallery_rows: 
     return plans
 
 
-def decode_rows(table: DatasetTable, rows: np.ndarray, transform: Callable, batch_size: int = 64, num_workers: int = 0) -> torch.Tensor:
+def decode_rows(
+    table: DatasetTable, rows: np.ndarray, transform: Callable, batch_size: int = 64, num_workers: int = 0
+) -> torch.Tensor:
     """The transformed images of the given table rows, stacked [U, C, H, W] (each decoded once)."""
     dataset = torch.utils.data.Subset(ImageDataset(table, transform), rows.tolist())
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
@@ -143,11 +156,25 @@ def decode_rows(table: DatasetTable, rows: np.ndarray, transform: Callable, batc
 
 class PairBatches(torch.utils.data.Dataset):
     """Item i = batch i of pairs (query images, candidate images, cells); read in order, each plan's images are decoded
-    once, when its first batch is read, and the last plan's stay decoded (so a single plan is decoded only once ever)."""
+    once, when its first batch is read, and the last plan's stay decoded (so a single plan is decoded only once
+    ever)."""
 
-    def __init__(self, table: DatasetTable, transform: Callable, plans: list[PairPlan], shape: tuple[int, int], batch_size: int, num_workers: int = 0) -> None:
+    def __init__(
+        self,
+        table: DatasetTable,
+        transform: Callable,
+        plans: list[PairPlan],
+        shape: tuple[int, int],
+        batch_size: int,
+        num_workers: int = 0,
+    ) -> None:
         super().__init__()
-        self.table, self.transform, self.plans, self.shape = table, transform, plans, shape  # shape: the head [Q, top_n]
+        self.table, self.transform, self.plans, self.shape = (
+            table,
+            transform,
+            plans,
+            shape,
+        )  # shape: the head [Q, top_n]
         self.batch_size, self.num_workers = batch_size, num_workers
         sizes = [-(-len(p.cells) // batch_size) for p in plans]
         self.starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)  # first batch of each plan
@@ -169,7 +196,10 @@ class PairBatches(torch.utils.data.Dataset):
         """Plan k's decoded images."""
         if self._decoded is None or self._decoded[0] != k:
             self._decoded = None  # free the previous plan's images first
-            self._decoded = (k, decode_rows(self.table, self.plans[k].rows, self.transform, self.batch_size, self.num_workers))
+            self._decoded = (
+                k,
+                decode_rows(self.table, self.plans[k].rows, self.transform, self.batch_size, self.num_workers),
+            )
         return self._decoded[1]
 
 
@@ -180,10 +210,14 @@ def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractC
     return contextlib.nullcontext()
 
 
-def score_pairs(model: PairwiseModel, batches: PairBatches, device: torch.device, amp: bool = True, progress: bool = True) -> np.ndarray:
+def score_pairs(
+    model: PairwiseModel, batches: PairBatches, device: torch.device, amp: bool = True, progress: bool = True
+) -> np.ndarray:
     """Pairwise distances of the head [Q, top_n] (inf where a slot is empty), batch by batch with a progress bar."""
     out = np.full(batches.shape, np.inf, dtype=np.float32).reshape(-1)
-    bar = tqdm(batches, total=len(batches), desc="pairwise re-ranking", unit="batch", disable=None if progress else True)
+    bar = tqdm(
+        batches, total=len(batches), desc="pairwise re-ranking", unit="batch", disable=None if progress else True
+    )
     with torch.inference_mode(), autocast(device, amp):
         for x1, x2, cells in bar:
             out[cells.numpy()] = model.distance(x1.to(device), x2.to(device)).float().cpu().numpy()
@@ -191,7 +225,8 @@ def score_pairs(model: PairwiseModel, batches: PairBatches, device: torch.device
 
 
 def merge_top_n(results: RetrievalResults, head_distances: np.ndarray) -> RetrievalResults:
-    """Sort each row's first n = head_distances.shape[1] items by the new distances, keep the rest, rescale (module doc)."""
+    """Sort each row's first n = head_distances.shape[1] items by the new distances, keep the rest, rescale (module
+    doc)."""
     n = head_distances.shape[1]
     head = results.indices[:, :n]
     new = np.where(head == PAD, np.inf, head_distances).astype(np.float32)
@@ -200,7 +235,13 @@ def merge_top_n(results: RetrievalResults, head_distances: np.ndarray) -> Retrie
     if results.k > n:
         new = _below_next(new, np.where(results.indices[:, n] != PAD, results.distances[:, n], np.inf))
     distances = np.concatenate([new, results.distances[:, n:]], axis=1)
-    return RetrievalResults(np.concatenate([indices, results.indices[:, n:]], 1), distances, results.query_ids, results.gallery_ids, dict(results.meta))
+    return RetrievalResults(
+        np.concatenate([indices, results.indices[:, n:]], 1),
+        distances,
+        results.query_ids,
+        results.gallery_ids,
+        dict(results.meta),
+    )
 
 
 def _below_next(new: np.ndarray, nxt: np.ndarray) -> np.ndarray:

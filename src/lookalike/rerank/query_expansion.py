@@ -16,8 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from lookalike.errors import LookalikeError
-from lookalike.rerank.base import RerankContext, Reranker, register
-from lookalike.rerank.base import positive_int
+from lookalike.rerank.base import RerankContext, Reranker, positive_int, register
 from lookalike.rerank.kreciprocal import context_vectors, drop_excluded, pair_sqdist, rerank_head
 from lookalike.search.exact import exact_knn
 from lookalike.search.results import PAD, RetrievalResults
@@ -38,8 +37,11 @@ class _Expansion(Reranker):
             raise LookalikeError(f"rerank {self.name}: alpha must be >= 0, got {alpha}")
         self.alpha = float(alpha)
 
-    def prepared(self, results: RetrievalResults, context: RerankContext) -> tuple[np.ndarray, np.ndarray, RetrievalResults, bool]:
-        """Query and gallery vectors (unit for cosine; gallery DBA-augmented when a DBA stage ran), results without excluded items."""
+    def prepared(
+        self, results: RetrievalResults, context: RerankContext
+    ) -> tuple[np.ndarray, np.ndarray, RetrievalResults, bool]:
+        """Query and gallery vectors (unit for cosine; gallery DBA-augmented when a DBA stage ran), results without
+        excluded items."""
         queries, gallery = context_vectors(results, context, self.name)
         results = drop_excluded(results, context.exclude)
         if self.uses_augmented_gallery:
@@ -48,7 +50,9 @@ class _Expansion(Reranker):
         q, g = (unit(queries), unit(gallery)) if cosine else (queries, gallery)
         return q, g, results, cosine
 
-    def search_again(self, queries: np.ndarray, gallery: np.ndarray, results: RetrievalResults, context: RerankContext) -> RetrievalResults:
+    def search_again(
+        self, queries: np.ndarray, gallery: np.ndarray, results: RetrievalResults, context: RerankContext
+    ) -> RetrievalResults:
         """Whole-gallery exact search (candidates=None) or a re-score of each list's first `candidates` items."""
         if self.candidates is None:
             idx, dist = exact_knn(queries, gallery, results.k, context.metric, exclude=context.exclude)
@@ -73,7 +77,8 @@ class QueryExpansion(_Expansion):
 
 @register
 class DatabaseAugmentation(_Expansion):
-    """Each gallery item becomes the (alpha-)weighted mean of itself and its top-n other gallery items; then searched."""
+    """Each gallery item becomes the (alpha-)weighted mean of itself and its top-n other gallery items; then
+    searched."""
 
     name = "dba"
 
@@ -88,13 +93,16 @@ class DatabaseAugmentation(_Expansion):
 def expand_vectors(
     vectors: np.ndarray, source: np.ndarray, neighbours: np.ndarray, alpha: float, normalise: bool, chunk: int
 ) -> np.ndarray:
-    """Weighted mean of each vector (weight 1) and its neighbours in `source` (PAD skipped), weights max(cos, 0)^alpha."""
+    """Weighted mean of each vector (weight 1) and its neighbours in `source` (PAD skipped), weights max(cos,
+    0)^alpha."""
     out = np.empty(vectors.shape, dtype=np.float32)
     rows = max(1, chunk // max(1, neighbours.shape[1]))
     for s in range(0, len(vectors), rows):
         v, idx = vectors[s : s + rows].astype(np.float64), neighbours[s : s + rows]
         nb = source[np.maximum(idx, 0)].astype(np.float64)  # [b, n, D]
-        cos = np.einsum("bd,bnd->bn", v, nb) / np.maximum(np.linalg.norm(v, axis=1)[:, None] * np.linalg.norm(nb, axis=2), 1e-12)
+        cos = np.einsum("bd,bnd->bn", v, nb) / np.maximum(
+            np.linalg.norm(v, axis=1)[:, None] * np.linalg.norm(nb, axis=2), 1e-12
+        )
         w = np.where(idx != PAD, np.maximum(cos, 0.0) ** alpha, 0.0)
         out[s : s + rows] = (v + np.einsum("bn,bnd->bd", w, nb)) / (1.0 + w.sum(1, keepdims=True))
     return unit(out) if normalise else out

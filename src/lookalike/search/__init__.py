@@ -72,7 +72,9 @@ def search(
     """
     requested, k = k, clamp_k(k, len(gallery), len(queries), exclude)
     if index == "exact":
-        idx, dist = exact_knn(queries.vectors, gallery.vectors, k, metric, exclude=exclude, device=device, progress=progress)
+        idx, dist = exact_knn(
+            queries.vectors, gallery.vectors, k, metric, exclude=exclude, device=device, progress=progress
+        )
     else:
         if queries.dim != gallery.dim:
             raise LookalikeError(f"search: query dim {queries.dim} differs from gallery dim {gallery.dim}")
@@ -96,7 +98,8 @@ def search_table(embeddings: Embeddings, table: DatasetTable, k: int = 100, **kw
     Example:
         >>> import numpy as np, lookalike
         >>> table = lookalike.import_folder("data/omniglot/images_background_small1/Latin", validation_fraction=1.0)
-        >>> embeddings = lookalike.Embeddings(np.random.rand(len(table), 8), table.frame["path"])  # or embed(extractor, table)
+        >>> embeddings = lookalike.Embeddings(np.random.rand(len(table), 8), table.frame["path"])  # or embed(extractor,
+        table)
         >>> lookalike.search_table(embeddings, table, k=10).indices.shape
         (520, 10)
     """

@@ -40,7 +40,9 @@ class Centroids:
     counts: np.ndarray  # gallery items averaged into each centroid
 
 
-def gallery_centroids(gallery: Embeddings, labels: np.ndarray, sequences: np.ndarray | None = None, normalize: bool = True) -> Centroids:
+def gallery_centroids(
+    gallery: Embeddings, labels: np.ndarray, sequences: np.ndarray | None = None, normalize: bool = True
+) -> Centroids:
     """Mean of the raw gallery vectors of each label (or each (label, sequence)), then L2-normalised.
 
     Integer `sequences` are used as group codes as they are (pass exclusion_groups' gallery codes to get
@@ -63,7 +65,9 @@ def gallery_centroids(gallery: Embeddings, labels: np.ndarray, sequences: np.nda
     c_groups = np.full(len(first), -1, dtype=np.int64) if groups is None else groups[first]
     names = None if sequences is None else _sequence_names(np.asarray(sequences)[first], gallery.ids[first])
     meta = {"centroids": "label" if sequences is None else "label+sequence", "normalized": normalize}
-    return Centroids(Embeddings(means.astype(np.float32), _centroid_ids(c_labels, names), meta), c_labels, c_groups, counts)
+    return Centroids(
+        Embeddings(means.astype(np.float32), _centroid_ids(c_labels, names), meta), c_labels, c_groups, counts
+    )
 
 
 def search_centroids(
@@ -82,7 +86,9 @@ def search_centroids(
     requested = k
     if per_sequence:
         cents = gallery_centroids(gallery, g_labels, g_groups)
-        cents.embeddings = Embeddings(cents.embeddings.vectors, _table_centroid_ids(cents, frame, gallery_ids, g_groups), cents.embeddings.meta)
+        cents.embeddings = Embeddings(
+            cents.embeddings.vectors, _table_centroid_ids(cents, frame, gallery_ids, g_groups), cents.embeddings.meta
+        )
         exclude = (q_groups, cents.groups)
         k = clamp_k(k, len(cents.labels), len(query_ids), exclude)
         idx, dist = exact_knn(queries.vectors, cents.embeddings.vectors, k, metric, exclude=exclude)
@@ -90,7 +96,9 @@ def search_centroids(
     else:
         cents = gallery_centroids(gallery, g_labels)
         k = clamp_k(k, len(cents.labels), len(query_ids))
-        idx, dist, n_relevant = _search_leave_group_out(queries, gallery, g_labels, g_groups, q_labels, q_groups, cents, k, metric)
+        idx, dist, n_relevant = _search_leave_group_out(
+            queries, gallery, g_labels, g_groups, q_labels, q_groups, cents, k, metric
+        )
     meta = {"metric": metric, "index": "centroids", "k": k, "centroids": cents.embeddings.meta["centroids"]}
     meta |= {"k_requested": requested} if k != requested else {}
     return RetrievalResults(idx, dist, query_ids, cents.embeddings.ids, meta), cents.labels, n_relevant
@@ -105,12 +113,19 @@ def table_centroids(embeddings: Embeddings, table: DatasetTable, per_sequence: b
         return gallery_centroids(gallery, g_labels)
     g_groups = exclusion_groups(table, gallery_ids[:0], gallery_ids)[1]
     cents = gallery_centroids(gallery, g_labels, g_groups)
-    cents.embeddings = Embeddings(cents.embeddings.vectors, _table_centroid_ids(cents, frame, gallery_ids, g_groups), cents.embeddings.meta)
+    cents.embeddings = Embeddings(
+        cents.embeddings.vectors, _table_centroid_ids(cents, frame, gallery_ids, g_groups), cents.embeddings.meta
+    )
     return cents
 
 
 def evaluate_centroids(
-    embeddings: Embeddings, table: DatasetTable, k: int = 100, per_sequence: bool = False, metric: str = "cosine", **metric_kwargs
+    embeddings: Embeddings,
+    table: DatasetTable,
+    k: int = 100,
+    per_sequence: bool = False,
+    metric: str = "cosine",
+    **metric_kwargs,
 ) -> tuple[RetrievalResults, MetricsReport]:
     """`search_centroids` followed by `compute_metrics` with the right relevant counts and the table's categories."""
     # lookalike.metrics imports lookalike.search, so it is imported here, not at the top
@@ -120,7 +135,12 @@ def evaluate_centroids(
     q_rows = table.frame.set_index("path").loc[results.query_ids]
     categories = q_rows["category"].to_numpy() if "category" in q_rows.columns else None
     report = compute_metrics(
-        results, q_rows["label"].to_numpy(), c_labels, n_relevant=n_relevant, query_categories=categories, **metric_kwargs
+        results,
+        q_rows["label"].to_numpy(),
+        c_labels,
+        n_relevant=n_relevant,
+        query_categories=categories,
+        **metric_kwargs,
     )
     return results, report
 
@@ -149,18 +169,28 @@ def _search_leave_group_out(
 
 
 def _own_label_centroids(
-    gallery: Embeddings, g_labels: np.ndarray, g_groups: np.ndarray, q_labels: np.ndarray, q_groups: np.ndarray, cents: Centroids
+    gallery: Embeddings,
+    g_labels: np.ndarray,
+    g_groups: np.ndarray,
+    q_labels: np.ndarray,
+    q_groups: np.ndarray,
+    cents: Centroids,
 ) -> np.ndarray:
-    """Per query, the normalised mean of its label's gallery items outside its group [Q, D]; NaN rows where none remain."""
+    """Per query, the normalised mean of its label's gallery items outside its group [Q, D]; NaN rows where none
+    remain."""
     label_codes = pd.Index(cents.labels).get_indexer(g_labels)
     pair_codes, pairs = _pair_codes(label_codes, g_groups)
     pair_sums, pair_counts, _ = _sum_by(pair_codes, gallery.vectors)
     label_sums = _sum_by(pairs.get_level_values(0).to_numpy(np.int64), pair_sums)[0]
     q_codes = pd.Index(cents.labels).get_indexer(q_labels)  # -1: label absent from the gallery
-    q_pairs = pairs.get_indexer(pd.MultiIndex.from_arrays([q_codes, q_groups]))  # -1: no gallery item in the query's group
+    q_pairs = pairs.get_indexer(
+        pd.MultiIndex.from_arrays([q_codes, q_groups])
+    )  # -1: no gallery item in the query's group
     has_pair, has_label = q_pairs >= 0, q_codes >= 0
     sums = label_sums[np.maximum(q_codes, 0)] - np.where(has_pair[:, None], pair_sums[np.maximum(q_pairs, 0)], 0.0)
-    counts = np.where(has_label, cents.counts[np.maximum(q_codes, 0)], 0) - np.where(has_pair, pair_counts[np.maximum(q_pairs, 0)], 0)
+    counts = np.where(has_label, cents.counts[np.maximum(q_codes, 0)], 0) - np.where(
+        has_pair, pair_counts[np.maximum(q_pairs, 0)], 0
+    )
     means = np.where((counts > 0)[:, None], sums / np.maximum(counts, 1)[:, None], np.nan)
     return means / np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
 
@@ -174,7 +204,9 @@ def _distances(queries: np.ndarray, centroids: np.ndarray, metric: str) -> np.nd
     return np.linalg.norm(q - np.nan_to_num(centroids), axis=1)
 
 
-def _merge(idx: np.ndarray, dist: np.ndarray, extra_idx: np.ndarray, extra_dist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _merge(
+    idx: np.ndarray, dist: np.ndarray, extra_idx: np.ndarray, extra_dist: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Insert one (index, distance) per row into its ascending row, keeping the first K columns."""
     k = idx.shape[1]
     pos = (dist < extra_dist[:, None]).sum(1)  # insertion point in each sorted row
@@ -244,9 +276,15 @@ def _centroid_ids(labels: np.ndarray, names: np.ndarray | None) -> np.ndarray:
     return ids if names is None else np.char.add(np.char.add(ids, "|sequence="), names.astype(str))
 
 
-def _table_centroid_ids(cents: Centroids, frame: pd.DataFrame, gallery_ids: np.ndarray, g_groups: np.ndarray) -> np.ndarray:
+def _table_centroid_ids(
+    cents: Centroids, frame: pd.DataFrame, gallery_ids: np.ndarray, g_groups: np.ndarray
+) -> np.ndarray:
     """Centroid ids naming the table's sequence (or the item, for rows without one) instead of the group code."""
     first_row = pd.Series(np.arange(len(g_groups))).groupby(g_groups).first()
     rows = first_row.loc[cents.groups].to_numpy()
-    seq = frame.loc[gallery_ids[rows], "sequence"].to_numpy(object) if "sequence" in frame.columns else np.full(len(rows), None)
+    seq = (
+        frame.loc[gallery_ids[rows], "sequence"].to_numpy(object)
+        if "sequence" in frame.columns
+        else np.full(len(rows), None)
+    )
     return _centroid_ids(cents.labels, _sequence_names(seq, gallery_ids[rows]))

@@ -18,7 +18,8 @@ COARSE_WIDTH = 4  # coarse chunk maxima per wanted neighbour when bounding the k
 
 
 def as_tensor(x: np.ndarray | torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
-    """A float32 tensor on `device` (auto: the best present; None: where it already lives), without copying when possible."""
+    """A float32 tensor on `device` (auto: the best present; None: where it already lives), without copying when
+    possible."""
     t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
     return t.to(device=resolve_device(device, "search.device") if device is not None else t.device, dtype=torch.float32)
 
@@ -46,25 +47,33 @@ def exact_knn(
         raise LookalikeError(f"metric: expected one of {', '.join(METRICS)}, got {metric!r}")
     q, g = as_tensor(queries, device), as_tensor(gallery, device)
     if q.ndim != 2 or g.ndim != 2 or q.shape[1] != g.shape[1]:
-        raise LookalikeError(f"search: queries {tuple(q.shape)} and gallery {tuple(g.shape)} must be [N, D] with equal D")
+        raise LookalikeError(
+            f"search: queries {tuple(q.shape)} and gallery {tuple(g.shape)} must be [N, D] with equal D"
+        )
     if k < 1:
         raise LookalikeError(f"k: expected a positive integer, got {k}")
     groups = _group_tensors(exclude, q.device, len(q), len(g))
     n_hidden = max_hidden(exclude) if groups is not None and len(g) else None
     if n_hidden is not None and n_hidden <= k:  # few hidden: search k + that many unmasked, then drop them
-        index, dist = exact_knn(queries, gallery, min(k + n_hidden, len(g)), metric, None, query_block, gallery_block, device, progress)
+        index, dist = exact_knn(
+            queries, gallery, min(k + n_hidden, len(g)), metric, None, query_block, gallery_block, device, progress
+        )
         return drop_hidden(index, dist, exclude, k)
     g = g.to(q.device)
     if metric == "cosine":
         q = torch.nn.functional.normalize(q, dim=1)
-    buffer = None if _uses_onednn(q) else torch.empty(min(query_block, len(q)) * min(gallery_block, len(g)), device=q.device)
+    buffer = (
+        None if _uses_onednn(q) else torch.empty(min(query_block, len(q)) * min(gallery_block, len(g)), device=q.device)
+    )
     index, dist = np.empty((len(q), k), np.int64), np.empty((len(q), k), np.float32)
     with torch.inference_mode():
         blocks = range(0, len(q), query_block)
         for start in progress(blocks, len(blocks)) if progress else blocks:
             stop = min(start + query_block, len(q))
             q_groups = groups[0][start:stop] if groups else None
-            s, i = _top_scores(q[start:stop], g, metric, k, gallery_block, buffer, q_groups, groups[1] if groups else None)
+            s, i = _top_scores(
+                q[start:stop], g, metric, k, gallery_block, buffer, q_groups, groups[1] if groups else None
+            )
             index[start:stop], dist[start:stop] = _to_results(s, i, q[start:stop], metric)
     return index, dist
 
@@ -74,7 +83,9 @@ def _group_tensors(exclude, device, n_q: int, n_g: int) -> tuple[torch.Tensor, t
         return None
     qg, gg = (torch.tensor(np.asarray(a, dtype=np.int64), device=device) for a in exclude)
     if qg.shape != (n_q,) or gg.shape != (n_g,):
-        raise LookalikeError(f"exclude: expected group arrays of length {n_q} and {n_g}, got {tuple(qg.shape)} and {tuple(gg.shape)}")
+        raise LookalikeError(
+            f"exclude: expected group arrays of length {n_q} and {n_g}, got {tuple(qg.shape)} and {tuple(gg.shape)}"
+        )
     return qg, gg
 
 
@@ -135,7 +146,9 @@ def _keep_top_k(scores: torch.Tensor, index: torch.Tensor, k: int) -> tuple[torc
         scores, pos = _top_k(scores, k)
         return scores, torch.gather(index, 1, pos)
     pad = k - scores.shape[1]
-    return torch.nn.functional.pad(scores, (0, pad), value=-torch.inf), torch.nn.functional.pad(index, (0, pad), value=PAD)
+    return torch.nn.functional.pad(scores, (0, pad), value=-torch.inf), torch.nn.functional.pad(
+        index, (0, pad), value=PAD
+    )
 
 
 def _top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,7 +193,11 @@ def _candidates(s: torch.Tensor, k: int, floor: torch.Tensor) -> tuple[torch.Ten
     cols = chunks[:, None] + torch.arange(0, chunk * n_chunks, n_chunks, device=s.device)  # [N, chunk]
     values = s.reshape(-1).index_select(0, ((rows * width)[:, None] + cols).reshape(-1))
     keep = (values.view(-1, chunk) >= bound.index_select(0, rows)[:, None]).reshape(-1).nonzero().squeeze(1)
-    rows, cols, values = rows.index_select(0, keep // chunk), cols.reshape(-1).index_select(0, keep), values.index_select(0, keep)
+    rows, cols, values = (
+        rows.index_select(0, keep // chunk),
+        cols.reshape(-1).index_select(0, keep),
+        values.index_select(0, keep),
+    )
     packed_s, packed_i = pack_rows(rows, n_rows, (values, -torch.inf), (cols, PAD))
     tail = slice(chunk * n_chunks, width)  # the last width % chunk columns belong to no chunk
     return torch.cat([packed_s, s[:, tail]], 1), torch.cat([packed_i, columns[tail].expand(n_rows, -1)], 1)

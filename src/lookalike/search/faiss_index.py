@@ -38,7 +38,9 @@ class FaissIndex:
         try:
             index = faiss.index_factory(g.shape[1], self.factory, kind)
         except RuntimeError as exc:
-            raise LookalikeError(f"search.index: FAISS cannot build {self.factory!r} ({str(exc).splitlines()[0]})") from None
+            raise LookalikeError(
+                f"search.index: FAISS cannot build {self.factory!r} ({str(exc).splitlines()[0]})"
+            ) from None
         if not index.is_trained:
             index.train(g)
         self._tune(index)
@@ -53,7 +55,9 @@ class FaissIndex:
         _faiss().write_index(self.index, str(path))
 
     @classmethod
-    def load(cls, path: str, factory: str, metric: str = "cosine", nprobe: int = 16, ef_search: int = 128) -> FaissIndex:
+    def load(
+        cls, path: str, factory: str, metric: str = "cosine", nprobe: int = 16, ef_search: int = 128
+    ) -> FaissIndex:
         """An index written by `save`, tuned and ready to search as if just built."""
         loaded = cls(factory, metric, nprobe, ef_search)
         loaded.index = _faiss().read_index(str(path))
@@ -70,7 +74,9 @@ class FaissIndex:
             except RuntimeError:
                 pass  # the parameter does not apply to this index type
 
-    def search(self, queries: np.ndarray, k: int, exclude: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, queries: np.ndarray, k: int, exclude: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k gallery positions and ascending distances; excluded groups are skipped as in exact search."""
         if self.index is None:
             raise LookalikeError("search: the FAISS index is empty; call add(gallery) first")

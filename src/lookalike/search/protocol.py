@@ -17,7 +17,9 @@ def query_gallery_ids(table: DatasetTable) -> tuple[np.ndarray, np.ndarray]:
     return val.loc[val["is_query"], "path"].to_numpy(str), val.loc[val["is_gallery"], "path"].to_numpy(str)
 
 
-def exclusion_groups(table: DatasetTable, query_ids: np.ndarray, gallery_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def exclusion_groups(
+    table: DatasetTable, query_ids: np.ndarray, gallery_ids: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Integer groups per query and gallery item: a gallery item is never a match for a query of its group.
 
     The group is the row itself ("a query never retrieves itself") or, when the table has a `sequence`

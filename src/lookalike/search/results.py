@@ -31,12 +31,19 @@ class RetrievalResults:
         distances = np.asarray(self.distances, dtype=np.float32)
         query_ids, gallery_ids = np.asarray(self.query_ids), np.asarray(self.gallery_ids)
         if indices.ndim != 2 or indices.shape != distances.shape:
-            raise LookalikeError(f"results: indices {indices.shape} and distances {distances.shape} must be equal [Q, K]")
+            raise LookalikeError(
+                f"results: indices {indices.shape} and distances {distances.shape} must be equal [Q, K]"
+            )
         if len(query_ids) != len(indices):
             raise LookalikeError(f"results: {len(indices)} rows but {len(query_ids)} query ids")
         if indices.size and (indices.max() >= len(gallery_ids) or indices.min() < PAD):
             raise LookalikeError(f"results: indices must lie in [-1, {len(gallery_ids) - 1}]")
-        for name, value in (("indices", indices), ("distances", distances), ("query_ids", query_ids), ("gallery_ids", gallery_ids)):
+        for name, value in (
+            ("indices", indices),
+            ("distances", distances),
+            ("query_ids", query_ids),
+            ("gallery_ids", gallery_ids),
+        ):
             object.__setattr__(self, name, value)
 
     @property
@@ -54,7 +61,9 @@ class RetrievalResults:
 
     def top(self, k: int) -> RetrievalResults:
         """The first k columns."""
-        return RetrievalResults(self.indices[:, :k], self.distances[:, :k], self.query_ids, self.gallery_ids, dict(self.meta))
+        return RetrievalResults(
+            self.indices[:, :k], self.distances[:, :k], self.query_ids, self.gallery_ids, dict(self.meta)
+        )
 
     def save(self, path: str | os.PathLike) -> None:
         """Write everything into one .npz file atomically."""
@@ -75,7 +84,13 @@ class RetrievalResults:
         path = Path(path)
         try:
             with np.load(path, allow_pickle=False) as data:
-                return cls(data["indices"], data["distances"], data["query_ids"], data["gallery_ids"], json.loads(str(data["meta"])))
+                return cls(
+                    data["indices"],
+                    data["distances"],
+                    data["query_ids"],
+                    data["gallery_ids"],
+                    json.loads(str(data["meta"])),
+                )
         except FileNotFoundError:
             raise LookalikeError(f"{path}: no such results file") from None
         except (KeyError, ValueError, OSError) as exc:
@@ -111,7 +126,10 @@ def clamp_k(k: int, n_gallery: int, n_queries: int, exclude: tuple[np.ndarray, n
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= limit or limit < 1:
         return k
     seen = " a query may see" if exclude is not None else ""
-    warnings.warn(LookalikeWarning(f"search.k: {k} is more than the {limit} gallery items{seen}; the lists hold {limit}"), stacklevel=3)
+    warnings.warn(
+        LookalikeWarning(f"search.k: {k} is more than the {limit} gallery items{seen}; the lists hold {limit}"),
+        stacklevel=3,
+    )
     return limit
 
 
@@ -122,7 +140,9 @@ def ranks_everything(results: RetrievalResults, exclude: tuple[np.ndarray, np.nd
     return bool(((n_valid >= visible) | (n_valid < results.k)).all())
 
 
-def drop_hidden(index: np.ndarray, dist: np.ndarray, exclude: tuple[np.ndarray, np.ndarray] | None, k: int) -> tuple[np.ndarray, np.ndarray]:
+def drop_hidden(
+    index: np.ndarray, dist: np.ndarray, exclude: tuple[np.ndarray, np.ndarray] | None, k: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Rows of a search run without `exclude` for k + max_hidden items: the hidden ones removed, the rest moved up
     in order, cut or padded (PAD, inf) to k columns."""
     empty = index < 0

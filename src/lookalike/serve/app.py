@@ -68,12 +68,21 @@ def create_app(index: GalleryIndex, host: str = "127.0.0.1", extra_hosts: tuple[
     Host names of allowed_hosts(host, serve.allowed_hosts + extra_hosts); bodies are counted as they arrive."""
     limits = index.limits
     max_bytes = int(limits.max_upload_mb * 1_000_000)
-    app = FastAPI(title="lookalike", version=__version__, description="Search an image gallery and compare re-rankers side by side.",
-                  docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="lookalike",
+        version=__version__,
+        description="Search an image gallery and compare re-rankers side by side.",
+        docs_url=None,
+        redoc_url=None,
+    )
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     worker = SearchWorker(limits.search_timeout)
-    app.add_middleware(BodyGuard, max_bytes=max_bytes + FORM_OVERHEAD, idle=limits.read_timeout, total=limits.upload_timeout)
-    hosts = serve_limits({**limits.model_dump(), "allowed_hosts": [*limits.allowed_hosts, *extra_hosts]}, "--allow-host").allowed_hosts
+    app.add_middleware(
+        BodyGuard, max_bytes=max_bytes + FORM_OVERHEAD, idle=limits.read_timeout, total=limits.upload_timeout
+    )
+    hosts = serve_limits(
+        {**limits.model_dump(), "allowed_hosts": [*limits.allowed_hosts, *extra_hosts]}, "--allow-host"
+    ).allowed_hosts
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(host, hosts))
     app.add_middleware(SecurityHeaders)
 
@@ -89,8 +98,16 @@ def create_app(index: GalleryIndex, host: str = "127.0.0.1", extra_hosts: tuple[
     @app.get("/health", response_model=Health)
     def health() -> Health:
         """Liveness, and what this index offers."""
-        return Health(status="ok", gallery_size=len(index), model=index.settings["model"]["name"], metric=index.metric,
-                      index=index.settings["search"]["index"], rerankers=list(index.rerankers), max_k=MAX_K, max_upload_bytes=max_bytes)
+        return Health(
+            status="ok",
+            gallery_size=len(index),
+            model=index.settings["model"]["name"],
+            metric=index.metric,
+            index=index.settings["search"]["index"],
+            rerankers=list(index.rerankers),
+            max_k=MAX_K,
+            max_upload_bytes=max_bytes,
+        )
 
     @app.get("/image/{gallery_id}", responses={200: {"content": {"image/png": {}}}, 404: {}})
     def image(gallery_id: Annotated[int, PathParam(ge=0, description="a gallery id from /search")]) -> Response:
@@ -122,7 +139,9 @@ def create_app(index: GalleryIndex, host: str = "127.0.0.1", extra_hosts: tuple[
         except LookalikeError as exc:
             raise HTTPException(400, str(exc)) from None
         return SearchResponse(
-            query_gallery_id=gallery_id, query_label=None if gallery_id is None else str(index.labels[gallery_id]), k=k,
+            query_gallery_id=gallery_id,
+            query_label=None if gallery_id is None else str(index.labels[gallery_id]),
+            k=k,
             columns=[_ranking(column, index) for column in columns],
         )
 
@@ -132,7 +151,8 @@ def create_app(index: GalleryIndex, host: str = "127.0.0.1", extra_hosts: tuple[
 class SearchWorker:
     """One thread decodes, embeds and searches for every request, in arrival order. Searches run one at a time anyway
     (the index's lock); on the server's 40 pool threads each thread kept its own allocator arenas and buffers, and the
-    memory rose burst after burst (bench_serve, 5 bursts of 250: RSS 1,059 -> 1,632 MB before, 1,059 -> 1,139 MB now)."""
+    memory rose burst after burst (bench_serve, 5 bursts of 250: RSS 1,059 -> 1,632 MB before, 1,059 -> 1,139 MB
+    now)."""
 
     def __init__(self, timeout: float) -> None:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lookalike-search")
@@ -145,18 +165,24 @@ class SearchWorker:
         def job() -> T:
             waited = time.monotonic() - queued
             if waited > self.timeout:
-                raise IndexBusy(f"search: the server is busy (waited {waited:.1f} s for other searches to finish); try again")
+                raise IndexBusy(
+                    f"search: the server is busy (waited {waited:.1f} s for other searches to finish); try again"
+                )
             return function(*args)
 
         return await asyncio.wrap_future(self.pool.submit(job))
 
 
-def run_search(index: GalleryIndex, upload: bytes | None, gallery_id: int | None, k: int, names: list[str]) -> list[Column]:
+def run_search(
+    index: GalleryIndex, upload: bytes | None, gallery_id: int | None, k: int, names: list[str]
+) -> list[Column]:
     """The columns of one search, for an uploaded image's bytes or a gallery item."""
     if upload is None:
         return index.search(index.gallery.vectors[gallery_id], k, names, gallery_position=gallery_id)
     limits = index.limits
-    image = decode_upload(upload, int(limits.max_upload_mb * 1_000_000), limits.max_pixels, limits.max_aspect_ratio, index.short_side)
+    image = decode_upload(
+        upload, int(limits.max_upload_mb * 1_000_000), limits.max_pixels, limits.max_aspect_ratio, index.short_side
+    )
     with saved_image(image) if index.reads_images(names) else nullcontext() as path:
         return index.search(index.embed(image), k, names, image_path=path)
 
@@ -165,8 +191,14 @@ def server_config(app: FastAPI, index: GalleryIndex, host: str, port: int) -> uv
     """uvicorn's settings for `lookalike serve`: request headers and idle keep-alive connections time out after
     serve.read_timeout, so stalled clients are closed."""
     timeout = index.limits.read_timeout
-    return uvicorn.Config(app, host=host, port=port, log_level="warning", http=header_deadline_protocol(timeout),
-                          timeout_keep_alive=max(1, int(timeout)))
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        http=header_deadline_protocol(timeout),
+        timeout_keep_alive=max(1, int(timeout)),
+    )
 
 
 @contextmanager
@@ -180,6 +212,8 @@ def saved_image(image: Image.Image) -> Iterator[str]:
 
 def _ranking(column: Column, index: GalleryIndex) -> Ranking:
     """A column as the API shows it."""
-    items = [Item(id=int(p), label=str(index.labels[p]), distance=float(d), rank_change=c)
-             for p, d, c in zip(column.positions, column.distances, column.rank_change)]
+    items = [
+        Item(id=int(p), label=str(index.labels[p]), distance=float(d), rank_change=c)
+        for p, d, c in zip(column.positions, column.distances, column.rank_change)
+    ]
     return Ranking(name=column.name, items=items)

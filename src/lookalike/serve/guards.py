@@ -1,5 +1,6 @@
 """ASGI guards of the web app against hostile requests: a read deadline for request bodies (slow or stalled clients)
-a deadline for request headers (uvicorn protocol), and the security headers of every response. The byte limit is Starlette's RequestBodyLimitMiddleware (via FastAPI's
+a deadline for request headers (uvicorn protocol), and the security headers of every response. The byte limit is
+Starlette's RequestBodyLimitMiddleware (via FastAPI's
 max_body_size) and the Host check its TrustedHostMiddleware."""
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ WILDCARD_BINDS = ("0.0.0.0", "::", "")
 SECURITY_HEADERS = {
     # the page loads only its own script, style and images (uploaded previews are blob: URLs); nothing may frame it
     "content-security-policy": "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; base-uri 'none'; "
-                               "form-action 'self'; frame-ancestors 'none'",
+    "form-action 'self'; frame-ancestors 'none'",
     "x-content-type-options": "nosniff",
     "x-frame-options": "DENY",
     "referrer-policy": "no-referrer",

@@ -42,7 +42,12 @@ from lookalike.search.results import PAD
 
 FORMAT = 1
 SETTINGS_FILE, MODEL_FILE, GALLERY_FILE, EMBEDDINGS_FILE, FAISS_FILE = (
-    "index.json", "model.pt", "gallery.csv", "embeddings.npz", "faiss.index")
+    "index.json",
+    "model.pt",
+    "gallery.csv",
+    "embeddings.npz",
+    "faiss.index",
+)
 SERVABLE = ("icfrr", "kreciprocal", "qe", "dba", "pairwise")  # re-rankers that can take an uploaded query
 IMAGE_RERANKERS = ("pairwise",)  # these also read the images: the gallery table, and the query's image file
 
@@ -53,7 +58,8 @@ class IndexBusy(LookalikeError):
 
 @dataclass
 class Column:
-    """One ranking of the page: the top-k gallery positions, their distances, and each item's move against the original."""
+    """One ranking of the page: the top-k gallery positions, their distances, and each item's move against the
+    original."""
 
     name: str
     positions: np.ndarray  # [k] gallery positions
@@ -91,7 +97,10 @@ def servable_rerankers(steps: list[str | dict[str, Any]], names: list[str] | Non
     names = names or [column_name(step) for step in steps]
     for position, (name, reranker) in enumerate(zip(names, build_chain(steps))):
         if reranker.name not in SERVABLE:
-            raise ConfigError(f"rerank[{position}]: {reranker.name!r} cannot run in the web app; expected one of {', '.join(SERVABLE)}")
+            raise ConfigError(
+                f"rerank[{position}]: {reranker.name!r} cannot run in the web app; expected one of "
+                f"{', '.join(SERVABLE)}"
+            )
         if isinstance(reranker, PairwiseReranker):
             reranker.model  # noqa: B018 -- loads and checks the weights
         rerankers[name] = reranker
@@ -99,7 +108,8 @@ def servable_rerankers(steps: list[str | dict[str, Any]], names: list[str] | Non
 
 
 def pack_weights(steps: list[str | dict[str, Any]], folder: Path) -> list[str | dict[str, Any]]:
-    """The steps with every `weights` file (a pairwise checkpoint) copied into the index folder and named relative to it."""
+    """The steps with every `weights` file (a pairwise checkpoint) copied into the index folder and named relative to
+    it."""
     packed: list[str | dict[str, Any]] = []
     for position, step in enumerate(steps):
         name, params = step_parts(step, position)
@@ -135,9 +145,19 @@ def build_index(cfg: Config, table: DatasetTable, extractor: Extractor, progress
     dc = extractor.data_config()
     settings = {
         "format": FORMAT,
-        "model": {"name": cfg.model.name, "embedding_dim": cfg.model.embedding_dim, "normalize": cfg.model.normalize, "bnneck": cfg.model.bnneck,
-                  "last_stride": cfg.model.last_stride},
-        "data": {"image_size": cfg.data.image_size, "crop_fraction": cfg.data.crop_fraction, "mean": list(dc["mean"]), "std": list(dc["std"])},
+        "model": {
+            "name": cfg.model.name,
+            "embedding_dim": cfg.model.embedding_dim,
+            "normalize": cfg.model.normalize,
+            "bnneck": cfg.model.bnneck,
+            "last_stride": cfg.model.last_stride,
+        },
+        "data": {
+            "image_size": cfg.data.image_size,
+            "crop_fraction": cfg.data.crop_fraction,
+            "mean": list(dc["mean"]),
+            "std": list(dc["std"]),
+        },
         "search": {"metric": cfg.search.metric, "index": cfg.search.index},
         "serve": cfg.serve.model_dump(),
         "provenance": provenance(cfg),
@@ -150,8 +170,15 @@ def build_index(cfg: Config, table: DatasetTable, extractor: Extractor, progress
         torch.save(extractor.state_dict(), folder / MODEL_FILE)
         paths = [str(p.resolve()) for p in gallery.image_paths()]
         boxes = rows[list(BBOX_COLUMNS)] if gallery.has_bbox else pd.DataFrame(index=rows.index)
-        save_csv(pd.DataFrame({"path": paths, "label": rows["label"].astype(str)}).join(boxes), ("path",), folder, folder / GALLERY_FILE)
-        Embeddings(emb.vectors, paths, {**emb.meta, "provenance": settings["provenance"]}).save(folder / EMBEDDINGS_FILE)  # ids = the gallery table's paths
+        save_csv(
+            pd.DataFrame({"path": paths, "label": rows["label"].astype(str)}).join(boxes),
+            ("path",),
+            folder,
+            folder / GALLERY_FILE,
+        )
+        Embeddings(emb.vectors, paths, {**emb.meta, "provenance": settings["provenance"]}).save(
+            folder / EMBEDDINGS_FILE
+        )  # ids = the gallery table's paths
         if cfg.search.index != "exact":
             FaissIndex(cfg.search.index, cfg.search.metric).add(emb.vectors).save(folder / FAISS_FILE)
     return target
@@ -197,10 +224,13 @@ class GalleryIndex:
 
     @contextmanager
     def _model(self) -> Iterator[None]:
-        """Hold the lock for one search, waiting at most serve.search_timeout: a queue of searches cannot grow unbounded waits."""
+        """Hold the lock for one search, waiting at most serve.search_timeout: a queue of searches cannot grow unbounded
+        waits."""
         timeout = self.limits.search_timeout
         if not self.lock.acquire(timeout=timeout):
-            raise IndexBusy(f"search: the server is busy (waited {timeout:g} s for other searches to finish); try again")
+            raise IndexBusy(
+                f"search: the server is busy (waited {timeout:g} s for other searches to finish); try again"
+            )
         try:
             yield
         finally:
@@ -211,14 +241,25 @@ class GalleryIndex:
 
     @classmethod
     def build(
-        cls, images: str | os.PathLike | DatasetTable, extractor: Extractor, folder: str | os.PathLike, *,
-        rerank: Sequence[str | dict[str, Any]] = (), metric: str = "cosine", index: str = "exact", batch_size: int = 64,
-        device: str = "cpu", progress: Progress | None = None,
+        cls,
+        images: str | os.PathLike | DatasetTable,
+        extractor: Extractor,
+        folder: str | os.PathLike,
+        *,
+        rerank: Sequence[str | dict[str, Any]] = (),
+        metric: str = "cosine",
+        index: str = "exact",
+        batch_size: int = 64,
+        device: str = "cpu",
+        progress: Progress | None = None,
     ) -> GalleryIndex:
-        """Embed a gallery, write it to `folder` as `lookalike index` does (servable by `lookalike serve folder`) and load it.
+        """Embed a gallery, write it to `folder` as `lookalike index` does (servable by `lookalike serve folder`) and
+        load
+        it.
 
         Args:
-            images: a class-per-folder tree (root/<label>/<image>, every image in the gallery) or a dataset table (all rows).
+            images: a class-per-folder tree (root/<label>/<image>, every image in the gallery) or a dataset table (all
+            rows).
             extractor: the model; its `image_size` and `crop_fraction` are the index's transform.
             folder: the index folder to write (replaced as a whole, never half-written).
             rerank: re-rankers queries may use, as in a config's `rerank:` (e.g. ["kreciprocal", {"qe": {"n": 3}}]).
@@ -234,14 +275,17 @@ class GalleryIndex:
         Example:
             >>> import lookalike
             >>> extractor = lookalike.Extractor("resnet18", image_size=32)
-            >>> index = lookalike.GalleryIndex.build("data/omniglot/images_background_small1/Latin", extractor, "runs/latin")
+            >>> index = lookalike.GalleryIndex.build("data/omniglot/images_background_small1/Latin", extractor,
+            "runs/latin")
             >>> len(index)
             520
         """
         table = images if isinstance(images, DatasetTable) else import_folder(images, validation_fraction=0.0)
         values = Config().model_dump()
         values["model"].update(extractor.settings(), pretrained=False)
-        values["data"].update(image_size=extractor.image_size, crop_fraction=extractor.crop_fraction, batch_size=batch_size)
+        values["data"].update(
+            image_size=extractor.image_size, crop_fraction=extractor.crop_fraction, batch_size=batch_size
+        )
         values["extract"]["device"] = device
         values["search"].update(metric=metric, index=index)
         values["serve"].update(index_dir=os.fspath(folder), gallery="all")
@@ -263,7 +307,8 @@ class GalleryIndex:
         Args:
             image: an image file or a PIL image (not part of the gallery).
             k: how many items to return.
-            reranker: a re-ranker of this index by its column name (`list(index.rerankers)`), or None for the search's list.
+            reranker: a re-ranker of this index by its column name (`list(index.rerankers)`), or None for the search's
+            list.
 
         Returns:
             A DataFrame indexed by rank (1..k) with the gallery item's `path`, `label` and `distance` (ascending).
@@ -279,7 +324,14 @@ class GalleryIndex:
         picture = image if path is None else read_image(path)
         column = self.search(self.embed(picture), k, [reranker] if reranker else [], image_path=path)[-1]
         rank = pd.RangeIndex(1, len(column.positions) + 1, name="rank")
-        return pd.DataFrame({"path": self.paths[column.positions], "label": self.labels[column.positions], "distance": column.distances}, index=rank)
+        return pd.DataFrame(
+            {
+                "path": self.paths[column.positions],
+                "label": self.labels[column.positions],
+                "distance": column.distances,
+            },
+            index=rank,
+        )
 
     def embed(self, image: Image.Image) -> np.ndarray:
         """The embedding [D] of one image (converted to RGB as gallery images are)."""
@@ -288,23 +340,36 @@ class GalleryIndex:
             return self.extractor(batch)[0].float().numpy()
 
     def search(
-        self, vector: np.ndarray, k: int, rerankers: list[str] = (), gallery_position: int | None = None, image_path: str | None = None
+        self,
+        vector: np.ndarray,
+        k: int,
+        rerankers: list[str] = (),
+        gallery_position: int | None = None,
+        image_path: str | None = None,
     ) -> list[Column]:
         """The original top-k and each chosen re-ranker's top-k for one query vector; a gallery item never finds itself.
         Re-rankers that read images (pairwise) need the query's image file: `image_path`, or the gallery item's."""
         unknown = [name for name in rerankers if name not in self.rerankers]
         if unknown:
-            raise LookalikeError(f"rerankers: unknown {unknown[0]!r}; this index has {', '.join(self.rerankers) or 'none'}")
+            raise LookalikeError(
+                f"rerankers: unknown {unknown[0]!r}; this index has {', '.join(self.rerankers) or 'none'}"
+            )
         repeated = [(name, n) for name, n in Counter(rerankers).items() if n > 1]
         if repeated:  # with each name once, a search runs at most every configured stage once
-            raise LookalikeError(f"rerankers: {repeated[0][0]!r} is given {repeated[0][1]} times; give each re-ranker once")
+            raise LookalikeError(
+                f"rerankers: {repeated[0][0]!r} is given {repeated[0][1]} times; give each re-ranker once"
+            )
         own = gallery_position is not None
         m = min(max(k, self.candidates), len(self) - own)
-        query_id = self.gallery.ids[gallery_position] if own else (image_path or "query")  # a gallery query is that gallery node
+        query_id = (
+            self.gallery.ids[gallery_position] if own else (image_path or "query")
+        )  # a gallery query is that gallery node
         queries = Embeddings(vector[None].astype(np.float32), [query_id])
         exclude = (np.array([gallery_position]), np.arange(len(self))) if own else None
         table = self._table_with(image_path) if not own and self.reads_images(rerankers) else self.table
-        context = RerankContext(queries=queries, gallery=self.gallery, metric=self.metric, exclude=exclude, table=table, cache=self.cache)
+        context = RerankContext(
+            queries=queries, gallery=self.gallery, metric=self.metric, exclude=exclude, table=table, cache=self.cache
+        )
         with self._model():
             original = self._search(queries, m, exclude)
             columns = [_column("original", original, original, k)]
@@ -323,7 +388,9 @@ class GalleryIndex:
         if image_path is None:
             raise LookalikeError("rerankers: a re-ranker that reads images needs the query image's file")
         query = pd.DataFrame({"path": [image_path], "label": [""]})
-        return DatasetTable(pd.concat([self.table.frame, query], ignore_index=True), self.table.root, "<gallery + query>")
+        return DatasetTable(
+            pd.concat([self.table.frame, query], ignore_index=True), self.table.root, "<gallery + query>"
+        )
 
     def _search(self, queries: Embeddings, m: int, exclude) -> RetrievalResults:
         if self.faiss is not None:
@@ -374,23 +441,43 @@ def load_index(folder: str | os.PathLike) -> GalleryIndex:
     if not isinstance(settings, dict) or settings.get("format") != FORMAT:
         found = settings.get("format") if isinstance(settings, dict) else type(settings).__name__
         raise LookalikeError(f"{settings_path}: format {found!r}, expected {FORMAT}")
-    needed = [MODEL_FILE, GALLERY_FILE, EMBEDDINGS_FILE] + ([FAISS_FILE] if settings["search"]["index"] != "exact" else [])
+    needed = [MODEL_FILE, GALLERY_FILE, EMBEDDINGS_FILE] + (
+        [FAISS_FILE] if settings["search"]["index"] != "exact" else []
+    )
     missing = [name for name in needed if not (folder / name).is_file()]
     if missing:
-        raise LookalikeError(f"{folder / missing[0]}: missing (the index folder holds {', '.join(needed)}; rebuild with `lookalike index`)")
+        raise LookalikeError(
+            f"{folder / missing[0]}: missing (the index folder holds {', '.join(needed)}; rebuild with `lookalike "
+            "index`)"
+        )
     m = settings["model"]
-    extractor = Extractor(m["name"], pretrained=False, embedding_dim=m["embedding_dim"], normalize=m["normalize"], bnneck=m["bnneck"],
-                          last_stride=m.get("last_stride"))
-    load_weights(extractor, folder / MODEL_FILE, field="index folder")  # a truncated or foreign model.pt: one line naming it
+    extractor = Extractor(
+        m["name"],
+        pretrained=False,
+        embedding_dim=m["embedding_dim"],
+        normalize=m["normalize"],
+        bnneck=m["bnneck"],
+        last_stride=m.get("last_stride"),
+    )
+    load_weights(
+        extractor, folder / MODEL_FILE, field="index folder"
+    )  # a truncated or foreign model.pt: one line naming it
     d = settings["data"]
     gallery = pd.read_csv(folder / GALLERY_FILE, dtype={"label": str, "path": str}, encoding_errors="surrogateescape")
     gallery["label"] = gallery["label"].fillna("")
     emb = Embeddings.load(folder / EMBEDDINGS_FILE)
     if len(emb) != len(gallery) or not np.array_equal(emb.ids, gallery["path"].to_numpy(str)):
-        raise LookalikeError(f"{folder / EMBEDDINGS_FILE}: its ids are not the {len(gallery)} paths of {GALLERY_FILE} (rebuild with `lookalike index`)")
+        raise LookalikeError(
+            f"{folder / EMBEDDINGS_FILE}: its ids are not the {len(gallery)} paths of {GALLERY_FILE} (rebuild with "
+            "`lookalike index`)"
+        )
     return GalleryIndex(
-        extractor.eval(), eval_transform(d["image_size"], d["crop_fraction"], d["mean"], d["std"]), emb,
-        DatasetTable(gallery, folder, str(folder / GALLERY_FILE)), settings, servable_rerankers(unpack_weights(settings["rerank"], folder), settings["columns"]),
+        extractor.eval(),
+        eval_transform(d["image_size"], d["crop_fraction"], d["mean"], d["std"]),
+        emb,
+        DatasetTable(gallery, folder, str(folder / GALLERY_FILE)),
+        settings,
+        servable_rerankers(unpack_weights(settings["rerank"], folder), settings["columns"]),
         _load_faiss(folder, settings),
     )
 
@@ -398,4 +485,6 @@ def load_index(folder: str | os.PathLike) -> GalleryIndex:
 def _load_faiss(folder: Path, settings: dict) -> FaissIndex | None:
     """The saved FAISS index; None for exact search."""
     search = settings["search"]
-    return None if search["index"] == "exact" else FaissIndex.load(folder / FAISS_FILE, search["index"], search["metric"])
+    return (
+        None if search["index"] == "exact" else FaissIndex.load(folder / FAISS_FILE, search["index"], search["metric"])
+    )

@@ -48,9 +48,13 @@ def _open_header(data: bytes, max_pixels: int) -> Image.Image:
             return Image.open(io.BytesIO(data))
         except Image.DecompressionBombError:
             bomb = 2 * (Image.MAX_IMAGE_PIXELS or 0)
-            raise UploadRejected(413, f"upload: more than {bomb:,} pixels, more than the limit of {max_pixels:,}") from None
+            raise UploadRejected(
+                413, f"upload: more than {bomb:,} pixels, more than the limit of {max_pixels:,}"
+            ) from None
         except UnidentifiedImageError:
-            raise UploadRejected(415, "upload: not an image (expected a JPEG, PNG, WebP, GIF, BMP or TIFF file)") from None
+            raise UploadRejected(
+                415, "upload: not an image (expected a JPEG, PNG, WebP, GIF, BMP or TIFF file)"
+            ) from None
         except Exception as exc:  # noqa: BLE001 - a recognised but broken header
             raise UploadRejected(400, f"upload: the image cannot be decoded ({exc})") from None
 
@@ -62,12 +66,21 @@ def check_size(size: tuple[int, int], max_pixels: int, max_aspect_ratio: float, 
     if min(width, height) < 1:
         raise UploadRejected(400, f"upload: the image cannot be decoded ({width}x{height} pixels)")
     if width * height > max_pixels:
-        raise UploadRejected(413, f"upload: {width}x{height} = {width * height:,} pixels is more than the limit of {max_pixels:,}")
+        raise UploadRejected(
+            413, f"upload: {width}x{height} = {width * height:,} pixels is more than the limit of {max_pixels:,}"
+        )
     ratio = max(width, height) / min(width, height)
     if ratio > max_aspect_ratio:
-        raise UploadRejected(413, f"upload: {width}x{height} has an aspect ratio of {ratio:,.1f}, more than the limit of {max_aspect_ratio:g}")
+        raise UploadRejected(
+            413,
+            f"upload: {width}x{height} has an aspect ratio of {ratio:,.1f}, more than the limit of "
+            f"{max_aspect_ratio:g}",
+        )
     if short_side is not None:
         long_side = int(short_side * max(width, height) / min(width, height))
         if short_side * long_side > max_pixels:
-            raise UploadRejected(413, f"upload: {width}x{height} would be resized to {short_side}x{long_side} = "
-                                      f"{short_side * long_side:,} pixels, more than the limit of {max_pixels:,}")
+            raise UploadRejected(
+                413,
+                f"upload: {width}x{height} would be resized to {short_side}x{long_side} = "
+                f"{short_side * long_side:,} pixels, more than the limit of {max_pixels:,}",
+            )

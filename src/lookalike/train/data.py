@@ -17,8 +17,11 @@ from lookalike.errors import LookalikeError
 AUGMENTS = ("none", "light", "reid")
 
 
-def train_transform(kind: str, image_size: int | list[int], crop_fraction: float = 0.875, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> v2.Compose:
-    """Training augmentation: none (the eval transform), light (random resized crop + flip) or reid (pad-crop, flip, erasing)."""
+def train_transform(
+    kind: str, image_size: int | list[int], crop_fraction: float = 0.875, mean=IMAGENET_MEAN, std=IMAGENET_STD
+) -> v2.Compose:
+    """Training augmentation: none (the eval transform), light (random resized crop + flip) or reid (pad-crop, flip,
+    erasing)."""
     finish = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     if kind == "none":
         return eval_transform(image_size, crop_fraction, mean, std)
@@ -48,7 +51,8 @@ class LabelledImages(torch.utils.data.Dataset):
 
 
 class ShardSampler(torch.utils.data.Sampler[int]):
-    """Rows rank, rank + R, rank + 2R, ...: every row on exactly one rank, no padding (so gathered metrics stay exact)."""
+    """Rows rank, rank + R, rank + 2R, ...: every row on exactly one rank, no padding (so gathered metrics stay
+    exact)."""
 
     def __init__(self, n: int) -> None:
         dist = torch.distributed
@@ -66,8 +70,19 @@ class ShardSampler(torch.utils.data.Sampler[int]):
 class RetrievalDataModule(L.LightningDataModule):
     """The train split in P x K batches; the validation split in table order, sharded across ranks."""
 
-    def __init__(self, table: DatasetTable, train_tf: Callable, eval_tf: Callable, p: int, k: int, few_images: str,
-                 seed: int, batch_size: int, num_workers: int, batches_per_epoch: int | None = None) -> None:
+    def __init__(
+        self,
+        table: DatasetTable,
+        train_tf: Callable,
+        eval_tf: Callable,
+        p: int,
+        k: int,
+        few_images: str,
+        seed: int,
+        batch_size: int,
+        num_workers: int,
+        batches_per_epoch: int | None = None,
+    ) -> None:
         super().__init__()
         self.train_table, self.val_table = table.split("train"), table.split("validation")
         if len(self.train_table) == 0:
@@ -91,7 +106,9 @@ class RetrievalDataModule(L.LightningDataModule):
         self._sampler, self._started = PKSampler(self.train_set.labels, **self.sampling), None
         self.start_epoch(epoch_to_run(self.trainer))
         workers = self.num_workers
-        return torch.utils.data.DataLoader(self.train_set, batch_sampler=self._sampler, num_workers=workers, persistent_workers=False)
+        return torch.utils.data.DataLoader(
+            self.train_set, batch_sampler=self._sampler, num_workers=workers, persistent_workers=False
+        )
 
     def start_epoch(self, epoch: int) -> None:
         """The sampler's batches and the augmentation RNG of `epoch`, from (train.seed, epoch) alone: an epoch trains

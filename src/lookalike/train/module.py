@@ -25,14 +25,21 @@ CENTER_SGD_LR = 0.5  # the official CTL code's SOLVER.CENTER_LR
 
 
 class ExtractorModule(L.LightningModule):
-    """Trains an Extractor with weighted triplet / centroid-triplet / cross-entropy / center losses; validates by retrieval."""
+    """Trains an Extractor with weighted triplet / centroid-triplet / cross-entropy / center losses; validates by
+    retrieval."""
 
-    def __init__(self, extractor: Extractor, cfg: Config, n_classes: int, val_table: DatasetTable | None = None) -> None:
+    def __init__(
+        self, extractor: Extractor, cfg: Config, n_classes: int, val_table: DatasetTable | None = None
+    ) -> None:
         super().__init__()
-        self.save_hyperparameters(flat_config(cfg))  # the resolved config: TensorBoard's hparams tab, hparams.yaml, checkpoints
+        self.save_hyperparameters(
+            flat_config(cfg)
+        )  # the resolved config: TensorBoard's hparams tab, hparams.yaml, checkpoints
         self.extractor, self.cfg, self.val_table = extractor, cfg, val_table
         loss = cfg.train.loss
-        self.triplet = TripletLoss(loss.margin, loss.miner, loss.n_positives, loss.n_negatives, loss.memory_size, dim=extractor.dim)
+        self.triplet = TripletLoss(
+            loss.margin, loss.miner, loss.n_positives, loss.n_negatives, loss.memory_size, dim=extractor.dim
+        )
         self.centroid = CentroidTripletLoss(loss.centroid_margin, loss.centroid_mode)
         self.classifier = nn.Linear(extractor.dim, n_classes, bias=False) if loss.cross_entropy > 0 else None
         self.center = CenterLoss(n_classes, extractor.dim, loss.center_scale) if loss.center > 0 else None
@@ -83,18 +90,29 @@ class ExtractorModule(L.LightningModule):
         t = self.cfg.train
         backbone = list(self.extractor.backbone.parameters())
         ids = {id(p) for p in backbone}
-        head = [p for n, p in self.named_parameters() if id(p) not in ids and p.requires_grad and not n.startswith("center.")]
+        head = [
+            p
+            for n, p in self.named_parameters()
+            if id(p) not in ids and p.requires_grad and not n.startswith("center.")
+        ]
         groups = [{"params": backbone, "lr": t.backbone_lr or t.lr}, {"params": head, "lr": t.lr}]
         if self.center is not None and t.loss.center_optimizer == "shared":
-            groups.append({"params": list(self.center.parameters()), "lr": t.loss.center_lr or t.lr, "weight_decay": 0.0})
+            groups.append(
+                {"params": list(self.center.parameters()), "lr": t.loss.center_lr or t.lr, "weight_decay": 0.0}
+            )
         optimizer = _optimizer(t.optimizer, groups, t.lr, t.weight_decay)
         scheduler = _scheduler(optimizer, t.scheduler, t.warmup_epochs, t.epochs, t.step_epochs, t.step_gamma)
-        return optimizer if scheduler is None else {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        return (
+            optimizer
+            if scheduler is None
+            else {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        )
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """center_optimizer=sgd: step the class centres by their own plain SGD (no momentum, no weight decay) on the
         gradient of the UNWEIGHTED center loss, as the official CTL code does (its centre gradient is divided by the
-        loss weight, lr 0.5); AMP's loss scale is taken out the same way, and a step with inf/NaN gradients is skipped."""
+        loss weight, lr 0.5); AMP's loss scale is taken out the same way, and a step with inf/NaN gradients is
+        skipped."""
         loss = self.cfg.train.loss
         if self.center is None or loss.center_optimizer != "sgd" or self.center.centers.grad is None:
             return
@@ -122,11 +140,21 @@ class ExtractorModule(L.LightningModule):
         self._val_parts.append((rows, embed_batch(self.extractor, images)))  # as extract embeds: fp32, autocast off
 
     def on_validation_epoch_end(self) -> None:
-        rows = torch.cat([r for r, _ in self._val_parts]) if self._val_parts else torch.empty(0, dtype=torch.int64, device=self.device)
-        emb = torch.cat([e for _, e in self._val_parts]) if self._val_parts else torch.empty(0, self.extractor.dim, device=self.device)
+        rows = (
+            torch.cat([r for r, _ in self._val_parts])
+            if self._val_parts
+            else torch.empty(0, dtype=torch.int64, device=self.device)
+        )
+        emb = (
+            torch.cat([e for _, e in self._val_parts])
+            if self._val_parts
+            else torch.empty(0, self.extractor.dim, device=self.device)
+        )
         self._val_parts = []
         vectors = self._gather_in_order(rows.to(self.device), emb, len(self.val_table))
-        embeddings = Embeddings(vectors.cpu().numpy(), self.val_table.frame["path"].to_numpy(str), {"model": self.extractor.name})
+        embeddings = Embeddings(
+            vectors.cpu().numpy(), self.val_table.frame["path"].to_numpy(str), {"model": self.extractor.name}
+        )
         report, results = search_and_score(self.cfg, embeddings, self.val_table)
         self.last_report = report
         self.log_dict({f"val/{k}": float(v) for k, v in report.means.items()}, sync_dist=False)
@@ -155,7 +183,12 @@ class ExtractorModule(L.LightningModule):
         from lookalike.viz import save_result_grid, spread_queries, table_labels
 
         folder = Path(self.cfg.train.output) / "validation"
-        metrics = {"epoch": self.current_epoch, "step": self.global_step, "trained": self.trainer.state.fn == "fit", **report.to_dict()}
+        metrics = {
+            "epoch": self.current_epoch,
+            "step": self.global_step,
+            "trained": self.trainer.state.fn == "fit",
+            **report.to_dict(),
+        }
         text = json.dumps({**metrics, KEY: record(self.cfg)}, indent=2) + "\n"
         tag = f"epoch{self.current_epoch:03d}" if self.trainer.state.fn == "fit" else self.validation_tag
         write_text_atomic(folder / f"metrics_{tag}.json", text)
@@ -164,7 +197,15 @@ class ExtractorModule(L.LightningModule):
             e = self.cfg.evaluate
             queries = spread_queries(results.n_queries, e.grid_queries)
             labels = table_labels(self.val_table, results)
-            save_result_grid(results, folder / f"grid_{tag}.png", self.val_table.root, report.relevance, queries, e.grid_top_k, labels=labels)
+            save_result_grid(
+                results,
+                folder / f"grid_{tag}.png",
+                self.val_table.root,
+                report.relevance,
+                queries,
+                e.grid_top_k,
+                labels=labels,
+            )
 
 
 def _loss_scale(trainer: L.Trainer) -> float:
@@ -185,11 +226,15 @@ def _scheduler(optimizer, name: str, warmup: int, epochs: int, steps: list[int],
     """Per-epoch learning-rate schedule with an optional linear warm-up."""
     if name == "none" and warmup == 0:
         return None
+
     def factor(epoch: int) -> float:
         warm = min(1.0, (epoch + 1) / warmup) if warmup else 1.0
         if name == "cosine":
-            return warm * 0.5 * (1 + math.cos(math.pi * epoch / max(epochs, 1)))  # a float: numpy scalars break weights_only loading
+            return (
+                warm * 0.5 * (1 + math.cos(math.pi * epoch / max(epochs, 1)))
+            )  # a float: numpy scalars break weights_only loading
         if name == "step":
             return warm * gamma ** sum(epoch >= s for s in steps)
         return warm
+
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

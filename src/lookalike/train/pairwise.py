@@ -36,7 +36,15 @@ from lookalike.rerank.pairwise import PairBatches, PairwiseReranker, merge_top_n
 from lookalike.search.results import RetrievalResults
 from lookalike.train.data import LabelledImages, train_transform
 from lookalike.train.module import _optimizer, _scheduler
-from lookalike.train.run import Throughput, TrainResult, _check_monitor, build_trainer, fit_result, fit_until_sigterm, resume_checkpoint
+from lookalike.train.run import (
+    Throughput,
+    TrainResult,
+    _check_monitor,
+    build_trainer,
+    fit_result,
+    fit_until_sigterm,
+    resume_checkpoint,
+)
 
 
 class PairTrainImages(LabelledImages):
@@ -90,7 +98,9 @@ class FrozenBackbone(BaseFinetuning):
         if self.epochs > 0 and epoch >= self.epochs:  # >=: a run resumed after the frozen epochs unfreezes too
             self.make_trainable(pl_module.model.backbone)
 
-    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: PairwiseModule, optimizer: torch.optim.Optimizer) -> None:
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: PairwiseModule, optimizer: torch.optim.Optimizer
+    ) -> None:
         """Under DDP, drop the backbone's (already all-reduced) gradients while it is frozen."""
         if self.distributed and trainer.current_epoch < self.epochs:
             for param in pl_module.model.backbone.parameters():
@@ -100,17 +110,25 @@ class FrozenBackbone(BaseFinetuning):
 class PairwiseModule(L.LightningModule):
     """Trains a PairwiseModel on mined pairs with BCE; validates by re-ranking the validation split's top_n."""
 
-    def __init__(self, model: PairwiseModel, train_embeddings: torch.Tensor, cfg: Config, validation: PairValidation) -> None:
+    def __init__(
+        self, model: PairwiseModel, train_embeddings: torch.Tensor, cfg: Config, validation: PairValidation
+    ) -> None:
         super().__init__()
-        self.save_hyperparameters(flat_config(cfg))  # the resolved config: TensorBoard's hparams tab, hparams.yaml, checkpoints
+        self.save_hyperparameters(
+            flat_config(cfg)
+        )  # the resolved config: TensorBoard's hparams tab, hparams.yaml, checkpoints
         self.model, self.cfg, self.validation = model, cfg, validation
-        self.register_buffer("train_embeddings", train_embeddings, persistent=False)  # [N train rows, D], follows the device
+        self.register_buffer(
+            "train_embeddings", train_embeddings, persistent=False
+        )  # [N train rows, D], follows the device
         self.last_report: MetricsReport | None = None
         self._scores: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels, valid, rows = batch
-        first, second, negative = mine_pairs(self.train_embeddings[rows], labels, valid.bool(), rows, self.cfg.pairwise.mining)
+        first, second, negative = mine_pairs(
+            self.train_embeddings[rows], labels, valid.bool(), rows, self.cfg.pairwise.mining
+        )
         out = pair_bce(self.model(images[first], images[second]), negative)
         self.log("train/loss", out.loss, prog_bar=True, batch_size=len(first))
         for name, value in out.stats.items():
@@ -119,11 +137,17 @@ class PairwiseModule(L.LightningModule):
 
     def configure_optimizers(self):
         t = self.cfg.train
-        groups = [{"params": list(self.model.head.parameters()), "lr": t.lr},
-                  {"params": list(self.model.backbone.parameters()), "lr": t.backbone_lr or t.lr}]  # skipped while frozen
+        groups = [
+            {"params": list(self.model.head.parameters()), "lr": t.lr},
+            {"params": list(self.model.backbone.parameters()), "lr": t.backbone_lr or t.lr},
+        ]  # skipped while frozen
         optimizer = _optimizer(t.optimizer, groups, t.lr, t.weight_decay)
         scheduler = _scheduler(optimizer, t.scheduler, t.warmup_epochs, t.epochs, t.step_epochs, t.step_gamma)
-        return optimizer if scheduler is None else {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        return (
+            optimizer
+            if scheduler is None
+            else {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Keep the model's spec beside the weights, so load_pairwise rebuilds it from the file alone."""
@@ -155,8 +179,13 @@ class PairwiseModule(L.LightningModule):
     def _write_validation(self, report: MetricsReport, results: RetrievalResults) -> None:
         """metrics before/after re-ranking (JSON per epoch and latest) and result grids of the same queries."""
         folder = Path(self.cfg.train.output) / "validation"
-        record = {"epoch": self.current_epoch, "top_n": self.validation.batches.shape[1],
-                  "before": self.validation.report.to_dict(), "after": report.to_dict(), KEY: provenance(self.cfg)}
+        record = {
+            "epoch": self.current_epoch,
+            "top_n": self.validation.batches.shape[1],
+            "before": self.validation.report.to_dict(),
+            "after": report.to_dict(),
+            KEY: provenance(self.cfg),
+        }
         text = json.dumps(record, indent=2) + "\n"
         write_text_atomic(folder / f"metrics_epoch{self.current_epoch:03d}.json", text)
         write_text_atomic(folder / "metrics_last.json", text)
@@ -189,7 +218,9 @@ def auto_precision(cfg: Config) -> str:
 class PairwiseDataModule(L.LightningDataModule):
     """The train split in P x K batches of (image, label, valid, row); validation = the pair batches of the top_n."""
 
-    def __init__(self, train_set: PairTrainImages, sampling: dict, validation: PairValidation, num_workers: int) -> None:
+    def __init__(
+        self, train_set: PairTrainImages, sampling: dict, validation: PairValidation, num_workers: int
+    ) -> None:
         super().__init__()
         self.train_set, self.sampling, self.validation, self.num_workers = train_set, sampling, validation, num_workers
         PKSampler(train_set.labels, num_replicas=1, rank=0, **sampling)  # fail early on too few labels
@@ -197,7 +228,9 @@ class PairwiseDataModule(L.LightningDataModule):
     def train_dataloader(self) -> torch.utils.data.DataLoader:
         workers = self.num_workers
         sampler = PKSampler(self.train_set.labels, **self.sampling)
-        return torch.utils.data.DataLoader(self.train_set, batch_sampler=sampler, num_workers=workers, persistent_workers=workers > 0)
+        return torch.utils.data.DataLoader(
+            self.train_set, batch_sampler=sampler, num_workers=workers, persistent_workers=workers > 0
+        )
 
     def val_dataloader(self) -> torch.utils.data.DataLoader:
         return torch.utils.data.DataLoader(self.validation.batches, batch_size=None)
@@ -208,45 +241,68 @@ def build_pairwise_parts(cfg: Config, progress: Progress | None = None) -> tuple
     from lookalike.pipeline import embed_table, extractor_from_config, table_from_config
 
     if not cfg.model.weights:
-        raise ConfigError("model.weights: expected the trained extractor's checkpoint, e.g. extractor_weights=runs/omniglot/checkpoints/last.ckpt")
+        raise ConfigError(
+            "model.weights: expected the trained extractor's checkpoint, e.g. "
+            "extractor_weights=runs/omniglot/checkpoints/last.ckpt"
+        )
     if cfg.evaluate.centroids != "none":
-        raise ConfigError("evaluate.centroids: the pairwise re-ranker compares images, so validation needs evaluate.centroids=none")
+        raise ConfigError(
+            "evaluate.centroids: the pairwise re-ranker compares images, so validation needs evaluate.centroids=none"
+        )
     _check_monitor(cfg)
     table, extractor, d = table_from_config(cfg), extractor_from_config(cfg), cfg.data
     train_table, val_table = table.split("train"), table.split("validation")
     for name, rows in (("train", train_table), ("validation", val_table)):
         if len(rows) == 0:
-            raise LookalikeError(f"{table.source}, column 'split': no {name} rows (the pairwise trainer needs both splits)")
+            raise LookalikeError(
+                f"{table.source}, column 'split': no {name} rows (the pairwise trainer needs both splits)"
+            )
     cached = embed_table(cfg, extractor, train_table, progress)
     model = new_pairwise_model(cfg)
     embeddings = embed_table(cfg, extractor, val_table, progress)
     validation = pair_validation(cfg, model, embeddings, val_table)
     t, mc = cfg.train, model.data_config()
-    train_set = PairTrainImages(train_table, train_transform(t.augment, model.spec.image_size, d.crop_fraction, mc["mean"], mc["std"]))
-    sampling = {"p": t.p, "k": t.k, "few_images": t.few_images, "seed": t.seed, "batches_per_epoch": t.batches_per_epoch}
+    train_set = PairTrainImages(
+        train_table, train_transform(t.augment, model.spec.image_size, d.crop_fraction, mc["mean"], mc["std"])
+    )
+    sampling = {
+        "p": t.p,
+        "k": t.k,
+        "few_images": t.few_images,
+        "seed": t.seed,
+        "batches_per_epoch": t.batches_per_epoch,
+    }
     module = PairwiseModule(model, torch.from_numpy(cached.vectors), cfg, validation)
     return module, PairwiseDataModule(train_set, sampling, validation, d.num_workers)
 
 
 def new_pairwise_model(cfg: Config) -> PairwiseModel:
-    """A pairwise model from pairwise.*: timm weights, or its backbone from the extractor checkpoint (init_from_extractor)."""
+    """A pairwise model from pairwise.*: timm weights, or its backbone from the extractor checkpoint
+    (init_from_extractor)."""
     p = cfg.pairwise
     model = PairwiseModel(pairwise_spec(cfg), pretrained=p.pretrained and not p.init_from_extractor)
     return init_from_extractor(model, cfg.model.weights) if p.init_from_extractor else model
 
 
-def pair_validation(cfg: Config, model: PairwiseModel, embeddings: Embeddings, val_table: DatasetTable) -> PairValidation:
+def pair_validation(
+    cfg: Config, model: PairwiseModel, embeddings: Embeddings, val_table: DatasetTable
+) -> PairValidation:
     """The extractor's lists of the validation split, their metrics, and the pair batches of their top_n."""
     from lookalike.pipeline import search_and_score
 
     e = cfg.evaluate
     report, results = search_and_score(cfg, embeddings, val_table)
-    reranker = PairwiseReranker(model, top_n=cfg.pairwise.top_n, batch_size=cfg.pairwise.batch_size, num_workers=cfg.data.num_workers)
+    reranker = PairwiseReranker(
+        model, top_n=cfg.pairwise.top_n, batch_size=cfg.pairwise.batch_size, num_workers=cfg.data.num_workers
+    )
     return PairValidation(val_table, results, report, reranker.pair_batches(results, val_table), e.metric_kwargs())
 
 
-def run_train_reranker(cfg: Config, resume: str | None = None, progress: Progress | None = None, callbacks: tuple[L.Callback, ...] = ()) -> TrainResult:
-    """Train the pairwise re-ranker of `cfg` (on several devices with DDP too, frozen epochs included); metrics_before are
+def run_train_reranker(
+    cfg: Config, resume: str | None = None, progress: Progress | None = None, callbacks: tuple[L.Callback, ...] = ()
+) -> TrainResult:
+    """Train the pairwise re-ranker of `cfg` (on several devices with DDP too, frozen epochs included);
+    metrics_before are
     the extractor's, metrics those after re-ranking (last validation). `callbacks` are added to the trainer's."""
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     module, data = build_pairwise_parts(cfg, progress)

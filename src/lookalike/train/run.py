@@ -13,10 +13,9 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressB
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lookalike.atomic import write_text_atomic
+from lookalike.atomic import atomic_path, write_text_atomic
 from lookalike.config import Config
 from lookalike.data.images import eval_transform
-from lookalike.atomic import atomic_path
 from lookalike.errors import ConfigError, LookalikeError
 from lookalike.extract import set_layout
 from lookalike.models.extractor import check_state, read_checkpoint
@@ -68,7 +67,9 @@ def build_parts(cfg: Config) -> tuple[ExtractorModule, RetrievalDataModule]:
     dc, d, t = extractor.data_config(), cfg.data, cfg.train
     eval_tf = eval_transform(d.image_size, d.crop_fraction, dc["mean"], dc["std"])
     train_tf = train_transform(t.augment, d.image_size, d.crop_fraction, dc["mean"], dc["std"])
-    data = RetrievalDataModule(table, train_tf, eval_tf, t.p, t.k, t.few_images, t.seed, d.batch_size, d.num_workers, t.batches_per_epoch)
+    data = RetrievalDataModule(
+        table, train_tf, eval_tf, t.p, t.k, t.few_images, t.seed, d.batch_size, d.num_workers, t.batches_per_epoch
+    )
     return ExtractorModule(extractor, cfg, data.n_classes, data.val_table), data
 
 
@@ -125,25 +126,36 @@ class SaveOnSigterm(Callback):
         self.path, self.saved = Path(path), None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if sigterm_pending():  # arrived before fit (e.g. in the validation before training), which resets Lightning's flag
+        if (
+            sigterm_pending()
+        ):  # arrived before fit (e.g. in the validation before training), which resets Lightning's flag
             raise Terminated()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, (SIGTERMException, Terminated)) and trainer.state.fn == "fit" and trainer.global_step > 0:
-            with atomic_path(self.path, suffix=".ckpt") as tmp:  # a second kill while saving keeps the previous last.ckpt
+        if (
+            isinstance(exception, (SIGTERMException, Terminated))
+            and trainer.state.fn == "fit"
+            and trainer.global_step > 0
+        ):
+            with atomic_path(
+                self.path, suffix=".ckpt"
+            ) as tmp:  # a second kill while saving keeps the previous last.ckpt
                 trainer.save_checkpoint(tmp, weights_only=False)
             self.saved = self.path
 
 
 def fit_until_sigterm(trainer: L.Trainer, module: L.LightningModule, data, ckpt: str | None, before=None) -> None:
-    """`before()` (a validation) then trainer.fit; SIGTERM stops them after the current batch, raising Terminated with the
+    """`before()` (a validation) then trainer.fit; SIGTERM stops them after the current batch, raising Terminated
+    with the
     checkpoint SaveOnSigterm kept (Lightning alone would end the process with exit code 0)."""
     stop = next(c for c in trainer.callbacks if isinstance(c, SaveOnSigterm))
     try:
         with deferred_sigterm():
             if before is not None:
                 before()
-            trainer.fit(module, datamodule=data, ckpt_path=ckpt, weights_only=True)  # a resumed checkpoint may come from anyone
+            trainer.fit(
+                module, datamodule=data, ckpt_path=ckpt, weights_only=True
+            )  # a resumed checkpoint may come from anyone
     except (SIGTERMException, Terminated):
         raise Terminated(stop.saved) from None
 
@@ -153,10 +165,17 @@ def build_trainer(cfg: Config, callbacks: list[Callback] = (), validate_only: bo
     t, tr = cfg.train, cfg.trainer
     out = Path(t.output)
     best = BestCheckpoint(
-        dirpath=out / "checkpoints", filename=BEST_PREFIX + "epoch{epoch:03d}", monitor=f"val/{t.monitor}", mode="max", auto_insert_metric_name=False
+        dirpath=out / "checkpoints",
+        filename=BEST_PREFIX + "epoch{epoch:03d}",
+        monitor=f"val/{t.monitor}",
+        mode="max",
+        auto_insert_metric_name=False,
     )
-    # Lightning 2.6 writes save_last only at steps where a best checkpoint was written: keep "last" with a checkpoint of its own
-    last = ModelCheckpoint(dirpath=out / "checkpoints", filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
+    # Lightning 2.6 writes save_last only at steps where a best checkpoint was written: keep "last" with a checkpoint of
+    # its own
+    last = ModelCheckpoint(
+        dirpath=out / "checkpoints", filename="last", monitor=None, save_top_k=1, enable_version_counter=False
+    )
     stop = SaveOnSigterm(out / "checkpoints" / "last.ckpt")
     cbs = [NewBatchesEachEpoch(), *callbacks, best, last, stop] if not validate_only else list(callbacks)
     if tr.channels_last:
@@ -178,13 +197,16 @@ def build_trainer(cfg: Config, callbacks: list[Callback] = (), validate_only: bo
         use_distributed_sampler=False,  # the P x K and shard samplers split the data across ranks themselves
         enable_progress_bar=tr.progress,
         enable_model_summary=False,
-        logger=[TensorBoardLogger(out, name="tensorboard"), CSVLogger(out, name="csv")] if not validate_only else False,  # version_N per run
+        logger=[TensorBoardLogger(out, name="tensorboard"), CSVLogger(out, name="csv")]
+        if not validate_only
+        else False,  # version_N per run
         callbacks=cbs,
     )
 
 
 def run_train(cfg: Config, resume: str | None = None) -> TrainResult:
-    """Train the extractor of `cfg` (validating before training and every train.val_every epochs); `resume` a checkpoint or 'last'."""
+    """Train the extractor of `cfg` (validating before training and every train.val_every epochs); `resume` a checkpoint
+    or 'last'."""
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     module, data = build_parts(cfg)
     throughput = Throughput()
@@ -204,7 +226,8 @@ def run_train(cfg: Config, resume: str | None = None) -> TrainResult:
 
 @dataclass
 class RepeatedTrainResult:
-    """train.runs trainings of one config with seeds seed, seed+1, ...; `summary` holds mean and std of the final metrics."""
+    """train.runs trainings of one config with seeds seed, seed+1, ...; `summary` holds mean and std of the final
+    metrics."""
 
     runs: list[TrainResult]
     seeds: list[int]
@@ -212,8 +235,10 @@ class RepeatedTrainResult:
     path: Path  # runs.json
 
     def to_dict(self) -> dict:
-        runs = [{"seed": s, "output": str(r.log_dir), "best_checkpoint": str(r.best_checkpoint), "metrics": r.metrics}
-                for s, r in zip(self.seeds, self.runs)]
+        runs = [
+            {"seed": s, "output": str(r.log_dir), "best_checkpoint": str(r.best_checkpoint), "metrics": r.metrics}
+            for s, r in zip(self.seeds, self.runs)
+        ]
         return {"summary": self.summary, "runs": runs}
 
 
@@ -239,7 +264,9 @@ def _run_config(cfg: Config, seed: int, output: Path) -> Config:
     return cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": seed, "output": str(output)})})
 
 
-def fit_result(trainer: L.Trainer, cfg: Config, report, before: dict[str, float], throughput: Throughput) -> TrainResult:
+def fit_result(
+    trainer: L.Trainer, cfg: Config, report, before: dict[str, float], throughput: Throughput
+) -> TrainResult:
     """What a finished fit left: the best and last checkpoints, the last validation's means (`report`), the speed."""
     best, last = trainer.checkpoint_callbacks
     return TrainResult(
@@ -254,18 +281,27 @@ def fit_result(trainer: L.Trainer, cfg: Config, report, before: dict[str, float]
 
 
 def run_validate(cfg: Config) -> dict[str, float]:
-    """Validate the extractor of `cfg` (model.weights: a checkpoint) with the same sharded, gathered validation as training."""
+    """Validate the extractor of `cfg` (model.weights: a checkpoint) with the same sharded, gathered validation as
+    training."""
     module, data = build_parts(cfg)
     trainer = build_trainer(cfg, validate_only=True)
     trainer.validate(module, datamodule=data, verbose=False)
     return dict(module.last_report.means)
 
 
-RESUME_KEYS = ("state_dict", "optimizer_states", "lr_schedulers", "loops", "epoch", "global_step")  # what Lightning restores
+RESUME_KEYS = (
+    "state_dict",
+    "optimizer_states",
+    "lr_schedulers",
+    "loops",
+    "epoch",
+    "global_step",
+)  # what Lightning restores
 
 
 def resume_checkpoint(cfg: Config, resume: str | None, module: L.LightningModule) -> str | None:
-    """The checkpoint to resume from (a path, or 'last' for train.output/checkpoints/last.ckpt), checked to be a Lightning
+    """The checkpoint to resume from (a path, or 'last' for train.output/checkpoints/last.ckpt), checked to be a
+    Lightning
     training checkpoint of this very module, so that a wrong file fails in one line before any log folder exists."""
     if resume is None:
         return None
@@ -273,10 +309,14 @@ def resume_checkpoint(cfg: Config, resume: str | None, module: L.LightningModule
     if not path.is_file():
         raise LookalikeError(f"--resume: no checkpoint at {path}")
     checkpoint = read_checkpoint(path, "--resume")
-    lacking = [key for key in RESUME_KEYS if key not in checkpoint] if isinstance(checkpoint, dict) else list(RESUME_KEYS)
+    lacking = (
+        [key for key in RESUME_KEYS if key not in checkpoint] if isinstance(checkpoint, dict) else list(RESUME_KEYS)
+    )
     if lacking:
-        raise LookalikeError(f"--resume: {path} is not a Lightning training checkpoint (no {', '.join(map(repr, lacking[:3]))}); "
-                             "resume from a checkpoints/*.ckpt file that training wrote")
+        raise LookalikeError(
+            f"--resume: {path} is not a Lightning training checkpoint (no {', '.join(map(repr, lacking[:3]))}); "
+            "resume from a checkpoints/*.ckpt file that training wrote"
+        )
     check_state(checkpoint["state_dict"], module.state_dict(), f"--resume: {path}")
     return str(path)
 
@@ -284,6 +324,11 @@ def resume_checkpoint(cfg: Config, resume: str | None, module: L.LightningModule
 def _check_monitor(cfg: Config) -> None:
     """train.monitor must name a metric validation reports."""
     e, m = cfg.evaluate, cfg.train.monitor
-    names = [f"cmc@{k}" for k in e.cmc_k] + [f"precision@{k}" for k in e.precision_k] + [f"map@{k}" for k in e.map_k] + ["map@all", "r_precision"]
+    names = (
+        [f"cmc@{k}" for k in e.cmc_k]
+        + [f"precision@{k}" for k in e.precision_k]
+        + [f"map@{k}" for k in e.map_k]
+        + ["map@all", "r_precision"]
+    )
     if m not in names:
         raise ConfigError(f"train.monitor: expected one of {', '.join(names)}, got {m!r}")

@@ -30,26 +30,36 @@ DRAWING = re.compile(r"(\d+)_(\d+)\.png")  # CHARACTER_DRAWER.png
 
 
 def unpack_omniglot(target: str | os.PathLike) -> Path:
-    """Unzip the bundled Omniglot subset under `target` (idempotent, all or nothing); return its `alphabet/characterNN/*.png` root."""
+    """Unzip the bundled Omniglot subset under `target` (idempotent, all or nothing); return its
+    `alphabet/characterNN/*.png` root."""
     target = Path(target)
     root = target / OMNIGLOT_ROOT
     if not root.is_dir():
         target.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=f".{OMNIGLOT_ROOT}.", dir=target) as tmp, zipfile.ZipFile(OMNIGLOT_ZIP) as zipped:
+        with (
+            tempfile.TemporaryDirectory(prefix=f".{OMNIGLOT_ROOT}.", dir=target) as tmp,
+            zipfile.ZipFile(OMNIGLOT_ZIP) as zipped,
+        ):
             zipped.extractall(tmp)
             os.replace(Path(tmp) / OMNIGLOT_ROOT, root)  # an interrupted unzip never looks like a finished one
     return root
 
 
 def omniglot_drawer_pairs(images: str | os.PathLike, left: int = 1, right: int = 2) -> PairsTable:
-    """One pair per character folder of `images` (alphabet/character/): the drawing of drawer `left` and of drawer `right`."""
+    """One pair per character folder of `images` (alphabet/character/): the drawing of drawer `left` and of drawer
+    `right`."""
     images = Path(images)
     rows = []
     for folder in sorted(p for p in images.glob("*/*") if p.is_dir()):
         drawers = {int(m.group(2)): f for f in folder.iterdir() if (m := DRAWING.fullmatch(f.name))}
         if left not in drawers or right not in drawers:
             raise LookalikeError(f"{folder}: expected drawings CHARACTER_{left:02d}.png and CHARACTER_{right:02d}.png")
-        rows.append({"left": drawers[left].relative_to(images).as_posix(), "right": drawers[right].relative_to(images).as_posix()})
+        rows.append(
+            {
+                "left": drawers[left].relative_to(images).as_posix(),
+                "right": drawers[right].relative_to(images).as_posix(),
+            }
+        )
     return validate_pairs(pd.DataFrame(rows, columns=["left", "right"]), images, str(images))
 
 

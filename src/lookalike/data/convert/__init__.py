@@ -17,13 +17,15 @@ from lookalike.data.convert.reid import convert_duke, convert_market
 from lookalike.data.convert.sketch import convert_sketchy, convert_tu_berlin
 from lookalike.data.convert.sop import convert_sop
 from lookalike.data.convert.tll import convert_tll
-from lookalike.data.folder import import_folder
 from lookalike.data.decode import display_path
+from lookalike.data.folder import import_folder
 from lookalike.data.pairs import PairsTable
 from lookalike.errors import LookalikeError
 
 
-def convert_folder(root: Path, validation_fraction: float = 0.5, seed: int = 0, queries_per_class: int | None = None) -> Conversion:
+def convert_folder(
+    root: Path, validation_fraction: float = 0.5, seed: int = 0, queries_per_class: int | None = None
+) -> Conversion:
     """A class-per-folder tree (the `import-folder` importer)."""
     return Conversion(import_folder(root, validation_fraction, seed, queries_per_class))
 
@@ -69,7 +71,9 @@ def conversion_problems(conversion: Conversion, decode: bool = False) -> tuple[l
     table = conversion.table
     if isinstance(table, PairsTable):
         paths = table.image_paths("left") + table.image_paths("right")
-        return find_image_problems(paths, decode=decode, names=table.frame["left"].tolist() + table.frame["right"].tolist()), len(paths)
+        return find_image_problems(
+            paths, decode=decode, names=table.frame["left"].tolist() + table.frame["right"].tolist()
+        ), len(paths)
     return table_image_problems(table, decode), len(table)
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lookalike.data.folder import list_images  # noqa: F401 - the converters import it from here
 from lookalike.data.decode import display_path
+from lookalike.data.folder import list_images  # noqa: F401 - the converters import it from here
 from lookalike.data.pairs import PairsTable
 from lookalike.data.table import DatasetTable, validate_table
 from lookalike.errors import LookalikeError
@@ -27,10 +27,20 @@ class Conversion:
         frame = self.table.frame
         split = frame["split"].value_counts()
         if isinstance(self.table, PairsTable):
-            return {"pairs": len(frame), "train": int(split.get("train", 0)), "validation": int(split.get("validation", 0))}
+            return {
+                "pairs": len(frame),
+                "train": int(split.get("train", 0)),
+                "validation": int(split.get("validation", 0)),
+            }
         val = frame[frame["split"] == "validation"]
-        counts = {"images": len(frame), "labels": int(frame["label"].nunique()), "train": int(split.get("train", 0)),
-                  "validation": len(val), "queries": int(val["is_query"].sum()), "gallery": int(val["is_gallery"].sum())}
+        counts = {
+            "images": len(frame),
+            "labels": int(frame["label"].nunique()),
+            "train": int(split.get("train", 0)),
+            "validation": len(val),
+            "queries": int(val["is_query"].sum()),
+            "gallery": int(val["is_gallery"].sum()),
+        }
         if "domain" in frame.columns:
             counts.update({f"domain {k}": int(v) for k, v in frame["domain"].value_counts().sort_index().items()})
         return counts
@@ -53,7 +63,9 @@ def find_file(root: Path, candidates: tuple[str, ...], what: str) -> Path:
     raise LookalikeError(f"{display_path(root)}: {what} not found (looked for {', '.join(candidates)})")
 
 
-def read_columns(path: Path, columns: tuple[str, ...], header: tuple[str, ...] = (), counted: bool = False) -> pd.DataFrame:
+def read_columns(
+    path: Path, columns: tuple[str, ...], header: tuple[str, ...] = (), counted: bool = False
+) -> pd.DataFrame:
     """A whitespace-separated text file as string columns, one row per non-blank line.
 
     `counted`: the first line holds the number of rows (DeepFashion); `header`: the expected column-name line.
@@ -75,11 +87,16 @@ def read_columns(path: Path, columns: tuple[str, ...], header: tuple[str, ...] =
     bad = np.flatnonzero(lengths != len(columns))
     if bad.size:
         n, fields = rows[bad[0]]
-        raise LookalikeError(f"{display_path(path)}, line {n}: expected {len(columns)} fields ({' '.join(columns)}), got {len(fields)}")
+        raise LookalikeError(
+            f"{display_path(path)}, line {n}: expected {len(columns)} fields ({' '.join(columns)}), got {len(fields)}"
+        )
     frame = pd.DataFrame([fields for _, fields in rows], columns=list(columns), dtype=str)
     frame["line"] = [n for n, _ in rows]
     if counted and len(frame) != int(numbered[0][1][0]):
-        raise LookalikeError(f"{display_path(path)}, line {numbered[0][0]}: announces {numbered[0][1][0]} rows, found {len(frame)} (incomplete download?)")
+        raise LookalikeError(
+            f"{display_path(path)}, line {numbered[0][0]}: announces {numbered[0][1][0]} rows, found {len(frame)} "
+            "(incomplete download?)"
+        )
     return frame
 
 
@@ -93,7 +110,10 @@ def _check_count_line(path: Path, numbered: list[tuple[int, list[str]]]) -> int:
 def _check_header(path: Path, line: tuple[int, list[str]] | None, header: tuple[str, ...]) -> None:
     if line is None or tuple(line[1]) != header:
         got = " ".join(line[1]) if line else "nothing"
-        raise LookalikeError(f"{display_path(path)}, line {line[0] if line else 1}: expected the header {' '.join(header)!r}, got {got!r}")
+        raise LookalikeError(
+            f"{display_path(path)}, line {line[0] if line else 1}: expected the header {' '.join(header)!r}, got "
+            f"{got!r}"
+        )
 
 
 def parse_numbers(frame: pd.DataFrame, columns: tuple[str, ...], path: Path, kind: type = int) -> None:
@@ -104,7 +124,10 @@ def parse_numbers(frame: pd.DataFrame, columns: tuple[str, ...], path: Path, kin
         bad = (values.isna() | ~np.isfinite(values.astype(float)) | not_int).to_numpy()
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            raise LookalikeError(f"{display_path(path)}, line {frame['line'].iloc[i]}, column {col!r}: expected {'an integer' if kind is int else 'a number'}, got {frame[col].iloc[i]!r}")
+            raise LookalikeError(
+                f"{display_path(path)}, line {frame['line'].iloc[i]}, column {col!r}: expected "
+                f"{'an integer' if kind is int else 'a number'}, got {frame[col].iloc[i]!r}"
+            )
         frame[col] = values.astype(np.int64 if kind is int else float)
 
 
@@ -113,7 +136,10 @@ def check_values(frame: pd.DataFrame, column: str, allowed: tuple[str, ...], pat
     bad = ~frame[column].isin(allowed).to_numpy()
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise LookalikeError(f"{display_path(path)}, line {frame['line'].iloc[i]}, column {column!r}: expected {' or '.join(allowed)}, got {frame[column].iloc[i]!r}")
+        raise LookalikeError(
+            f"{display_path(path)}, line {frame['line'].iloc[i]}, column {column!r}: expected {' or '.join(allowed)}, "
+            f"got {frame[column].iloc[i]!r}"
+        )
 
 
 def join_on(left: pd.DataFrame, right: pd.DataFrame, key: str, left_path: Path, right_path: Path) -> pd.DataFrame:
@@ -121,22 +147,28 @@ def join_on(left: pd.DataFrame, right: pd.DataFrame, key: str, left_path: Path, 
     dup = right[key].duplicated().to_numpy()
     if dup.any():
         i = int(np.flatnonzero(dup)[0])
-        raise LookalikeError(f"{display_path(right_path)}, line {right['line'].iloc[i]}: {key} {right[key].iloc[i]} appears twice")
+        raise LookalikeError(
+            f"{display_path(right_path)}, line {right['line'].iloc[i]}: {key} {right[key].iloc[i]} appears twice"
+        )
     merged = left.merge(right.drop(columns="line"), on=key, how="left", indicator=True)
     absent = (merged["_merge"] == "left_only").to_numpy()
     if absent.any():
         i = int(np.flatnonzero(absent)[0])
         raise LookalikeError(
-            f"{display_path(right_path)}: no line for {key} {merged[key].iloc[i]} ({display_path(left_path)}, line {merged['line'].iloc[i]}); "
+            f"{display_path(right_path)}: no line for {key} {merged[key].iloc[i]} ({display_path(left_path)}, line "
+            f"{merged['line'].iloc[i]}); "
             f"{int(absent.sum())} of {len(merged)} missing"
         )
     return merged.drop(columns="_merge")
 
 
 def split_by_class(labels: pd.Series, last_train_class: int) -> pd.DataFrame:
-    """The retrieval protocol of CUB and Cars: classes up to `last_train_class` train, the rest validation (all query and gallery)."""
+    """The retrieval protocol of CUB and Cars: classes up to `last_train_class` train, the rest validation (all query
+    and gallery)."""
     train = (labels <= last_train_class).to_numpy()
-    return pd.DataFrame({"split": np.where(train, "train", "validation"), "is_query": ~train, "is_gallery": ~train}, index=labels.index)
+    return pd.DataFrame(
+        {"split": np.where(train, "train", "validation"), "is_query": ~train, "is_gallery": ~train}, index=labels.index
+    )
 
 
 def relative(paths: list[Path], root: Path) -> list[str]:
@@ -147,5 +179,7 @@ def relative(paths: list[Path], root: Path) -> list[str]:
 def finish(frame: pd.DataFrame, root: Path, name: str, notes: list[str] | None = None) -> Conversion:
     """Validate the converted rows as a dataset table (files are checked separately, all at once)."""
     columns = [c for c in frame.columns if c != "line"]
-    table = validate_table(frame[columns].reset_index(drop=True), root, f"{display_path(root)} ({name})", check_files=False)
+    table = validate_table(
+        frame[columns].reset_index(drop=True), root, f"{display_path(root)} ({name})", check_files=False
+    )
     return Conversion(table, notes or [])

@@ -1,4 +1,5 @@
-"""Stanford Cars-196 from the devkit .mat files (scipy); classes 1-98 train, 99-196 validation, bbox from the annotations."""
+"""Stanford Cars-196 from the devkit .mat files (scipy); classes 1-98 train, 99-196 validation, bbox from the
+annotations."""
 
 from __future__ import annotations
 
@@ -25,7 +26,10 @@ def load_mat(path: Path, variable: str) -> np.ndarray:
     except (scipy.io.matlab.MatReadError, ValueError, TypeError, OSError, NotImplementedError, struct.error) as exc:
         raise LookalikeError(f"{display_path(path)}: not a readable MATLAB .mat file ({exc})") from None
     if variable not in mat:
-        raise LookalikeError(f"{display_path(path)}: expected a variable {variable!r}, found {', '.join(k for k in mat if not k.startswith('__')) or 'none'}")
+        raise LookalikeError(
+            f"{display_path(path)}: expected a variable {variable!r}, found "
+            f"{', '.join(k for k in mat if not k.startswith('__')) or 'none'}"
+        )
     return np.atleast_1d(mat[variable])
 
 
@@ -34,17 +38,27 @@ def _annotations(path: Path, folder: str) -> pd.DataFrame:
     ann = load_mat(path, "annotations")
     missing = [f for f in FIELDS if ann.dtype.names is None or f not in ann.dtype.names]
     if missing:
-        raise LookalikeError(f"{display_path(path)}: annotations lack the field {missing[0]!r} (expected {', '.join(FIELDS)})")
-    frame = pd.DataFrame({f: [np.asarray(v).squeeze().item() if np.size(v) == 1 else None for v in ann[f]] for f in FIELDS})
+        raise LookalikeError(
+            f"{display_path(path)}: annotations lack the field {missing[0]!r} (expected {', '.join(FIELDS)})"
+        )
+    frame = pd.DataFrame(
+        {f: [np.asarray(v).squeeze().item() if np.size(v) == 1 else None for v in ann[f]] for f in FIELDS}
+    )
     numbers = frame[list(FIELDS[:5])].apply(pd.to_numeric, errors="coerce")
     bad = (frame["fname"].isna() | numbers.isna().any(axis=1)).to_numpy()
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise LookalikeError(f"{display_path(path)}: annotation {i + 1}: expected one number each for {', '.join(FIELDS[:5])} and a file name")
-    return pd.DataFrame({
-        "label": numbers["class"].astype(np.int64), "path": folder + "/" + frame["fname"].astype(str),
-        **{corner: numbers[field].astype(float) for corner, field in zip(("x_1", "y_1", "x_2", "y_2"), FIELDS[:4])},
-    })
+        raise LookalikeError(
+            f"{display_path(path)}: annotation {i + 1}: expected one number each for {', '.join(FIELDS[:5])} and a "
+            "file name"
+        )
+    return pd.DataFrame(
+        {
+            "label": numbers["class"].astype(np.int64),
+            "path": folder + "/" + frame["fname"].astype(str),
+            **{corner: numbers[field].astype(float) for corner, field in zip(("x_1", "y_1", "x_2", "y_2"), FIELDS[:4])},
+        }
+    )
 
 
 def _check_classes(frame: pd.DataFrame, n_classes: int, path: Path) -> None:
@@ -52,7 +66,9 @@ def _check_classes(frame: pd.DataFrame, n_classes: int, path: Path) -> None:
     bad = ~frame["label"].between(1, n_classes).to_numpy()
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise LookalikeError(f"{display_path(path)}: annotation {i + 1} has class {frame['label'].iloc[i]}; expected 1..{n_classes}")
+        raise LookalikeError(
+            f"{display_path(path)}: annotation {i + 1} has class {frame['label'].iloc[i]}; expected 1..{n_classes}"
+        )
 
 
 def convert_cars(root: Path) -> Conversion:

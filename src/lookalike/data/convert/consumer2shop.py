@@ -13,7 +13,12 @@ from lookalike.data.decode import display_path
 from lookalike.errors import LookalikeError
 
 # annotation file stem -> (split, default source); validation.json / train.json need a `source` per image or annotation
-FILES = {"train": ("train", None), "validation": ("validation", None), "query": ("validation", "user"), "gallery": ("validation", "shop")}
+FILES = {
+    "train": ("train", None),
+    "validation": ("validation", None),
+    "query": ("validation", "user"),
+    "gallery": ("validation", "shop"),
+}
 SOURCES = ("user", "shop")
 
 
@@ -36,7 +41,9 @@ def _boxes(annotations: pd.DataFrame, path: Path) -> np.ndarray:
         try:
             boxes[i] = np.asarray(box, dtype=float).reshape(4)
         except (TypeError, ValueError):
-            raise LookalikeError(f"{display_path(path)}: annotations[{i}].bbox: expected [x, y, width, height], got {box!r}") from None
+            raise LookalikeError(
+                f"{display_path(path)}: annotations[{i}].bbox: expected [x, y, width, height], got {box!r}"
+            ) from None
     return boxes
 
 
@@ -53,7 +60,9 @@ def _one_file(root: Path, path: Path, split: str, default_source: str | None) ->
     images = _records(data, "images", ("id", "file_name"), path)
     ann = _records(data, "annotations", ("image_id", "pair_id", "bbox"), path)
     box = _boxes(ann, path)
-    ann = ann.assign(x_1=box[:, 0], y_1=box[:, 1], x_2=box[:, 0] + box[:, 2], y_2=box[:, 1] + box[:, 3], area=box[:, 2] * box[:, 3])
+    ann = ann.assign(
+        x_1=box[:, 0], y_1=box[:, 1], x_2=box[:, 0] + box[:, 2], y_2=box[:, 1] + box[:, 3], area=box[:, 2] * box[:, 3]
+    )
     if "style" in ann.columns:  # DeepFashion2: style 0 marks an item without a shop/user counterpart
         ann = ann[ann["style"].fillna(0).astype(int) > 0]
         ann = ann.assign(label=ann["pair_id"].astype(str) + "_" + ann["style"].astype(int).astype(str))
@@ -63,16 +72,23 @@ def _one_file(root: Path, path: Path, split: str, default_source: str | None) ->
     rows = images.merge(best, left_on="id", right_on="image_id", how="inner", suffixes=("_image", ""))
     source = _source(rows, default_source, path)
     folder = _image_folder(root, path.stem)
-    frame = pd.DataFrame({
-        "label": rows["label"], "path": [(folder / str(f)).relative_to(root).as_posix() for f in rows["file_name"]],
-        "split": split, "is_query": (source == "user") & (split == "validation"), "is_gallery": (source == "shop") & (split == "validation"),
-        "domain": source, **{c: rows[c] for c in ("x_1", "y_1", "x_2", "y_2")},
-    })
+    frame = pd.DataFrame(
+        {
+            "label": rows["label"],
+            "path": [(folder / str(f)).relative_to(root).as_posix() for f in rows["file_name"]],
+            "split": split,
+            "is_query": (source == "user") & (split == "validation"),
+            "is_gallery": (source == "shop") & (split == "validation"),
+            "domain": source,
+            **{c: rows[c] for c in ("x_1", "y_1", "x_2", "y_2")},
+        }
+    )
     return frame, len(images) - len(rows)
 
 
 def _source(rows: pd.DataFrame, default: str | None, path: Path) -> np.ndarray:
-    """'user' or 'shop' per row: the `source` of the image or annotation, or the file's default (query/gallery files)."""
+    """'user' or 'shop' per row: the `source` of the image or annotation, or the file's default (query/gallery
+    files)."""
     source = pd.Series(default, index=rows.index, dtype=object)
     for col in ("source_image", "source"):  # the annotation's source wins over the image's
         if col in rows.columns:
@@ -80,7 +96,10 @@ def _source(rows: pd.DataFrame, default: str | None, path: Path) -> np.ndarray:
     bad = ~source.isin(SOURCES).to_numpy()
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise LookalikeError(f"{display_path(path)}: image {rows['file_name'].iloc[i]!r}: expected a source 'user' or 'shop' (on the image or its annotation), got {source.iloc[i]!r}")
+        raise LookalikeError(
+            f"{display_path(path)}: image {rows['file_name'].iloc[i]!r}: expected a source 'user' or 'shop' (on the "
+            f"image or its annotation), got {source.iloc[i]!r}"
+        )
     return source.to_numpy(str)
 
 
@@ -90,10 +109,14 @@ def _image_folder(root: Path, stem: str) -> Path:
 
 
 def convert_consumer2shop(root: Path, name: str = "consumer2shop") -> Conversion:
-    """train.json (train), validation.json (user = queries, shop = gallery), or query.json + gallery.json, in ROOT or ROOT/annotations."""
+    """train.json (train), validation.json (user = queries, shop = gallery), or query.json + gallery.json, in ROOT or
+    ROOT/annotations."""
     found = {stem: find_optional(root, (f"{stem}.json", f"annotations/{stem}.json")) for stem in FILES}
     if not any(found.values()):
-        raise LookalikeError(f"{display_path(root)}: no annotation file found (looked for {', '.join(f'{s}.json' for s in FILES)}, also under annotations/)")
+        raise LookalikeError(
+            f"{display_path(root)}: no annotation file found (looked for {', '.join(f'{s}.json' for s in FILES)}, also "
+            "under annotations/)"
+        )
     parts, dropped = [], 0
     for stem, path in found.items():
         if path is not None:

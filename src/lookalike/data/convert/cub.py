@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lookalike.data.convert.base import Conversion, find_file, find_optional, finish, join_on, parse_numbers, read_columns, split_by_class
+from lookalike.data.convert.base import (
+    Conversion,
+    find_file,
+    find_optional,
+    finish,
+    join_on,
+    parse_numbers,
+    read_columns,
+    split_by_class,
+)
 
 LAST_TRAIN_CLASS = 100
 
@@ -26,7 +35,11 @@ def convert_cub(root: Path) -> Conversion:
         boxes = read_columns(boxes_path, ("image_id", "x", "y", "width", "height"))
         parse_numbers(boxes, ("x", "y", "width", "height"), boxes_path, kind=float)
         frame = join_on(frame, boxes, "image_id", images_path, boxes_path)
-        frame = frame.assign(x_1=frame["x"], y_1=frame["y"], x_2=frame["x"] + frame["width"], y_2=frame["y"] + frame["height"])
-    frame = frame.assign(label=frame["class_id"], path="images/" + frame["path"], **split_by_class(frame["class_id"], LAST_TRAIN_CLASS))
+        frame = frame.assign(
+            x_1=frame["x"], y_1=frame["y"], x_2=frame["x"] + frame["width"], y_2=frame["y"] + frame["height"]
+        )
+    frame = frame.assign(
+        label=frame["class_id"], path="images/" + frame["path"], **split_by_class(frame["class_id"], LAST_TRAIN_CLASS)
+    )
     keep = ["label", "path", "split", "is_query", "is_gallery", *(["x_1", "y_1", "x_2", "y_2"] if boxes_path else [])]
     return finish(frame[keep], base, "cub", notes)

@@ -6,7 +6,16 @@ from pathlib import Path
 
 import pandas as pd
 
-from lookalike.data.convert.base import Conversion, check_values, find_file, find_optional, finish, join_on, parse_numbers, read_columns
+from lookalike.data.convert.base import (
+    Conversion,
+    check_values,
+    find_file,
+    find_optional,
+    finish,
+    join_on,
+    parse_numbers,
+    read_columns,
+)
 from lookalike.data.table import BBOX_COLUMNS
 
 PARTITION = ("image_name", "item_id", "evaluation_status")
@@ -32,8 +41,11 @@ def convert_inshop(root: Path) -> Conversion:
     frame, notes = _boxes(root, partition, path)
     status = frame["evaluation_status"]
     frame = frame.assign(
-        label=frame["item_id"], path=frame["image_name"], split=status.map({"train": "train"}).fillna("validation"),
-        is_query=status == "query", is_gallery=status == "gallery",
+        label=frame["item_id"],
+        path=frame["image_name"],
+        split=status.map({"train": "train"}).fillna("validation"),
+        is_query=status == "query",
+        is_gallery=status == "gallery",
         category=frame["image_name"].str.split("/").str[1:3].str.join("/"),
     )
     return finish(frame.drop(columns=["image_name", "item_id", "evaluation_status"]), image_root, "inshop", notes)

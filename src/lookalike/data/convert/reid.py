@@ -1,4 +1,5 @@
-"""Market-1501 and DukeMTMC-reID: bounding_box_train / query / bounding_box_test, names PID_cCAM...; the re-ID protocol."""
+"""Market-1501 and DukeMTMC-reID: bounding_box_train / query / bounding_box_test, names PID_cCAM...; the re-ID
+protocol."""
 
 from __future__ import annotations
 
@@ -11,7 +12,11 @@ from lookalike.data.convert.base import Conversion, find_file, finish, list_imag
 from lookalike.data.decode import display_path
 from lookalike.errors import LookalikeError
 
-FOLDERS = {"bounding_box_train": ("train", False, False), "query": ("validation", True, False), "bounding_box_test": ("validation", False, True)}
+FOLDERS = {
+    "bounding_box_train": ("train", False, False),
+    "query": ("validation", True, False),
+    "bounding_box_test": ("validation", False, True),
+}
 NAME = r"^(?P<pid>-?\d+)_c(?P<camera>\d+)"  # Market 0002_c1s1_000451_03.jpg, Duke 0005_c2_f0046985.jpg
 JUNK_PID = -1
 
@@ -23,10 +28,21 @@ def _folder(root: Path, folder: str) -> pd.DataFrame:
     parts = names.str.extract(NAME)
     bad = parts["pid"].isna().to_numpy()
     if bad.any():
-        raise LookalikeError(f"{display_path(root / paths[int(np.flatnonzero(bad)[0])])}: expected a name PID_cCAM... (e.g. 0002_c1s1_000451_03.jpg)")
+        raise LookalikeError(
+            f"{display_path(root / paths[int(np.flatnonzero(bad)[0])])}: expected a name PID_cCAM... (e.g. "
+            "0002_c1s1_000451_03.jpg)"
+        )
     split, is_query, is_gallery = FOLDERS[folder]
-    return pd.DataFrame({"pid": parts["pid"].astype(np.int64), "camera": parts["camera"].astype(np.int64), "path": paths,
-                         "split": split, "is_query": is_query, "is_gallery": is_gallery})
+    return pd.DataFrame(
+        {
+            "pid": parts["pid"].astype(np.int64),
+            "camera": parts["camera"].astype(np.int64),
+            "path": paths,
+            "split": split,
+            "is_query": is_query,
+            "is_gallery": is_gallery,
+        }
+    )
 
 
 def convert_reid(root: Path, name: str = "reid") -> Conversion:
@@ -39,7 +55,9 @@ def convert_reid(root: Path, name: str = "reid") -> Conversion:
     notes = [f"dropped {int(junk.sum())} junk images (pid -1)"] if junk.any() else []
     distractors = int(((frame["pid"] == 0) & frame["is_gallery"]).sum())
     notes += [f"kept {distractors} distractor images (pid 0) in the gallery"] if distractors else []
-    return finish(frame.assign(label=frame["pid"], sequence=sequence).drop(columns=["pid", "camera"]), root, name, notes)
+    return finish(
+        frame.assign(label=frame["pid"], sequence=sequence).drop(columns=["pid", "camera"]), root, name, notes
+    )
 
 
 def convert_market(root: Path) -> Conversion:

@@ -16,12 +16,14 @@ def _read_split(root: Path, name: str) -> pd.DataFrame:
     path = find_file(root, (name,), name)
     frame = read_columns(path, COLUMNS, header=COLUMNS)
     parse_numbers(frame, ("image_id", "class_id", "super_class_id"), path)
-    return pd.DataFrame({
-        "label": frame["class_id"],
-        "path": frame["path"],
-        "category": frame["path"].str.split("/").str[0].str.removesuffix("_final"),
-        "line": frame["line"],
-    })
+    return pd.DataFrame(
+        {
+            "label": frame["class_id"],
+            "path": frame["path"],
+            "category": frame["path"].str.split("/").str[0].str.removesuffix("_final"),
+            "line": frame["line"],
+        }
+    )
 
 
 def convert_sop(root: Path) -> Conversion:

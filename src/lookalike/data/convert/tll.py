@@ -39,5 +39,11 @@ def convert_tll(root: Path, validation_fraction: float = 0.0, seed: int = 0) -> 
     n_val = int(round(validation_fraction * len(names)))
     val = np.zeros(len(names), dtype=bool)
     val[np.random.default_rng(seed).permutation(len(names))[:n_val]] = True
-    frame = pd.DataFrame({"left": [left[n] for n in names], "right": [right[n] for n in names], "split": np.where(val, "validation", "train")})
+    frame = pd.DataFrame(
+        {
+            "left": [left[n] for n in names],
+            "right": [right[n] for n in names],
+            "split": np.where(val, "validation", "train"),
+        }
+    )
     return Conversion(validate_pairs(frame, root, f"{display_path(root)} (tll)", check_files=False))
