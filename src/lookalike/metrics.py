@@ -122,10 +122,10 @@ def compute_metrics(
 
     Example:
         >>> import numpy as np, lookalike
-        >>> results = lookalike.RetrievalResults(np.array([[0, 1], [0, 1]]), np.array([[0.1, 0.5], [0.2, 0.3]]), ["q0",
-        "q1"], ["g0", "g1"])
-        >>> lookalike.compute_metrics(results, ["a", "b"], ["a", "b"], cmc_k=(1, 2), precision_k=(1,),
-        map_k=(2,)).means["cmc@1"]
+        >>> indices, distances = np.array([[0, 1], [0, 1]]), np.array([[0.1, 0.5], [0.2, 0.3]])
+        >>> results = lookalike.RetrievalResults(indices, distances, ["q0", "q1"], ["g0", "g1"])
+        >>> report = lookalike.compute_metrics(results, ["a", "b"], ["a", "b"], cmc_k=(1, 2), map_k=(2,))
+        >>> report.means["cmc@1"]
         0.5
     """
     _check_cutoffs(cmc_k=cmc_k, precision_k=precision_k, map_k=map_k)
@@ -209,8 +209,8 @@ def evaluate_table(results: RetrievalResults, table: DatasetTable, **metric_kwar
     Example:
         >>> import numpy as np, lookalike
         >>> table = lookalike.import_folder("data/omniglot/images_background_small1/Latin", validation_fraction=1.0)
-        >>> embeddings = lookalike.Embeddings(np.random.rand(len(table), 8), table.frame["path"])  # or embed(extractor,
-        table)
+        >>> # or embed(extractor, table)
+        >>> embeddings = lookalike.Embeddings(np.random.rand(len(table), 8), table.frame["path"])
         >>> results = lookalike.search_table(embeddings, table, k=10)
         >>> sorted(lookalike.evaluate_table(results, table, map_k=(10,)).means)
         ['cmc@1', 'cmc@10', 'cmc@5', 'map@10', 'map@all', 'precision@10', 'precision@5', 'r_precision']

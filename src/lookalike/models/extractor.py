@@ -89,8 +89,8 @@ class Extractor(nn.Module):
 
         Example:
             >>> import lookalike
-            >>> cfg = lookalike.load_config(None, ["model.name=resnet18", "model.pretrained=false",
-            "data.image_size=32"])
+            >>> overrides = ["model.name=resnet18", "model.pretrained=false", "data.image_size=32"]
+            >>> cfg = lookalike.load_config(None, overrides)
             >>> lookalike.Extractor.from_config(cfg).image_size
             32
         """

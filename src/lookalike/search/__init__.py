@@ -98,8 +98,8 @@ def search_table(embeddings: Embeddings, table: DatasetTable, k: int = 100, **kw
     Example:
         >>> import numpy as np, lookalike
         >>> table = lookalike.import_folder("data/omniglot/images_background_small1/Latin", validation_fraction=1.0)
-        >>> embeddings = lookalike.Embeddings(np.random.rand(len(table), 8), table.frame["path"])  # or embed(extractor,
-        table)
+        >>> # or embed(extractor, table)
+        >>> embeddings = lookalike.Embeddings(np.random.rand(len(table), 8), table.frame["path"])
         >>> lookalike.search_table(embeddings, table, k=10).indices.shape
         (520, 10)
     """

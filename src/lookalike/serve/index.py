@@ -275,8 +275,8 @@ class GalleryIndex:
         Example:
             >>> import lookalike
             >>> extractor = lookalike.Extractor("resnet18", image_size=32)
-            >>> index = lookalike.GalleryIndex.build("data/omniglot/images_background_small1/Latin", extractor,
-            "runs/latin")
+            >>> folder = "data/omniglot/images_background_small1/Latin"
+            >>> index = lookalike.GalleryIndex.build(folder, extractor, "runs/latin")
             >>> len(index)
             520
         """
