@@ -152,8 +152,8 @@ def n_relevant(data: Synthetic) -> np.ndarray:
 
 def run_lookalike(data: Synthetic, repeats: int) -> tuple[dict[str, np.ndarray], float, int]:
     """Time lookalike.metrics.compute_metrics; return per-query values, best seconds, n_no_relevant."""
+    from lookalike.core.results import RetrievalResults
     from lookalike.metrics import compute_metrics
-    from lookalike.search import RetrievalResults
 
     results = RetrievalResults(
         indices=data.indices,

@@ -91,7 +91,7 @@ def extractor_lists(args: argparse.Namespace):
 
 def _first(results, n: int):
     """The results of the first n queries."""
-    from lookalike.search.results import RetrievalResults
+    from lookalike.core.results import RetrievalResults
 
     return RetrievalResults(
         results.indices[:n], results.distances[:n], results.query_ids[:n], results.gallery_ids, dict(results.meta)

@@ -33,11 +33,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lookalike.embeddings import Embeddings
+from lookalike.core.embeddings import Embeddings
+from lookalike.core.results import RetrievalResults
 from lookalike.metrics import compute_metrics
 from lookalike.rerank import ICFRR, KReciprocal, RerankContext, Reranker
 from lookalike.rerank.icfrr import dense_gallery_distances, dense_query_distances, icfrr_weights, rank_lists
-from lookalike.search import RetrievalResults, search
+from lookalike.search import search
 
 SEED = 0
 CLUSTER_SIZE = 250  # gallery items per cluster on average

@@ -204,8 +204,8 @@ def optional_overrides() -> list[str]:
 def lookalike_batches(table: Path, p: int, k: int) -> str:
     """Batches per epoch of lookalike's own P x K sampler on the train split, or why it is unknown."""
     try:
+        from lookalike.core.table import load_table
         from lookalike.data.sampler import PKSampler
-        from lookalike.data.table import load_table
 
         labels = load_table(table, check_files=False).split("train").frame["label"].to_numpy()
         return str(len(PKSampler(labels, p, k, num_replicas=1, rank=0)))

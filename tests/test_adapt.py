@@ -20,8 +20,8 @@ from lookalike.adapt import run as adapt_run
 from lookalike.adapt.backbones import create_layer_features
 from lookalike.adapt.features import with_table_pca
 from lookalike.config import load_config
+from lookalike.core.errors import ConfigError, LookalikeError
 from lookalike.data import pairs as pairs_module
-from lookalike.errors import ConfigError, LookalikeError
 from lookalike.losses.info_nce import symmetric_info_nce
 from lookalike.models.adapter import create_adapter
 

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from lookalike.atomic import atomic_folder, atomic_path, write_text_atomic
+from lookalike.core.atomic import atomic_folder, atomic_path, write_text_atomic
 from lookalike.data.folder import import_folder
 
 LOOKALIKE = str(Path(sys.executable).parent / "lookalike")
 WRITER = """
 import sys
 from pathlib import Path
-from lookalike.atomic import atomic_folder, atomic_path
+from lookalike.core.atomic import atomic_folder, atomic_path
 kind, target = sys.argv[1:]
 if kind == "file":
     with atomic_path(target) as tmp:
@@ -67,7 +67,7 @@ def test_atomic_files_and_folders_follow_the_umask(tmp_path, umask):
     script = """
 import sys
 from pathlib import Path
-from lookalike.atomic import atomic_folder, atomic_path, write_text_atomic
+from lookalike.core.atomic import atomic_folder, atomic_path, write_text_atomic
 out = Path(sys.argv[1])
 write_text_atomic(out / "metrics.json", "{}")
 with atomic_path(out / "res.npz") as tmp:
@@ -165,7 +165,7 @@ def test_a_live_writers_temporary_is_kept(tmp_path):
 
 
 def test_temporaries_of_older_versions_are_removed_when_older_than_the_run(tmp_path):
-    from lookalike.atomic import remove_stale
+    from lookalike.core.atomic import remove_stale
 
     target = tmp_path / "res.npz"
     legacy = tmp_path / ".res.npz.k2x_9qaz.npz"  # what tempfile.mkstemp named them before the pid was in the name

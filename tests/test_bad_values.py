@@ -15,12 +15,12 @@ from typer.testing import CliRunner
 
 from lookalike.cli import app
 from lookalike.config import load_config
+from lookalike.core.errors import ConfigError, LookalikeError
+from lookalike.core.results import RetrievalResults
 from lookalike.data.folder import import_folder
-from lookalike.errors import ConfigError, LookalikeError
 from lookalike.metrics import compute_metrics
 from lookalike.models.extractor import Extractor, load_weights
 from lookalike.pipeline import extractor_from_config, table_from_config
-from lookalike.search import RetrievalResults
 from lookalike.serve import build_index, load_index
 from lookalike.train import run_train
 

@@ -6,17 +6,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lookalike.data.table import validate_table
-from lookalike.embeddings import Embeddings
-from lookalike.errors import LookalikeError, LookalikeWarning
-from lookalike.search import (
-    PAD,
-    evaluate_centroids,
-    exclusion_groups,
-    gallery_centroids,
-    search_centroids,
-    search_table,
-)
+from lookalike.core.embeddings import Embeddings
+from lookalike.core.errors import LookalikeError, LookalikeWarning
+from lookalike.core.protocol import exclusion_groups
+from lookalike.core.results import PAD
+from lookalike.core.table import validate_table
+from lookalike.search import evaluate_centroids, gallery_centroids, search_centroids, search_table
 
 
 def make_table(tmp_path, labels, sequences=None, is_query=None, is_gallery=None):

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from lookalike.core.embeddings import Embeddings
 from lookalike.data.folder import import_folder
-from lookalike.embeddings import Embeddings
 
 LOOKALIKE = str(Path(sys.executable).parent / "lookalike")
 FAST_MODEL = ["model.name=test_resnet", "model.pretrained=false", "data.image_size=32", "data.batch_size=32"]
@@ -219,8 +219,8 @@ def test_search_k_above_the_gallery_is_clamped_in_one_line(omniglot_small, tmp_p
     """Was: search.k=5000 silently padded every list to 5000 columns."""
     import numpy as np
 
-    from lookalike.data.table import load_table
-    from lookalike.search import RetrievalResults
+    from lookalike.core.results import RetrievalResults
+    from lookalike.core.table import load_table
 
     import_folder(omniglot_small, validation_fraction=0.5, seed=1).save(tmp_path / "table.csv")
     paths = load_table(tmp_path / "table.csv").frame["path"].to_numpy(str)

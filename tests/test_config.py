@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lookalike.config import Config, ModelConfig, load_config, valid_keys
-from lookalike.errors import ConfigError, LookalikeError
+from lookalike.core.errors import ConfigError, LookalikeError
 
 
 def write_yaml(directory: Path, text: str, name: str = "config.yaml") -> Path:

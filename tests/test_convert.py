@@ -13,11 +13,11 @@ import pytest
 import scipy.io
 from PIL import Image
 
+from lookalike.core.errors import LookalikeError
+from lookalike.core.protocol import exclusion_groups
+from lookalike.core.table import load_table
 from lookalike.data.convert import CONVERTERS, conversion_problems, convert
 from lookalike.data.pairs import load_pairs
-from lookalike.data.table import load_table
-from lookalike.errors import LookalikeError
-from lookalike.search import exclusion_groups
 
 LOOKALIKE = str(Path(sys.executable).parent / "lookalike")
 

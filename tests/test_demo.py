@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from lookalike.core.results import RetrievalResults
 from lookalike.demo import StageGain, stage_gains
 from lookalike.metrics import MetricsReport
 from lookalike.rerank import Stage
-from lookalike.search.results import RetrievalResults
 
 
 def _stage(name: str, cmc1: float, map_all: float) -> Stage:

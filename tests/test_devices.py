@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from lookalike.config import load_config
+from lookalike.core.errors import ConfigError
 from lookalike.devices import resolve_device
-from lookalike.errors import ConfigError
 from lookalike.rerank.pairwise import PairwiseReranker
 from lookalike.search.exact import exact_knn
 

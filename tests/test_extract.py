@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
+from lookalike.core.embeddings import Embeddings
+from lookalike.core.errors import LookalikeError
 from lookalike.data.folder import import_folder
 from lookalike.data.images import eval_transform, read_image
-from lookalike.embeddings import Embeddings
-from lookalike.errors import LookalikeError
 from lookalike.extract import extract_embeddings
 from lookalike.models.extractor import Extractor, load_weights
 

@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from lookalike.core.errors import TableError
+from lookalike.core.table import load_table
 from lookalike.data.folder import import_folder
-from lookalike.data.table import load_table
-from lookalike.errors import TableError
 
 ALPHABETS = ("Balinese", "Greek")
 CHARACTERS = 4  # per alphabet: 8 classes in all

@@ -8,7 +8,7 @@ import pytest
 from huggingface_hub import constants
 
 from lookalike.adapt.backbones import create_layer_features
-from lookalike.errors import LookalikeError
+from lookalike.core.errors import LookalikeError
 from lookalike.models.extractor import Extractor
 from lookalike.models.hub import hub_unreachable
 from lookalike.models.pairwise import PairwiseSpec, create_backbone

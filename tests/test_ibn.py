@@ -14,8 +14,8 @@ from torch import nn
 
 import lookalike.models  # noqa: F401 - registers resnet50_ibn_a
 from lookalike.config import load_config
+from lookalike.core.errors import LookalikeError
 from lookalike.data.folder import import_folder
-from lookalike.errors import LookalikeError
 from lookalike.models.extractor import Extractor
 from lookalike.models.ibn import IBN
 from lookalike.pipeline import extractor_from_config

@@ -13,8 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from lookalike.embeddings import Embeddings
-from lookalike.errors import LookalikeError
+from lookalike.core.embeddings import Embeddings
+from lookalike.core.errors import LookalikeError
+from lookalike.core.results import PAD, RetrievalResults
 from lookalike.metrics import compute_metrics
 from lookalike.rerank import ICFRR, RerankContext, check_ascending, create_reranker, icfrr_iterations
 from lookalike.rerank.chain import build_chain, run_chain
@@ -34,7 +35,7 @@ from lookalike.rerank.icfrr import (
     save_rank_strips,
     stable_argsort,
 )
-from lookalike.search import PAD, RetrievalResults, exact_knn, search
+from lookalike.search import exact_knn, search
 
 EXAMPLE = Path(__file__).resolve().parent / "data" / "icfrr_example"
 EXAMPLE_MAP_ALL = [0.57577, 0.59596, 0.74314] + [0.79801] * 13 + [0.88135, 0.90635] + [1.0] * 3  # iterations 0..20

@@ -15,12 +15,12 @@ import pytest
 from PIL import Image
 
 from lookalike.config import load_config
+from lookalike.core.errors import ImageError, LookalikeError, LookalikeWarning
+from lookalike.core.table import load_table
 from lookalike.data.check import describe_problems, skip_bad_images, table_image_problems
 from lookalike.data.decode import read_image, verify_image
 from lookalike.data.folder import import_folder
 from lookalike.data.images import ImageDataset, eval_transform
-from lookalike.data.table import load_table
-from lookalike.errors import ImageError, LookalikeError, LookalikeWarning
 from lookalike.pipeline import table_from_config
 
 LOOKALIKE = str(Path(sys.executable).parent / "lookalike")

@@ -7,10 +7,11 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from lookalike.embeddings import Embeddings
-from lookalike.errors import LookalikeError
+from lookalike.core.embeddings import Embeddings
+from lookalike.core.errors import LookalikeError
+from lookalike.core.results import PAD, RetrievalResults
 from lookalike.rerank import KReciprocal, RerankContext, check_ascending, create_reranker
-from lookalike.search import PAD, RetrievalResults, exact_knn, search
+from lookalike.search import exact_knn, search
 
 
 def dense_kreciprocal(x: np.ndarray, k1: int, k2: int, lambda_value: float) -> np.ndarray:

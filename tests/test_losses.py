@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from lookalike.errors import LookalikeError
+from lookalike.core.errors import LookalikeError
 from lookalike.losses import CenterLoss, CentroidTripletLoss, TripletLoss, mine_triplets, pairwise_euclidean
 
 # Miner fixture: six points on a line, no ties in any ranking; label 2 has a single member.

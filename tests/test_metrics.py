@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from lookalike.errors import LookalikeError
+from lookalike.core.errors import LookalikeError
+from lookalike.core.results import PAD, RetrievalResults
 from lookalike.metrics import cmc_curve, compute_metrics, count_relevant
-from lookalike.search import PAD, RetrievalResults
 
 
 def results(indices, n_gallery, distances=None) -> RetrievalResults:

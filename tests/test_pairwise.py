@@ -12,9 +12,10 @@ import torch
 import yaml
 
 from lookalike.config import load_config
+from lookalike.core.errors import ConfigError, LookalikeError
+from lookalike.core.results import PAD, RetrievalResults
 from lookalike.data import images as image_io
 from lookalike.data.folder import import_folder
-from lookalike.errors import ConfigError, LookalikeError
 from lookalike.losses.pairwise import mine_pairs, pair_bce
 from lookalike.metrics import evaluate_table
 from lookalike.models.pairwise import (
@@ -28,7 +29,6 @@ from lookalike.models.pairwise import (
 from lookalike.pipeline import extractor_from_config, search_and_score, table_from_config
 from lookalike.rerank import RerankContext, check_ascending, create_reranker
 from lookalike.rerank.pairwise import PairwiseReranker, merge_top_n, table_rows
-from lookalike.search.results import PAD, RetrievalResults
 from lookalike.train import run_train
 from lookalike.train.pairwise import FrozenBackbone, auto_precision, build_pairwise_parts, run_train_reranker
 from lookalike.train.run import build_trainer

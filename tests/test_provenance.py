@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from lookalike.config import load_config
+from lookalike.core.embeddings import Embeddings
+from lookalike.core.errors import LookalikeWarning
+from lookalike.core.results import RetrievalResults
 from lookalike.data.folder import import_folder
-from lookalike.embeddings import Embeddings
-from lookalike.errors import LookalikeWarning
 from lookalike.models.extractor import Extractor
 from lookalike.pipeline import (
     extractor_from_config,
@@ -27,7 +28,6 @@ from lookalike.pipeline import (
     table_from_config,
 )
 from lookalike.provenance import ProvenanceError, config_sha256, flat_config
-from lookalike.search import RetrievalResults
 from lookalike.serve import build_index
 
 LOOKALIKE = str(Path(sys.executable).parent / "lookalike")

@@ -14,9 +14,9 @@ from PIL import Image
 
 import lookalike
 from lookalike.config import load_config
+from lookalike.core.errors import ImageError, LookalikeError
 from lookalike.data.folder import import_folder, list_images
 from lookalike.data.images import eval_transform, read_image
-from lookalike.errors import ImageError, LookalikeError
 from lookalike.models.extractor import Extractor
 from lookalike.serve.index import load_index
 
@@ -46,14 +46,14 @@ def test_import_lookalike_is_light_and_search_stays_callable():
 
 
 def test_all_names_resolve_to_the_objects_where_they_live():
-    import lookalike.embeddings
+    import lookalike.core.embeddings
     import lookalike.metrics
     import lookalike.serve.index
 
     for name in lookalike.__all__:
         assert getattr(lookalike, name) is not None, name
     assert set(lookalike.__all__) - {"__version__"} == set(lookalike._EXPORTS)
-    assert lookalike.Embeddings is lookalike.embeddings.Embeddings
+    assert lookalike.Embeddings is lookalike.core.embeddings.Embeddings
     assert lookalike.compute_metrics is lookalike.metrics.compute_metrics
     assert lookalike.GalleryIndex is lookalike.serve.index.GalleryIndex
     assert set(lookalike.__all__) <= set(dir(lookalike))

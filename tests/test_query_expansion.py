@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lookalike.embeddings import Embeddings
-from lookalike.errors import LookalikeError
+from lookalike.core.embeddings import Embeddings
+from lookalike.core.errors import LookalikeError
+from lookalike.core.results import PAD, RetrievalResults
 from lookalike.metrics import compute_metrics
 from lookalike.rerank import DatabaseAugmentation, QueryExpansion, RerankContext, check_ascending, create_reranker
-from lookalike.search import PAD, RetrievalResults, exact_knn, search
+from lookalike.search import exact_knn, search
 
 SQRT50 = np.sqrt(50.0)
 # query (1, 0); gallery g0 .. g3 at cosines .96, .8, 12/13 and -1 to it: initial order g0, g2, g1, g3

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 
 from lookalike.config import load_config
-from lookalike.data.table import validate_table
-from lookalike.embeddings import Embeddings
-from lookalike.errors import ConfigError, LookalikeError
+from lookalike.core.embeddings import Embeddings
+from lookalike.core.errors import ConfigError, LookalikeError
+from lookalike.core.table import validate_table
 from lookalike.pipeline import rerank_context, run_rerank
 from lookalike.rerank import ICFRR, QueryExpansion, build_chain, run_chain
 from lookalike.search import search_table

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from lookalike.core.errors import LookalikeError
 from lookalike.data.sampler import PKSampler, decode_index
-from lookalike.errors import LookalikeError
 
 
 def make_labels(sizes: list[int], seed: int = 0) -> np.ndarray:

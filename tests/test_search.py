@@ -7,10 +7,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lookalike.data.table import validate_table
-from lookalike.embeddings import Embeddings
-from lookalike.errors import LookalikeError
-from lookalike.search import PAD, FaissIndex, RetrievalResults, exact_knn, search, search_table
+from lookalike.core.embeddings import Embeddings
+from lookalike.core.errors import LookalikeError
+from lookalike.core.results import PAD, RetrievalResults
+from lookalike.core.table import validate_table
+from lookalike.search import FaissIndex, exact_knn, search, search_table
 from lookalike.search.exact import order_by_distance
 
 
@@ -256,7 +257,7 @@ def test_every_other_image_is_a_complete_ranking(tmp_path):
 
 def test_k_above_the_visible_gallery_is_clamped_with_one_warning(tmp_path):
     """Was: search.k=5000 on a 940-image set gave a 940 x 5000 array, 81% padding, without a word."""
-    from lookalike.errors import LookalikeWarning
+    from lookalike.core.errors import LookalikeWarning
 
     table, emb = clustered_validation(tmp_path)
     with pytest.warns(
@@ -279,7 +280,7 @@ def test_validation_scores_map_at_all_over_the_whole_ranking(tmp_path, monkeypat
     it."""
     from lookalike import pipeline
     from lookalike.config import load_config
-    from lookalike.errors import LookalikeWarning
+    from lookalike.core.errors import LookalikeWarning
     from lookalike.metrics import evaluate_table
 
     table, emb = clustered_validation(tmp_path)

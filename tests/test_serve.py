@@ -27,9 +27,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from lookalike.config import load_config
+from lookalike.core.errors import ConfigError, LookalikeError
 from lookalike.data.folder import import_folder
 from lookalike.data.images import read_image
-from lookalike.errors import ConfigError, LookalikeError
 from lookalike.pipeline import extractor_from_config, table_from_config
 from lookalike.search import exact_knn
 from lookalike.serve import build_index, load_index

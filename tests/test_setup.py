@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from lookalike import cli
 from lookalike.config import Config, load_config, valid_keys
 from lookalike.config_doc import config_page, config_yaml, field_comments
-from lookalike.data import load_table
+from lookalike.core.table import load_table
 from lookalike.data.bundled import OMNIGLOT_ROOT, prepare_omniglot, unpack_omniglot
 from lookalike.data.folder import import_folder
 from lookalike.data.pairs import load_pairs

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lookalike.data.table import REQUIRED_COLUMNS, DatasetTable, load_table, validate_table
-from lookalike.errors import LookalikeError, TableError
+from lookalike.core.errors import LookalikeError, TableError
+from lookalike.core.table import REQUIRED_COLUMNS, DatasetTable, load_table, validate_table
 
 
 def row(label="0", path="a/1.png", split="validation", is_query="True", is_gallery="True", **extra) -> dict:

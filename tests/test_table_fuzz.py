@@ -10,9 +10,9 @@ import pandas as pd
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from lookalike.core.errors import TableError
+from lookalike.core.table import BBOX_COLUMNS, OPTIONAL_COLUMNS, REQUIRED_COLUMNS, load_table
 from lookalike.data.pairs import load_pairs
-from lookalike.data.table import BBOX_COLUMNS, OPTIONAL_COLUMNS, REQUIRED_COLUMNS, load_table
-from lookalike.errors import TableError
 
 # The same examples on every run (CI stays deterministic); raise max_examples and drop derandomize to search wider.
 FUZZ = settings(

@@ -17,8 +17,8 @@ import torch
 import yaml
 
 from lookalike.config import load_config
+from lookalike.core.errors import ConfigError
 from lookalike.data.folder import import_folder
-from lookalike.errors import ConfigError
 from lookalike.models.extractor import Extractor
 from lookalike.train import run_train, run_validate
 from lookalike.train.data import LabelledImages, train_transform
@@ -267,7 +267,7 @@ def test_channels_last_layout_gives_the_same_embeddings(table_csv, tmp_path):
 
 
 def test_mock_instances_load_their_image_flagged_invalid(table_csv):
-    from lookalike.data.table import load_table
+    from lookalike.core.table import load_table
 
     train = load_table(table_csv).split("train")
     items = LabelledImages(train, train_transform("none", 32))

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from matplotlib.colors import to_hex
 
+from lookalike.core.results import PAD, RetrievalResults
 from lookalike.data.folder import import_folder
-from lookalike.search.results import PAD, RetrievalResults
 from lookalike.viz import QUERY, RIGHT, WRONG, format_distance, result_grid_figure, save_result_grid, table_labels
 
 

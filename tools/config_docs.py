@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lookalike.atomic import write_text_atomic
 from lookalike.config_doc import config_page
+from lookalike.core.atomic import write_text_atomic
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "config.md"
 

@@ -18,11 +18,11 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it (where it lives today; the top level only re-exports)
 _EXPORTS = {
-    "DatasetTable": "lookalike.data.table",
-    "load_table": "lookalike.data.table",
+    "DatasetTable": "lookalike.core.table",
+    "load_table": "lookalike.core.table",
     "import_folder": "lookalike.data.folder",
-    "Embeddings": "lookalike.embeddings",
-    "RetrievalResults": "lookalike.search.results",
+    "Embeddings": "lookalike.core.embeddings",
+    "RetrievalResults": "lookalike.core.results",
     "search": "lookalike.search",  # the subpackage, callable as its search function
     "search_table": "lookalike.search",
     "MetricsReport": "lookalike.metrics",
@@ -37,7 +37,7 @@ _EXPORTS = {
     "GalleryIndex": "lookalike.serve.index",
     "Config": "lookalike.config",
     "load_config": "lookalike.config",
-    "LookalikeError": "lookalike.errors",
+    "LookalikeError": "lookalike.core.errors",
 }
 
 __all__ = [
@@ -49,16 +49,16 @@ __all__ = [
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time names load on first use (__getattr__)
     from lookalike import search
     from lookalike.config import Config, load_config
+    from lookalike.core.embeddings import Embeddings
+    from lookalike.core.errors import LookalikeError
+    from lookalike.core.results import RetrievalResults
+    from lookalike.core.table import DatasetTable, load_table
     from lookalike.data.folder import import_folder
-    from lookalike.data.table import DatasetTable, load_table
-    from lookalike.embeddings import Embeddings
-    from lookalike.errors import LookalikeError
     from lookalike.extract import embed
     from lookalike.metrics import MetricsReport, compute_metrics, evaluate_table
     from lookalike.models.extractor import Extractor
     from lookalike.rerank import RerankContext, Reranker, create_reranker, list_rerankers
     from lookalike.search import search_table
-    from lookalike.search.results import RetrievalResults
     from lookalike.serve.index import GalleryIndex
 
 

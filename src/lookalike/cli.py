@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from lookalike import __version__
-from lookalike.errors import LookalikeError, LookalikeWarning, printable
+from lookalike.core.errors import LookalikeError, LookalikeWarning, printable
 from lookalike.progress import INTERVAL_ENV, ProgressReporter, interval_from_env, plural
 
 app = typer.Typer(
@@ -388,7 +388,7 @@ def icfrr(
     their plot when there are labels, rank strips of chosen queries."""
     import json
 
-    from lookalike.atomic import write_text_atomic
+    from lookalike.core.atomic import write_text_atomic
     from lookalike.rerank import plot_icfrr_curve, run_icfrr_cache
     from lookalike.rerank.icfrr import RANKINGS_NPZ, RANKS_DIR, VIS_DIR, cache_folder, load_icfrr_cache
 

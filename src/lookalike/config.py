@@ -11,8 +11,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from lookalike.core.errors import ConfigError
 from lookalike.devices import check_device
-from lookalike.errors import ConfigError
 
 Device = Annotated[str, AfterValidator(check_device)]  # auto (cuda, else mps, else cpu), cpu, cuda, cuda:N, mps
 

@@ -15,10 +15,11 @@ import torch
 from PIL import Image
 
 from lookalike.config import Config, load_config
+from lookalike.core.embeddings import Embeddings
+from lookalike.core.results import RetrievalResults
+from lookalike.core.table import DatasetTable
 from lookalike.data.bundled import unpack_omniglot
 from lookalike.data.folder import import_folder
-from lookalike.data.table import DatasetTable
-from lookalike.embeddings import Embeddings
 from lookalike.extract import Progress
 from lookalike.metrics import MetricsReport, cmc_curve
 from lookalike.pipeline import (
@@ -32,7 +33,6 @@ from lookalike.pipeline import (
 )
 from lookalike.rerank import Stage, build_chain, run_chain
 from lookalike.rerank.chain import stage_reports
-from lookalike.search.results import RetrievalResults
 from lookalike.train import TrainResult, run_train
 from lookalike.train.pairwise import run_train_reranker
 from lookalike.viz import save_cmc_curve

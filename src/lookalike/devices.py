@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from lookalike.errors import ConfigError
+from lookalike.core.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch

@@ -5,19 +5,22 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 
+from lookalike.core.embeddings import Embeddings
+from lookalike.core.errors import LookalikeError
+from lookalike.core.table import DatasetTable
 from lookalike.data.folder import list_images
 from lookalike.data.images import ImageDataset, ImageListDataset, ImageSource
-from lookalike.data.table import DatasetTable
 from lookalike.devices import resolve_device
-from lookalike.embeddings import Embeddings
-from lookalike.errors import LookalikeError
-from lookalike.models.extractor import Extractor
 from lookalike.progress import Progress
+
+if TYPE_CHECKING:  # annotations only: lookalike.models.extractor imports this module (Extractor.embed)
+    from lookalike.models.extractor import Extractor
 
 
 def set_layout(module: torch.nn.Module, channels_last: bool) -> torch.nn.Module:

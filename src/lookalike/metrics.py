@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from lookalike.atomic import write_text_atomic
-from lookalike.data.table import DatasetTable
-from lookalike.errors import LookalikeError
-from lookalike.search.protocol import exclusion_groups
-from lookalike.search.results import RetrievalResults, ranks_everything
+from lookalike.core.atomic import write_text_atomic
+from lookalike.core.errors import LookalikeError
+from lookalike.core.protocol import exclusion_groups
+from lookalike.core.results import RetrievalResults, ranks_everything
+from lookalike.core.table import DatasetTable
 
 
 @dataclass

@@ -7,21 +7,22 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from lookalike.atomic import write_text_atomic
 from lookalike.config import Config
+from lookalike.core.atomic import write_text_atomic
+from lookalike.core.embeddings import Embeddings
+from lookalike.core.errors import ConfigError, LookalikeWarning
+from lookalike.core.protocol import exclusion_groups, query_gallery_ids
+from lookalike.core.results import RetrievalResults, visible_counts
+from lookalike.core.table import DatasetTable, load_table
 from lookalike.data.check import skip_bad_images
 from lookalike.data.images import eval_transform
-from lookalike.data.table import DatasetTable, load_table
-from lookalike.embeddings import Embeddings
-from lookalike.errors import ConfigError, LookalikeWarning
 from lookalike.extract import Progress, extract_embeddings
 from lookalike.metrics import MetricsReport, cmc_curve, evaluate_table
 from lookalike.models.extractor import Extractor
 from lookalike.provenance import KEY, check_input, record, with_record
 from lookalike.rerank import RerankContext, Stage, build_chain, run_chain
 from lookalike.rerank.chain import stage_reports, uses_embeddings
-from lookalike.search import RetrievalResults, exclusion_groups, query_gallery_ids, search_table
-from lookalike.search.results import visible_counts
+from lookalike.search import search_table
 from lookalike.viz import SCORE_RERANKERS, save_cmc_curve, save_result_grid, spread_queries, table_labels
 
 WHOLE_RANKING_LIMIT = 2**26  # most query x gallery entries validation ranks in full (indices + distances: 768 MiB)

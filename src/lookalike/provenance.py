@@ -18,7 +18,7 @@ from typing import Any
 
 from lookalike import __version__
 from lookalike.config import Config
-from lookalike.errors import LookalikeError, LookalikeWarning
+from lookalike.core.errors import LookalikeError, LookalikeWarning
 
 KEY = "provenance"
 

@@ -14,12 +14,12 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from PIL import Image, ImageOps
 
-from lookalike.atomic import atomic_path
+from lookalike.core.atomic import atomic_path
+from lookalike.core.results import RetrievalResults
 from lookalike.data.images import read_image
-from lookalike.search.results import RetrievalResults
 
 if TYPE_CHECKING:
-    from lookalike.data.table import DatasetTable
+    from lookalike.core.table import DatasetTable
 
 RIGHT, WRONG, QUERY, UNKNOWN = "#2ca02c", "#d62728", "#1f77b4", "#7f7f7f"
 SCORE_RERANKERS = ("icfrr",)  # re-rankers whose distances are negated similarity scores: grids show them as scores

@@ -11,9 +11,9 @@ import timm
 import torch
 from torch import nn
 
+from lookalike.core.errors import LookalikeError
 from lookalike.data.decode import read_image
 from lookalike.data.images import eval_transform
-from lookalike.errors import LookalikeError
 from lookalike.models.extractor import load_weights
 from lookalike.models.hub import create_timm_model
 

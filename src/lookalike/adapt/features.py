@@ -11,9 +11,9 @@ import numpy as np
 
 from lookalike.adapt.backbones import LayerFeatures, Progress, backbone_transform, extract_image_features
 from lookalike.adapt.pca import PCAProjection, fit_pca
-from lookalike.atomic import atomic_path
+from lookalike.core.atomic import atomic_path
+from lookalike.core.errors import LookalikeError
 from lookalike.data.pairs import PairsTable
-from lookalike.errors import LookalikeError
 
 SIDES = ("left", "right")
 

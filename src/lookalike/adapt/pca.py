@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.decomposition import PCA
 
-from lookalike.errors import LookalikeError
+from lookalike.core.errors import LookalikeError
 
 
 @dataclass(frozen=True)

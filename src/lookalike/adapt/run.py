@@ -27,11 +27,11 @@ from lookalike.adapt.evaluate import topk_accuracy
 from lookalike.adapt.features import PairFeatures, extract_pair_features, with_table_pca
 from lookalike.adapt.pca import PCAProjection, fit_pca
 from lookalike.adapt.train import FitResult, TrainSettings, fit_adapter
-from lookalike.atomic import atomic_path, write_text_atomic
 from lookalike.config import Config
+from lookalike.core.atomic import atomic_path, write_text_atomic
+from lookalike.core.errors import ConfigError, LookalikeError
 from lookalike.data.pairs import PairsTable, load_pairs, read_name_list, subset_pairs
 from lookalike.devices import resolve_device
-from lookalike.errors import ConfigError, LookalikeError
 from lookalike.provenance import record as provenance
 
 SPLIT_NAMES = ("train", "validation", "test")

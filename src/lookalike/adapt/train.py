@@ -13,7 +13,7 @@ from torch import nn
 
 from lookalike.adapt.evaluate import DIRECTIONS, topk_accuracy
 from lookalike.adapt.features import PairFeatures
-from lookalike.errors import LookalikeError
+from lookalike.core.errors import LookalikeError
 from lookalike.losses.info_nce import symmetric_info_nce
 from lookalike.models.adapter import create_adapter
 

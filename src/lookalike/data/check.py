@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
+from lookalike.core.errors import ImageError, LookalikeError, LookalikeWarning
+from lookalike.core.table import DatasetTable
 from lookalike.data.decode import display_path, verify_image
-from lookalike.data.table import DatasetTable
-from lookalike.errors import ImageError, LookalikeError, LookalikeWarning
 
 
 @dataclass(frozen=True)

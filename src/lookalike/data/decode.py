@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from lookalike.errors import ImageError, printable
+from lookalike.core.errors import ImageError, printable
 
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 

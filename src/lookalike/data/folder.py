@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lookalike.data.table import DatasetTable, validate_table
-from lookalike.errors import TableError
+from lookalike.core.errors import TableError
+from lookalike.core.table import DatasetTable, validate_table
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 

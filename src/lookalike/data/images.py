@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
+from lookalike.core.table import DatasetTable
 from lookalike.data.decode import read_image, upright_rgb
-from lookalike.data.table import DatasetTable
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

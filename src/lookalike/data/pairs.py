@@ -8,7 +8,8 @@ from pathlib import Path, PurePath
 
 import pandas as pd
 
-from lookalike.data.table import (
+from lookalike.core.errors import TableError
+from lookalike.core.table import (
     RowTable,
     check_files_exist,
     check_non_empty,
@@ -20,7 +21,6 @@ from lookalike.data.table import (
     save_csv,
     where,
 )
-from lookalike.errors import TableError
 
 PAIR_COLUMNS = ("left", "right")
 

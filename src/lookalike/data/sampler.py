@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Sampler
 
-from lookalike.errors import LookalikeError
+from lookalike.core.errors import LookalikeError
 
 FEW_IMAGES = ("repeat", "pad", "drop")
 

@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from lookalike.errors import LookalikeError
+from lookalike.core.errors import LookalikeError
 from lookalike.losses.miners import check_batch, pairwise_euclidean, safe_sqrt
 from lookalike.losses.triplet import LossOutput, empty_output, margin_output
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lookalike.errors import LookalikeError
+from lookalike.core.errors import LookalikeError
 
 
 def cosine_matrix(left: torch.Tensor, right: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

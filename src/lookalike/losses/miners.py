@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lookalike.errors import LookalikeError
+from lookalike.core.errors import LookalikeError
 
 STRATEGIES = ("all", "batch_hard", "n_hard")
 _EPS = 1e-12  # squared distances at or below this count as zero

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lookalike.errors import LookalikeError
+from lookalike.core.errors import LookalikeError
 from lookalike.losses.miners import check_batch, check_strategy, mine_triplets, pairwise_euclidean
 
 TRIPLET_STATS = ("active", "pos_dist", "neg_dist", "triplets")

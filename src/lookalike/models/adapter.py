@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from lookalike.errors import LookalikeError
+from lookalike.core.errors import LookalikeError
 
 ADAPTERS = ("linear", "diagonal", "identity")
 

@@ -14,14 +14,15 @@ import torch
 from torch import nn
 from torchvision.transforms import v2
 
+from lookalike.core.errors import LookalikeError
+from lookalike.core.table import DatasetTable
 from lookalike.data.images import ImageSource, eval_transform
-from lookalike.data.table import DatasetTable
-from lookalike.errors import LookalikeError
+from lookalike.extract import embed
 from lookalike.models.hub import create_timm_model
 
 if TYPE_CHECKING:
     from lookalike.config import Config
-    from lookalike.embeddings import Embeddings
+    from lookalike.core.embeddings import Embeddings
 
 
 class Extractor(nn.Module):
@@ -127,8 +128,6 @@ class Extractor(nn.Module):
 
     def embed(self, images: DatasetTable | ImageSource | Sequence[ImageSource], **kwargs: Any) -> Embeddings:
         """`lookalike.embed(self, images, **kwargs)`: a table, folder, file, PIL image or list of them as Embeddings."""
-        from lookalike.extract import embed  # extract imports this module
-
         return embed(self, images, **kwargs)
 
     def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

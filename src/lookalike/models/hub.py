@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 import timm
 from torch import nn
 
-from lookalike.errors import LookalikeError
+from lookalike.core.errors import LookalikeError
 
 PROBE_TIMEOUT_S = (
     3.0  # one TCP connection to the hub before a pretrained download: fail at once instead of minutes of retries

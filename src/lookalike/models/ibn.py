@@ -16,7 +16,7 @@ from timm.models import register_model
 from timm.models.resnet import Bottleneck, ResNet
 from torch import nn
 
-from lookalike.errors import LookalikeError
+from lookalike.core.errors import LookalikeError
 
 IBN_STAGES = ("layer1", "layer2", "layer3")
 PRETRAINED_CFG = {

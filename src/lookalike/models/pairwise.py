@@ -20,8 +20,8 @@ from timm.layers import resample_abs_pos_embed
 from torch import nn
 from torchvision.ops import MLP
 
+from lookalike.core.errors import LookalikeError
 from lookalike.data.images import eval_transform
-from lookalike.errors import LookalikeError
 from lookalike.models.extractor import load_weights, read_checkpoint
 from lookalike.models.hub import create_timm_model
 
@@ -155,7 +155,7 @@ def load_pairwise(path: str | os.PathLike, tta: bool | None = None) -> PairwiseM
 
 def save_pairwise(model: PairwiseModel, path: str | os.PathLike) -> Path:
     """Write the model's spec and weights into one file, atomically (load it with load_pairwise)."""
-    from lookalike.atomic import atomic_path
+    from lookalike.core.atomic import atomic_path
 
     with atomic_path(path, suffix=".pt") as tmp:
         torch.save({SPEC_KEY: asdict(model.spec), "state_dict": model.state_dict()}, tmp)

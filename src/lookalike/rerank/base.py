@@ -13,10 +13,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from lookalike.data.table import DatasetTable
-from lookalike.embeddings import Embeddings
-from lookalike.errors import LookalikeError
-from lookalike.search.results import RetrievalResults
+from lookalike.core.embeddings import Embeddings
+from lookalike.core.errors import LookalikeError
+from lookalike.core.results import RetrievalResults
+from lookalike.core.table import DatasetTable
 
 
 @dataclass

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from lookalike.embeddings import Embeddings
+from lookalike.core.embeddings import Embeddings
+from lookalike.core.results import RetrievalResults
 from lookalike.rerank.base import RerankContext, Reranker, register
 from lookalike.search.centroids import search_centroids, table_centroids
-from lookalike.search.results import RetrievalResults
 
 
 @register

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from lookalike.errors import ConfigError
+from lookalike.core.errors import ConfigError
+from lookalike.core.results import RetrievalResults
 from lookalike.metrics import MetricsReport, compute_metrics
 from lookalike.rerank.base import RerankContext, Reranker, check_ascending, create_reranker
-from lookalike.search.results import RetrievalResults
 
 
 @dataclass

@@ -45,14 +45,14 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from lookalike.atomic import atomic_path
-from lookalike.embeddings import Embeddings
-from lookalike.errors import LookalikeError
+from lookalike.core.atomic import atomic_path
+from lookalike.core.embeddings import Embeddings
+from lookalike.core.errors import LookalikeError
+from lookalike.core.results import PAD, RetrievalResults
 from lookalike.metrics import compute_metrics, relevance
 from lookalike.rerank.base import RerankContext, Reranker, positive_int, register
 from lookalike.rows import pack_rows, sort_by_value
 from lookalike.search.exact import exact_knn, order_by_distance
-from lookalike.search.results import PAD, RetrievalResults
 from lookalike.viz import _save, save_result_grid
 
 GALLERY_KNN_KEY = "gallery_knn"  # context.cache: {vectors, metric, indices [G, k], distances [G, k]} from gallery_knn

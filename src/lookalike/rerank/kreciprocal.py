@@ -26,10 +26,10 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from lookalike.errors import LookalikeError
+from lookalike.core.errors import LookalikeError
+from lookalike.core.results import PAD, RetrievalResults
 from lookalike.rerank.base import RerankContext, Reranker, positive_int, register
 from lookalike.search.exact import exact_knn
-from lookalike.search.results import PAD, RetrievalResults
 
 
 @register

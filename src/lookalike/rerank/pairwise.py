@@ -27,13 +27,13 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from lookalike.core.errors import LookalikeError
+from lookalike.core.results import PAD, RetrievalResults
+from lookalike.core.table import DatasetTable
 from lookalike.data.images import ImageDataset
-from lookalike.data.table import DatasetTable
 from lookalike.devices import resolve_device
-from lookalike.errors import LookalikeError
 from lookalike.models.pairwise import PairwiseModel, load_pairwise
 from lookalike.rerank.base import RerankContext, Reranker, positive_int, register
-from lookalike.search.results import PAD, RetrievalResults
 
 MERGE_GAP = np.float32(1000 * np.finfo(np.float32).eps)  # relative gap kept below the first untouched distance
 

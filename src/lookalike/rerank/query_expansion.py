@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from lookalike.errors import LookalikeError
+from lookalike.core.errors import LookalikeError
+from lookalike.core.results import PAD, RetrievalResults
 from lookalike.rerank.base import RerankContext, Reranker, positive_int, register
 from lookalike.rerank.kreciprocal import context_vectors, drop_excluded, pair_sqdist, rerank_head
 from lookalike.search.exact import exact_knn
-from lookalike.search.results import PAD, RetrievalResults
 
 DBA_CACHE_KEY = "dba_gallery"  # (gallery ids, augmented gallery vectors) left by DatabaseAugmentation for later stages
 

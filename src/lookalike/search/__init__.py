@@ -9,27 +9,22 @@ import types
 import numpy as np
 import torch
 
-from lookalike.data.table import DatasetTable
-from lookalike.embeddings import Embeddings
-from lookalike.errors import LookalikeError
+from lookalike.core.embeddings import Embeddings
+from lookalike.core.errors import LookalikeError
+from lookalike.core.protocol import exclusion_groups, query_gallery_ids
+from lookalike.core.results import RetrievalResults, clamp_k
+from lookalike.core.table import DatasetTable
 from lookalike.progress import Progress
 from lookalike.search.centroids import Centroids, evaluate_centroids, gallery_centroids, search_centroids
 from lookalike.search.exact import exact_knn
 from lookalike.search.faiss_index import FaissIndex
-from lookalike.search.protocol import exclusion_groups, query_gallery_ids
-from lookalike.search.results import PAD, RetrievalResults, clamp_k
 
 __all__ = [
-    "PAD",
     "Centroids",
     "FaissIndex",
-    "RetrievalResults",
-    "clamp_k",
     "evaluate_centroids",
     "exact_knn",
-    "exclusion_groups",
     "gallery_centroids",
-    "query_gallery_ids",
     "search",
     "search_centroids",
     "search_table",

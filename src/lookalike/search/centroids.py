@@ -11,21 +11,18 @@ the query never matches itself; centroids of other labels are used as they are.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
 
-from lookalike.data.table import DatasetTable
-from lookalike.embeddings import Embeddings
-from lookalike.errors import LookalikeError
+from lookalike.core.embeddings import Embeddings
+from lookalike.core.errors import LookalikeError
+from lookalike.core.protocol import exclusion_groups, query_gallery_ids
+from lookalike.core.results import PAD, RetrievalResults, clamp_k
+from lookalike.core.table import DatasetTable
+from lookalike.metrics import MetricsReport, compute_metrics, count_relevant
 from lookalike.search.exact import exact_knn
-from lookalike.search.protocol import exclusion_groups, query_gallery_ids
-from lookalike.search.results import PAD, RetrievalResults, clamp_k
-
-if TYPE_CHECKING:
-    from lookalike.metrics import MetricsReport
 
 _SUM_BLOCK = 65536  # gallery rows summed at a time: bounds the float64 copy
 
@@ -128,9 +125,6 @@ def evaluate_centroids(
     **metric_kwargs,
 ) -> tuple[RetrievalResults, MetricsReport]:
     """`search_centroids` followed by `compute_metrics` with the right relevant counts and the table's categories."""
-    # lookalike.metrics imports lookalike.search, so it is imported here, not at the top
-    from lookalike.metrics import compute_metrics
-
     results, c_labels, n_relevant = search_centroids(embeddings, table, k, per_sequence, metric)
     q_rows = table.frame.set_index("path").loc[results.query_ids]
     categories = q_rows["category"].to_numpy() if "category" in q_rows.columns else None
@@ -220,8 +214,6 @@ def _merge(
 
 def _visible_relevant(q_labels: np.ndarray, q_groups: np.ndarray, cents: Centroids) -> np.ndarray:
     """Centroids of the query's label outside its group."""
-    from lookalike.metrics import count_relevant  # imported late: lookalike.metrics imports lookalike.search
-
     return count_relevant(q_labels, cents.labels, exclude=(q_groups, cents.groups))
 
 

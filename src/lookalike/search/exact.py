@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from lookalike.core.errors import LookalikeError
+from lookalike.core.results import PAD, drop_hidden, max_hidden
 from lookalike.devices import resolve_device
-from lookalike.errors import LookalikeError
 from lookalike.progress import Progress
 from lookalike.rows import float_from_sortable_bits, pack_rows, sort_by_value
-from lookalike.search.results import PAD, drop_hidden, max_hidden
 
 METRICS = ("cosine", "euclidean")
 CHUNK = 8  # most columns per chunk in the top-k candidate filter

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from lookalike.errors import LookalikeError
-from lookalike.search.results import drop_hidden, max_hidden
+from lookalike.core.errors import LookalikeError
+from lookalike.core.results import drop_hidden, max_hidden
 
 
 def _faiss():

@@ -22,7 +22,7 @@ from pydantic import BaseModel
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from lookalike import __version__
-from lookalike.errors import LookalikeError
+from lookalike.core.errors import LookalikeError
 from lookalike.serve.guards import BodyGuard, SecurityHeaders, allowed_hosts, header_deadline_protocol
 from lookalike.serve.index import Column, GalleryIndex, IndexBusy, serve_limits
 from lookalike.serve.uploads import UploadRejected, decode_upload

@@ -22,14 +22,15 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
-from lookalike.atomic import atomic_folder
 from lookalike.config import Config, ServeConfig, _validation_message
+from lookalike.core.atomic import atomic_folder
+from lookalike.core.embeddings import Embeddings
+from lookalike.core.errors import ConfigError, LookalikeError
+from lookalike.core.results import PAD, RetrievalResults
+from lookalike.core.table import BBOX_COLUMNS, DatasetTable, save_csv
 from lookalike.data.decode import to_rgb
 from lookalike.data.folder import import_folder
 from lookalike.data.images import ImageSource, eval_transform, read_image, resize_side
-from lookalike.data.table import BBOX_COLUMNS, DatasetTable, save_csv
-from lookalike.embeddings import Embeddings
-from lookalike.errors import ConfigError, LookalikeError
 from lookalike.extract import Progress
 from lookalike.models.extractor import Extractor, load_weights
 from lookalike.pipeline import embed_table
@@ -37,8 +38,7 @@ from lookalike.provenance import record as provenance
 from lookalike.rerank import RerankContext, Reranker, build_chain, check_ascending
 from lookalike.rerank.chain import step_parts
 from lookalike.rerank.pairwise import PairwiseReranker
-from lookalike.search import FaissIndex, RetrievalResults, exact_knn
-from lookalike.search.results import PAD
+from lookalike.search import FaissIndex, exact_knn
 
 FORMAT = 1
 SETTINGS_FILE, MODEL_FILE, GALLERY_FILE, EMBEDDINGS_FILE, FAISS_FILE = (

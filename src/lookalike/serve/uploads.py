@@ -8,8 +8,8 @@ import warnings
 
 from PIL import Image, UnidentifiedImageError
 
+from lookalike.core.errors import LookalikeError
 from lookalike.data.decode import upright_rgb
-from lookalike.errors import LookalikeError
 
 
 class UploadRejected(LookalikeError):

@@ -9,10 +9,10 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
+from lookalike.core.errors import LookalikeError
+from lookalike.core.table import DatasetTable
 from lookalike.data.images import IMAGENET_MEAN, IMAGENET_STD, ImageDataset, eval_transform
 from lookalike.data.sampler import PKSampler, decode_index
-from lookalike.data.table import DatasetTable
-from lookalike.errors import LookalikeError
 
 AUGMENTS = ("none", "light", "reid")
 

@@ -10,10 +10,10 @@ import lightning as L
 import torch
 from torch import nn
 
-from lookalike.atomic import write_text_atomic
 from lookalike.config import Config
-from lookalike.data.table import DatasetTable
-from lookalike.embeddings import Embeddings
+from lookalike.core.atomic import write_text_atomic
+from lookalike.core.embeddings import Embeddings
+from lookalike.core.table import DatasetTable
 from lookalike.extract import embed_batch
 from lookalike.losses import CenterLoss, CentroidTripletLoss, LossOutput, TripletLoss
 from lookalike.metrics import MetricsReport

@@ -19,12 +19,13 @@ import torch
 from lightning.pytorch.callbacks import BaseFinetuning
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lookalike.atomic import write_text_atomic
 from lookalike.config import Config
+from lookalike.core.atomic import write_text_atomic
+from lookalike.core.embeddings import Embeddings
+from lookalike.core.errors import ConfigError, LookalikeError
+from lookalike.core.results import RetrievalResults
+from lookalike.core.table import DatasetTable
 from lookalike.data.sampler import PKSampler, decode_index
-from lookalike.data.table import DatasetTable
-from lookalike.embeddings import Embeddings
-from lookalike.errors import ConfigError, LookalikeError
 from lookalike.extract import Progress
 from lookalike.losses.pairwise import mine_pairs, pair_bce
 from lookalike.metrics import MetricsReport, evaluate_table
@@ -33,7 +34,6 @@ from lookalike.provenance import KEY, flat_config
 from lookalike.provenance import record as provenance
 from lookalike.rerank.chain import Stage
 from lookalike.rerank.pairwise import PairBatches, PairwiseReranker, merge_top_n
-from lookalike.search.results import RetrievalResults
 from lookalike.train.data import LabelledImages, train_transform
 from lookalike.train.module import _optimizer, _scheduler
 from lookalike.train.run import (

@@ -13,10 +13,10 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressB
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lookalike.atomic import atomic_path, write_text_atomic
 from lookalike.config import Config
+from lookalike.core.atomic import atomic_path, write_text_atomic
+from lookalike.core.errors import ConfigError, LookalikeError
 from lookalike.data.images import eval_transform
-from lookalike.errors import ConfigError, LookalikeError
 from lookalike.extract import set_layout
 from lookalike.models.extractor import check_state, read_checkpoint
 from lookalike.signals import Terminated, deferred_sigterm, sigterm_pending

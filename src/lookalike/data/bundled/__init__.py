@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from lookalike.core.errors import LookalikeError
+from lookalike.core.table import DatasetTable
 from lookalike.data.folder import import_folder
 from lookalike.data.pairs import PairsTable, validate_pairs
-from lookalike.data.table import DatasetTable
-from lookalike.errors import LookalikeError
 
 OMNIGLOT_ZIP = Path(__file__).with_name("omniglot_background_small1.zip")
 OMNIGLOT_LICENSE = Path(__file__).with_name("OMNIGLOT_LICENSE")

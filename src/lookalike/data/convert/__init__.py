@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from lookalike.core.errors import LookalikeError
 from lookalike.data.check import ImageProblem, find_image_problems, table_image_problems
 from lookalike.data.convert.base import Conversion
 from lookalike.data.convert.cars import convert_cars
@@ -20,7 +21,6 @@ from lookalike.data.convert.tll import convert_tll
 from lookalike.data.decode import display_path
 from lookalike.data.folder import import_folder
 from lookalike.data.pairs import PairsTable
-from lookalike.errors import LookalikeError
 
 
 def convert_folder(

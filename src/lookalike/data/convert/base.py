@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from lookalike.core.errors import LookalikeError
+from lookalike.core.table import DatasetTable, validate_table
 from lookalike.data.decode import display_path
 from lookalike.data.folder import list_images  # noqa: F401 - the converters import it from here
 from lookalike.data.pairs import PairsTable
-from lookalike.data.table import DatasetTable, validate_table
-from lookalike.errors import LookalikeError
 
 
 @dataclass

@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import scipy.io
 
+from lookalike.core.errors import LookalikeError
 from lookalike.data.convert.base import Conversion, find_file, find_optional, finish, split_by_class
 from lookalike.data.decode import display_path
-from lookalike.errors import LookalikeError
 
 LAST_TRAIN_CLASS = 98
 FIELDS = ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "fname")

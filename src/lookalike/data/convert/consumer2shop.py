@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from lookalike.core.errors import LookalikeError
 from lookalike.data.convert.base import Conversion, find_optional, finish
 from lookalike.data.decode import display_path
-from lookalike.errors import LookalikeError
 
 # annotation file stem -> (split, default source); validation.json / train.json need a `source` per image or annotation
 FILES = {

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from lookalike.core.table import BBOX_COLUMNS
 from lookalike.data.convert.base import (
     Conversion,
     check_values,
@@ -16,7 +17,6 @@ from lookalike.data.convert.base import (
     parse_numbers,
     read_columns,
 )
-from lookalike.data.table import BBOX_COLUMNS
 
 PARTITION = ("image_name", "item_id", "evaluation_status")
 BBOXES = ("image_name", "clothes_type", "pose_type", *BBOX_COLUMNS)

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from lookalike.core.errors import LookalikeError
 from lookalike.data.convert.base import Conversion, find_file, finish, list_images, relative
 from lookalike.data.decode import display_path
-from lookalike.errors import LookalikeError
 
 FOLDERS = {
     "bounding_box_train": ("train", False, False),

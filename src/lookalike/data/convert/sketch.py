@@ -8,9 +8,9 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pandas as pd
 
+from lookalike.core.errors import LookalikeError
 from lookalike.data.convert.base import Conversion, find_file, finish, list_images, relative
 from lookalike.data.decode import display_path
-from lookalike.errors import LookalikeError
 
 # candidate folders (relative to ROOT) holding one sub-folder per class; the first that exists is used
 SKETCHY = {

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from lookalike.core.errors import LookalikeError
 from lookalike.data.convert.base import Conversion, find_file, list_images
 from lookalike.data.decode import display_path
 from lookalike.data.pairs import validate_pairs
-from lookalike.errors import LookalikeError
 
 
 def _names(root: Path, side: str) -> dict[str, str]:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lookalike.atomic import atomic_path
-from lookalike.errors import LookalikeError, LookalikeWarning
+from lookalike.core.atomic import atomic_path
+from lookalike.core.errors import LookalikeError, LookalikeWarning
 
 PAD = -1  # index of an empty slot when fewer than K gallery items are available
 

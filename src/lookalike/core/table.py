@@ -10,8 +10,8 @@ from typing import TypeVar
 import numpy as np
 import pandas as pd
 
-from lookalike.atomic import atomic_path
-from lookalike.errors import TableError
+from lookalike.core.atomic import atomic_path
+from lookalike.core.errors import TableError
 
 REQUIRED_COLUMNS = ("label", "path", "split", "is_query", "is_gallery")
 OPTIONAL_COLUMNS = ("category", "sequence", "x_1", "y_1", "x_2", "y_2", "domain")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from lookalike.data.table import DatasetTable
-from lookalike.errors import LookalikeError
+from lookalike.core.errors import LookalikeError
+from lookalike.core.table import DatasetTable
 
 
 def query_gallery_ids(table: DatasetTable) -> tuple[np.ndarray, np.ndarray]:
