@@ -144,14 +144,14 @@ def write_oml_inputs(folder: Path, model, table, results, args: argparse.Namespa
     rows)."""
     import torch
 
-    frame = table.frame.copy()
-    frame["path"] = [str(p) for p in table.image_paths()]
-    frame["label"] = pd.factorize(frame["label"])[0]
-    index = pd.Index(table.frame["path"].astype(str))
-    query_rows, gallery_rows = (
-        index.get_indexer(results.query_ids.astype(str)),
-        index.get_indexer(results.gallery_ids.astype(str)),
+    frame = pd.DataFrame(
+        {
+            "label": pd.factorize(table.labels)[0],
+            "path": [str(p) for p in table.image_paths()],
+            "split": table.column("split"),
+        }
     )
+    query_rows, gallery_rows = table.rows_of(results.query_ids), table.rows_of(results.gallery_ids)
     frame["is_query"] = np.isin(np.arange(len(frame)), query_rows)
     frame["is_gallery"] = np.isin(np.arange(len(frame)), gallery_rows)
     frame[["label", "path", "split", "is_query", "is_gallery"]].to_csv(folder / "frame.csv", index=False)

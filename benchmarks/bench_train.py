@@ -110,7 +110,7 @@ def build_table(images: Path, seed: int) -> tuple[Path, int, int, int]:
     path = CACHE / "table.csv"
     table.save(path)
     train, validation = table.split("train"), table.split("validation")
-    return path, len(train), int(train.frame["label"].nunique()), len(validation)
+    return path, len(train), train.counts()["labels"], len(validation)
 
 
 def ensure_timm(python: Path) -> None:
@@ -207,7 +207,7 @@ def lookalike_batches(table: Path, p: int, k: int) -> str:
         from lookalike.core.table import load_table
         from lookalike.data.sampler import PKSampler
 
-        labels = load_table(table, check_files=False).split("train").frame["label"].to_numpy()
+        labels = load_table(table, check_files=False).split("train").labels
         return str(len(PKSampler(labels, p, k, num_replicas=1, rank=0)))
     except Exception as exc:  # noqa: BLE001 - the sampler count is only reported
         return f"unknown ({exc.__class__.__name__}: {exc})"

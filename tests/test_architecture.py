@@ -105,3 +105,25 @@ def test_the_checks_see_a_cycle_and_a_core_import(tmp_path):
         "def f():\n    from lookalike.metrics import compute_metrics\nfrom lookalike import viz, __version__\n"
     )
     assert sorted(imported_modules(module)) == [("lookalike", 6), ("lookalike.metrics", 5), ("lookalike.viz", 6)]
+
+
+def frame_reads(path: Path) -> list[int]:
+    """Lines where a file reads an attribute named `frame` (a table's rows: core's own)."""
+    tree = ast.parse(path.read_text())
+    return [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr == "frame"]
+
+
+def test_no_module_outside_core_reads_a_tables_frame():
+    reads = [
+        f"{path.relative_to(SRC)}:{line}"
+        for path in sorted(SRC.rglob("*.py"))
+        if path.relative_to(SRC).parts[0] != "core"
+        for line in frame_reads(path)
+    ]
+    assert not reads, f"read the table through its methods (lookalike.core.table), not .frame: {', '.join(reads)}"
+
+
+def test_frame_reads_are_seen(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text('labels = table.frame.set_index("path").loc[ids, "label"]\nx = DatasetTable(frame, root)\n')
+    assert frame_reads(module) == [1]

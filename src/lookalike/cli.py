@@ -204,11 +204,10 @@ def import_folder_cmd(
 
     table = import_folder(root, validation_fraction, seed, queries_per_class)
     table.save(output)
-    val = table.frame[table.frame["split"] == "validation"]
+    n = table.counts()
     out.print(
-        f"wrote {output}: {len(table)} images, {table.frame['label'].nunique()} labels "
-        f"({len(table) - len(val)} train, {len(val)} validation: {int(val['is_query'].sum())} queries, "
-        f"{int(val['is_gallery'].sum())} gallery)"
+        f"wrote {output}: {n['images']} images, {n['labels']} labels ({n['train']} train, {n['validation']} "
+        f"validation: {n['queries']} queries, {n['gallery']} gallery)"
     )
 
 
@@ -761,17 +760,9 @@ def data_omniglot(
     from lookalike.data.bundled import prepare_omniglot
 
     prepared = prepare_omniglot(target, validation_fraction, seed)
-    split = prepared.table.frame["split"]
-    out.print(
-        f"images: {prepared.images} ({len(prepared.table)} images, {prepared.table.frame['label'].nunique()} "
-        "characters)",
-        highlight=False,
-    )
-    out.print(
-        f"wrote {prepared.table_path}: {int((split == 'train').sum())} train, {int((split == 'validation').sum())} "
-        "validation",
-        highlight=False,
-    )
+    n = prepared.table.counts()
+    out.print(f"images: {prepared.images} ({n['images']} images, {n['labels']} characters)", highlight=False)
+    out.print(f"wrote {prepared.table_path}: {n['train']} train, {n['validation']} validation", highlight=False)
     out.print(f"wrote {prepared.pairs_path}: {len(prepared.pairs)} pairs", highlight=False)
 
 

@@ -50,9 +50,7 @@ def extract_embeddings(
     """Embed every row of `table` in row order on `device` (auto: the best present), in batches of `batch_size` and the
     memory layout `channels_last` (see set_layout); `progress(batches, total)` may wrap the batch loop."""
     dataset = ImageDataset(table, transform)
-    return _embed_dataset(
-        extractor, dataset, table.frame["path"].to_numpy(str), batch_size, num_workers, device, progress, channels_last
-    )
+    return _embed_dataset(extractor, dataset, table.paths, batch_size, num_workers, device, progress, channels_last)
 
 
 def embed(

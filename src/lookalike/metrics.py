@@ -210,24 +210,20 @@ def evaluate_table(results: RetrievalResults, table: DatasetTable, **metric_kwar
         >>> import numpy as np, lookalike
         >>> table = lookalike.import_folder("data/omniglot/images_background_small1/Latin", validation_fraction=1.0)
         >>> # or embed(extractor, table)
-        >>> embeddings = lookalike.Embeddings(np.random.rand(len(table), 8), table.frame["path"])
+        >>> embeddings = lookalike.Embeddings(np.random.rand(len(table), 8), table.paths)
         >>> results = lookalike.search_table(embeddings, table, k=10)
         >>> sorted(lookalike.evaluate_table(results, table, map_k=(10,)).means)
         ['cmc@1', 'cmc@10', 'cmc@5', 'map@10', 'map@all', 'precision@10', 'precision@5', 'r_precision']
     """
-    frame = table.frame.set_index("path")
-    try:
-        q_rows, g_rows = frame.loc[results.query_ids.astype(str)], frame.loc[results.gallery_ids.astype(str)]
-    except KeyError as exc:
-        raise LookalikeError(f"{table.source}: results refer to an image not in the table: {exc.args[0]}") from None
+    q_labels = table.labels_of(results.query_ids, what="results: query id")
+    g_labels = table.labels_of(results.gallery_ids, what="results: gallery id")
     exclude = exclusion_groups(table, results.query_ids.astype(str), results.gallery_ids.astype(str))
-    categories = q_rows["category"].to_numpy() if "category" in frame.columns else None
     return compute_metrics(
         results,
-        q_rows["label"].to_numpy(),
-        g_rows["label"].to_numpy(),
+        q_labels,
+        g_labels,
         exclude=exclude,
-        query_categories=categories,
+        query_categories=table.categories_of(results.query_ids),
         **metric_kwargs,
     )
 

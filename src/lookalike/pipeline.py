@@ -176,7 +176,6 @@ def rerank_context(
 ) -> RerankContext:
     """What the chain needs: the results' query and gallery embeddings (None: a chain that reads none), labels and
     exclusion groups from the table."""
-    frame = table.frame.set_index("path")
     q_ids, g_ids = results.query_ids.astype(str), results.gallery_ids.astype(str)
     return RerankContext(
         queries=embeddings.select(q_ids) if embeddings is not None else None,
@@ -184,8 +183,8 @@ def rerank_context(
         metric=cfg.search.metric,
         exclude=exclusion_groups(table, q_ids, g_ids),
         table=table,
-        query_labels=frame.loc[q_ids, "label"].to_numpy(),
-        gallery_labels=frame.loc[g_ids, "label"].to_numpy(),
+        query_labels=table.labels_of(q_ids),
+        gallery_labels=table.labels_of(g_ids),
     )
 
 

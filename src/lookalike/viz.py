@@ -57,10 +57,7 @@ def format_distance(value: float) -> str:
 def table_labels(table: DatasetTable, results: RetrievalResults) -> tuple[np.ndarray, np.ndarray]:
     """The labels of the results' queries and gallery items, looked up by path in the table ("" for a path not in
     it)."""
-    labels = table.frame.set_index("path")["label"].astype(str)
-    return tuple(
-        labels.reindex(ids.astype(str)).fillna("").to_numpy() for ids in (results.query_ids, results.gallery_ids)
-    )
+    return tuple(table.labels_of(ids, missing="").astype(str) for ids in (results.query_ids, results.gallery_ids))
 
 
 def _caption(head: str, label: str | None, wrap: int) -> str:

@@ -130,13 +130,12 @@ def extract_pair_features(
     left, right = index[:n], index[n:]
     flips = {"left_flip": mirrored[left], "right_flip": mirrored[right]} if mirrored is not None else {}
     blocks = [block for b in backbones for block in b.blocks]
-    frame = pairs.frame
     return PairFeatures(
         plain[left],
         plain[right],
-        frame["left"].to_numpy(str),
-        frame["right"].to_numpy(str),
-        frame["split"].to_numpy(str),
+        pairs.column("left").astype(str),
+        pairs.column("right").astype(str),
+        pairs.column("split").astype(str),
         **flips,
         meta={"blocks": blocks},
     )

@@ -191,8 +191,8 @@ def cached_features(cfg: Config, pairs: PairsTable, progress: Progress | None = 
     if path.is_file():
         cached = PairFeatures.load(path)
         same_pairs = (
-            list(cached.left_ids) == pairs.frame["left"].tolist()
-            and list(cached.right_ids) == pairs.frame["right"].tolist()
+            list(cached.left_ids) == pairs.column("left").tolist()
+            and list(cached.right_ids) == pairs.column("right").tolist()
         )
         if same_pairs and cached.meta.get("settings") == extraction_settings(cfg):
             return cached, True

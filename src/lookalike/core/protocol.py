@@ -11,10 +11,10 @@ from lookalike.core.table import DatasetTable
 
 def query_gallery_ids(table: DatasetTable) -> tuple[np.ndarray, np.ndarray]:
     """Paths of the validation queries and of the validation gallery, in table order."""
-    val = table.split("validation").frame
+    val = table.split("validation")
     if len(val) == 0:
         raise LookalikeError(f"{table.source}, column 'split': no validation rows to search")
-    return val.loc[val["is_query"], "path"].to_numpy(str), val.loc[val["is_gallery"], "path"].to_numpy(str)
+    return val.paths[val.column("is_query").astype(bool)], val.paths[val.column("is_gallery").astype(bool)]
 
 
 def exclusion_groups(
@@ -25,10 +25,10 @@ def exclusion_groups(
     The group is the row itself ("a query never retrieves itself") or, when the table has a `sequence`
     column, the sequence (the re-ID "same camera" rule); rows without a sequence are their own group.
     """
-    frame = table.frame.set_index("path")
-    key = pd.Series(frame.index.to_numpy(str), index=frame.index, dtype=object)
-    if "sequence" in frame.columns:
-        seq = frame["sequence"]
-        key = ("seq:" + seq.astype(str)).where(seq.notna(), "row:" + key)
-    codes = pd.Series(pd.factorize(key)[0], index=frame.index)
-    return codes.loc[query_ids].to_numpy(np.int64), codes.loc[gallery_ids].to_numpy(np.int64)
+    if table.has_column("sequence"):
+        seq = pd.Series(table.column("sequence"), dtype=object)
+        codes = pd.factorize(("seq:" + seq.astype(str)).where(seq.notna(), "row:" + pd.Series(table.paths)))[0]
+    else:
+        codes = np.arange(len(table))
+    q_rows, g_rows = table.rows_of(query_ids, "query id"), table.rows_of(gallery_ids, "gallery id")
+    return codes[q_rows].astype(np.int64), codes[g_rows].astype(np.int64)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 from typing import TypeVar
 
@@ -22,11 +23,16 @@ _FALSE = {"false", "0", "no", "n", "f"}
 
 
 T = TypeVar("T", bound="RowTable")
+_REQUIRED = object()  # `column(name)` without a default: an absent column is an error
 
 
 @dataclass(frozen=True)
 class RowTable:
-    """A validated CSV table with a `split` column: `frame` holds the rows, `root` resolves relative paths."""
+    """A validated CSV table with a `split` column: `frame` holds the rows, `root` resolves relative paths.
+
+    `frame` is core's own: code outside lookalike.core reads a table through the methods below (tests/test_architecture
+    checks it), so the column names live here.
+    """
 
     frame: pd.DataFrame
     root: Path
@@ -39,12 +45,67 @@ class RowTable:
         """The rows of one split ('train' or 'validation'), re-indexed from 0."""
         if name not in SPLITS:
             raise TableError(f"{self.source}: unknown split {name!r}; expected one of {', '.join(SPLITS)}")
-        return replace(self, frame=self.frame[self.frame["split"] == name].reset_index(drop=True))
+        return self.where(self.frame["split"].to_numpy() == name)
+
+    def where(self: T, mask: np.ndarray) -> T:
+        """The rows where `mask` [N] (bool) is True, in table order and re-indexed from 0.
+
+        Args:
+            mask: one bool per row.
+
+        Returns:
+            A table of the same kind, root and source.
+        """
+        return replace(self, frame=self.frame[np.asarray(mask, dtype=bool)].reset_index(drop=True))
+
+    def has_column(self, name: str) -> bool:
+        """Whether the table has the (optional) column `name`."""
+        return name in self.frame.columns
+
+    def column(self, name: str, default: object = _REQUIRED) -> np.ndarray:
+        """One column's values in row order.
+
+        Args:
+            name: the column ('label', 'split', 'left', 'sequence', ...).
+            default: the value of every row when the table has no such column; without it an absent column is an
+                error naming the column.
+
+        Returns:
+            np.ndarray [N] (object dtype when filled from `default`).
+        """
+        if name in self.frame.columns:
+            return self.frame[name].to_numpy()
+        if default is _REQUIRED:
+            raise TableError(f"{self.source}: no column {name!r}; found {column_names(self.frame.columns)}")
+        return np.full(len(self), default, dtype=object)
+
+    def split_counts(self) -> dict[str, int]:
+        """Rows per split, every split named (0 when it has none): {'train': n, 'validation': m}."""
+        counts = self.frame["split"].value_counts()
+        return {name: int(counts.get(name, 0)) for name in SPLITS}
+
+    def resolve(self, column: str) -> list[Path]:
+        """The absolute file paths of a path column ('path', 'left', 'right'), in row order."""
+        return [_resolve(self.root, p) for p in self.frame[column]]
+
+    def write_csv(self, path: str | os.PathLike, path_columns: tuple[str, ...]) -> None:
+        """Write the table as CSV atomically, `path_columns` made relative to the CSV's folder (see `save_csv`)."""
+        save_csv(self.frame, path_columns, self.root, path)
 
 
 @dataclass(frozen=True)
 class DatasetTable(RowTable):
-    """A validated dataset table: one row per image."""
+    """A validated dataset table: one row per image; a row's path is its id (in Embeddings and RetrievalResults)."""
+
+    @property
+    def paths(self) -> np.ndarray:
+        """The paths as the table writes them (the ids of the rows' embeddings), str [N], in row order."""
+        return self.frame["path"].to_numpy(str)
+
+    @property
+    def labels(self) -> np.ndarray:
+        """The labels [N] in row order: int64 when every label is an integer, else str (object)."""
+        return self.frame["label"].to_numpy()
 
     @property
     def has_bbox(self) -> bool:
@@ -55,14 +116,100 @@ class DatasetTable(RowTable):
         """The bbox columns as float [N, 4] (NaN where a row has none), or None when the table has no bbox."""
         return self.frame[list(BBOX_COLUMNS)].to_numpy(float) if self.has_bbox else None
 
+    @cached_property
+    def _path_index(self) -> pd.Index:
+        """Paths -> row positions (paths are unique in a validated table)."""
+        return pd.Index(self.paths)
+
+    def rows_of(self, ids: np.ndarray | list, what: str = "id") -> np.ndarray:
+        """The row positions of ids (table paths).
+
+        Args:
+            ids: [M] paths of the table, e.g. a RetrievalResults' query_ids.
+            what: how the error names an id ("query id", "rerank pairwise: gallery id", ...).
+
+        Returns:
+            int64 [M]; an id that is not a path of the table is a TableError naming it.
+        """
+        ids = np.asarray(ids).astype(str)
+        rows = self._path_index.get_indexer(ids)
+        if (rows < 0).any():
+            raise TableError(f"{what} {str(ids[rows < 0][0])!r} is not a path of the dataset table {self.source}")
+        return rows.astype(np.int64)
+
+    def values_of(self, name: str, ids: np.ndarray | list, default: object = _REQUIRED, what: str = "id") -> np.ndarray:
+        """One column's values for `ids` (table paths), in the order of `ids`.
+
+        Args:
+            name: the column.
+            ids: [M] paths of the table.
+            default: the value of every id when the table has no such column (see `column`).
+            what: how an error names an id that is not in the table (see `rows_of`).
+
+        Returns:
+            np.ndarray [M].
+        """
+        return self.column(name, default)[self.rows_of(ids, what)]
+
+    def labels_of(self, ids: np.ndarray | list, missing: object = _REQUIRED, what: str = "id") -> np.ndarray:
+        """The labels of `ids` (table paths), in the order of `ids`.
+
+        Args:
+            ids: [M] paths.
+            missing: the label of an id that is not in the table; without it such an id is an error naming it.
+            what: how that error names the id (see `rows_of`).
+
+        Returns:
+            np.ndarray [M] of labels (object dtype when `missing` filled some).
+        """
+        if missing is _REQUIRED:
+            return self.labels[self.rows_of(ids, what)]
+        rows = self._path_index.get_indexer(np.asarray(ids).astype(str))
+        return np.where(rows >= 0, self.labels.astype(object)[rows], missing)
+
+    def categories_of(self, ids: np.ndarray | list, what: str = "id") -> np.ndarray | None:
+        """The `category` of `ids` (table paths), or None when the table has no category column."""
+        return self.values_of("category", ids, what=what) if self.has_column("category") else None
+
+    def boxes_of(self, ids: np.ndarray | list, what: str = "id") -> np.ndarray | None:
+        """The bboxes of `ids` (table paths) as float [M, 4] (NaN where a row has none), or None without bbox
+        columns."""
+        return self.boxes[self.rows_of(ids, what)] if self.has_bbox else None
+
+    def counts(self) -> dict[str, int]:
+        """Counts for the user: images, labels, train and validation rows, queries, gallery, and rows per domain."""
+        val = self.frame["split"].to_numpy() == "validation"
+        counts = {
+            "images": len(self),
+            "labels": int(self.frame["label"].nunique()),
+            **self.split_counts(),
+            "queries": int((self.frame["is_query"].to_numpy(bool) & val).sum()),
+            "gallery": int((self.frame["is_gallery"].to_numpy(bool) & val).sum()),
+        }
+        if self.has_column("domain"):
+            counts |= {f"domain {k}": int(v) for k, v in self.frame["domain"].value_counts().sort_index().items()}
+        return counts
+
+    def with_rows(self, rows: dict[str, list], source: str) -> DatasetTable:
+        """This table plus rows given column by column (e.g. an uploaded query's path and label), not validated.
+
+        Args:
+            rows: column -> values; columns not given are empty for the new rows.
+            source: what errors call the new table.
+
+        Returns:
+            DatasetTable with the new rows after the old ones.
+        """
+        return DatasetTable(pd.concat([self.frame, pd.DataFrame(rows)], ignore_index=True), self.root, source)
+
     def image_paths(self) -> list[Path]:
         """Absolute image paths, in row order."""
-        return [_resolve(self.root, p) for p in self.frame["path"]]
+        return self.resolve("path")
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the table as CSV atomically, paths made relative to the CSV's folder so `load_table(path)` finds
         them."""
-        save_csv(self.frame, ("path",), self.root, path)
+        self.write_csv(path, ("path",))
 
 
 def save_csv(frame: pd.DataFrame, path_columns: tuple[str, ...], root: Path, path: str | os.PathLike) -> None:
@@ -96,7 +243,7 @@ def load_table(
 
     Example:
         >>> import lookalike
-        >>> lookalike.load_table("data/omniglot/omniglot.csv").split("validation").frame.shape[0]
+        >>> len(lookalike.load_table("data/omniglot/omniglot.csv").split("validation"))
         820
     """
     path = Path(path)

@@ -73,7 +73,7 @@ def find_image_problems(
 def table_image_problems(table: DatasetTable, decode: bool = False) -> list[ImageProblem]:
     """The problems of the images of a dataset table, indexed by row and named by the table's paths."""
     boxes = table.boxes
-    return find_image_problems(table.image_paths(), boxes, decode, names=table.frame["path"].tolist())
+    return find_image_problems(table.image_paths(), boxes, decode, names=table.paths.tolist())
 
 
 def describe_problems(problems: list[ImageProblem], n_checked: int, shown: int = 5) -> list[str]:
@@ -104,4 +104,4 @@ def skip_bad_images(table: DatasetTable) -> DatasetTable:
     warnings.warn(
         LookalikeWarning(f"skipped {len(problems)} bad images (data.skip_bad_images=true): {described}"), stacklevel=2
     )
-    return DatasetTable(table.frame[keep].reset_index(drop=True), table.root, table.source)
+    return table.where(keep)

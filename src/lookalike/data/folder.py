@@ -44,7 +44,7 @@ def import_folder(
     Example:
         >>> import lookalike
         >>> table = lookalike.import_folder("data/omniglot/images_background_small1/Latin", validation_fraction=0.5)
-        >>> table.frame["split"].value_counts().to_dict()
+        >>> table.split_counts()
         {'train': 260, 'validation': 260}
     """
     root = Path(root)

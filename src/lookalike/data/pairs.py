@@ -18,7 +18,6 @@ from lookalike.core.table import (
     column_names,
     first_bad,
     read_csv_cells,
-    save_csv,
     where,
 )
 
@@ -31,11 +30,11 @@ class PairsTable(RowTable):
 
     def image_paths(self, side: str) -> list[Path]:
         """Absolute paths of the 'left' or 'right' images, in row order."""
-        return [Path(p) if Path(p).is_absolute() else self.root / p for p in self.frame[side]]
+        return self.resolve(side)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the pairs as CSV atomically, paths relative to the CSV's folder."""
-        save_csv(self.frame, PAIR_COLUMNS, self.root, path)
+        self.write_csv(path, PAIR_COLUMNS)
 
 
 def load_pairs(path: str | os.PathLike, root: str | os.PathLike | None = None, check_files: bool = True) -> PairsTable:
@@ -97,10 +96,10 @@ def subset_pairs(pairs: PairsTable, names: list[str], source: str = "<names>") -
     """The pairs whose left or right image has one of `names` as file name, in table order; a name that matches no
     pair is an error that lists such names."""
     wanted = set(names)
-    left, right = (pairs.frame[side].map(lambda p: PurePath(p).name) for side in PAIR_COLUMNS)
+    left, right = (pd.Series(pairs.column(side)).map(lambda p: PurePath(p).name) for side in PAIR_COLUMNS)
     unmatched = sorted(wanted - set(left) - set(right))
     if unmatched:
         shown = ", ".join(unmatched[:5]) + (", ..." if len(unmatched) > 5 else "")
         raise TableError(f"{source}: {len(unmatched)} file names match no pair of {pairs.source} ({shown})")
     keep = (left.isin(wanted) | right.isin(wanted)).to_numpy()
-    return PairsTable(pairs.frame[keep].reset_index(drop=True), pairs.root, pairs.source)
+    return pairs.where(keep)

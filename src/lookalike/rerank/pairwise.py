@@ -23,11 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from lookalike.core.errors import LookalikeError
 from lookalike.core.results import PAD, RetrievalResults
 from lookalike.core.table import DatasetTable
 from lookalike.data.images import ImageDataset
@@ -106,17 +104,10 @@ class PairwiseReranker(Reranker):
 
 def table_rows(table: DatasetTable, results: RetrievalResults) -> tuple[np.ndarray, np.ndarray]:
     """Table rows of the results' query and gallery ids (table paths); an id missing from the table is an error."""
-    index = pd.Index(table.frame["path"].astype(str))
-    out = []
-    for kind, ids in (("query", results.query_ids), ("gallery", results.gallery_ids)):
-        rows = index.get_indexer(np.asarray(ids).astype(str))
-        if (rows < 0).any():
-            missing = np.asarray(ids)[rows < 0][0]
-            raise LookalikeError(
-                f"rerank pairwise: {kind} id {missing!r} is not a path of the dataset table {table.source}"
-            )
-        out.append(rows.astype(np.int64))
-    return out[0], out[1]
+    return (
+        table.rows_of(results.query_ids, "rerank pairwise: query id"),
+        table.rows_of(results.gallery_ids, "rerank pairwise: gallery id"),
+    )
 
 
 @dataclass

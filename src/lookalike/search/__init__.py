@@ -94,7 +94,7 @@ def search_table(embeddings: Embeddings, table: DatasetTable, k: int = 100, **kw
         >>> import numpy as np, lookalike
         >>> table = lookalike.import_folder("data/omniglot/images_background_small1/Latin", validation_fraction=1.0)
         >>> # or embed(extractor, table)
-        >>> embeddings = lookalike.Embeddings(np.random.rand(len(table), 8), table.frame["path"])
+        >>> embeddings = lookalike.Embeddings(np.random.rand(len(table), 8), table.paths)
         >>> lookalike.search_table(embeddings, table, k=10).indices.shape
         (520, 10)
     """

@@ -77,14 +77,13 @@ def search_centroids(
     """
     query_ids, gallery_ids = query_gallery_ids(table)
     q_groups, g_groups = exclusion_groups(table, query_ids, gallery_ids)
-    frame = table.frame.set_index("path")
-    q_labels, g_labels = frame.loc[query_ids, "label"].to_numpy(), frame.loc[gallery_ids, "label"].to_numpy()
+    q_labels, g_labels = table.labels_of(query_ids), table.labels_of(gallery_ids)
     queries, gallery = embeddings.select(query_ids), embeddings.select(gallery_ids)
     requested = k
     if per_sequence:
         cents = gallery_centroids(gallery, g_labels, g_groups)
         cents.embeddings = Embeddings(
-            cents.embeddings.vectors, _table_centroid_ids(cents, frame, gallery_ids, g_groups), cents.embeddings.meta
+            cents.embeddings.vectors, _table_centroid_ids(cents, table, gallery_ids, g_groups), cents.embeddings.meta
         )
         exclude = (q_groups, cents.groups)
         k = clamp_k(k, len(cents.labels), len(query_ids), exclude)
@@ -104,14 +103,13 @@ def search_centroids(
 def table_centroids(embeddings: Embeddings, table: DatasetTable, per_sequence: bool = False) -> Centroids:
     """The validation gallery's centroids exactly as `search_centroids` ranks them (same order and ids)."""
     _, gallery_ids = query_gallery_ids(table)
-    frame = table.frame.set_index("path")
-    gallery, g_labels = embeddings.select(gallery_ids), frame.loc[gallery_ids, "label"].to_numpy()
+    gallery, g_labels = embeddings.select(gallery_ids), table.labels_of(gallery_ids)
     if not per_sequence:
         return gallery_centroids(gallery, g_labels)
     g_groups = exclusion_groups(table, gallery_ids[:0], gallery_ids)[1]
     cents = gallery_centroids(gallery, g_labels, g_groups)
     cents.embeddings = Embeddings(
-        cents.embeddings.vectors, _table_centroid_ids(cents, frame, gallery_ids, g_groups), cents.embeddings.meta
+        cents.embeddings.vectors, _table_centroid_ids(cents, table, gallery_ids, g_groups), cents.embeddings.meta
     )
     return cents
 
@@ -126,14 +124,12 @@ def evaluate_centroids(
 ) -> tuple[RetrievalResults, MetricsReport]:
     """`search_centroids` followed by `compute_metrics` with the right relevant counts and the table's categories."""
     results, c_labels, n_relevant = search_centroids(embeddings, table, k, per_sequence, metric)
-    q_rows = table.frame.set_index("path").loc[results.query_ids]
-    categories = q_rows["category"].to_numpy() if "category" in q_rows.columns else None
     report = compute_metrics(
         results,
-        q_rows["label"].to_numpy(),
+        table.labels_of(results.query_ids),
         c_labels,
         n_relevant=n_relevant,
-        query_categories=categories,
+        query_categories=table.categories_of(results.query_ids),
         **metric_kwargs,
     )
     return results, report
@@ -269,14 +265,10 @@ def _centroid_ids(labels: np.ndarray, names: np.ndarray | None) -> np.ndarray:
 
 
 def _table_centroid_ids(
-    cents: Centroids, frame: pd.DataFrame, gallery_ids: np.ndarray, g_groups: np.ndarray
+    cents: Centroids, table: DatasetTable, gallery_ids: np.ndarray, g_groups: np.ndarray
 ) -> np.ndarray:
     """Centroid ids naming the table's sequence (or the item, for rows without one) instead of the group code."""
     first_row = pd.Series(np.arange(len(g_groups))).groupby(g_groups).first()
     rows = first_row.loc[cents.groups].to_numpy()
-    seq = (
-        frame.loc[gallery_ids[rows], "sequence"].to_numpy(object)
-        if "sequence" in frame.columns
-        else np.full(len(rows), None)
-    )
+    seq = table.values_of("sequence", gallery_ids[rows], default=None).astype(object)
     return _centroid_ids(cents.labels, _sequence_names(seq, gallery_ids[rows]))

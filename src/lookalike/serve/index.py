@@ -70,16 +70,14 @@ class Column:
 # ---------------------------------------------------------------- writing an index
 
 
-def gallery_rows(table: DatasetTable, which: str) -> pd.DataFrame:
+def gallery_rows(table: DatasetTable, which: str) -> DatasetTable:
     """The gallery the app searches: every row, one split, or the validation split's is_gallery rows."""
-    frame = table.frame
-    if which != "all":
-        frame = frame[frame["split"] == which]
-        if which == "validation" and "is_gallery" in frame.columns:
-            frame = frame[frame["is_gallery"].astype(bool)]
-    if frame.empty:
+    gallery = table if which == "all" else table.split(which)
+    if which == "validation":
+        gallery = gallery.where(gallery.column("is_gallery").astype(bool))
+    if len(gallery) == 0:
         raise ConfigError(f"serve.gallery: the table has no {which} gallery rows")
-    return frame.reset_index(drop=True)
+    return gallery
 
 
 def column_name(step: str | dict[str, Any]) -> str:
@@ -139,8 +137,7 @@ def unpack_weights(steps: list[str | dict[str, Any]], folder: Path) -> list[str 
 def build_index(cfg: Config, table: DatasetTable, extractor: Extractor, progress: Progress | None = None) -> Path:
     """Embed the gallery and write serve.index_dir (replaced as a whole, never half-written); return its path."""
     servable_rerankers(cfg.rerank)  # fail before the long extraction
-    rows = gallery_rows(table, cfg.serve.gallery)
-    gallery = DatasetTable(rows, table.root)
+    gallery = gallery_rows(table, cfg.serve.gallery)
     emb = embed_table(cfg, extractor, gallery, progress)
     dc = extractor.data_config()
     settings = {
@@ -169,9 +166,13 @@ def build_index(cfg: Config, table: DatasetTable, extractor: Extractor, progress
         (folder / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
         torch.save(extractor.state_dict(), folder / MODEL_FILE)
         paths = [str(p.resolve()) for p in gallery.image_paths()]
-        boxes = rows[list(BBOX_COLUMNS)] if gallery.has_bbox else pd.DataFrame(index=rows.index)
+        boxes = (
+            pd.DataFrame(gallery.boxes, columns=list(BBOX_COLUMNS))
+            if gallery.has_bbox
+            else pd.DataFrame(index=range(len(gallery)))
+        )
         save_csv(
-            pd.DataFrame({"path": paths, "label": rows["label"].astype(str)}).join(boxes),
+            pd.DataFrame({"path": paths, "label": gallery.labels.astype(str)}).join(boxes),
             ("path",),
             folder,
             folder / GALLERY_FILE,
@@ -204,8 +205,8 @@ class GalleryIndex:
     def __post_init__(self) -> None:
         self.limits = serve_limits(self.settings["serve"], SETTINGS_FILE)  # an older index gets today's defaults
         self.thumbnail = lru_cache(maxsize=2048)(self._thumbnail)
-        self.paths = self.table.frame["path"].to_numpy(str)
-        self.labels = self.table.frame["label"].to_numpy(str)
+        self.paths = self.table.paths
+        self.labels = self.table.labels.astype(str)
         self.boxes = self.table.boxes
 
     @property
@@ -387,10 +388,7 @@ class GalleryIndex:
         """The gallery table plus one row for an uploaded query's image file (what image re-rankers read)."""
         if image_path is None:
             raise LookalikeError("rerankers: a re-ranker that reads images needs the query image's file")
-        query = pd.DataFrame({"path": [image_path], "label": [""]})
-        return DatasetTable(
-            pd.concat([self.table.frame, query], ignore_index=True), self.table.root, "<gallery + query>"
-        )
+        return self.table.with_rows({"path": [image_path], "label": [""]}, "<gallery + query>")
 
     def _search(self, queries: Embeddings, m: int, exclude) -> RetrievalResults:
         if self.faiss is not None:

@@ -40,7 +40,7 @@ class LabelledImages(torch.utils.data.Dataset):
 
     def __init__(self, table: DatasetTable, transform: Callable) -> None:
         self.images = ImageDataset(table, transform)
-        self.classes, self.labels = np.unique(table.frame["label"].astype(str).to_numpy(), return_inverse=True)
+        self.classes, self.labels = np.unique(table.labels.astype(str), return_inverse=True)
 
     def __len__(self) -> int:
         return len(self.images)

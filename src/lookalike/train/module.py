@@ -152,9 +152,7 @@ class ExtractorModule(L.LightningModule):
         )
         self._val_parts = []
         vectors = self._gather_in_order(rows.to(self.device), emb, len(self.val_table))
-        embeddings = Embeddings(
-            vectors.cpu().numpy(), self.val_table.frame["path"].to_numpy(str), {"model": self.extractor.name}
-        )
+        embeddings = Embeddings(vectors.cpu().numpy(), self.val_table.paths, {"model": self.extractor.name})
         report, results = search_and_score(self.cfg, embeddings, self.val_table)
         self.last_report = report
         self.log_dict({f"val/{k}": float(v) for k, v in report.means.items()}, sync_dist=False)

@@ -71,9 +71,9 @@ def conversion_problems(conversion: Conversion, decode: bool = False) -> tuple[l
     table = conversion.table
     if isinstance(table, PairsTable):
         paths = table.image_paths("left") + table.image_paths("right")
-        return find_image_problems(
-            paths, decode=decode, names=table.frame["left"].tolist() + table.frame["right"].tolist()
-        ), len(paths)
+        return find_image_problems(paths, decode=decode, names=[*table.column("left"), *table.column("right")]), len(
+            paths
+        )
     return table_image_problems(table, decode), len(table)
 
 

@@ -24,26 +24,9 @@ class Conversion:
 
     def counts(self) -> dict[str, int]:
         """Images, labels, train/validation rows, queries, gallery and rows per domain (pairs: pairs per split)."""
-        frame = self.table.frame
-        split = frame["split"].value_counts()
         if isinstance(self.table, PairsTable):
-            return {
-                "pairs": len(frame),
-                "train": int(split.get("train", 0)),
-                "validation": int(split.get("validation", 0)),
-            }
-        val = frame[frame["split"] == "validation"]
-        counts = {
-            "images": len(frame),
-            "labels": int(frame["label"].nunique()),
-            "train": int(split.get("train", 0)),
-            "validation": len(val),
-            "queries": int(val["is_query"].sum()),
-            "gallery": int(val["is_gallery"].sum()),
-        }
-        if "domain" in frame.columns:
-            counts.update({f"domain {k}": int(v) for k, v in frame["domain"].value_counts().sort_index().items()})
-        return counts
+            return {"pairs": len(self.table), **self.table.split_counts()}
+        return self.table.counts()
 
     def summary(self) -> str:
         """One line of counts, e.g. '120 images, 12 labels, 60 train, 60 validation, 60 queries, 60 gallery'."""
