@@ -14,6 +14,11 @@ import pandas as pd
 from lookalike.core.atomic import atomic_path
 from lookalike.core.errors import TableError
 
+# File names that are not valid UTF-8 are kept as surrogate escapes (os.listdir, CSVs read with surrogateescape).
+# pandas 3 stores strings in Arrow when pyarrow is installed (milvus-lite installs it), and Arrow strings cannot hold
+# surrogates, so lookalike keeps pandas' Python string storage, its default without pyarrow.
+pd.set_option("mode.string_storage", "python")
+
 REQUIRED_COLUMNS = ("label", "path", "split", "is_query", "is_gallery")
 OPTIONAL_COLUMNS = ("category", "sequence", "x_1", "y_1", "x_2", "y_2", "domain")
 BBOX_COLUMNS = ("x_1", "y_1", "x_2", "y_2")
