@@ -70,15 +70,18 @@ class ShardWriter(BasePredictionWriter):
         self.meter: ImageMeter | None = None
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A sink for this rank's shards; rank 0's progress counts its images."""
         self.sink = ShardSink(self.folder, read_manifest(self.folder), self.ids)
         self.meter = ImageMeter(self.progress if trainer.global_rank == 0 else None, pl_module.n_images)
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        """Hand the batch's rows to the sink, which writes every shard they complete."""
         vectors, rows = prediction
         self.sink.add(rows.cpu().numpy(), vectors.cpu().numpy())
         self.meter.add(len(rows))
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """The final progress line; a shard left half-filled is an error (rows were lost)."""
         self.meter.close()
         if self.sink.pending:
             raise LookalikeError(f"{self.folder}: shards {sorted(self.sink.pending)} were left incomplete")

@@ -47,9 +47,11 @@ class RowSampler(torch.utils.data.Sampler[int]):
         self.ranges = [manifest.rows(s) for s in shards]
 
     def __iter__(self) -> Iterator[int]:
+        """The rows, shard by shard."""
         return itertools.chain.from_iterable(range(a, b) for a, b in self.ranges)
 
     def __len__(self) -> int:
+        """How many rows."""
         return sum(b - a for a, b in self.ranges)
 
 

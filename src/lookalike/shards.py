@@ -69,6 +69,7 @@ class Manifest:
 
     @property
     def n_shards(self) -> int:
+        """Shards of the folder: the last may be shorter."""
         return -(-self.n_rows // self.shard_size)
 
     def rows(self, shard: int) -> tuple[int, int]:
@@ -77,6 +78,7 @@ class Manifest:
         return start, min(start + self.shard_size, self.n_rows)
 
     def to_dict(self) -> dict:
+        """The manifest as manifest.json holds it."""
         return {
             "format": FORMAT,
             "shard_size": self.shard_size,
@@ -93,6 +95,7 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: dict) -> Manifest:
+        """A manifest read from manifest.json."""
         return cls(data["shard_size"], data["n_rows"], data["dim"], data["ids_sha256"], data["spec"])
 
 
