@@ -50,7 +50,7 @@ def test_pipeline_import_extract_search_evaluate(omniglot_small, tmp_path):
         f"evaluate:\n  output: {tmp_path}/metrics.json\n  grid: {tmp_path}/grid.png\n  cmc_plot: {tmp_path}/cmc.png\n"
     )
     loops = {
-        "extract": "embedding: 3/3 batches done in ",
+        "extract": "embedding: 80/80 images done in ",
         "search": "searching: 1/1 query blocks done in ",
         "evaluate": "",
     }

@@ -25,8 +25,8 @@ SLOW_SMALL = [
     "model.pretrained=false",
     "data.image_size=32",
     "data.batch_size=2",
-]  # 40 batches
-LINE = re.compile(r"^embedding: (\d+)/40 batches \(\d+%\), [\d.]+ batches/s, (\d+ s left|time left unknown)$")
+]  # 40 batches of 2 images
+LINE = re.compile(r"^embedding: (\d+)/80 images \(\d+%\), [\d.]+ images/s, (\d+ s left|time left unknown)$")
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +65,9 @@ def test_extract_into_a_pipe_prints_progress_lines_while_it_runs(table_csv, tmp_
     periodic = [(int(m.group(1)), existed) for line, existed in seen if (m := LINE.match(line))]
     assert len(periodic) >= 4, seen  # the start line and at least three while embedding
     counts = [n for n, _ in periodic]
-    assert counts == sorted(counts) and counts[0] == 0 and any(0 < n < 40 for n in counts)
-    assert not any(existed for n, existed in periodic if n < 40)  # read while the run was still going
-    assert seen[-1][0].startswith("embedding: 40/40 batches done in ")
+    assert counts == sorted(counts) and counts[0] == 0 and any(0 < n < 80 for n in counts)
+    assert not any(existed for n, existed in periodic if n < 80)  # read while the run was still going
+    assert seen[-1][0].startswith("embedding: 80/80 images done in ")
     assert "\r" not in "".join(line for line, _ in seen)  # plain lines, no bar redrawn in place
     assert f"wrote {out}: 80 embeddings" in stdout
 
@@ -86,9 +86,9 @@ def test_verbose_shows_the_resolved_settings_and_timings(table_csv, tmp_path):
     assert done.returncode == 0, done.stderr
     debug = [line for line in done.stderr.splitlines() if line.startswith("debug [")]
     assert any("model.name=test_resnet" in line and "data.batch_size=2" in line for line in debug), done.stderr
-    assert any("embedding: 40 batches to go" in line for line in debug)
+    assert any("embedding: 80 images to go" in line for line in debug)
     assert re.search(r"debug \[ *\d+\.\d s\] extract finished", done.stderr)
-    assert "embedding: 40/40 batches done in" in done.stderr  # a long interval still gives the start and end lines
+    assert "embedding: 80/80 images done in" in done.stderr  # a long interval still gives the start and end lines
 
 
 def test_version():

@@ -274,7 +274,9 @@ def extract(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP)) ->
     cfg = _config(args)
     table = table_from_config(cfg)
     _debug(f"table {cfg.data.table}: {len(table)} rows")
-    emb = run_extract(cfg, table, _progress("embedding"))
+    emb = run_extract(cfg, table, _progress("embedding", unit="image"))
+    if emb is None:  # another rank of a multi-process run: rank 0 reports
+        return
     out.print(f"wrote {cfg.extract.output}: {len(emb)} embeddings of dimension {emb.dim}")
 
 
@@ -452,11 +454,15 @@ def _rank_strips(
 @reports_errors
 def index(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP)) -> None:
     """Embed the gallery (serve.gallery rows of data.table) and write serve.index_dir for `lookalike serve`."""
+    from lookalike.extract_shards import launch_rank
     from lookalike.pipeline import extractor_from_config, table_from_config
     from lookalike.serve import build_index, load_index
 
     cfg = _config(args)
-    folder = build_index(cfg, table_from_config(cfg), extractor_from_config(cfg), _progress("embedding the gallery"))
+    progress = _progress("embedding the gallery", unit="image")
+    folder = build_index(cfg, table_from_config(cfg), extractor_from_config(cfg), progress)
+    if launch_rank() != 0:  # another rank of a multi-process run: rank 0 wrote the index and reports
+        return
     built = load_index(folder)
     out.print(
         f"wrote {folder}: {len(built)} gallery images, {cfg.model.name}, {cfg.search.index} search, "

@@ -64,6 +64,9 @@ class ExtractConfig(Section):
     output: str = "runs/embeddings.npz"  # embeddings file (.npz) that extract writes and search reads
     device: Device = "cpu"  # torch device of the extractor: auto, cpu, cuda, cuda:1, mps
     split: str | None = "validation"  # embed only this split; None embeds every row
+    shard_size: PositiveInt = 50_000  # rows per shard file (OUTPUT.shards/shard-NNNNN.npz): a killed run resumes there
+    restart: bool = False  # discard the shards of an earlier (interrupted or different) run instead of resuming
+    keep_shards: bool = False  # keep OUTPUT.shards/ after the merge (lookalike.shards.iter_shards reads it)
 
 
 class SearchConfig(Section):

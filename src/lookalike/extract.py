@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,6 +22,7 @@ from lookalike.progress import Progress
 
 if TYPE_CHECKING:  # annotations only: lookalike.models.extractor imports this module (Extractor.embed)
     from lookalike.models.extractor import Extractor
+    from lookalike.shards import Manifest
 
 
 def set_layout(module: torch.nn.Module, channels_last: bool) -> torch.nn.Module:
@@ -136,3 +138,18 @@ def _embed_dataset(
             out[rows.numpy()] = embed_batch(extractor, images.to(device)).cpu().numpy()
     meta = {"model": extractor.name, "normalized": extractor.normalize}
     return Embeddings(out, ids, meta)
+
+
+class RowSampler(torch.utils.data.Sampler[int]):
+    """The table rows of some shards, shard after shard, each in table order."""
+
+    def __init__(self, manifest: Manifest, shards: list[int]) -> None:
+        self.ranges = [manifest.rows(s) for s in shards]
+
+    def __iter__(self) -> Iterator[int]:
+        """The rows, shard by shard."""
+        return itertools.chain.from_iterable(range(a, b) for a, b in self.ranges)
+
+    def __len__(self) -> int:
+        """How many rows."""
+        return sum(b - a for a, b in self.ranges)

@@ -17,6 +17,7 @@ from lookalike.core.table import DatasetTable, load_table
 from lookalike.data.check import skip_bad_images
 from lookalike.data.images import eval_transform
 from lookalike.extract import Progress, extract_embeddings
+from lookalike.extract_shards import embed_to_file
 from lookalike.metrics import MetricsReport, cmc_curve, evaluate_table
 from lookalike.models.extractor import Extractor
 from lookalike.provenance import KEY, check_input, record, with_record
@@ -43,13 +44,16 @@ def extractor_from_config(cfg: Config) -> Extractor:
     return Extractor.from_config(cfg)
 
 
-def run_extract(cfg: Config, table: DatasetTable, progress: Progress | None = None) -> Embeddings:
-    """Embed the rows of extract.split (or all rows) and save them to extract.output."""
+def run_extract(cfg: Config, table: DatasetTable, progress: Progress | None = None) -> Embeddings | None:
+    """Embed the rows of extract.split (or all rows) and save them to extract.output, shard by shard (resumable, on one
+    device or many: see lookalike.extract_shards); the embeddings, or None on a rank other than 0 of a multi-process
+    run."""
     rows = table.split(cfg.extract.split) if cfg.extract.split else table
-    emb = embed_table(cfg, extractor_from_config(cfg), rows, progress)
-    emb = Embeddings(emb.vectors, emb.ids, with_record(emb.meta, cfg))
-    emb.save(cfg.extract.output)
-    return emb
+    extractor = extractor_from_config(cfg)
+    meta = with_record({"model": extractor.name, "normalized": extractor.normalize}, cfg)
+    if not embed_to_file(cfg, extractor, rows, table_transform(cfg, extractor), cfg.extract.output, meta, progress):
+        return None
+    return Embeddings.load(cfg.extract.output)
 
 
 def load_embeddings(cfg: Config, command: str) -> Embeddings:
@@ -72,18 +76,23 @@ def embed_table(cfg: Config, extractor: Extractor, table: DatasetTable, progress
     """Every row of `table` embedded by the extractor with its evaluation transform, on extract.device, in the batches
     (data.batch_size) and memory layout (trainer.channels_last) of training's validation: the same checkpoint gives the
     same embeddings, to the bit, and so the same metrics."""
-    d, dc = cfg.data, extractor.data_config()
-    transform = eval_transform(d.image_size, d.crop_fraction, dc["mean"], dc["std"])
+    d = cfg.data
     return extract_embeddings(
         extractor,
         table,
-        transform,
+        table_transform(cfg, extractor),
         d.batch_size,
         d.num_workers,
         cfg.extract.device,
         progress,
         cfg.trainer.channels_last,
     )
+
+
+def table_transform(cfg: Config, extractor: Extractor):
+    """The evaluation transform of data.image_size and data.crop_fraction with the model's mean and std."""
+    d, dc = cfg.data, extractor.data_config()
+    return eval_transform(d.image_size, d.crop_fraction, dc["mean"], dc["std"])
 
 
 def run_search(

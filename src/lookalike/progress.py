@@ -7,6 +7,7 @@ leaves lines like `embedding: 12/40 batches (30%), 2.4 batches/s, 12 s left` in 
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -103,3 +104,23 @@ class ProgressReporter:
     def _write(self, line: str) -> None:
         self.stream.write(line + "\n")
         self.stream.flush()
+
+
+class ImageMeter:
+    """Counts embedded images through a Progress callable, so its lines show images/s and the time left."""
+
+    def __init__(self, progress: Progress | None, total: int) -> None:
+        self.ticks = iter(progress(itertools.repeat(None, total), total)) if progress else None
+        if self.ticks is not None:
+            next(self.ticks, None)  # the start line; each later step counts one image
+
+    def add(self, n: int) -> None:
+        """`n` more images are done."""
+        for _ in range(n if self.ticks is not None else 0):
+            next(self.ticks, None)
+
+    def close(self) -> None:
+        """The final line (once every image is counted)."""
+        if self.ticks is not None:
+            for _ in self.ticks:
+                pass

@@ -63,6 +63,12 @@ class RowTable:
         """
         return replace(self, frame=self.frame[np.asarray(mask, dtype=bool)].reset_index(drop=True))
 
+    def with_paths(self: T, paths: list[str] | np.ndarray) -> T:
+        """The same rows with their `path` column replaced (e.g. resolved to absolute paths), one path per row."""
+        if len(paths) != len(self):
+            raise TableError(f"{self.source}: {len(paths)} paths for {len(self)} rows")
+        return replace(self, frame=self.frame.assign(path=list(paths)))
+
     def has_column(self, name: str) -> bool:
         """Whether the table has the (optional) column `name`."""
         return name in self.frame.columns

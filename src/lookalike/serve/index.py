@@ -32,8 +32,9 @@ from lookalike.data.decode import to_rgb
 from lookalike.data.folder import import_folder
 from lookalike.data.images import ImageSource, eval_transform, read_image, resize_side
 from lookalike.extract import Progress
+from lookalike.extract_shards import embed_to_file
 from lookalike.models.extractor import Extractor, load_weights
-from lookalike.pipeline import embed_table
+from lookalike.pipeline import table_transform
 from lookalike.provenance import record as provenance
 from lookalike.rerank import RerankContext, Reranker, build_chain, check_ascending
 from lookalike.rerank.chain import step_parts
@@ -138,7 +139,13 @@ def build_index(cfg: Config, table: DatasetTable, extractor: Extractor, progress
     """Embed the gallery and write serve.index_dir (replaced as a whole, never half-written); return its path."""
     servable_rerankers(cfg.rerank)  # fail before the long extraction
     gallery = gallery_rows(table, cfg.serve.gallery)
-    emb = embed_table(cfg, extractor, gallery, progress)
+    absolute = gallery.with_paths([str(p.resolve()) for p in gallery.image_paths()])
+    target = Path(cfg.serve.index_dir)
+    merged = target.with_name(f".{target.name}.embeddings.npz")  # sharded, resumable; moved into the folder below
+    meta = {"model": extractor.name, "normalized": extractor.normalize}
+    if not embed_to_file(cfg, extractor, absolute, table_transform(cfg, extractor), merged, meta, progress):
+        return target  # another rank of a multi-process run: rank 0 writes the index
+    emb = Embeddings.load(merged)
     dc = extractor.data_config()
     settings = {
         "format": FORMAT,
@@ -159,13 +166,12 @@ def build_index(cfg: Config, table: DatasetTable, extractor: Extractor, progress
         "serve": cfg.serve.model_dump(),
         "provenance": provenance(cfg),
     }
-    target = Path(cfg.serve.index_dir)
     with atomic_folder(target) as folder:
         settings["rerank"] = pack_weights(cfg.rerank, folder)
         settings["columns"] = [column_name(step) for step in cfg.rerank]  # as the user wrote them
         (folder / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
         torch.save(extractor.state_dict(), folder / MODEL_FILE)
-        paths = [str(p.resolve()) for p in gallery.image_paths()]
+        paths = emb.ids.tolist()
         boxes = (
             pd.DataFrame(gallery.boxes, columns=list(BBOX_COLUMNS))
             if gallery.has_bbox
@@ -182,6 +188,7 @@ def build_index(cfg: Config, table: DatasetTable, extractor: Extractor, progress
         )  # ids = the gallery table's paths
         if cfg.search.index != "exact":
             FaissIndex(cfg.search.index, cfg.search.metric).add(emb.vectors).save(folder / FAISS_FILE)
+    merged.unlink(missing_ok=True)
     return target
 
 
