@@ -158,7 +158,15 @@ def save_cmc_curve(curves: dict[str, np.ndarray], path: str | os.PathLike) -> Pa
 
 
 def plot_icfrr_curve(records: Sequence[dict[str, float]], path: str | os.PathLike) -> Path:
-    """Write a PNG of mAP@all, mAP@200, P@100 and P@200 against the iteration (the reference's four curves)."""
+    """Write a PNG of mAP@all, mAP@200, P@100 and P@200 against the iteration (the ICFRR reference's four curves).
+
+    Args:
+        records: one dict per iteration (0 = before) with 'iteration' and those metrics (run_icfrr_cache with labels).
+        path: the PNG to write (atomically).
+
+    Returns:
+        The path written.
+    """
     if not records or any(key not in records[0] for key, _ in ICFRR_CURVES):
         keys = ", ".join(k for k, _ in ICFRR_CURVES)
         raise LookalikeError(f"records: expected per-iteration records with {keys} (run_icfrr_cache with labels)")
@@ -187,9 +195,19 @@ def save_rank_strips(
     queries: Sequence[int] | None = None,
     top_k: int = 10,
 ) -> Path:
-    """Write a PNG: for each chosen query its image then its top-k, framed green/red when labels are given.
+    """Write a PNG: for each chosen query its image then its top-k, framed green/red when labels are given (ICFRR's
+    rank strips after an iteration).
 
-    Image paths are image_root / the results' ids (give results_from_distances the file names for a cache).
+    Args:
+        results: the lists; image paths are image_root / their ids (give results_from_distances the file names).
+        path: the PNG to write (atomically).
+        image_root: the folder the ids are relative to.
+        query_labels, gallery_labels: labels in the results' order, to frame matches green and others red.
+        queries: the query rows to draw (default: 8 spread over all).
+        top_k: gallery images per query.
+
+    Returns:
+        The path written.
     """
     labels = (query_labels, gallery_labels) if query_labels is not None and gallery_labels is not None else None
     rel = label_relevance(results, *labels) if labels is not None else None

@@ -1,4 +1,6 @@
-"""Re-rankers over RetrievalResults: ICFRR, k-reciprocal, query expansion, chained."""
+"""Re-rankers over RetrievalResults: ICFRR, k-reciprocal, query expansion, STIR pairwise, centroids, chained.
+
+The interface, the registry, the shared helpers and the one merge rule (`merge_head`) live in rerank/base.py."""
 
 from lookalike.rerank.base import (
     CAPABILITIES,
