@@ -84,7 +84,8 @@ class Reranker(ABC):
         return None
 
     def recorded(self, results: RetrievalResults, **extra: Any) -> RetrievalResults:
-        """The results with this stage's record ({name, parameters, extra}) appended to meta["rerank"]."""
+        """The results (a fresh output: its meta is changed in place) with this stage's record ({name, parameters,
+        extra}) appended to meta["rerank"]."""
         record = {"name": self.name, **self.params(), **extra}
         results.meta["rerank"] = [*results.meta.get("rerank", []), record]
         return results
