@@ -139,14 +139,19 @@ def test_only_incoming_candidates_are_resorted_and_padding_kept():
 
 
 def test_candidates_resorts_the_head_and_keeps_the_tail_in_order():
-    results, context, _, _ = make_case(seed=6)
+    results, context, q, g = make_case(seed=6)
     out = KReciprocal(k1=8, k2=3, candidates=10).rerank(results, context)
     np.testing.assert_array_equal(out.indices[:, 10:], results.indices[:, 10:])
+    np.testing.assert_array_equal(out.distances[:, 10:], results.distances[:, 10:])  # the tail keeps its distances
     np.testing.assert_array_equal(np.sort(out.indices[:, :10], 1), np.sort(results.indices[:, :10], 1))
-    np.testing.assert_allclose(
-        np.diff(out.distances[:, 10:], axis=1), np.diff(results.distances[:, 10:], axis=1), atol=1e-5
-    )
-    np.testing.assert_allclose(out.distances[:, 10], out.distances[:, 9], atol=1e-6)
+    final = dense_kreciprocal(as_union(q, g, "cosine"), 8, 3, 0.3)[: len(q), len(q) :]
+    head = np.take_along_axis(final, out.indices[:, :10], 1)
+    np.testing.assert_array_equal(np.argsort(head, axis=1, kind="stable"), np.tile(np.arange(10), (len(q), 1)))
+    ratio = (
+        out.distances[:, :10] / head
+    )  # merge_head: the head's distances as they are, or scaled as one below the tail
+    np.testing.assert_allclose(ratio, np.broadcast_to(ratio[:, :1], ratio.shape), rtol=1e-4)
+    assert (ratio <= 1 + 1e-5).all() and (out.distances[:, 9] < results.distances[:, 10]).all()
     check_ascending(out)
 
 

@@ -28,7 +28,8 @@ from lookalike.models.pairwise import (
 )
 from lookalike.pipeline import extractor_from_config, search_and_score, table_from_config
 from lookalike.rerank import RerankContext, check_ascending, create_reranker
-from lookalike.rerank.pairwise import PairwiseReranker, merge_top_n, table_rows
+from lookalike.rerank.base import merge_head
+from lookalike.rerank.pairwise import PairwiseReranker, table_rows
 from lookalike.train import run_train
 from lookalike.train.pairwise import FrozenBackbone, auto_precision, build_pairwise_parts, run_train_reranker
 from lookalike.train.run import build_trainer
@@ -67,20 +68,20 @@ def results(indices, distances, n_gallery: int = 8) -> RetrievalResults:
 
 def test_merge_sorts_the_head_and_keeps_the_tail_in_place():
     before = results([[3, 2, 1, 0, 4]], [[0.1, 0.2, 0.5, 0.6, 0.7]])
-    after = merge_top_n(before, np.array([[0.4, 0.2, 0.3]]))
+    after = merge_head(before, np.array([[0.4, 0.2, 0.3]]))
     assert after.indices.tolist() == [[2, 1, 3, 0, 4]]
     np.testing.assert_allclose(after.distances, [[0.2, 0.3, 0.4, 0.6, 0.7]], rtol=1e-6)  # below 0.6: no rescaling
 
 
 def test_merge_rescales_a_head_that_would_pass_the_next_distance():
     before = results([[0, 1, 2, 3, 4]], [[0.1, 0.2, 0.3, 0.5, 0.6]])
-    after = merge_top_n(before, np.array([[1.0, 2.0, 5.0]]))
+    after = merge_head(before, np.array([[1.0, 2.0, 5.0]]))
     gap = 1000 * np.finfo(np.float32).eps  # relative: the largest new distance lands just below 0.5
     assert after.indices.tolist() == [[0, 1, 2, 3, 4]]
     np.testing.assert_allclose(after.distances[0, :3], np.array([1, 2, 5]) * 0.5 * (1 - gap) / 5, rtol=1e-6)
     assert after.distances[0, 2] < after.distances[0, 3] == np.float32(0.5) and after.distances[0, 4] == np.float32(0.6)
     check_ascending(after)
-    tiny = merge_top_n(
+    tiny = merge_head(
         results([[0, 1, 2]], [[1e-6, 2e-6, 3e-6]]), np.array([[0.9, 0.2]])
     )  # cosine distances can be this small
     assert tiny.indices.tolist() == [[1, 0, 2]] and 0 < tiny.distances[0, 0] < tiny.distances[0, 1] < np.float32(3e-6)
@@ -88,7 +89,7 @@ def test_merge_rescales_a_head_that_would_pass_the_next_distance():
 
 def test_merge_keeps_tied_items_in_their_old_order():
     before = results([[5, 6, 7, 1, 2], [0, 1, 2, 3, 4]], [[0.1, 0.2, 0.3, 0.9, 0.9], [0.0, 0.0, 0.0, 0.0, 0.0]])
-    after = merge_top_n(before, np.array([[0.7, 0.2, 0.7], [0.3, 0.3, 0.3]]))
+    after = merge_head(before, np.array([[0.7, 0.2, 0.7], [0.3, 0.3, 0.3]]))
     assert after.indices.tolist() == [[6, 5, 7, 1, 2], [0, 1, 2, 3, 4]]
     assert np.all(after.distances[1, :3] < 0) and after.distances[1, 3:].tolist() == [
         0,
@@ -100,14 +101,14 @@ def test_merge_keeps_tied_items_in_their_old_order():
 
 def test_merge_with_top_n_at_least_k_resorts_the_whole_list_without_rescaling():
     before = results([[4, 5, 6]], [[0.1, 0.2, 0.3]])
-    after = merge_top_n(before, np.array([[0.9, 0.8, 0.95]]))
+    after = merge_head(before, np.array([[0.9, 0.8, 0.95]]))
     assert after.indices.tolist() == [[5, 4, 6]]
     np.testing.assert_allclose(after.distances, [[0.8, 0.9, 0.95]], rtol=1e-6)
 
 
 def test_merge_leaves_empty_slots_last_and_handles_negative_distances():
     before = results([[2, 1, PAD, PAD], [0, 1, 2, 3]], [[0.5, 0.6, np.inf, np.inf], [-3.0, -2.5, -2.0, -1.0]])
-    after = merge_top_n(before, np.array([[0.9, 0.1, 0.3], [0.2, 0.1, 0.9]]))
+    after = merge_head(before, np.array([[0.9, 0.1, 0.3], [0.2, 0.1, 0.9]]))
     assert after.indices.tolist() == [[1, 2, PAD, PAD], [1, 0, 2, 3]]
     assert np.isinf(after.distances[0, 2:]).all() and after.distances[0, :2].tolist() == pytest.approx([0.1, 0.9])
     m = -1.0 - 1000 * np.finfo(np.float32).eps  # shifted below the next distance -1, not scaled by a negative ratio:

@@ -71,8 +71,8 @@ def test_qe_candidates_rescores_the_head_only():
     results, context = case()
     out = QueryExpansion(n=1, candidates=2).rerank(results, context)
     np.testing.assert_array_equal(out.indices[0], [0, 2, 1, 3])  # g1 is outside the head: it cannot overtake g2
-    head = 1 - np.array([7, 79 / 13]) / SQRT50
-    tail = head[1] + np.array([0.0, 2.0 - 0.2])  # g1, g3 keep their gap (0.2 -> 2.0), moved to start at the head's end
+    head = 1 - np.array([7, 79 / 13]) / SQRT50  # 0.010, 0.141: below the next original distance 0.2, kept as they are
+    tail = np.array([0.2, 2.0])  # g1, g3 keep their places and their distances (the one merge rule, merge_head)
     np.testing.assert_allclose(out.distances[0], np.concatenate([head, tail]), atol=1e-6)
     check_ascending(out)
 

@@ -1,5 +1,5 @@
 """Pictures of retrieval: a grid of queries and their top-k (green right, red wrong; ranks, labels, distances and a
-legend) and a CMC curve."""
+legend), a CMC curve, and ICFRR's pictures (rank strips after an iteration, the metrics against the iteration)."""
 
 from __future__ import annotations
 
@@ -7,22 +7,26 @@ import os
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageOps
 
 from lookalike.core.atomic import atomic_path
+from lookalike.core.errors import LookalikeError
 from lookalike.core.results import RetrievalResults
 from lookalike.data.images import read_image
+from lookalike.metrics import relevance as label_relevance
 
 if TYPE_CHECKING:
     from lookalike.core.table import DatasetTable
 
 RIGHT, WRONG, QUERY, UNKNOWN = "#2ca02c", "#d62728", "#1f77b4", "#7f7f7f"
 SCORE_RERANKERS = ("icfrr",)  # re-rankers whose distances are negated similarity scores: grids show them as scores
+ICFRR_CURVES = (("map@all", "mAP@all"), ("map@200", "mAP@200"), ("prec@100", "P@100"), ("prec@200", "P@200"))
 
 
 def _cell(path: Path, size: int) -> np.ndarray:
@@ -119,19 +123,18 @@ def result_grid_figure(
     return fig
 
 
-def save_result_grid(
-    results: RetrievalResults,
-    path: str | os.PathLike,
-    image_root: str | os.PathLike,
-    relevance: np.ndarray | None = None,
-    queries: Sequence[int] | None = None,
-    top_k: int = 5,
-    cell_size: int = 96,
-    labels: tuple[np.ndarray, np.ndarray] | None = None,
-    scores: bool = False,
-) -> Path:
-    """Write the PNG of `result_grid_figure`."""
-    return _save(result_grid_figure(results, image_root, relevance, queries, top_k, cell_size, labels, scores), path)
+def save_result_grid(results: RetrievalResults, path: str | os.PathLike, *args: Any, **kwargs: Any) -> Path:
+    """Write the PNG of `result_grid_figure(results, *args, **kwargs)` (image_root, relevance, queries, ...).
+
+    Args:
+        results: the lists to draw.
+        path: the PNG to write (atomically).
+        *args, **kwargs: result_grid_figure's other arguments, image_root first.
+
+    Returns:
+        The path written.
+    """
+    return _save(result_grid_figure(results, *args, **kwargs), path)
 
 
 def save_cmc_curve(curves: dict[str, np.ndarray], path: str | os.PathLike) -> Path:
@@ -149,6 +152,63 @@ def save_cmc_curve(curves: dict[str, np.ndarray], path: str | os.PathLike) -> Pa
     ax.set_title("Cumulative matching characteristic")
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_icfrr_curve(records: Sequence[dict[str, float]], path: str | os.PathLike) -> Path:
+    """Write a PNG of mAP@all, mAP@200, P@100 and P@200 against the iteration (the ICFRR reference's four curves).
+
+    Args:
+        records: one dict per iteration (0 = before) with 'iteration' and those metrics (run_icfrr_cache with labels).
+        path: the PNG to write (atomically).
+
+    Returns:
+        The path written.
+    """
+    if not records or any(key not in records[0] for key, _ in ICFRR_CURVES):
+        keys = ", ".join(k for k, _ in ICFRR_CURVES)
+        raise LookalikeError(f"records: expected per-iteration records with {keys} (run_icfrr_cache with labels)")
+    x = [r["iteration"] for r in records]
+    fig = Figure(figsize=(5, 3.6), dpi=100)
+    ax = fig.subplots()
+    for (key, label), marker in zip(ICFRR_CURVES, "ooss"):
+        ax.plot(x, [r[key] for r in records], marker=marker if len(x) <= 30 else None, label=label)
+    ax.set_xlabel("iteration")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("score")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best")
+    ax.set_title("ICFRR re-ranking")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def save_rank_strips(
+    results: RetrievalResults,
+    path: str | os.PathLike,
+    image_root: str | os.PathLike,
+    query_labels: np.ndarray | None = None,
+    gallery_labels: np.ndarray | None = None,
+    queries: Sequence[int] | None = None,
+    top_k: int = 10,
+) -> Path:
+    """Write a PNG: for each chosen query its image then its top-k, framed green/red when labels are given (ICFRR's
+    rank strips after an iteration).
+
+    Args:
+        results: the lists; image paths are image_root / their ids (give results_from_distances the file names).
+        path: the PNG to write (atomically).
+        image_root: the folder the ids are relative to.
+        query_labels, gallery_labels: labels in the results' order, to frame matches green and others red.
+        queries: the query rows to draw (default: 8 spread over all).
+        top_k: gallery images per query.
+
+    Returns:
+        The path written.
+    """
+    labels = (query_labels, gallery_labels) if query_labels is not None and gallery_labels is not None else None
+    rel = label_relevance(results, *labels) if labels is not None else None
+    return save_result_grid(results, path, image_root, relevance=rel, queries=queries, top_k=top_k, labels=labels)
 
 
 def _save(fig: Figure, path: str | os.PathLike) -> Path:

@@ -1,16 +1,30 @@
-"""Re-rankers over RetrievalResults: ICFRR, k-reciprocal, query expansion, chained."""
+"""Re-rankers over RetrievalResults: ICFRR, k-reciprocal, query expansion, STIR pairwise, centroids, chained.
+
+The interface, the registry, the shared helpers and the one merge rule (`merge_head`) live in rerank/base.py."""
 
 from lookalike.rerank.base import (
+    CAPABILITIES,
     RERANKERS,
     RerankContext,
     Reranker,
     check_ascending,
     create_reranker,
     list_rerankers,
+    merge_head,
     register,
 )
 
-__all__ = ["RERANKERS", "RerankContext", "Reranker", "check_ascending", "create_reranker", "list_rerankers", "register"]
+__all__ = [
+    "CAPABILITIES",
+    "RERANKERS",
+    "RerankContext",
+    "Reranker",
+    "check_ascending",
+    "create_reranker",
+    "list_rerankers",
+    "merge_head",
+    "register",
+]
 from lookalike.rerank.kreciprocal import KReciprocal
 from lookalike.rerank.query_expansion import DatabaseAugmentation, QueryExpansion
 
@@ -40,6 +54,6 @@ from lookalike.rerank.centroids import CentroidRanker  # noqa: E402
 from lookalike.rerank.chain import Stage, build_chain, run_chain, stage_report  # noqa: E402
 
 __all__ += ["CentroidRanker", "Stage", "build_chain", "run_chain", "stage_report"]
-from lookalike.rerank.pairwise import PairwiseReranker, merge_top_n  # noqa: E402
+from lookalike.rerank.pairwise import PairwiseReranker  # noqa: E402
 
-__all__ += ["PairwiseReranker", "merge_top_n"]
+__all__ += ["PairwiseReranker"]

@@ -16,11 +16,14 @@ class CentroidRanker(Reranker):
 
     name = "centroids"
     first_only = True  # after another stage it would discard that stage's list and rank the centroids afresh
+    needs_labels = True  # one centroid per label of the table
+    servable = False  # an index's gallery is images, not centroids
 
     def __init__(self, per_sequence: bool = False) -> None:
         self.per_sequence = per_sequence
 
     def rerank(self, results: RetrievalResults, context: RerankContext) -> RetrievalResults:
+        """The queries ranked against the centroids of the table's labels; the context's gallery becomes them."""
         context.require("table", "queries", "gallery", by=self.name)
         both = _union(context.queries, context.gallery)
         reranked, labels, n_relevant = search_centroids(
@@ -30,7 +33,7 @@ class CentroidRanker(Reranker):
         context.gallery_labels, context.n_relevant = labels, n_relevant
         context.exclude = None  # centroid visibility is settled here; later stages see only what this list holds
         context.cache.clear()  # gallery neighbour lists of the images no longer apply
-        return reranked
+        return self.recorded(reranked)
 
 
 def _union(queries: Embeddings, gallery: Embeddings) -> Embeddings:

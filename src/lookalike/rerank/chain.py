@@ -35,7 +35,7 @@ def build_chain(steps: list[str | dict[str, Any]]) -> list[Reranker]:
 
 def uses_embeddings(chain: list[Reranker]) -> bool:
     """Whether any stage reads the query / gallery embeddings (a pairwise-only chain needs none)."""
-    return any(reranker.uses_embeddings for reranker in chain)
+    return any(reranker.needs_vectors for reranker in chain)
 
 
 def step_parts(step: str | dict[str, Any], position: int = 0) -> tuple[str, dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""k-reciprocal re-ranking (Zhong et al., CVPR 2017) from sparse k-NN lists, plus list helpers shared by re-rankers.
+"""k-reciprocal re-ranking (Zhong et al., CVPR 2017) from sparse k-NN lists.
 
 The equations are those of the paper's public `re_ranking` function, over the union of queries and gallery:
 
@@ -28,7 +28,16 @@ import torch
 
 from lookalike.core.errors import LookalikeError
 from lookalike.core.results import PAD, RetrievalResults
-from lookalike.rerank.base import RerankContext, Reranker, positive_int, register
+from lookalike.rerank.base import (
+    RerankContext,
+    Reranker,
+    context_vectors,
+    drop_excluded,
+    merge_head,
+    pair_sqdist,
+    positive_int,
+    register,
+)
 from lookalike.search.exact import exact_knn
 
 
@@ -59,7 +68,12 @@ class KReciprocal(Reranker):
         v = kreciprocal_vectors(x, neighbours, farthest, self.k1, self.k2, self.chunk)
         head = results.indices[:, : self.candidates or results.k]
         distances = final_distances(x, v, farthest, query_nodes, head, self.lambda_value, self.chunk)
-        return rerank_head(results, distances)
+        return self.recorded(merge_head(results, distances))
+
+    @property
+    def head(self) -> int | None:
+        """The incoming candidates it re-sorts (None: every item of the list)."""
+        return self.candidates
 
 
 def union_vectors(
@@ -115,15 +129,6 @@ def farthest_sqdist(x: np.ndarray, row_block: int = 1024, col_block: int = 16384
                 top, arg = torch.where(better, value, top), torch.where(better, pos + c, arg)
             best[r : r + row_block] = arg
     return pair_sqdist(x, x, np.arange(len(x)), best.numpy(), 1 << 16)
-
-
-def pair_sqdist(a: np.ndarray, b: np.ndarray, rows: np.ndarray, cols: np.ndarray, chunk: int) -> np.ndarray:
-    """Squared euclidean distances |a[rows] - b[cols]|^2 in float64, `chunk` pairs at a time."""
-    out = np.empty(len(rows), dtype=np.float64)
-    for s in range(0, len(rows), chunk):
-        diff = a[rows[s : s + chunk]].astype(np.float64) - b[cols[s : s + chunk]]
-        out[s : s + chunk] = np.einsum("pd,pd->p", diff, diff)
-    return out
 
 
 def reciprocal_sets(neighbours: np.ndarray, k: int) -> sp.csr_matrix:
@@ -190,70 +195,3 @@ def final_distances(
     original = pair_sqdist(x, x, a, b, chunk) / np.maximum(farthest[a], 1e-300)
     out[q, m] = (1.0 - lambda_value) * jaccard + lambda_value * original
     return out
-
-
-# ---- helpers shared by re-rankers that re-sort or re-score the head of each list ----
-
-
-def context_vectors(results: RetrievalResults, context: RerankContext, by: str) -> tuple[np.ndarray, np.ndarray]:
-    """Query and gallery vectors of the context, checked against the results' sizes."""
-    context.require("queries", "gallery", by=by)
-    queries, gallery = context.queries.vectors, context.gallery.vectors
-    if len(queries) != results.n_queries or len(gallery) != len(results.gallery_ids):
-        raise LookalikeError(
-            f"rerank {by}: context has {len(queries)} query / {len(gallery)} gallery vectors for results of "
-            f"{results.n_queries} queries / {len(results.gallery_ids)} gallery items"
-        )
-    if queries.shape[1] != gallery.shape[1]:
-        raise LookalikeError(f"rerank {by}: query dim {queries.shape[1]} differs from gallery dim {gallery.shape[1]}")
-    if context.metric not in ("cosine", "euclidean"):
-        raise LookalikeError(f"rerank {by}: metric must be 'cosine' or 'euclidean', got {context.metric!r}")
-    return queries, gallery
-
-
-def drop_excluded(results: RetrievalResults, exclude: tuple[np.ndarray, np.ndarray] | None) -> RetrievalResults:
-    """The results without items of the query's exclusion group (self, same sequence): they become PAD at the end."""
-    if exclude is None:
-        return results
-    q_groups, g_groups = (np.asarray(a, dtype=np.int64) for a in exclude)
-    if q_groups.shape != (results.n_queries,) or g_groups.shape != (len(results.gallery_ids),):
-        raise LookalikeError(
-            f"exclude: expected group arrays of length {results.n_queries} and {len(results.gallery_ids)}, "
-            f"got {q_groups.shape} and {g_groups.shape}"
-        )
-    valid = results.valid
-    keep = valid & (g_groups[np.where(valid, results.indices, 0)] != q_groups[:, None])
-    if keep.sum() == valid.sum():
-        return results
-    order = np.argsort(~keep, axis=1, kind="stable")
-    indices = np.take_along_axis(np.where(keep, results.indices, PAD), order, 1)
-    distances = np.take_along_axis(np.where(keep, results.distances, np.inf), order, 1)
-    return RetrievalResults(indices, distances, results.query_ids, results.gallery_ids, dict(results.meta))
-
-
-def rerank_head(results: RetrievalResults, head_distances: np.ndarray) -> RetrievalResults:
-    """Sort the first M columns by new distances [Q, M] (inf on PAD); later columns keep their order after them.
-
-    The later columns' distances are shifted per row so that the first of them equals the largest new
-    distance: their gaps are kept and every row stays ascending.
-    """
-    m = head_distances.shape[1]
-    head = results.indices[:, :m]
-    new = np.where(head == PAD, np.inf, head_distances)
-    order = np.argsort(new, axis=1, kind="stable")
-    indices = [np.take_along_axis(head, order, 1), results.indices[:, m:]]
-    distances = [np.take_along_axis(new, order, 1), _shifted_tail(results, new, m)]
-    indices, distances = np.concatenate(indices, 1), np.concatenate(distances, 1)
-    return RetrievalResults(indices, distances, results.query_ids, results.gallery_ids, dict(results.meta))
-
-
-def _shifted_tail(results: RetrievalResults, new_head: np.ndarray, m: int) -> np.ndarray:
-    """Distances of columns m.. moved to start at the row's largest new head distance (inf stays on PAD)."""
-    tail = results.distances[:, m:].astype(np.float64)
-    if tail.shape[1] == 0 or m == 0:
-        return tail
-    valid = results.indices[:, m:] != PAD
-    top = np.where(np.isfinite(new_head), new_head, -np.inf).max(axis=1, keepdims=True)
-    first = np.where(valid[:, :1], tail[:, :1], 0.0)
-    top = np.where(np.isfinite(top), top, first)  # no new head distance: leave the tail where it was
-    return np.where(valid, np.maximum(tail - first + top, top), np.inf)

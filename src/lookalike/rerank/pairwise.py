@@ -6,13 +6,9 @@ chunks whose distinct images fit in `cache_mb`, and a chunk's images are decoded
 the pair batches index. With the default budget a dataset of a few thousand images is one chunk, so every
 image is decoded exactly once.
 
-Merge rule (Open Metric Learning's PairwiseReranker, so the new rankings are the same): each row's top_n
-items are sorted by their new distance (ties keep their old order); everything after top_n stays where it
-was, with its distances. When the largest new distance exceeds the (top_n+1)-th original distance t, the
-new distances are rescaled to d * m / max(d) with m = t (1 - gap), gap = 1000 float32 epsilons, so the row
-stays ascending. OML subtracts an absolute 1000 epsilons after scaling to t instead, which turns the new
-distances negative when t is below about 1e-4; here they stay in [0, t). When t <= 0 (a list of negated
-scores) they are shifted by m - max(d) instead (m = t - gap |t|), since a negative ratio would flip them.
+Merge rule: `merge_head` (rerank/base.py), Open Metric Learning's PairwiseReranker rule, so the new rankings are
+the same as OML's: each row's top_n sorted by the new distance, the rest in place, the head moved below the next
+original distance where it would pass it.
 """
 
 from __future__ import annotations
@@ -21,6 +17,7 @@ import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,9 +28,7 @@ from lookalike.core.table import DatasetTable
 from lookalike.data.images import ImageDataset
 from lookalike.devices import resolve_device
 from lookalike.models.pairwise import PairwiseModel, load_pairwise
-from lookalike.rerank.base import RerankContext, Reranker, positive_int, register
-
-MERGE_GAP = np.float32(1000 * np.finfo(np.float32).eps)  # relative gap kept below the first untouched distance
+from lookalike.rerank.base import RerankContext, Reranker, merge_head, positive_int, register
 
 
 @register
@@ -41,7 +36,9 @@ class PairwiseReranker(Reranker):
     """Re-scores the top_n items of every list with a pairwise model (a checkpoint path or a PairwiseModel)."""
 
     name = "pairwise"
-    uses_embeddings = False  # scores the images of the list's pairs
+    needs_vectors = False  # scores the images of the list's pairs
+    needs_images = True
+    needs_model = True
 
     def __init__(
         self,
@@ -76,9 +73,21 @@ class PairwiseReranker(Reranker):
             )
         return self._model
 
+    @property
+    def head(self) -> int:
+        """The top_n items of each list it re-scores."""
+        return self.top_n
+
+    def params(self) -> dict[str, Any]:
+        """What meta records: top_n, the model's timm name and whether it averages both orders (tta)."""
+        return {"top_n": self.top_n, "model": self.model.spec.name, "tta": self.model.spec.tta}
+
+    def load(self) -> None:
+        """Load and check the weights now (not at the first list)."""
+        self.model  # noqa: B018 -- loads the weights
+
     def rerank(self, results: RetrievalResults, context: RerankContext) -> RetrievalResults:
-        """New results: each row's top_n sorted by the pairwise distance, the rest in place (see the module's merge
-        rule)."""
+        """New results: each row's top_n sorted by the pairwise distance, the rest in place (`merge_head`)."""
         context.require("table", by=self.name)
         batches = self.pair_batches(results, context.table)
         model, training = self.model.to(self.device), self.model.training
@@ -86,10 +95,7 @@ class PairwiseReranker(Reranker):
             head = score_pairs(model.eval(), batches, self.device, self.amp, self.progress)
         finally:
             model.train(training)
-        merged = merge_top_n(results, head)
-        record = {"name": self.name, "top_n": head.shape[1], "model": model.spec.name, "tta": model.spec.tta}
-        merged.meta["rerank"] = [*results.meta.get("rerank", []), record]
-        return merged
+        return self.recorded(merge_head(results, head), top_n=head.shape[1])
 
     def pair_batches(self, results: RetrievalResults, table: DatasetTable) -> PairBatches:
         """The (query, candidate) image batches of the results' top_n, decoded per chunk of queries."""
@@ -213,39 +219,3 @@ def score_pairs(
         for x1, x2, cells in bar:
             out[cells.numpy()] = model.distance(x1.to(device), x2.to(device)).float().cpu().numpy()
     return out.reshape(batches.shape)
-
-
-def merge_top_n(results: RetrievalResults, head_distances: np.ndarray) -> RetrievalResults:
-    """Sort each row's first n = head_distances.shape[1] items by the new distances, keep the rest, rescale (module
-    doc)."""
-    n = head_distances.shape[1]
-    head = results.indices[:, :n]
-    new = np.where(head == PAD, np.inf, head_distances).astype(np.float32)
-    order = np.argsort(new, axis=1, kind="stable")
-    indices, new = np.take_along_axis(head, order, 1), np.take_along_axis(new, order, 1)
-    if results.k > n:
-        new = _below_next(new, np.where(results.indices[:, n] != PAD, results.distances[:, n], np.inf))
-    distances = np.concatenate([new, results.distances[:, n:]], axis=1)
-    return RetrievalResults(
-        np.concatenate([indices, results.indices[:, n:]], 1),
-        distances,
-        results.query_ids,
-        results.gallery_ids,
-        dict(results.meta),
-    )
-
-
-def _below_next(new: np.ndarray, nxt: np.ndarray) -> np.ndarray:
-    """Sorted new head distances [Q, n] moved below each row's next original distance nxt [Q] where they exceed it:
-    their largest becomes m = t - gap |t| (at least one float32 step below t), by scaling d * m / max(d) when t > 0
-    and by shifting d - (max(d) - m) otherwise."""
-    finite = np.isfinite(new)
-    top = np.where(finite, new, -np.inf).max(axis=1)
-    need = np.isfinite(top) & (top > nxt)
-    t = np.where(need, nxt, 1.0).astype(np.float32)
-    m = np.minimum(t - MERGE_GAP * np.abs(t), np.nextafter(t, np.float32(-np.inf)))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        scaled = new * (m / np.where(need, top, 1.0))[:, None]
-    moved = np.where((t > 0)[:, None], scaled, new - (top - m)[:, None])
-    moved = np.minimum(moved, m[:, None])  # float32 rounding never lifts a moved distance above m
-    return np.where(need[:, None] & finite, moved, new).astype(np.float32)

@@ -17,8 +17,16 @@ import numpy as np
 
 from lookalike.core.errors import LookalikeError
 from lookalike.core.results import PAD, RetrievalResults
-from lookalike.rerank.base import RerankContext, Reranker, positive_int, register
-from lookalike.rerank.kreciprocal import context_vectors, drop_excluded, pair_sqdist, rerank_head
+from lookalike.rerank.base import (
+    RerankContext,
+    Reranker,
+    context_vectors,
+    drop_excluded,
+    merge_head,
+    pair_sqdist,
+    positive_int,
+    register,
+)
 from lookalike.search.exact import exact_knn
 
 DBA_CACHE_KEY = "dba_gallery"  # (gallery ids, augmented gallery vectors) left by DatabaseAugmentation for later stages
@@ -56,9 +64,15 @@ class _Expansion(Reranker):
         """Whole-gallery exact search (candidates=None) or a re-score of each list's first `candidates` items."""
         if self.candidates is None:
             idx, dist = exact_knn(queries, gallery, results.k, context.metric, exclude=context.exclude)
-            return RetrievalResults(idx, dist, results.query_ids, results.gallery_ids, dict(results.meta))
+            searched = RetrievalResults(idx, dist, results.query_ids, results.gallery_ids, dict(results.meta))
+            return self.recorded(searched)
         head = results.indices[:, : self.candidates]
-        return rerank_head(results, head_distances(queries, gallery, head, context.metric, self.chunk))
+        return self.recorded(merge_head(results, head_distances(queries, gallery, head, context.metric, self.chunk)))
+
+    @property
+    def head(self) -> int | None:
+        """The incoming candidates it re-scores (None: the whole gallery is searched again)."""
+        return self.candidates
 
 
 @register

@@ -36,9 +36,8 @@ from lookalike.extract_shards import embed_to_file
 from lookalike.models.extractor import Extractor, load_weights
 from lookalike.pipeline import table_transform
 from lookalike.provenance import record as provenance
-from lookalike.rerank import RerankContext, Reranker, build_chain, check_ascending
+from lookalike.rerank import RERANKERS, RerankContext, Reranker, build_chain, check_ascending, list_rerankers
 from lookalike.rerank.chain import step_parts
-from lookalike.rerank.pairwise import PairwiseReranker
 from lookalike.search import FaissIndex, exact_knn
 
 FORMAT = 1
@@ -49,8 +48,6 @@ SETTINGS_FILE, MODEL_FILE, GALLERY_FILE, EMBEDDINGS_FILE, FAISS_FILE = (
     "embeddings.npz",
     "faiss.index",
 )
-SERVABLE = ("icfrr", "kreciprocal", "qe", "dba", "pairwise")  # re-rankers that can take an uploaded query
-IMAGE_RERANKERS = ("pairwise",)  # these also read the images: the gallery table, and the query's image file
 
 
 class IndexBusy(LookalikeError):
@@ -95,13 +92,13 @@ def servable_rerankers(steps: list[str | dict[str, Any]], names: list[str] | Non
     rerankers: dict[str, Reranker] = {}
     names = names or [column_name(step) for step in steps]
     for position, (name, reranker) in enumerate(zip(names, build_chain(steps))):
-        if reranker.name not in SERVABLE:
+        if not reranker.servable:
             raise ConfigError(
                 f"rerank[{position}]: {reranker.name!r} cannot run in the web app; expected one of "
-                f"{', '.join(SERVABLE)}"
+                f"{', '.join(list_rerankers(servable=True))}"
             )
-        if isinstance(reranker, PairwiseReranker):
-            reranker.model  # noqa: B018 -- loads and checks the weights
+        if reranker.needs_model:
+            reranker.load()  # loads and checks the weights
         rerankers[name] = reranker
     return rerankers
 
@@ -129,7 +126,7 @@ def unpack_weights(steps: list[str | dict[str, Any]], folder: Path) -> list[str 
         name, params = step_parts(step)
         if "weights" in params:
             params["weights"] = str(folder / str(params["weights"]))
-        if name in IMAGE_RERANKERS:
+        if name in RERANKERS and RERANKERS[name].needs_images:
             params.setdefault("progress", False)
         unpacked.append({name: params} if params else name)
     return unpacked
@@ -389,7 +386,7 @@ class GalleryIndex:
 
     def reads_images(self, rerankers: list[str]) -> bool:
         """Whether any of these re-rankers reads the images (and so needs an uploaded query saved to a file)."""
-        return any(name in self.rerankers and self.rerankers[name].name in IMAGE_RERANKERS for name in rerankers)
+        return any(name in self.rerankers and self.rerankers[name].needs_images for name in rerankers)
 
     def _table_with(self, image_path: str | None) -> DatasetTable:
         """The gallery table plus one row for an uploaded query's image file (what image re-rankers read)."""

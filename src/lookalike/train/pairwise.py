@@ -32,8 +32,9 @@ from lookalike.metrics import MetricsReport, evaluate_table
 from lookalike.models.pairwise import SPEC_KEY, PairwiseModel, PairwiseSpec, init_from_extractor
 from lookalike.provenance import KEY, flat_config
 from lookalike.provenance import record as provenance
+from lookalike.rerank.base import merge_head
 from lookalike.rerank.chain import Stage
-from lookalike.rerank.pairwise import PairBatches, PairwiseReranker, merge_top_n
+from lookalike.rerank.pairwise import PairBatches, PairwiseReranker
 from lookalike.train.data import LabelledImages, train_transform
 from lookalike.train.module import _optimizer, _scheduler
 from lookalike.train.run import (
@@ -168,7 +169,7 @@ class PairwiseModule(L.LightningModule):
         for cells, distances in self._scores:
             head[cells.cpu()] = distances.cpu()
         self._scores = []
-        results = merge_top_n(v.results, head.view(v.batches.shape).numpy())
+        results = merge_head(v.results, head.view(v.batches.shape).numpy())
         report = evaluate_table(results, v.table, **v.metric_kwargs)
         self.last_report = report
         self.log_dict({f"val/{k}": float(x) for k, x in report.means.items()})
