@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from helpers import save_pairwise
 from lookalike.config import load_config
 from lookalike.data import images as image_io
 from lookalike.data.folder import import_folder
@@ -23,7 +24,6 @@ from lookalike.models.pairwise import (
     PairwiseSpec,
     init_from_extractor,
     load_pairwise,
-    save_pairwise,
 )
 from lookalike.pipeline import extractor_from_config, search_and_score, table_from_config
 from lookalike.rerank import RerankContext, check_ascending, create_reranker

@@ -138,8 +138,9 @@ def test_a_first_only_stage_elsewhere_is_refused(tmp_path, steps):
 
 def test_a_pairwise_only_chain_needs_no_embeddings_file(omniglot_small, tmp_path):
     """Was: "runs/embeddings.npz: no such embeddings file" although the pairwise stage reads only images."""
+    from helpers import save_pairwise
     from lookalike.data.folder import import_folder
-    from lookalike.models.pairwise import PairwiseModel, save_pairwise
+    from lookalike.models.pairwise import PairwiseModel
     from lookalike.train.pairwise import pairwise_spec
 
     table = import_folder(omniglot_small, validation_fraction=0.25, seed=0).split("validation")

@@ -374,7 +374,8 @@ def test_query_must_be_one_thing_and_rerankers_known(client):
 
 
 def test_pairwise_reranker_scores_the_uploaded_query_against_its_top_n(table_csv, tmp_path):
-    from lookalike.models.pairwise import PairwiseModel, PairwiseSpec, save_pairwise
+    from helpers import save_pairwise
+    from lookalike.models.pairwise import PairwiseModel, PairwiseSpec
 
     torch.manual_seed(0)
     model = PairwiseModel(PairwiseSpec(name="test_resnet", image_size=32)).eval()

@@ -14,7 +14,6 @@ from lookalike.atomic import atomic_path
 from lookalike.errors import TableError
 
 REQUIRED_COLUMNS = ("label", "path", "split", "is_query", "is_gallery")
-OPTIONAL_COLUMNS = ("category", "sequence", "x_1", "y_1", "x_2", "y_2", "domain")
 BBOX_COLUMNS = ("x_1", "y_1", "x_2", "y_2")
 SPLITS = ("train", "validation")
 _TRUE = {"true", "1", "yes", "y", "t"}
