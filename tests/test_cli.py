@@ -6,7 +6,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,12 +15,12 @@ import pandas as pd
 import pytest
 import typer
 
+from helpers import LOOKALIKE
 from lookalike.cli import app
 from lookalike.data.folder import import_folder
 from lookalike.embeddings import Embeddings
 from lookalike.search import RetrievalResults
 
-LOOKALIKE = str(Path(sys.executable).parent / "lookalike")
 FAST_MODEL = ["model.name=test_resnet", "model.pretrained=false", "data.image_size=32", "data.batch_size=32"]
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import save_pairwise
+from helpers import TINY_TRAINING, save_pairwise
 from lookalike.config import load_config
 from lookalike.data import images as image_io
 from lookalike.data.folder import import_folder
@@ -35,16 +35,7 @@ from lookalike.train.run import build_trainer
 
 FAST = [
     "model.name=test_resnet",
-    "model.pretrained=false",
-    "data.image_size=32",
-    "data.crop_fraction=1.0",
-    "data.batch_size=16",
-    "train.p=2",
-    "train.k=4",
-    "train.lr=1e-3",
-    "train.augment=none",
-    "trainer.accelerator=cpu",
-    "trainer.progress=false",
+    *TINY_TRAINING,
     "trainer.log_every_n_steps=1",
     "search.k=50",
     "pairwise.name=test_vit",

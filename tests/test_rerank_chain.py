@@ -6,11 +6,10 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 
+from helpers import unfiled_validation
 from lookalike.config import load_config
-from lookalike.data.table import validate_table
 from lookalike.embeddings import Embeddings
 from lookalike.errors import ConfigError, LookalikeError
 from lookalike.pipeline import rerank_context, run_rerank
@@ -24,18 +23,7 @@ def clustered_table(tmp_path, n_labels=6, per_label=8, dim=16, seed=0):
     labels = np.repeat(np.arange(n_labels), per_label)
     centres = rng.standard_normal((n_labels, dim))
     vectors = centres[labels] + 0.9 * rng.standard_normal((len(labels), dim))
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    frame = pd.DataFrame(
-        {
-            "label": labels,
-            "path": [f"{i}.png" for i in range(len(labels))],
-            "split": "validation",
-            "is_query": True,
-            "is_gallery": True,
-        }
-    ).astype(str)
-    table = validate_table(frame, tmp_path, check_files=False)
-    return table, Embeddings(vectors.astype(np.float32), frame["path"].to_numpy(str))
+    return unfiled_validation(tmp_path, labels, vectors)
 
 
 def test_steps_parse_from_names_and_mappings():

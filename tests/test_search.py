@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from helpers import unfiled_validation
 from lookalike.data.table import validate_table
 from lookalike.embeddings import Embeddings
 from lookalike.errors import LookalikeError
@@ -222,21 +223,7 @@ def clustered_validation(tmp_path, n_labels=5, per_label=6, sequences=None):
     rng = np.random.default_rng(7)
     labels = np.repeat(np.arange(n_labels), per_label)
     vectors = np.eye(n_labels, 8)[labels] + 0.8 * rng.standard_normal((len(labels), 8))
-    frame = pd.DataFrame(
-        {
-            "label": labels,
-            "path": [f"{i}.png" for i in range(len(labels))],
-            "split": "validation",
-            "is_query": True,
-            "is_gallery": True,
-        }
-    )
-    if sequences is not None:
-        frame["sequence"] = sequences
-    table = validate_table(frame.astype(str), tmp_path, check_files=False)
-    return table, Embeddings(
-        (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32), frame["path"]
-    )
+    return unfiled_validation(tmp_path, labels, vectors, sequences)
 
 
 def test_every_other_image_is_a_complete_ranking(tmp_path):
