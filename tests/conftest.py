@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from helpers import index_config
 from lookalike.data.bundled import OMNIGLOT_ZIP
 from lookalike.data.folder import import_folder
 from lookalike.pipeline import extractor_from_config, table_from_config
@@ -43,6 +42,8 @@ def table_csv(omniglot_small, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def index_dir(table_csv) -> Path:
     """The served test index (helpers.index_config) of table_csv's validation split; uploads up to 0.2 MB."""
+    from helpers import index_config  # here, not at the top: test_setup runs this conftest in a folder of its own
+
     cfg = index_config(table_csv, table_csv.parent / "index", "serve.max_upload_mb=0.2")
     return build_index(cfg, table_from_config(cfg), extractor_from_config(cfg))
 
