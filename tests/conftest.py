@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 
 from lookalike.data.bundled import OMNIGLOT_ZIP
+from lookalike.data.folder import import_folder
+from lookalike.pipeline import extractor_from_config, table_from_config
+from lookalike.serve import build_index
 
 
 @pytest.fixture(scope="session")
@@ -25,6 +28,24 @@ def omniglot_small(tmp_path_factory) -> Path:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(zf.read(name))
     return root
+
+
+@pytest.fixture(scope="module")
+def table_csv(omniglot_small, tmp_path_factory) -> Path:
+    """The eight characters as a dataset table, half of them validating (80 queries, each against the other 79
+    images), in a folder of the test module's own."""
+    path = tmp_path_factory.mktemp("table") / "table.csv"
+    import_folder(omniglot_small, validation_fraction=0.5, seed=0).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def index_dir(table_csv) -> Path:
+    """The served test index (helpers.index_config) of table_csv's validation split; uploads up to 0.2 MB."""
+    from helpers import index_config  # here, not at the top: test_setup runs this conftest in a folder of its own
+
+    cfg = index_config(table_csv, table_csv.parent / "index", "serve.max_upload_mb=0.2")
+    return build_index(cfg, table_from_config(cfg), extractor_from_config(cfg))
 
 
 # ---- a skipped test is a failure, unless its reason names an optional component ----

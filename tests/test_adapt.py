@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import LOOKALIKE
 from lookalike.adapt import PairFeatures, TrainSettings, fit_adapter, run_adapt, topk_accuracy
 from lookalike.adapt import run as adapt_run
 from lookalike.adapt.backbones import create_layer_features
@@ -25,7 +25,6 @@ from lookalike.data import pairs as pairs_module
 from lookalike.losses.info_nce import symmetric_info_nce
 from lookalike.models.adapter import create_adapter
 
-LOOKALIKE = str(Path(sys.executable).parent / "lookalike")
 TINY = [
     "adapt.backbones=[{name: test_resnet, layers: [-2, -1], pretrained: false}]",
     "data.image_size=32",
@@ -161,8 +160,9 @@ def numbered(n: int, dim: int = 6, flip: bool = True) -> PairFeatures:
     )
 
 
-def test_pca_is_never_fitted_on_validation_or_test_pairs(monkeypatch):
-    features = numbered(40)
+@pytest.fixture
+def pca_fits(monkeypatch) -> dict[str, np.ndarray]:
+    """What adapt's PCA is fitted on: {"samples": [N, D]} once a run has fitted it."""
     seen, real_fit = {}, adapt_run.fit_pca
 
     def spy(samples, dim, seed):
@@ -170,6 +170,11 @@ def test_pca_is_never_fitted_on_validation_or_test_pairs(monkeypatch):
         return real_fit(samples, dim, seed)
 
     monkeypatch.setattr(adapt_run, "fit_pca", spy)
+    return seen
+
+
+def test_pca_is_never_fitted_on_validation_or_test_pairs(pca_fits):
+    features = numbered(40)
     cfg = load_config(
         None,
         [
@@ -183,7 +188,7 @@ def test_pca_is_never_fitted_on_validation_or_test_pairs(monkeypatch):
     result, _, pca, split = adapt_run.run_once(features, cfg, seed=3)
     train = np.flatnonzero(split == "train")
     assert result.sizes == {"train": 20, "validation": 10, "test": 10}
-    fitted_on = set(np.round(seen["samples"][:, 0], 1))
+    fitted_on = set(np.round(pca_fits["samples"][:, 0], 1))
     assert fitted_on == set(train) | set(train + 1000) | set(train + 0.5) | set(train + 1000.5)
     assert np.allclose(pca.mean, features.images(train).mean(0))
 
@@ -346,18 +351,11 @@ def test_adapt_command_prints_raw_and_adapted_per_k(omniglot_pairs, tmp_path):
 # ------------------------------------------------------------------
 
 
-def test_reference_protocol_is_the_published_command(monkeypatch):
+def test_reference_protocol_is_the_published_command(pca_fits):
     """PCA on every pair before the split, floor(25 %) test pairs and no validation, 150 full-batch epochs, Linear(->
     1024),
     the test pairs scored after every epoch and the last epoch reported, k = 1 3 5, one run."""
     features = numbered(41)
-    seen, real_fit = {}, adapt_run.fit_pca
-
-    def spy(samples, dim, seed):
-        seen["samples"] = samples
-        return real_fit(samples, dim, seed)
-
-    monkeypatch.setattr(adapt_run, "fit_pca", spy)
     cfg = adapt_run.protocol_config(
         load_config(None, ["adapt.protocol=reference", "adapt.pca_dim=3", "adapt.epochs=5", "adapt.runs=4"])
     )
@@ -374,7 +372,7 @@ def test_reference_protocol_is_the_published_command(monkeypatch):
     )
     result, fit, pca, _ = adapt_run.run_once(features, cfg, seed=3)
     assert result.sizes == {"train": 31, "validation": 0, "test": 10}  # floor(0.25 * 41) = 10
-    assert len(seen["samples"]) == 4 * 41 and np.allclose(
+    assert len(pca_fits["samples"]) == 4 * 41 and np.allclose(
         pca.mean, features.images(np.arange(41)).mean(0)
     )  # all pairs, mirrors too
     assert result.best_epoch == 150 and len(fit.history) == 151

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from helpers import LOOKALIKE
 from lookalike.core.atomic import atomic_folder, atomic_path, write_text_atomic
 from lookalike.data.folder import import_folder
 
-LOOKALIKE = str(Path(sys.executable).parent / "lookalike")
 WRITER = """
 import sys
 from pathlib import Path

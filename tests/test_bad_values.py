@@ -16,12 +16,10 @@ from typer.testing import CliRunner
 from lookalike.cli import app
 from lookalike.config import load_config
 from lookalike.core.errors import ConfigError, LookalikeError
-from lookalike.core.results import RetrievalResults
-from lookalike.data.folder import import_folder
 from lookalike.metrics import compute_metrics
 from lookalike.models.extractor import Extractor, load_weights
-from lookalike.pipeline import extractor_from_config, table_from_config
-from lookalike.serve import build_index, load_index
+from lookalike.search import RetrievalResults
+from lookalike.serve import load_index
 from lookalike.train import run_train
 
 SMALL = [
@@ -52,27 +50,6 @@ def assert_one_line_error(code: int, stderr: str, *expected: str) -> None:
     assert stderr.strip().count("\n") == 0 and stderr.startswith("error:"), stderr
     for text in expected:
         assert text in stderr, stderr
-
-
-@pytest.fixture(scope="module")
-def table_csv(omniglot_small, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("bad_values") / "table.csv"
-    import_folder(omniglot_small, validation_fraction=0.5, seed=0).save(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def index_dir(table_csv) -> Path:
-    cfg = load_config(
-        None,
-        [
-            *SMALL,
-            f"data.table={table_csv}",
-            f"serve.index_dir={table_csv.parent / 'index'}",
-            "serve.gallery=validation",
-        ],
-    )
-    return build_index(cfg, table_from_config(cfg), extractor_from_config(cfg))
 
 
 # ---------------------------------------------------------------- config values (item 7, 8)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,13 +12,12 @@ import pytest
 import scipy.io
 from PIL import Image
 
+from helpers import LOOKALIKE
 from lookalike.core.errors import LookalikeError
-from lookalike.core.protocol import exclusion_groups
 from lookalike.core.table import load_table
 from lookalike.data.convert import CONVERTERS, conversion_problems, convert
 from lookalike.data.pairs import load_pairs
-
-LOOKALIKE = str(Path(sys.executable).parent / "lookalike")
+from lookalike.search import exclusion_groups
 
 
 def image(path: Path, value: int = 128, size: tuple[int, int] = (12, 10)) -> None:

@@ -4,8 +4,6 @@ names) and last stride 1."""
 from __future__ import annotations
 
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import timm
@@ -13,14 +11,13 @@ import torch
 from torch import nn
 
 import lookalike.models  # noqa: F401 - registers resnet50_ibn_a
+from helpers import LOOKALIKE
 from lookalike.config import load_config
 from lookalike.core.errors import LookalikeError
 from lookalike.data.folder import import_folder
 from lookalike.models.extractor import Extractor
 from lookalike.models.ibn import IBN
 from lookalike.pipeline import extractor_from_config
-
-LOOKALIKE = str(Path(sys.executable).parent / "lookalike")
 
 
 @pytest.fixture(scope="module")

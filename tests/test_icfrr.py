@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import LOOKALIKE
 from lookalike.core.embeddings import Embeddings
 from lookalike.core.errors import LookalikeError
 from lookalike.core.results import PAD, RetrievalResults
@@ -393,8 +393,6 @@ def test_curve_and_rank_strips(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- fidelity to the reference's command (issue 16)
-
-LOOKALIKE = str(Path(sys.executable).parent / "lookalike")
 
 
 def lookalike(*args: object) -> subprocess.CompletedProcess:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import os
 import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import LOOKALIKE
 from lookalike.config import load_config
 from lookalike.core.errors import ImageError, LookalikeError, LookalikeWarning
 from lookalike.core.table import load_table
@@ -22,8 +22,6 @@ from lookalike.data.decode import read_image, verify_image
 from lookalike.data.folder import import_folder
 from lookalike.data.images import ImageDataset, eval_transform
 from lookalike.pipeline import table_from_config
-
-LOOKALIKE = str(Path(sys.executable).parent / "lookalike")
 
 
 def jpeg_bytes(size=(40, 30), color=(200, 30, 60)) -> bytes:

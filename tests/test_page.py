@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from lookalike.data.folder import import_folder
+from helpers import index_config
 from lookalike.pipeline import extractor_from_config, table_from_config
 from lookalike.serve import build_index, load_index
-from test_serve import index_config, server  # noqa: F401  (server: the real `lookalike serve` over this module's index_dir)
+from test_serve import server  # noqa: F401  (server: the real `lookalike serve` over this module's index_dir)
 
 CHROMIUM = Path("/usr/bin/chromium")
 RERANK = "rerank=[{icfrr: {kg: 10, kq: 10}}, kreciprocal]"
@@ -50,11 +50,9 @@ SEND_FILE = """([how, data, name, type]) => {
 
 
 @pytest.fixture(scope="module")
-def index_dir(omniglot_small, tmp_path_factory) -> Path:
+def index_dir(table_csv) -> Path:
     """A gallery of 80 Omniglot drawings labelled "Balinese/characterNN", served with ICFRR and k-reciprocal."""
-    table = tmp_path_factory.mktemp("page") / "table.csv"
-    import_folder(omniglot_small, validation_fraction=0.5, seed=0).save(table)
-    cfg = index_config(table, table.parent / "index", RERANK)
+    cfg = index_config(table_csv, table_csv.parent / "index", RERANK)
     return build_index(cfg, table_from_config(cfg), extractor_from_config(cfg))
 
 

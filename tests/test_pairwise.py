@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from helpers import TINY_TRAINING, save_pairwise
 from lookalike.config import load_config
 from lookalike.core.errors import ConfigError, LookalikeError
 from lookalike.core.results import PAD, RetrievalResults
@@ -24,7 +25,6 @@ from lookalike.models.pairwise import (
     PairwiseSpec,
     init_from_extractor,
     load_pairwise,
-    save_pairwise,
 )
 from lookalike.pipeline import extractor_from_config, search_and_score, table_from_config
 from lookalike.rerank import RerankContext, check_ascending, create_reranker
@@ -36,16 +36,7 @@ from lookalike.train.run import build_trainer
 
 FAST = [
     "model.name=test_resnet",
-    "model.pretrained=false",
-    "data.image_size=32",
-    "data.crop_fraction=1.0",
-    "data.batch_size=16",
-    "train.p=2",
-    "train.k=4",
-    "train.lr=1e-3",
-    "train.augment=none",
-    "trainer.accelerator=cpu",
-    "trainer.progress=false",
+    *TINY_TRAINING,
     "trainer.log_every_n_steps=1",
     "search.k=50",
     "pairwise.name=test_vit",

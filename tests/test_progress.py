@@ -7,19 +7,17 @@ import io
 import os
 import re
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from helpers import LOOKALIKE
 from lookalike import __version__
-from lookalike.data.folder import import_folder
 from lookalike.progress import INTERVAL_ENV, ProgressReporter, interval_from_env, progress_line
 from lookalike.search.exact import exact_knn
 
-LOOKALIKE = str(Path(sys.executable).parent / "lookalike")
 SLOW_SMALL = [
     "model.name=test_resnet",
     "model.pretrained=false",
@@ -27,13 +25,6 @@ SLOW_SMALL = [
     "data.batch_size=2",
 ]  # 40 batches of 2 images
 LINE = re.compile(r"^embedding: (\d+)/80 images \(\d+%\), [\d.]+ images/s, (\d+ s left|time left unknown)$")
-
-
-@pytest.fixture(scope="module")
-def table_csv(omniglot_small, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("progress") / "table.csv"
-    import_folder(omniglot_small, validation_fraction=0.5, seed=0).save(path)
-    return path
 
 
 def lookalike(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

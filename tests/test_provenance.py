@@ -6,13 +6,13 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import LOOKALIKE
 from lookalike.config import load_config
 from lookalike.core.embeddings import Embeddings
 from lookalike.core.errors import LookalikeWarning
@@ -30,7 +30,6 @@ from lookalike.pipeline import (
 from lookalike.provenance import ProvenanceError, config_sha256, flat_config
 from lookalike.serve import build_index
 
-LOOKALIKE = str(Path(sys.executable).parent / "lookalike")
 FAST = ["model.name=test_resnet", "model.pretrained=false", "data.image_size=32", "data.batch_size=40", "search.k=10"]
 
 

@@ -7,16 +7,15 @@ import inspect
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 import lookalike
+from helpers import LOOKALIKE
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
-LOOKALIKE = str(Path(sys.executable).parent / "lookalike")
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 
 

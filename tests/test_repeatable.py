@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import lookalike.train.module as module_mod
+from helpers import TINY_TRAINING
 from lookalike.config import load_config
-from lookalike.data.folder import import_folder
 from lookalike.pipeline import embed_table, run_evaluate, run_extract, run_search, table_from_config
 from lookalike.train import build_parts, run_train, run_validate
 
@@ -17,30 +17,12 @@ from lookalike.train import build_parts, run_train, run_validate
 # layout, enough to move CMC@1 of the validation split below when the paths embed differently
 FAST = [
     "model.name=resnet18",
-    "model.pretrained=false",
-    "data.image_size=32",
-    "data.crop_fraction=1.0",
-    "data.batch_size=16",
-    "train.p=2",
-    "train.k=4",
-    "train.lr=1e-3",
-    "train.augment=none",
-    "trainer.accelerator=cpu",
-    "trainer.progress=false",
+    *TINY_TRAINING,
     "train.grid=false",
-    "search.k=79",
+    "search.k=79",  # the whole ranking: each of the 80 validation queries against the other 79 images
     "evaluate.grid=null",
     "evaluate.cmc_plot=null",
 ]
-
-
-@pytest.fixture(scope="module")
-def table_csv(omniglot_small, tmp_path_factory):
-    """8 Balinese characters, half of them validating (80 queries, each against the other 79 images: search.k=79 is the
-    whole ranking, as training's validation ranks it)."""
-    path = tmp_path_factory.mktemp("table") / "table.csv"
-    import_folder(omniglot_small, validation_fraction=0.5, seed=0).save(path)
-    return path
 
 
 def config(table_csv, out, *extra: str):

@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 
+from helpers import unfiled_validation
 from lookalike.config import load_config
 from lookalike.core.embeddings import Embeddings
 from lookalike.core.errors import ConfigError, LookalikeError
-from lookalike.core.table import validate_table
 from lookalike.pipeline import rerank_context, run_rerank
 from lookalike.rerank import ICFRR, QueryExpansion, build_chain, run_chain
 from lookalike.search import search_table
@@ -24,18 +23,7 @@ def clustered_table(tmp_path, n_labels=6, per_label=8, dim=16, seed=0):
     labels = np.repeat(np.arange(n_labels), per_label)
     centres = rng.standard_normal((n_labels, dim))
     vectors = centres[labels] + 0.9 * rng.standard_normal((len(labels), dim))
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    frame = pd.DataFrame(
-        {
-            "label": labels,
-            "path": [f"{i}.png" for i in range(len(labels))],
-            "split": "validation",
-            "is_query": True,
-            "is_gallery": True,
-        }
-    ).astype(str)
-    table = validate_table(frame, tmp_path, check_files=False)
-    return table, Embeddings(vectors.astype(np.float32), frame["path"].to_numpy(str))
+    return unfiled_validation(tmp_path, labels, vectors)
 
 
 def test_steps_parse_from_names_and_mappings():
@@ -138,8 +126,9 @@ def test_a_first_only_stage_elsewhere_is_refused(tmp_path, steps):
 
 def test_a_pairwise_only_chain_needs_no_embeddings_file(omniglot_small, tmp_path):
     """Was: "runs/embeddings.npz: no such embeddings file" although the pairwise stage reads only images."""
+    from helpers import save_pairwise
     from lookalike.data.folder import import_folder
-    from lookalike.models.pairwise import PairwiseModel, save_pairwise
+    from lookalike.models.pairwise import PairwiseModel
     from lookalike.train.pairwise import pairwise_spec
 
     table = import_folder(omniglot_small, validation_fraction=0.25, seed=0).split("validation")

@@ -7,11 +7,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from helpers import unfiled_validation
 from lookalike.core.embeddings import Embeddings
 from lookalike.core.errors import LookalikeError
-from lookalike.core.results import PAD, RetrievalResults
 from lookalike.core.table import validate_table
-from lookalike.search import FaissIndex, exact_knn, search, search_table
+from lookalike.search import PAD, FaissIndex, RetrievalResults, exact_knn, search, search_table
 from lookalike.search.exact import order_by_distance
 
 
@@ -223,21 +223,7 @@ def clustered_validation(tmp_path, n_labels=5, per_label=6, sequences=None):
     rng = np.random.default_rng(7)
     labels = np.repeat(np.arange(n_labels), per_label)
     vectors = np.eye(n_labels, 8)[labels] + 0.8 * rng.standard_normal((len(labels), 8))
-    frame = pd.DataFrame(
-        {
-            "label": labels,
-            "path": [f"{i}.png" for i in range(len(labels))],
-            "split": "validation",
-            "is_query": True,
-            "is_gallery": True,
-        }
-    )
-    if sequences is not None:
-        frame["sequence"] = sequences
-    table = validate_table(frame.astype(str), tmp_path, check_files=False)
-    return table, Embeddings(
-        (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32), frame["path"]
-    )
+    return unfiled_validation(tmp_path, labels, vectors, sequences)
 
 
 def test_every_other_image_is_a_complete_ranking(tmp_path):

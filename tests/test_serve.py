@@ -12,7 +12,6 @@ import shutil
 import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
 import zlib
@@ -26,6 +25,7 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from helpers import LOOKALIKE, index_config, save_pairwise
 from lookalike.config import load_config
 from lookalike.core.errors import ConfigError, LookalikeError
 from lookalike.data.folder import import_folder
@@ -34,39 +34,6 @@ from lookalike.pipeline import extractor_from_config, table_from_config
 from lookalike.search import exact_knn
 from lookalike.serve import build_index, load_index
 from lookalike.serve.app import create_app
-
-LOOKALIKE = str(Path(sys.executable).parent / "lookalike")
-RERANK = "rerank=[kreciprocal, {qe: {n: 3}}]"
-
-
-def index_config(table: Path, folder: Path, *extra: str):
-    return load_config(
-        None,
-        [
-            f"data.table={table}",
-            "model.name=test_resnet",
-            "model.pretrained=false",
-            "data.image_size=32",
-            "data.batch_size=64",
-            f"serve.index_dir={folder}",
-            "serve.gallery=validation",
-            RERANK,
-            *extra,
-        ],
-    )
-
-
-@pytest.fixture(scope="module")
-def table_csv(omniglot_small, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("serve") / "table.csv"
-    import_folder(omniglot_small, validation_fraction=0.5, seed=0).save(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def index_dir(table_csv) -> Path:
-    cfg = index_config(table_csv, table_csv.parent / "index", "serve.max_upload_mb=0.2")
-    return build_index(cfg, table_from_config(cfg), extractor_from_config(cfg))
 
 
 @pytest.fixture(scope="module")
@@ -374,7 +341,7 @@ def test_query_must_be_one_thing_and_rerankers_known(client):
 
 
 def test_pairwise_reranker_scores_the_uploaded_query_against_its_top_n(table_csv, tmp_path):
-    from lookalike.models.pairwise import PairwiseModel, PairwiseSpec, save_pairwise
+    from lookalike.models.pairwise import PairwiseModel, PairwiseSpec
 
     torch.manual_seed(0)
     model = PairwiseModel(PairwiseSpec(name="test_resnet", image_size=32)).eval()

@@ -15,6 +15,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from helpers import LOOKALIKE
 from lookalike import cli
 from lookalike.config import Config, load_config, valid_keys
 from lookalike.config_doc import config_page, config_yaml, field_comments
@@ -24,7 +25,6 @@ from lookalike.data.folder import import_folder
 from lookalike.data.pairs import load_pairs
 
 REPO = Path(__file__).resolve().parents[1]
-LOOKALIKE = str(Path(sys.executable).parent / "lookalike")
 
 
 def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:

@@ -5,30 +5,19 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import LOOKALIKE, TINY_TRAINING
 from lookalike.config import load_config
-from lookalike.data.folder import import_folder
 from lookalike.signals import EXIT_CODE
 
-LOOKALIKE = str(Path(sys.executable).parent / "lookalike")
 FAST = [
     "model.name=test_resnet",
-    "model.pretrained=false",
-    "data.image_size=32",
-    "data.crop_fraction=1.0",
-    "data.batch_size=16",
-    "train.p=2",
-    "train.k=4",
-    "train.lr=1e-3",
-    "train.augment=none",
-    "trainer.accelerator=cpu",
-    "trainer.progress=false",
+    *TINY_TRAINING,
     "search.k=50",
     "train.validate_before=false",
     "evaluate.grid_queries=3",
@@ -66,13 +55,6 @@ def terminate(process: subprocess.Popen) -> tuple[int, str, float]:
 
 def last_line(stderr: str) -> str:
     return [line for line in stderr.splitlines() if line.strip()][-1]
-
-
-@pytest.fixture(scope="module")
-def table_csv(omniglot_small, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("table") / "table.csv"
-    import_folder(omniglot_small, validation_fraction=0.5, seed=0).save(path)
-    return path
 
 
 def test_train_stops_on_sigterm_with_a_checkpoint_that_resumes(table_csv, tmp_path):

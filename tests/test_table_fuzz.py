@@ -11,13 +11,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lookalike.core.errors import TableError
-from lookalike.core.table import BBOX_COLUMNS, OPTIONAL_COLUMNS, REQUIRED_COLUMNS, load_table
+from lookalike.core.table import BBOX_COLUMNS, REQUIRED_COLUMNS, load_table
 from lookalike.data.pairs import load_pairs
 
 # The same examples on every run (CI stays deterministic); raise max_examples and drop derandomize to search wider.
 FUZZ = settings(
     max_examples=120, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow]
 )
+OPTIONAL_COLUMNS = ("category", "sequence", *BBOX_COLUMNS, "domain")  # the optional columns of the table format
 COLUMNS = (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS, "left", "right", "extra", "", " label ", "\ufefflabel")
 CELLS = (
     "",

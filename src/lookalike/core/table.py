@@ -20,7 +20,6 @@ from lookalike.core.errors import TableError
 pd.set_option("mode.string_storage", "python")
 
 REQUIRED_COLUMNS = ("label", "path", "split", "is_query", "is_gallery")
-OPTIONAL_COLUMNS = ("category", "sequence", "x_1", "y_1", "x_2", "y_2", "domain")
 BBOX_COLUMNS = ("x_1", "y_1", "x_2", "y_2")
 SPLITS = ("train", "validation")
 _TRUE = {"true", "1", "yes", "y", "t"}

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import timm
@@ -139,8 +138,7 @@ def _fit_pos_embed(state: dict[str, torch.Tensor], backbone: nn.Module) -> dict[
 
 
 def load_pairwise(path: str | os.PathLike, tta: bool | None = None) -> PairwiseModel:
-    """A trained pairwise model from a checkpoint written by training (or save_pairwise); `tta` overrides the stored
-    one."""
+    """A trained pairwise model from a checkpoint written by training; `tta` overrides the stored one."""
     checkpoint = read_checkpoint(path, "pairwise weights")
     if not isinstance(checkpoint, dict) or SPEC_KEY not in checkpoint:
         raise LookalikeError(
@@ -151,12 +149,3 @@ def load_pairwise(path: str | os.PathLike, tta: bool | None = None) -> PairwiseM
     if tta is not None:
         spec.tta = bool(tta)
     return load_weights(PairwiseModel(spec), path, field="pairwise weights", checkpoint=checkpoint).eval()
-
-
-def save_pairwise(model: PairwiseModel, path: str | os.PathLike) -> Path:
-    """Write the model's spec and weights into one file, atomically (load it with load_pairwise)."""
-    from lookalike.core.atomic import atomic_path
-
-    with atomic_path(path, suffix=".pt") as tmp:
-        torch.save({SPEC_KEY: asdict(model.spec), "state_dict": model.state_dict()}, tmp)
-    return Path(path)

@@ -22,7 +22,6 @@ from lookalike.data.folder import import_folder
 from lookalike.data.pairs import PairsTable, validate_pairs
 
 OMNIGLOT_ZIP = Path(__file__).with_name("omniglot_background_small1.zip")
-OMNIGLOT_LICENSE = Path(__file__).with_name("OMNIGLOT_LICENSE")
 OMNIGLOT_ROOT = "images_background_small1"  # the top folder inside the zip
 OMNIGLOT_TABLE = "omniglot.csv"  # data.table of configs/omniglot.yaml and omniglot_pairwise.yaml (under data/omniglot)
 OMNIGLOT_PAIRS = "pairs.csv"  # adapt.pairs of configs/omniglot_adapt.yaml
