@@ -106,6 +106,8 @@ def test_pairwise_distances_match_torch(images, tmp_path, tta):
     path, sidecar = export_onnx(model, tmp_path / "pairwise.onnx")
     settings = json.loads(sidecar.read_text())
     assert settings["kind"] == "pairwise" and settings["inputs"] == ["first", "second"]
+    with pytest.raises(LookalikeError, match="a 'pairwise' model, expected an extractor"):
+        OnnxExtractor(path)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     batch = np.stack([preprocess(read_image(p), settings) for p in images[:14]])
     for n in (1, 7):
@@ -114,6 +116,16 @@ def test_pairwise_distances_match_torch(images, tmp_path, tta):
             expected = model.distance(torch.from_numpy(first), torch.from_numpy(second)).numpy()
         got = session.run(None, {"first": first, "second": second})[0]
         assert got.shape == (n,) and np.abs(got - expected).max() <= 1e-4
+
+
+def test_a_model_without_its_sidecar_is_refused_in_one_line(exported, tmp_path):
+    alone = tmp_path / "alone.onnx"
+    alone.write_bytes(exported.read_bytes())
+    with pytest.raises(LookalikeError, match=r"alone.preprocessing.json: missing \(the preprocessing"):
+        OnnxExtractor(alone)
+    sidecar_path(alone).write_text("{not json")
+    with pytest.raises(LookalikeError, match="alone.preprocessing.json: not valid JSON"):
+        OnnxExtractor(alone)
 
 
 def test_the_onnx_runtime_imports_no_torch(exported, images):

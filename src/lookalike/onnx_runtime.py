@@ -171,10 +171,17 @@ class OnnxExtractor:
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
             out[start : start + len(chunk)] = self.run(np.stack([self.transform(_rgb(item)) for item in chunk]))
-        ids = [os.fspath(item) if not isinstance(item, Image.Image) else f"image{i}" for i, item in enumerate(items)]
+        ids = [_image_id(item, i) for i, item in enumerate(items)]
         return Embeddings(out, np.array(ids, dtype=str), {"model": self.name, "normalized": self.normalize})
 
 
 def _rgb(item: ImageSource) -> Image.Image:
     """A file or PIL image as upright 8-bit RGB, decoded as table rows are."""
     return upright_rgb(item) if isinstance(item, Image.Image) else read_image(item)
+
+
+def _image_id(item: ImageSource, position: int) -> str:
+    """The id of an image as `lookalike.embed` gives it: its path, a PIL image's file name, or image{position}."""
+    if isinstance(item, Image.Image):
+        return getattr(item, "filename", "") or f"image{position}"
+    return os.fspath(item)
