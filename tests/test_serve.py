@@ -376,12 +376,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_serve(folder: Path) -> tuple[subprocess.Popen, str]:
-    """`lookalike serve` of `folder` in a subprocess on a free loopback port, answering /health; the process and its
-    URL."""
+def start_serve(folder: Path, *options: str) -> tuple[subprocess.Popen, str]:
+    """`lookalike serve` of `folder` (with extra `options`) in a subprocess on a free loopback port, answering /health;
+    the process and its URL."""
     port = free_port()
     process = subprocess.Popen(
-        [LOOKALIKE, "serve", str(folder), "--port", str(port)],
+        [LOOKALIKE, "serve", str(folder), "--port", str(port), *options],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

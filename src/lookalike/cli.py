@@ -482,6 +482,11 @@ def serve(
         "--allow-host",
         help="Host header name to answer besides loopback names and --host (repeat; also serve.allowed_hosts).",
     ),
+    runtime: Optional[str] = typer.Option(
+        None,
+        "--runtime",
+        help="Embed queries with torch (model.pt) or onnx (model.onnx in onnxruntime); default: serve.runtime.",
+    ),
 ) -> None:
     """Search the gallery of INDEX_DIR in the browser: upload or pick a query, compare re-rankers side by side."""
     import uvicorn
@@ -489,10 +494,31 @@ def serve(
     from lookalike.serve import load_index
     from lookalike.serve.app import create_app, server_config
 
-    index = load_index(index_dir)
+    index = load_index(index_dir, runtime)
     app_ = create_app(index, host, allow_host or [])
-    out.print(f"lookalike: serving {index_dir} on http://{host}:{port}/ (API schema at /openapi.json)")
+    out.print(f"lookalike: serving {index_dir} on http://{host}:{port}/ ({index.runtime}; API schema at /openapi.json)")
     uvicorn.Server(server_config(app_, index, host, port)).run()
+
+
+@app.command()
+@reports_errors
+def export(
+    weights: Path = typer.Argument(..., help="An extractor checkpoint (model.weights) or a pairwise checkpoint."),
+    args: Optional[list[str]] = typer.Argument(
+        None, help="key=value overrides for the extractor's model.* and data.* (e.g. model.name=resnet18)."
+    ),
+    format: str = typer.Option("onnx", "--format", help="The export format (onnx)."),
+    output: Optional[Path] = typer.Option(None, "--output", help="The file to write (default: WEIGHTS with .onnx)."),
+    kind: str = typer.Option("extractor", "--kind", help="extractor (images -> embeddings) or pairwise (image pairs)."),
+) -> None:
+    """Export WEIGHTS as ONNX (dynamic batch) with its preprocessing beside it, to embed or re-rank without torch."""
+    if format != "onnx":
+        raise LookalikeError(f"--format: expected onnx, got {format!r}")
+    from lookalike.export import export_weights  # torch and onnx: after the quick checks
+
+    cfg = _config([*(args or []), f"model.weights={weights}"]) if kind == "extractor" else None
+    model, sidecar = export_weights(weights, output or weights.with_suffix(".onnx"), kind, cfg)
+    out.print(f"wrote {model} ({kind}, ONNX) and {sidecar} (its preprocessing)")
 
 
 def _print_comparison(columns: dict[str, dict[str, float]], title: str) -> None:

@@ -203,6 +203,8 @@ class ServeConfig(Section):
     upload_timeout: float = 60.0
     # Host header names accepted besides loopback names and --host ("*" any, "*.example.com")
     allowed_hosts: list[str] = []
+    # how `serve` embeds uploads: torch (model.pt), or onnx (model.onnx, which `lookalike index` then exports too)
+    runtime: Literal["torch", "onnx"] = "torch"
 
     @field_validator("max_aspect_ratio", "search_timeout", "read_timeout", "upload_timeout")
     @classmethod

@@ -76,7 +76,7 @@ class PairwiseModel(nn.Module):
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         """Logits [B] of the pairs (x1 on top of x2)."""
-        return self.head(self.backbone(torch.cat([x1, x2], dim=2))).view(len(x1))
+        return self.head(self.backbone(torch.cat([x1, x2], dim=2))).view(-1)
 
     def distance(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         """sigmoid(logit) in [0, 1]; with spec.tta the mean over both stacking orders."""

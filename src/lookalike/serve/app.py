@@ -37,6 +37,7 @@ class Health(BaseModel):
     status: str
     gallery_size: int
     model: str
+    runtime: str  # what embeds uploads: torch or onnx (onnxruntime)
     metric: str
     index: str
     rerankers: list[str]
@@ -102,6 +103,7 @@ def create_app(index: GalleryIndex, host: str = "127.0.0.1", extra_hosts: tuple[
             status="ok",
             gallery_size=len(index),
             model=index.settings["model"]["name"],
+            runtime=index.runtime,
             metric=index.metric,
             index=index.settings["search"]["index"],
             rerankers=list(index.rerankers),

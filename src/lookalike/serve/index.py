@@ -34,6 +34,7 @@ from lookalike.data.images import ImageSource, eval_transform, read_image, resiz
 from lookalike.extract import Progress
 from lookalike.extract_shards import embed_to_file
 from lookalike.models.extractor import Extractor, load_weights
+from lookalike.onnx_runtime import OnnxExtractor
 from lookalike.pipeline import table_transform
 from lookalike.provenance import record as provenance
 from lookalike.rerank import RERANKERS, RerankContext, Reranker, build_chain, check_ascending, list_rerankers
@@ -48,6 +49,7 @@ SETTINGS_FILE, MODEL_FILE, GALLERY_FILE, EMBEDDINGS_FILE, FAISS_FILE = (
     "embeddings.npz",
     "faiss.index",
 )
+ONNX_FILE = "model.onnx"  # with serve.runtime=onnx (and model.preprocessing.json beside it)
 
 
 class IndexBusy(LookalikeError):
@@ -168,6 +170,10 @@ def build_index(cfg: Config, table: DatasetTable, extractor: Extractor, progress
         settings["columns"] = [column_name(step) for step in cfg.rerank]  # as the user wrote them
         (folder / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
         torch.save(extractor.state_dict(), folder / MODEL_FILE)
+        if cfg.serve.runtime == "onnx":
+            from lookalike.export import export_onnx
+
+            export_onnx(extractor, folder / ONNX_FILE)
         paths = emb.ids.tolist()
         boxes = (
             pd.DataFrame(gallery.boxes, columns=list(BBOX_COLUMNS))
@@ -196,7 +202,7 @@ def build_index(cfg: Config, table: DatasetTable, extractor: Extractor, progress
 class GalleryIndex:
     """Everything a search needs, loaded once. Thread-safe: one search runs the model and re-rankers at a time."""
 
-    extractor: Extractor
+    extractor: Extractor | OnnxExtractor
     transform: Any
     gallery: Embeddings
     table: DatasetTable  # the gallery's images (absolute paths), labels and boxes, in gallery order
@@ -216,6 +222,11 @@ class GalleryIndex:
     @property
     def metric(self) -> str:
         return self.settings["search"]["metric"]
+
+    @property
+    def runtime(self) -> str:
+        """What embeds queries: "onnx" (onnxruntime) or "torch"."""
+        return "onnx" if isinstance(self.extractor, OnnxExtractor) else "torch"
 
     @property
     def candidates(self) -> int:
@@ -342,6 +353,8 @@ class GalleryIndex:
         """The embedding [D] of one image (converted to RGB as gallery images are)."""
         batch = self.transform(to_rgb(image))[None]
         with self._model(), torch.inference_mode():
+            if isinstance(self.extractor, OnnxExtractor):
+                return self.extractor.run(batch)[0]
             return self.extractor(batch)[0].float().numpy()
 
     def search(
@@ -430,8 +443,9 @@ def _column(name: str, results: RetrievalResults, original: RetrievalResults, k:
     return Column(name, positions, distances, [None if np.isnan(c) else int(c) for c in change])
 
 
-def load_index(folder: str | os.PathLike) -> GalleryIndex:
-    """Read a folder written by build_index; a missing or foreign file is a one-line error naming it."""
+def load_index(folder: str | os.PathLike, runtime: str | None = None) -> GalleryIndex:
+    """Read a folder written by build_index; a missing or foreign file is a one-line error naming it. `runtime` (torch
+    or onnx; default the index's serve.runtime) picks the model that embeds queries."""
     folder = Path(folder)
     settings_path = folder / SETTINGS_FILE
     if not settings_path.is_file():
@@ -452,19 +466,7 @@ def load_index(folder: str | os.PathLike) -> GalleryIndex:
             f"{folder / missing[0]}: missing (the index folder holds {', '.join(needed)}; rebuild with `lookalike "
             "index`)"
         )
-    m = settings["model"]
-    extractor = Extractor(
-        m["name"],
-        pretrained=False,
-        embedding_dim=m["embedding_dim"],
-        normalize=m["normalize"],
-        bnneck=m["bnneck"],
-        last_stride=m.get("last_stride"),
-    )
-    load_weights(
-        extractor, folder / MODEL_FILE, field="index folder"
-    )  # a truncated or foreign model.pt: one line naming it
-    d = settings["data"]
+    model, transform = _query_model(folder, settings, runtime or settings["serve"].get("runtime", "torch"))
     gallery = pd.read_csv(folder / GALLERY_FILE, dtype={"label": str, "path": str}, encoding_errors="surrogateescape")
     gallery["label"] = gallery["label"].fillna("")
     emb = Embeddings.load(folder / EMBEDDINGS_FILE)
@@ -474,14 +476,39 @@ def load_index(folder: str | os.PathLike) -> GalleryIndex:
             "`lookalike index`)"
         )
     return GalleryIndex(
-        extractor.eval(),
-        eval_transform(d["image_size"], d["crop_fraction"], d["mean"], d["std"]),
+        model,
+        transform,
         emb,
         DatasetTable(gallery, folder, str(folder / GALLERY_FILE)),
         settings,
         servable_rerankers(unpack_weights(settings["rerank"], folder), settings["columns"]),
         _load_faiss(folder, settings),
     )
+
+
+def _query_model(folder: Path, settings: dict, runtime: str) -> tuple[Extractor | OnnxExtractor, Any]:
+    """The model that embeds queries and its transform: model.pt in torch, or model.onnx in onnxruntime."""
+    if runtime not in ("torch", "onnx"):
+        raise LookalikeError(f"serve.runtime: expected torch or onnx, got {runtime!r}")
+    if runtime == "onnx":
+        if not (folder / ONNX_FILE).is_file():
+            raise LookalikeError(
+                f"{folder / ONNX_FILE}: missing (runtime onnx needs an index built with `lookalike index "
+                "serve.runtime=onnx`)"
+            )
+        onnx = OnnxExtractor(folder / ONNX_FILE)
+        return onnx, onnx.transform
+    m, d = settings["model"], settings["data"]
+    extractor = Extractor(
+        m["name"],
+        pretrained=False,
+        embedding_dim=m["embedding_dim"],
+        normalize=m["normalize"],
+        bnneck=m["bnneck"],
+        last_stride=m.get("last_stride"),
+    )
+    load_weights(extractor, folder / MODEL_FILE, field="index folder")  # a truncated or foreign model.pt: one line
+    return extractor.eval(), eval_transform(d["image_size"], d["crop_fraction"], d["mean"], d["std"])
 
 
 def _load_faiss(folder: Path, settings: dict) -> FaissIndex | None:
