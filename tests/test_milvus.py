@@ -1,4 +1,4 @@
-"""The Milvus backend against a real Milvus Lite server (started in this process by pymilvus for a .db file), no mocks."""
+"""The Milvus backend against a real Milvus Lite server (pymilvus starts it in this process for a .db file)."""
 
 from __future__ import annotations
 
