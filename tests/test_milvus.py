@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -173,9 +177,12 @@ def test_rerankers_over_milvus_candidates_match_the_in_memory_gallery(uri, step)
     np.testing.assert_allclose(over_milvus.distances, in_memory.distances, atol=1e-5)
 
 
-def test_an_exported_faiss_index_folder_searches_the_same(omniglot_small, uri, tmp_path):
-    table = tmp_path / "table.csv"
-    import_folder(omniglot_small, validation_fraction=0.25, seed=0).save(table)
+@pytest.fixture(scope="module")
+def index_folder(omniglot_small, tmp_path_factory) -> Path:
+    """A FAISS (Flat) index folder written by build_index, as `lookalike index search.index=Flat` writes it."""
+    tmp = tmp_path_factory.mktemp("index")
+    table = tmp / "table.csv"
+    import_folder(omniglot_small, validation_fraction=0.1, seed=0).save(table)
     cfg = load_config(
         None,
         [
@@ -184,13 +191,17 @@ def test_an_exported_faiss_index_folder_searches_the_same(omniglot_small, uri, t
             "model.pretrained=false",
             "data.image_size=32",
             "data.batch_size=128",
-            f"serve.index_dir={tmp_path / 'index'}",
+            f"serve.index_dir={tmp / 'index'}",
             "serve.gallery=validation",
             "search.index=Flat",
             "rerank=[]",
         ],
     )
-    folder = build_index(cfg, table_from_config(cfg), extractor_from_config(cfg))
+    return build_index(cfg, table_from_config(cfg), extractor_from_config(cfg))
+
+
+def test_an_exported_faiss_index_folder_searches_the_same(index_folder, uri):
+    folder = index_folder
     index = load_index(folder)
     store = export_index_to_milvus(folder, uri, "exported")
     assert store.count() == len(index)
@@ -204,3 +215,28 @@ def test_an_exported_faiss_index_folder_searches_the_same(omniglot_small, uri, t
     label_of = dict(zip(index.gallery.ids, index.labels))
     assert {label_of[i] for i in same.gallery_ids} == {label}
     np.testing.assert_array_equal(store.vectors(index.gallery.ids[:5]), index.gallery.vectors[:5])
+
+
+def test_lookalike_index_exports_a_folder_into_milvus_or_says_why_not_in_one_line(index_folder, tmp_path):
+    lookalike = str(Path(sys.executable).parent / "lookalike")
+    db = tmp_path / "cli.db"
+    done = subprocess.run(
+        [lookalike, "index", "--export", str(index_folder), f"index.uri={db}", "index.collection=shop"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    n = len(load_index(index_folder))
+    assert f"collection shop: {n} vectors" in done.stdout
+    assert MilvusGallery.connect(str(db), "shop").count() == n
+    bad = subprocess.run(
+        [lookalike, "index", "--export", str(index_folder), "index.uri=milvus.example:19530"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.strip().splitlines() == [
+        "error: index.uri: expected a local .db file (Milvus Lite) or http(s)://host:port, got 'milvus.example:19530'"
+    ]
