@@ -144,7 +144,7 @@ class MilvusGallery:
         pymilvus = _milvus()
         try:
             with _quiet():
-                client = pymilvus.MilvusClient(uri=uri, timeout=timeout)
+                client = pymilvus.MilvusClient(uri=uri, timeout=timeout, **_channel_options(uri))
                 if client.has_collection(collection):
                     dim = _check_existing(client, collection, dim, metric)
                     client.load_collection(collection)
@@ -326,6 +326,15 @@ class MilvusGallery:
                 return method(*args, **kwargs)
         except pymilvus.exceptions.MilvusException as exc:
             raise LookalikeError(f"{what}: Milvus refused it for {self.collection}: {_reason(exc)}") from None
+
+
+def _channel_options(uri: str) -> dict:
+    """No keepalive pings to an in-process Milvus Lite: its gRPC server answers an idle client's pings every 10 s
+    (pymilvus's default) with GOAWAY too_many_pings, which gRPC's C core prints on stderr after about a minute idle.
+    A remote server keeps pymilvus's defaults."""
+    if uri.startswith(("http://", "https://")):
+        return {}
+    return {"grpc_options": {"grpc.keepalive_time_ms": 2**31 - 1, "grpc.keepalive_permit_without_calls": False}}
 
 
 def _split_params(index: str, params: Mapping[str, Any]) -> tuple[dict, dict]:
