@@ -150,6 +150,9 @@ def main() -> None:
         f"{os.getloadavg()[0]:.2f} at start; faiss {faiss.__version__}"
     )
     stats = latency(args.g, args.d, args.queries, args.k, args.rounds, args.milvus_queries or args.queries)
+    for name in BACKENDS:  # the latency now: the memory runs that follow rebuild every backend (minutes)
+        s = stats[name]
+        log(f"{name}: {s['queries']} queries, p50 {s['p50']:.2f} ms, p95 {s['p95']:.2f} ms, recall {s['recall']:.3f}")
     for name in BACKENDS:
         out = subprocess.run(
             [sys.executable, __file__, "--memory-worker", name, "--g", str(args.g), "--d", str(args.d)],
