@@ -452,13 +452,23 @@ def _rank_strips(
 
 @app.command()
 @reports_errors
-def index(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP)) -> None:
-    """Embed the gallery (serve.gallery rows of data.table) and write serve.index_dir for `lookalike serve`."""
+def index(
+    args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP),
+    export: Optional[Path] = typer.Option(
+        None,
+        "--export",
+        help="Copy this existing index folder into Milvus (index.uri, index.collection); no embedding.",
+    ),
+) -> None:
+    """Embed the gallery (serve.gallery rows of data.table) and write serve.index_dir for `lookalike serve`; with
+    index.backend=milvus also into a Milvus collection."""
     from lookalike.extract_shards import launch_rank
     from lookalike.pipeline import extractor_from_config, table_from_config
     from lookalike.serve import build_index, load_index
 
     cfg = _config(args)
+    if export is not None:
+        return _export_to_milvus(export, cfg)
     progress = _progress("embedding the gallery", unit="image")
     folder = build_index(cfg, table_from_config(cfg), extractor_from_config(cfg), progress)
     if launch_rank() != 0:  # another rank of a multi-process run: rank 0 wrote the index and reports
@@ -469,6 +479,19 @@ def index(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP)) -> N
         f"re-rankers: {', '.join(built.rerankers) or 'none'}"
     )
     out.print(f"serve it with: lookalike serve {folder}")
+    if cfg.index.backend == "milvus":
+        _export_to_milvus(folder, cfg)
+
+
+def _export_to_milvus(folder: Path, cfg) -> None:
+    """Copy an index folder's vectors, paths and labels into cfg.index's Milvus collection and say so."""
+    from lookalike.search.milvus import export_index_to_milvus
+
+    index = cfg.index
+    store = export_index_to_milvus(
+        folder, index.uri, index.collection, index.type, progress=_progress("writing to Milvus")
+    )
+    out.print(f"exported {folder} into Milvus {index.uri}, collection {index.collection}: {store.count()} vectors")
 
 
 @app.command()

@@ -222,6 +222,16 @@ class ServeConfig(Section):
         return hosts
 
 
+class IndexConfig(Section):
+    """Where `lookalike index` puts the gallery's vectors besides its folder: FAISS in the folder, or a Milvus
+    collection."""
+
+    backend: Literal["faiss", "milvus"] = "faiss"  # milvus: also write the gallery into index.uri's collection
+    uri: str = "runs/gallery.db"  # milvus: a local .db file (Milvus Lite, embedded) or http(s)://host:port of a server
+    collection: str = "gallery"  # milvus: the collection's name
+    type: Literal["FLAT", "HNSW", "IVF_FLAT"] = "FLAT"  # milvus: FLAT is exact; HNSW and IVF_FLAT approximate
+
+
 class BackboneConfig(Section):
     """One frozen timm backbone of `lookalike adapt`, read at chosen layers."""
 
@@ -279,6 +289,7 @@ class Config(Section):
     trainer: TrainerConfig = TrainerConfig()
     pairwise: PairwiseConfig = PairwiseConfig()
     serve: ServeConfig = ServeConfig()
+    index: IndexConfig = IndexConfig()
     adapt: AdaptConfig = AdaptConfig()
     rerank: list[str | dict[str, Any]] = []  # chain, e.g. [centroids, {name: icfrr, kg: 10}, kreciprocal]
 
