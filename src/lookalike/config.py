@@ -9,7 +9,16 @@ from typing import Annotated, Any, Literal
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from lookalike.devices import check_device
 from lookalike.errors import ConfigError
@@ -21,6 +30,7 @@ Count = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
 Fraction = Annotated[float, Field(ge=0, lt=1)]  # a share: 0 <= x < 1
+Metric = Literal["cosine", "euclidean"]  # distance of search and re-ranking: 1 - cos(q, g), or |q - g|
 
 
 class Section(BaseModel):
@@ -56,7 +66,7 @@ class ModelConfig(Section):
     embedding_dim: PositiveInt | None = None  # linear projection after pooling; None keeps the backbone's features
     normalize: bool = True  # L2-normalise embeddings
     # 1: no downsampling in a ResNet's last stage (re-ID: BoT / CTL); None keeps the model's own
-    last_stride: int | None = None
+    last_stride: PositiveInt | None = None
     bnneck: bool = False  # batch-norm neck after the projection (BoT / CTL recipe); embeddings taken after it
 
 
@@ -70,7 +80,7 @@ class SearchConfig(Section):
     embeddings: str | None = None  # default: extract.output
     output: str = "runs/results.npz"  # RetrievalResults file (.npz) that search writes and evaluate reads
     k: PositiveInt = 100  # gallery items kept per query
-    metric: str = "cosine"  # cosine | euclidean
+    metric: Metric = "cosine"  # cosine (1 - cosine similarity) or euclidean distance
     index: str = "exact"  # exact, or a FAISS factory string: Flat, IVF256,Flat, HNSW32, ...
     device: Device = "cpu"  # torch device of exact search (FAISS indexes run on the CPU)
     reranked_output: str = "runs/results_reranked.npz"  # the list after the last re-ranking stage
@@ -193,20 +203,17 @@ class ServeConfig(Section):
     max_upload_mb: PositiveFloat = 10.0  # larger uploads get 413
     max_pixels: PositiveInt = 40_000_000  # larger images (width x height) get 413, before decoding
     thumbnail: PositiveInt = 256  # longest side of the images the page shows
-    max_aspect_ratio: float = 20.0  # uploads whose longer side is more times the shorter one get 413, before decoding
-    search_timeout: float = 30.0  # seconds a search waits for the model (searches run one at a time); then 503
-    read_timeout: float = 10.0  # seconds a request body may stall between bytes; then 408 and the connection is closed
+    max_aspect_ratio: PositiveFloat = (
+        20.0  # uploads whose longer side is more times the shorter one get 413, before decoding
+    )
+    search_timeout: PositiveFloat = 30.0  # seconds a search waits for the model (searches run one at a time); then 503
+    read_timeout: PositiveFloat = (
+        10.0  # seconds a request body may stall between bytes; then 408 and the connection is closed
+    )
     # seconds a whole request body may take to arrive; then 408 and the connection is closed
-    upload_timeout: float = 60.0
+    upload_timeout: PositiveFloat = 60.0
     # Host header names accepted besides loopback names and --host ("*" any, "*.example.com")
     allowed_hosts: list[str] = []
-
-    @field_validator("max_aspect_ratio", "search_timeout", "read_timeout", "upload_timeout")
-    @classmethod
-    def _positive(cls, value: float) -> float:
-        if not value > 0:
-            raise ValueError("expected a number > 0")
-        return value
 
     @field_validator("allowed_hosts")
     @classmethod
@@ -264,6 +271,64 @@ class AdaptConfig(Section):
     protocol: Literal["lookalike", "reference"] = "lookalike"
 
 
+class RerankStep(BaseModel):
+    """One stage of the re-ranking chain: a registered re-ranker's name and its parameters. Written in YAML as a bare
+    name (`icfrr`), `{name: icfrr, kg: 10}` or `{icfrr: {kg: 10}}`; dumped as the first two."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    params: dict[str, Any] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_yaml(cls, step: Any) -> Any:
+        """The YAML forms as name + params (a RerankStep or its fields pass through)."""
+        if isinstance(step, RerankStep) or (isinstance(step, dict) and set(step) == {"name", "params"}):
+            return step
+        name, params = step_fields(step)
+        return {"name": name, "params": params}
+
+    @model_serializer
+    def _to_yaml(self) -> str | dict[str, Any]:
+        """The YAML form: the bare name, or {name: ..., parameter: value, ...}."""
+        return {"name": self.name, **self.params} if self.params else self.name
+
+    @classmethod
+    def parse(cls, step: Any, position: int = 0) -> RerankStep:
+        """A step of a config's `rerank:` list, its name checked against the registry (`list_rerankers()`).
+
+        Args:
+            step: a RerankStep, a name, {name: ..., parameter: value} or {name: {parameter: value}}.
+            position: its index in the chain, named by errors ("rerank[1]").
+
+        Returns:
+            The typed step; a bad shape or an unknown name is one ConfigError naming rerank[position].
+        """
+        if isinstance(step, RerankStep):
+            name, params = step.name, dict(step.params)
+        else:
+            name, params = step_fields(step, position)
+        from lookalike.rerank.base import list_rerankers  # the registry imports the re-rankers, which import config
+
+        known = list_rerankers()
+        if name not in known:
+            raise ConfigError(f"rerank[{position}]: unknown re-ranker {name!r}; expected one of {', '.join(known)}")
+        return cls(name=name, params=params)
+
+
+def step_fields(step: Any, position: int = 0) -> tuple[str, dict[str, Any]]:
+    """A YAML step's name and parameters: "icfrr", {"name": "icfrr", "kg": 10} or {"icfrr": {"kg": 10}}."""
+    if isinstance(step, str):
+        return step, {}
+    if isinstance(step, dict) and "name" in step:
+        return str(step["name"]), {str(k): v for k, v in step.items() if k != "name"}
+    if isinstance(step, dict) and len(step) == 1 and isinstance(next(iter(step.values())) or {}, dict):
+        ((name, params),) = step.items()
+        return str(name), {str(k): v for k, v in (params or {}).items()}
+    raise ConfigError(f"rerank[{position}]: expected a re-ranker name or {{name: ..., parameter: value}}, got {step!r}")
+
+
 class Config(Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -275,7 +340,15 @@ class Config(Section):
     pairwise: PairwiseConfig = PairwiseConfig()
     serve: ServeConfig = ServeConfig()
     adapt: AdaptConfig = AdaptConfig()
-    rerank: list[str | dict[str, Any]] = []  # chain, e.g. [centroids, {name: icfrr, kg: 10}, kreciprocal]
+    # re-ranking chain: each step a re-ranker's name (lookalike.list_rerankers()) or {name: ..., parameter: value}, e.g.
+    # [centroids, {name: icfrr, kg: 10}, kreciprocal]
+    rerank: list[RerankStep] = []
+
+    @field_validator("rerank", mode="before")
+    @classmethod
+    def _rerank_steps(cls, steps: Any) -> Any:
+        """Each step typed and its name checked now, at config load, with its position in the error."""
+        return [RerankStep.parse(step, i) for i, step in enumerate(steps)] if isinstance(steps, list | tuple) else steps
 
 
 def valid_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
@@ -349,8 +422,11 @@ BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "le
 
 
 def _validation_message(err: dict) -> str:
-    """One pydantic error as 'section.key: what was expected, got VALUE' (bounds as 'must be > 0')."""
+    """One pydantic error as 'section.key: what was expected, got VALUE' (bounds as 'must be > 0'); a validator's own
+    ConfigError is already such a line."""
     where = ".".join(str(p) for p in err["loc"])
+    if isinstance((err.get("ctx") or {}).get("error"), ConfigError):
+        return str(err["ctx"]["error"])
     if err["type"] in BOUNDS:
         bound = next(iter((err.get("ctx") or {}).values()))
         return f"{where}: must be {BOUNDS[err['type']]} {bound:g}, got {err.get('input')!r}"

@@ -51,7 +51,7 @@ from lookalike.errors import LookalikeError
 from lookalike.metrics import compute_metrics, relevance
 from lookalike.rerank.base import RerankContext, Reranker, positive_int, register
 from lookalike.rows import pack_rows, sort_by_value
-from lookalike.search.exact import exact_knn, order_by_distance
+from lookalike.search.exact import check_metric, exact_knn, order_by_distance
 from lookalike.search.results import PAD, RetrievalResults
 from lookalike.viz import _save, save_result_grid
 
@@ -201,8 +201,7 @@ def pair_distances(queries: np.ndarray, gallery: np.ndarray, indices: np.ndarray
     Each pair on its own (a difference and a norm, or a dot product of unit vectors), so a pair's distance does not
     depend on which other pairs are computed with it: the dense [Q, G] matrix of a cache holds the same numbers.
     """
-    if metric not in ("euclidean", "cosine"):
-        raise LookalikeError(f"metric: expected euclidean or cosine, got {metric!r}")
+    check_metric(metric)
     q, g = (
         torch.from_numpy(np.ascontiguousarray(queries, np.float32)),
         torch.from_numpy(np.ascontiguousarray(gallery, np.float32)),

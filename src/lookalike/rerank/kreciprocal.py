@@ -28,7 +28,7 @@ import torch
 
 from lookalike.errors import LookalikeError
 from lookalike.rerank.base import RerankContext, Reranker, positive_int, register
-from lookalike.search.exact import exact_knn
+from lookalike.search.exact import check_metric, exact_knn
 from lookalike.search.results import PAD, RetrievalResults
 
 
@@ -206,8 +206,7 @@ def context_vectors(results: RetrievalResults, context: RerankContext, by: str) 
         )
     if queries.shape[1] != gallery.shape[1]:
         raise LookalikeError(f"rerank {by}: query dim {queries.shape[1]} differs from gallery dim {gallery.shape[1]}")
-    if context.metric not in ("cosine", "euclidean"):
-        raise LookalikeError(f"rerank {by}: metric must be 'cosine' or 'euclidean', got {context.metric!r}")
+    check_metric(context.metric)
     return queries, gallery
 
 

@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 import numpy as np
 import torch
 
+from lookalike.config import Metric
 from lookalike.devices import resolve_device
 from lookalike.errors import LookalikeError
 from lookalike.progress import Progress
 from lookalike.rows import float_from_sortable_bits, pack_rows, sort_by_value
 from lookalike.search.results import PAD, drop_hidden, max_hidden
 
-METRICS = ("cosine", "euclidean")
+METRICS: tuple[str, ...] = get_args(Metric)  # the config's Literal is the one list of metrics
 CHUNK = 8  # most columns per chunk in the top-k candidate filter
 MIN_CHUNK = 4  # fewer columns per chunk than this: a direct selection is faster than the filter
 COARSE_WIDTH = 4  # coarse chunk maxima per wanted neighbour when bounding the k-th score
+
+
+def check_metric(metric: str) -> Metric:
+    """`metric` when the library is called with one of METRICS; else one line naming them (a config is checked at
+    load, by its Literal)."""
+    if metric not in METRICS:
+        raise LookalikeError(f"metric: expected one of {', '.join(METRICS)}, got {metric!r}")
+    return metric
 
 
 def as_tensor(x: np.ndarray | torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
@@ -43,8 +54,7 @@ def exact_knn(
     memory is one query_block x gallery_block score block, whatever the gallery size. `progress(blocks, total)`
     may wrap the loop over query blocks.
     """
-    if metric not in METRICS:
-        raise LookalikeError(f"metric: expected one of {', '.join(METRICS)}, got {metric!r}")
+    check_metric(metric)
     q, g = as_tensor(queries, device), as_tensor(gallery, device)
     if q.ndim != 2 or g.ndim != 2 or q.shape[1] != g.shape[1]:
         raise LookalikeError(
