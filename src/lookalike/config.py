@@ -203,13 +203,11 @@ class ServeConfig(Section):
     max_upload_mb: PositiveFloat = 10.0  # larger uploads get 413
     max_pixels: PositiveInt = 40_000_000  # larger images (width x height) get 413, before decoding
     thumbnail: PositiveInt = 256  # longest side of the images the page shows
-    max_aspect_ratio: PositiveFloat = (
-        20.0  # uploads whose longer side is more times the shorter one get 413, before decoding
-    )
+    # uploads whose longer side is more times the shorter one get 413, before decoding
+    max_aspect_ratio: PositiveFloat = 20.0
     search_timeout: PositiveFloat = 30.0  # seconds a search waits for the model (searches run one at a time); then 503
-    read_timeout: PositiveFloat = (
-        10.0  # seconds a request body may stall between bytes; then 408 and the connection is closed
-    )
+    # seconds a request body may stall between bytes; then 408 and the connection is closed
+    read_timeout: PositiveFloat = 10.0
     # seconds a whole request body may take to arrive; then 408 and the connection is closed
     upload_timeout: PositiveFloat = 60.0
     # Host header names accepted besides loopback names and --host ("*" any, "*.example.com")
@@ -427,6 +425,8 @@ def _validation_message(err: dict) -> str:
     where = ".".join(str(p) for p in err["loc"])
     if isinstance((err.get("ctx") or {}).get("error"), ConfigError):
         return str(err["ctx"]["error"])
+    if err["type"] == "missing":  # the input is the whole enclosing mapping: not worth printing
+        return f"{where}: missing"
     if err["type"] in BOUNDS:
         bound = next(iter((err.get("ctx") or {}).values()))
         return f"{where}: must be {BOUNDS[err['type']]} {bound:g}, got {err.get('input')!r}"
