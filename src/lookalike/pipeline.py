@@ -10,7 +10,7 @@ from pathlib import Path
 from lookalike.atomic import write_text_atomic
 from lookalike.config import Config
 from lookalike.data.check import skip_bad_images
-from lookalike.data.images import eval_transform
+from lookalike.data.images import transforms_for
 from lookalike.data.table import DatasetTable, load_table
 from lookalike.embeddings import Embeddings
 from lookalike.errors import ConfigError, LookalikeWarning
@@ -71,8 +71,8 @@ def embed_table(cfg: Config, extractor: Extractor, table: DatasetTable, progress
     """Every row of `table` embedded by the extractor with its evaluation transform, on extract.device, in the batches
     (data.batch_size) and memory layout (trainer.channels_last) of training's validation: the same checkpoint gives the
     same embeddings, to the bit, and so the same metrics."""
-    d, dc = cfg.data, extractor.data_config()
-    transform = eval_transform(d.image_size, d.crop_fraction, dc["mean"], dc["std"])
+    d = cfg.data
+    transform = transforms_for(extractor, d)
     return extract_embeddings(
         extractor,
         table,
