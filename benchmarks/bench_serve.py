@@ -285,10 +285,10 @@ def main() -> int:
     args = parse_args()
     folder = build(args)
     index = load_index(folder)
-    serve = index.settings["serve"]
+    serve = index.manifest.serve
     requests = requests_for(args, index.paths)
     log(
-        f"bench_serve: {len(index)} gallery images, {index.settings['model']['name']} "
+        f"bench_serve: {len(index)} gallery images, {index.manifest.model.name} "
         f"({'trained: ' + args.weights if args.weights else 'untrained'}), {args.requests} requests, "
         f"{args.concurrency} in flight, k={args.k}, re-rankers on every third: {args.rerankers or 'none'}"
     )
@@ -314,7 +314,7 @@ def main() -> int:
     log(f"HTTP: {len(answers) - failed}/{len(answers)} succeeded")
     http_p50 = summary("HTTP", [s for _, s in answers], wall)
     started = time.perf_counter()
-    local = [in_process(index, r, int(serve["max_upload_mb"] * 1_000_000), int(serve["max_pixels"])) for r in requests]
+    local = [in_process(index, r, int(serve.max_upload_mb * 1_000_000), serve.max_pixels) for r in requests]
     local_p50 = summary("in-process", local, time.perf_counter() - started)
     log(
         f"ratio HTTP p50 / in-process p50: {http_p50 / local_p50:.1f} (HTTP requests wait in a queue of up to "

@@ -106,7 +106,7 @@ def test_the_index_command_follows_the_umask(omniglot_small, tmp_path):
     )
     assert oct(mode(index)) == oct(0o750)
     files = sorted(index.iterdir())
-    assert {p.name for p in files} >= {"index.json", "model.pt", "gallery.csv", "embeddings.npz"}
+    assert {p.name for p in files} >= {"manifest.json", "model.pt", "gallery.csv", "embeddings.npz"}
     assert {p.name: oct(mode(p)) for p in files} == {p.name: oct(0o640) for p in files}
 
 

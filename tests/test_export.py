@@ -16,12 +16,13 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import save_pairwise
 from lookalike.core.errors import LookalikeError
 from lookalike.data.folder import list_images
 from lookalike.data.images import read_image
 from lookalike.export import export_onnx
 from lookalike.models.extractor import Extractor
-from lookalike.models.pairwise import PairwiseModel, PairwiseSpec, save_pairwise
+from lookalike.models.pairwise import PairwiseModel, PairwiseSpec
 from lookalike.onnx_runtime import OnnxExtractor, preprocess, sidecar_path
 from lookalike.pipeline import extractor_from_config, table_from_config
 from lookalike.serve import build_index, load_index

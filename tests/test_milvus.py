@@ -17,8 +17,9 @@ from lookalike.pipeline import extractor_from_config, table_from_config
 from lookalike.rerank import RerankContext, create_reranker
 from lookalike.search import RetrievalResults, exact_knn
 from lookalike.search import milvus as milvus_module
-from lookalike.search.milvus import MilvusGallery, export_index_to_milvus
+from lookalike.search.milvus import MilvusGallery
 from lookalike.serve import build_index, load_index
+from lookalike.serve.milvus_export import export_index_to_milvus
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +170,7 @@ def test_rerankers_over_milvus_candidates_match_the_in_memory_gallery(uri, step)
     params = {"name": step} if isinstance(step, str) else dict(step)
     reranker = create_reranker(params.pop("name"), **params)
     found = store.search(queries, len(gallery), query_ids=query_emb.ids)  # k covers the gallery
-    over_milvus = reranker.rerank(found, store.context(found, query_emb))
+    over_milvus = reranker.rerank(found, RerankContext.over_candidates(found, query_emb, store))
     index, dist = exact_knn(queries, gallery, len(gallery))
     memory = RetrievalResults(index, dist, query_emb.ids, ids, {"metric": "cosine"})
     in_memory = reranker.rerank(memory, RerankContext(queries=query_emb, gallery=Embeddings(gallery, ids)))

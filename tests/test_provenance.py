@@ -88,7 +88,7 @@ def test_weights_are_recorded_with_their_digest_and_the_index_too(run, tmp_path)
         "serve.gallery=validation",
     )
     folder = build_index(cfg, table_from_config(cfg), extractor_from_config(cfg))
-    record = json.loads((folder / "index.json").read_text())["provenance"]
+    record = json.loads((folder / "manifest.json").read_text())["provenance"]
     assert record["model"]["weights"] == str(tmp_path / "w.pt") and record["model"]["weights_sha256"] == sha256(
         tmp_path / "w.pt"
     )

@@ -144,7 +144,7 @@ def test_extractor_defaults_and_weights_and_config(extractor, tmp_path):
 def test_gallery_index_builds_from_a_folder_tree_and_answers_one_image(extractor, omniglot_small, tmp_path):
     folder = tmp_path / "index"
     index = lookalike.GalleryIndex.build(omniglot_small, extractor, folder, rerank=[{"qe": {"n": 3}}], batch_size=32)
-    assert len(index) == 160 and (folder / "index.json").is_file()
+    assert len(index) == 160 and (folder / "manifest.json").is_file()
     assert sorted(set(index.labels)) == [f"Balinese/character0{i}" for i in range(1, 9)]  # the leaf folder is the label
     query = list_images(omniglot_small / "Balinese" / "character03")[4]
     hits = index.query(query, k=5)
@@ -161,7 +161,7 @@ def test_gallery_index_builds_from_a_folder_tree_and_answers_one_image(extractor
         index.query(query, reranker="qe")
     again = lookalike.GalleryIndex.load(folder)
     assert again.query(query, k=5)["path"].tolist() == hits["path"].tolist()
-    assert load_index(folder).settings["model"] == extractor.settings()
+    assert load_index(folder).manifest.model.model_dump() == extractor.settings()
 
 
 def test_gallery_index_build_refuses_bad_settings_in_one_line(extractor, omniglot_small, tmp_path):

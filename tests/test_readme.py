@@ -45,7 +45,9 @@ def test_readme_python_blocks_run_in_order(workdir, monkeypatch, capsys):
         exec(compile(code, f"README.md:{line}", "exec"), {"__name__": "__main__"})  # the README's own code
     printed = capsys.readouterr().out
     assert "distance" in printed and "cmc@1" in printed  # the index query's table and the metrics were printed
-    assert (workdir / "runs" / "latin" / "index.json").is_file()  # the index folder `lookalike serve runs/latin` serves
+    assert (
+        workdir / "runs" / "latin" / "manifest.json"
+    ).is_file()  # the index folder `lookalike serve runs/latin` serves
 
 
 def test_the_index_task_is_five_lines_from_one_import():

@@ -63,9 +63,9 @@ def copy_index(index_dir: Path, folder: Path, **serve) -> Path:
     """A copy of the index folder with some serve settings changed (as `lookalike index serve.x=...` would write
     them)."""
     folder = shutil.copytree(index_dir, folder)
-    settings = json.loads((folder / "index.json").read_text())
+    settings = json.loads((folder / "manifest.json").read_text())
     settings["serve"].update(serve)
-    (folder / "index.json").write_text(json.dumps(settings))
+    (folder / "manifest.json").write_text(json.dumps(settings))
     return folder
 
 
@@ -87,7 +87,7 @@ def test_rebuilding_replaces_the_folder_and_a_bad_reranker_writes_nothing(table_
         build_index(bad, table_from_config(bad), extractor_from_config(bad))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]  # no temporary folder left behind
     assert len(load_index(folder)) == 80
-    with pytest.raises(LookalikeError, match="index.json: missing"):
+    with pytest.raises(LookalikeError, match="manifest.json: missing"):
         load_index(tmp_path)
 
 
@@ -96,11 +96,13 @@ def test_a_broken_index_folder_is_a_one_line_error(index_dir, tmp_path):
     (folder / "model.pt").unlink()
     with pytest.raises(LookalikeError, match=r"model\.pt: missing \(the index folder holds"):
         load_index(folder)
-    (folder / "index.json").write_text("{not json")
-    with pytest.raises(LookalikeError, match=r"index\.json: not valid JSON"):
+    (folder / "manifest.json").write_text("{not json")
+    with pytest.raises(LookalikeError, match=r"manifest\.json: not valid JSON"):
         load_index(folder)
     result = subprocess.run([LOOKALIKE, "serve", str(folder)], capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0 and "Traceback" not in result.stderr and "index.json: not valid JSON" in result.stderr
+    assert (
+        result.returncode != 0 and "Traceback" not in result.stderr and "manifest.json: not valid JSON" in result.stderr
+    )
 
 
 def test_non_utf8_gallery_names_survive_the_index(omniglot_small, tmp_path):
@@ -241,7 +243,7 @@ def test_new_serve_limits_must_be_positive():
     for field in ("max_aspect_ratio", "search_timeout", "read_timeout", "upload_timeout"):
         assert getattr(load_config(None, [f"serve.{field}=2.5"]).serve, field) == 2.5
         for bad in ("0", "-1", "nan"):
-            with pytest.raises(ConfigError, match=f"serve.{field}.*expected a number > 0"):
+            with pytest.raises(ConfigError, match=f"^serve.{field}: must be > 0, got "):
                 load_config(None, [f"serve.{field}={bad}"])
     assert load_config(None, ["serve.allowed_hosts=[gallery.lan, '*.example.com']"]).serve.allowed_hosts == [
         "gallery.lan",

@@ -485,7 +485,7 @@ def index(
 
 def _export_to_milvus(folder: Path, cfg) -> None:
     """Copy an index folder's vectors, paths and labels into cfg.index's Milvus collection and say so."""
-    from lookalike.search.milvus import export_index_to_milvus
+    from lookalike.serve.milvus_export import export_index_to_milvus
 
     index = cfg.index
     store = export_index_to_milvus(

@@ -9,9 +9,18 @@ from typing import Annotated, Any, Literal
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 from lookalike.core.errors import ConfigError
+from lookalike.core.results import Metric
+from lookalike.core.steps import RerankStep
 from lookalike.devices import check_device
 
 Device = Annotated[str, AfterValidator(check_device)]  # auto (cuda, else mps, else cpu), cpu, cuda, cuda:N, mps
@@ -56,7 +65,7 @@ class ModelConfig(Section):
     embedding_dim: PositiveInt | None = None  # linear projection after pooling; None keeps the backbone's features
     normalize: bool = True  # L2-normalise embeddings
     # 1: no downsampling in a ResNet's last stage (re-ID: BoT / CTL); None keeps the model's own
-    last_stride: int | None = None
+    last_stride: PositiveInt | None = None
     bnneck: bool = False  # batch-norm neck after the projection (BoT / CTL recipe); embeddings taken after it
 
 
@@ -73,7 +82,7 @@ class SearchConfig(Section):
     embeddings: str | None = None  # default: extract.output
     output: str = "runs/results.npz"  # RetrievalResults file (.npz) that search writes and evaluate reads
     k: PositiveInt = 100  # gallery items kept per query
-    metric: str = "cosine"  # cosine | euclidean
+    metric: Metric = "cosine"  # cosine (1 - cosine similarity) or euclidean distance
     index: str = "exact"  # exact, or a FAISS factory string: Flat, IVF256,Flat, HNSW32, ...
     device: Device = "cpu"  # torch device of exact search (FAISS indexes run on the CPU)
     reranked_output: str = "runs/results_reranked.npz"  # the list after the last re-ranking stage
@@ -196,22 +205,17 @@ class ServeConfig(Section):
     max_upload_mb: PositiveFloat = 10.0  # larger uploads get 413
     max_pixels: PositiveInt = 40_000_000  # larger images (width x height) get 413, before decoding
     thumbnail: PositiveInt = 256  # longest side of the images the page shows
-    max_aspect_ratio: float = 20.0  # uploads whose longer side is more times the shorter one get 413, before decoding
-    search_timeout: float = 30.0  # seconds a search waits for the model (searches run one at a time); then 503
-    read_timeout: float = 10.0  # seconds a request body may stall between bytes; then 408 and the connection is closed
+    # uploads whose longer side is more times the shorter one get 413, before decoding
+    max_aspect_ratio: PositiveFloat = 20.0
+    search_timeout: PositiveFloat = 30.0  # seconds a search waits for the model (searches run one at a time); then 503
+    # seconds a request body may stall between bytes; then 408 and the connection is closed
+    read_timeout: PositiveFloat = 10.0
     # seconds a whole request body may take to arrive; then 408 and the connection is closed
-    upload_timeout: float = 60.0
+    upload_timeout: PositiveFloat = 60.0
     # Host header names accepted besides loopback names and --host ("*" any, "*.example.com")
     allowed_hosts: list[str] = []
     # how `serve` embeds uploads: torch (model.pt), or onnx (model.onnx, which `lookalike index` then exports too)
     runtime: Literal["torch", "onnx"] = "torch"
-
-    @field_validator("max_aspect_ratio", "search_timeout", "read_timeout", "upload_timeout")
-    @classmethod
-    def _positive(cls, value: float) -> float:
-        if not value > 0:
-            raise ValueError("expected a number > 0")
-        return value
 
     @field_validator("allowed_hosts")
     @classmethod
@@ -291,7 +295,24 @@ class Config(Section):
     serve: ServeConfig = ServeConfig()
     index: IndexConfig = IndexConfig()
     adapt: AdaptConfig = AdaptConfig()
-    rerank: list[str | dict[str, Any]] = []  # chain, e.g. [centroids, {name: icfrr, kg: 10}, kreciprocal]
+    # re-ranking chain: each step a re-ranker's name (lookalike.list_rerankers()) or {name: ..., parameter: value}, e.g.
+    # [centroids, {name: icfrr, kg: 10}, kreciprocal]
+    rerank: list[RerankStep] = []
+
+    @field_validator("rerank", mode="before")
+    @classmethod
+    def _rerank_steps(cls, steps: Any) -> Any:
+        """Each step typed and its name checked now, at config load, with its position in the error."""
+        if not isinstance(steps, list | tuple):
+            return steps
+        from lookalike.rerank.base import list_rerankers  # the registry imports every re-ranker (torch): on demand
+
+        known = list_rerankers()
+        typed = [RerankStep.parse(step, i) for i, step in enumerate(steps)]
+        for i, step in enumerate(typed):
+            if step.name not in known:
+                raise ConfigError(f"rerank[{i}]: unknown re-ranker {step.name!r}; expected one of {', '.join(known)}")
+        return typed
 
 
 def valid_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
@@ -365,8 +386,13 @@ BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "le
 
 
 def _validation_message(err: dict) -> str:
-    """One pydantic error as 'section.key: what was expected, got VALUE' (bounds as 'must be > 0')."""
+    """One pydantic error as 'section.key: what was expected, got VALUE' (bounds as 'must be > 0'); a validator's own
+    ConfigError is already such a line."""
     where = ".".join(str(p) for p in err["loc"])
+    if isinstance((err.get("ctx") or {}).get("error"), ConfigError):
+        return str(err["ctx"]["error"])
+    if err["type"] == "missing":  # the input is the whole enclosing mapping: not worth printing
+        return f"{where}: missing"
     if err["type"] in BOUNDS:
         bound = next(iter((err.get("ctx") or {}).values()))
         return f"{where}: must be {BOUNDS[err['type']]} {bound:g}, got {err.get('input')!r}"

@@ -82,6 +82,8 @@ def _is_full_line_comment(source: str, line: int) -> bool:
 def type_name(annotation: Any) -> str:
     """A readable type: `int | list[int]`, `str | None`, `one of: a, b`."""
     origin, args = get_origin(annotation), get_args(annotation)
+    if origin is typing.Annotated:  # a constrained type inside a union (PositiveInt | None): shown as its base type
+        return type_name(args[0])
     if origin is typing.Literal:
         return "one of: " + ", ".join(str(a) for a in args)
     if origin in (typing.Union, types.UnionType):
@@ -94,9 +96,10 @@ def type_name(annotation: Any) -> str:
 
 
 def _section_model(annotation: Any) -> type[BaseModel] | None:
-    """The model of a nested section (`loss: LossConfig`) or of a list's items (`backbones: list[BackboneConfig]`)."""
+    """The model of a nested section (`loss: LossConfig`) or of a list's items (`backbones: list[BackboneConfig]`); a
+    typed value with a YAML form of its own (a RerankStep) is one key, not a section."""
     for candidate in (annotation, *get_args(annotation)):
-        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+        if isinstance(candidate, type) and issubclass(candidate, config_module.Section):
             return candidate
     return None
 

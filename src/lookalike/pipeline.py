@@ -15,7 +15,7 @@ from lookalike.core.protocol import exclusion_groups, query_gallery_ids
 from lookalike.core.results import RetrievalResults, visible_counts
 from lookalike.core.table import DatasetTable, load_table
 from lookalike.data.check import skip_bad_images
-from lookalike.data.images import eval_transform
+from lookalike.data.images import transforms_for
 from lookalike.extract import Progress, extract_embeddings
 from lookalike.extract_shards import embed_to_file
 from lookalike.metrics import MetricsReport, cmc_curve, evaluate_table
@@ -51,7 +51,8 @@ def run_extract(cfg: Config, table: DatasetTable, progress: Progress | None = No
     rows = table.split(cfg.extract.split) if cfg.extract.split else table
     extractor = extractor_from_config(cfg)
     meta = with_record({"model": extractor.name, "normalized": extractor.normalize}, cfg)
-    if not embed_to_file(cfg, extractor, rows, table_transform(cfg, extractor), cfg.extract.output, meta, progress):
+    transform = transforms_for(extractor, cfg.data)
+    if not embed_to_file(cfg, extractor, rows, transform, cfg.extract.output, meta, progress):
         return None
     return Embeddings.load(cfg.extract.output)
 
@@ -80,19 +81,13 @@ def embed_table(cfg: Config, extractor: Extractor, table: DatasetTable, progress
     return extract_embeddings(
         extractor,
         table,
-        table_transform(cfg, extractor),
+        transforms_for(extractor, d),
         d.batch_size,
         d.num_workers,
         cfg.extract.device,
         progress,
         cfg.trainer.channels_last,
     )
-
-
-def table_transform(cfg: Config, extractor: Extractor):
-    """The evaluation transform of data.image_size and data.crop_fraction with the model's mean and std."""
-    d, dc = cfg.data, extractor.data_config()
-    return eval_transform(d.image_size, d.crop_fraction, dc["mean"], dc["std"])
 
 
 def run_search(

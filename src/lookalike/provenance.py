@@ -1,8 +1,8 @@
 """Provenance: which model, weights, config and dataset table produced an output, recorded in it and checked on reading.
 
-Every output (embeddings and results .npz meta, metrics JSON, index.json) carries `record(cfg)` under "provenance";
-search, evaluate and rerank `check_input` what they read against the table and model of their own config, so a
-stale runs/results.npz made from another table or model is refused instead of silently scored.
+Every output (embeddings and results .npz meta, metrics JSON, an index folder's manifest.json) carries `record(cfg)`
+under "provenance"; search, evaluate and rerank `check_input` what they read against the table and model of their own
+config, so a stale runs/results.npz made from another table or model is refused instead of silently scored.
 """
 
 from __future__ import annotations

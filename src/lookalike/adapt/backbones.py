@@ -13,7 +13,6 @@ from torch import nn
 
 from lookalike.core.errors import LookalikeError
 from lookalike.data.decode import read_image
-from lookalike.data.images import eval_transform
 from lookalike.models.extractor import load_weights
 from lookalike.models.hub import create_timm_model
 
@@ -89,12 +88,6 @@ class ImageListDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[list[torch.Tensor], int]:
         image = read_image(self.paths[i])
         return [transform(image) for transform in self.transforms], i
-
-
-def backbone_transform(backbone: LayerFeatures, image_size: int | list[int], crop_fraction: float) -> Callable:
-    """The evaluation transform at `image_size` with the backbone's own normalisation."""
-    dc = backbone.data_config()
-    return eval_transform(image_size, crop_fraction, dc["mean"], dc["std"])
 
 
 def extract_image_features(

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
-from lookalike.adapt.backbones import LayerFeatures, Progress, backbone_transform, extract_image_features
+from lookalike.adapt.backbones import LayerFeatures, Progress, extract_image_features
 from lookalike.adapt.pca import PCAProjection, fit_pca
+from lookalike.config import DataConfig
 from lookalike.core.atomic import atomic_path
 from lookalike.core.errors import LookalikeError
+from lookalike.data.images import transforms_for
 from lookalike.data.pairs import PairsTable
 
 SIDES = ("left", "right")
@@ -122,7 +124,10 @@ def extract_pair_features(
     """Features of both images of every pair (each distinct image computed once), concatenated across backbones."""
     paths = [p.resolve() for side in SIDES for p in pairs.image_paths(side)]
     unique, index = np.unique(np.array([str(p) for p in paths]), return_inverse=True)
-    transforms = [backbone_transform(b, size, crop_fraction) for b, size in zip(backbones, image_sizes)]
+    transforms = [
+        transforms_for(b, DataConfig(image_size=size, crop_fraction=crop_fraction))
+        for b, size in zip(backbones, image_sizes)
+    ]
     plain, mirrored = extract_image_features(
         [Path(p) for p in unique], backbones, transforms, flip, batch_size, num_workers, device, progress
     )

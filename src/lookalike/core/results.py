@@ -7,6 +7,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 
@@ -14,6 +15,15 @@ from lookalike.core.atomic import atomic_path
 from lookalike.core.errors import LookalikeError, LookalikeWarning
 
 PAD = -1  # index of an empty slot when fewer than K gallery items are available
+Metric = Literal["cosine", "euclidean"]  # distance of search and re-ranking: 1 - cos(q, g), or |q - g|
+METRICS: tuple[str, ...] = get_args(Metric)  # the one list of metrics (the config's search.metric is a Metric)
+
+
+def check_metric(metric: str) -> Metric:
+    """`metric` when it is one of METRICS; else one line naming them (a config is checked at load, by its Literal)."""
+    if metric not in METRICS:
+        raise LookalikeError(f"metric: expected one of {', '.join(METRICS)}, got {metric!r}")
+    return metric
 
 
 @dataclass(frozen=True)

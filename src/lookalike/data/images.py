@@ -4,7 +4,8 @@ transforms."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 import torch
 from PIL import Image
@@ -35,6 +36,53 @@ def eval_transform(
     else:
         resize = [v2.Resize(tuple(image_size), antialias=True)]
     return v2.Compose([v2.ToImage(), *resize, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+
+
+class ImageSettings(Protocol):
+    """What an evaluation transform reads from the data settings: DataConfig, an Extractor, a PairwiseSpec, an index
+    manifest's transform section."""
+
+    image_size: int | list[int]
+    crop_fraction: float
+
+
+def normalisation(model: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The (mean, std) images are normalised with: a model's own (its `data_config()`, else timm's data config of the
+    module), a mapping's `mean` and `std` (a recorded data config), or ImageNet's for None."""
+    if model is None:
+        return IMAGENET_MEAN, IMAGENET_STD
+    if isinstance(model, Mapping):
+        config = model
+    elif hasattr(model, "mean") and hasattr(model, "std"):  # recorded settings (an index manifest's transform)
+        config = {"mean": model.mean, "std": model.std}
+    elif hasattr(model, "data_config"):
+        config = model.data_config()
+    else:
+        import timm  # a plain timm module
+
+        config = timm.data.resolve_model_data_config(model)
+    return tuple(config["mean"]), tuple(config["std"])
+
+
+def transforms_for(model: Any, data: ImageSettings) -> v2.Compose:
+    """The evaluation transform of `model` at `data`'s size: the one place extraction, indexing, serving, training's
+    validation, pairwise re-ranking and adapt's backbones build it, so equal settings give equal tensors.
+
+    Args:
+        model: an Extractor, PairwiseModel, adapt backbone or timm module (its pretrained mean and std), recorded
+            `mean` and `std` (a mapping or attributes), or None (ImageNet's).
+        data: anything with `image_size` and `crop_fraction` (DataConfig, Extractor, PairwiseSpec, ...).
+
+    Returns:
+        The transform: resize (and centre-crop for a square size), scale to float, normalise.
+
+    Example:
+        >>> from lookalike.config import DataConfig
+        >>> transforms_for(None, DataConfig(image_size=32, crop_fraction=1.0))(Image.new("RGB", (64, 48))).shape
+        torch.Size([3, 32, 32])
+    """
+    mean, std = normalisation(model)
+    return eval_transform(data.image_size, data.crop_fraction, mean, std)
 
 
 class ImageDataset(torch.utils.data.Dataset):

@@ -16,7 +16,7 @@ from torchvision.transforms import v2
 
 from lookalike.core.errors import LookalikeError
 from lookalike.core.table import DatasetTable
-from lookalike.data.images import ImageSource, eval_transform
+from lookalike.data.images import ImageSource, transforms_for
 from lookalike.extract import embed
 from lookalike.models.hub import create_timm_model
 
@@ -123,8 +123,7 @@ class Extractor(nn.Module):
     def transform(self) -> v2.Compose:
         """The evaluation transform this model expects: image_size, crop_fraction, and timm's mean and std for the
         backbone."""
-        dc = self.data_config()
-        return eval_transform(self.image_size, self.crop_fraction, dc["mean"], dc["std"])
+        return transforms_for(self, self)
 
     def embed(self, images: DatasetTable | ImageSource | Sequence[ImageSource], **kwargs: Any) -> Embeddings:
         """`lookalike.embed(self, images, **kwargs)`: a table, folder, file, PIL image or list of them as Embeddings."""

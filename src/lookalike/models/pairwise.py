@@ -20,7 +20,7 @@ from torch import nn
 from torchvision.ops import MLP
 
 from lookalike.core.errors import LookalikeError
-from lookalike.data.images import eval_transform
+from lookalike.data.images import transforms_for
 from lookalike.models.extractor import load_weights, read_checkpoint
 from lookalike.models.hub import create_timm_model
 
@@ -39,7 +39,7 @@ class PairwiseSpec:
     model_kwargs: dict[str, Any] = field(
         default_factory=dict
     )  # extra timm.create_model arguments (patch_size, depth, ...)
-    crop_fraction: float = 1.0  # eval transform of each image (lookalike.data.images.eval_transform)
+    crop_fraction: float = 1.0  # eval transform of each image (lookalike.data.images.transforms_for)
 
     def __post_init__(self) -> None:
         size = self.image_size if isinstance(self.image_size, int) else list(self.image_size)
@@ -59,10 +59,6 @@ class PairwiseSpec:
     def size(self) -> tuple[int, int]:
         """One image's (height, width)."""
         return (self.image_size, self.image_size) if isinstance(self.image_size, int) else tuple(self.image_size)
-
-    def transform(self, mean: tuple, std: tuple) -> Callable:
-        """The eval transform of each image of a pair (resize, crop, normalise)."""
-        return eval_transform(self.image_size, self.crop_fraction, mean, std)
 
 
 class PairwiseModel(nn.Module):
@@ -89,8 +85,7 @@ class PairwiseModel(nn.Module):
 
     def transform(self) -> Callable:
         """The eval transform of each image, with the backbone's mean and std."""
-        dc = self.data_config()
-        return self.spec.transform(dc["mean"], dc["std"])
+        return transforms_for(self, self.spec)
 
 
 def create_backbone(spec: PairwiseSpec, pretrained: bool = False) -> nn.Module:

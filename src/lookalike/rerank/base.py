@@ -17,7 +17,7 @@ import numpy as np
 
 from lookalike.core.embeddings import Embeddings
 from lookalike.core.errors import LookalikeError
-from lookalike.core.results import PAD, RetrievalResults
+from lookalike.core.results import PAD, RetrievalResults, check_metric
 from lookalike.core.table import DatasetTable
 
 MERGE_GAP = np.float32(1000 * np.finfo(np.float32).eps)  # relative gap kept below the first untouched distance
@@ -40,6 +40,24 @@ class RerankContext:
     gallery_labels: np.ndarray | None = None  # replaced when a stage changes the gallery (centroids)
     n_relevant: np.ndarray | None = None  # relevant gallery items per query when they cannot be counted from labels
     cache: dict[str, Any] = field(default_factory=dict)  # shared between stages (e.g. gallery k-NN lists)
+
+    @classmethod
+    def over_candidates(
+        cls, results: RetrievalResults, queries: Embeddings, backend: Any, **fields: Any
+    ) -> RerankContext:
+        """A context over the candidates of `results` from a gallery backend that stores the vectors (Milvus).
+
+        Args:
+            results: what the backend's `search` returned (its gallery ids are the candidates).
+            queries: the query vectors, one per results.query_ids.
+            backend: has `vectors(ids) -> [n, D]` and `metric` (e.g. lookalike.search.milvus.MilvusGallery).
+            **fields: further context fields (exclude, table, labels, cache).
+
+        Returns:
+            The context that re-rankers reading gallery vectors (qe, dba, kreciprocal, icfrr, centroids) need.
+        """
+        gallery = Embeddings(backend.vectors(results.gallery_ids), results.gallery_ids)
+        return cls(queries=queries, gallery=gallery, metric=backend.metric, **fields)
 
     def require(self, *names: str, by: str) -> None:
         """Fail with one line when a field a re-ranker needs is missing."""
@@ -188,8 +206,7 @@ def context_vectors(results: RetrievalResults, context: RerankContext, by: str) 
         )
     if queries.shape[1] != gallery.shape[1]:
         raise LookalikeError(f"rerank {by}: query dim {queries.shape[1]} differs from gallery dim {gallery.shape[1]}")
-    if context.metric not in ("cosine", "euclidean"):
-        raise LookalikeError(f"rerank {by}: metric must be 'cosine' or 'euclidean', got {context.metric!r}")
+    check_metric(context.metric)
     return queries, gallery
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from lookalike.core.errors import ConfigError
 from lookalike.core.results import RetrievalResults
+from lookalike.core.steps import RerankStep
 from lookalike.metrics import MetricsReport, compute_metrics
 from lookalike.rerank.base import RerankContext, Reranker, check_ascending, create_reranker
 
@@ -20,9 +22,10 @@ class Stage:
     report: MetricsReport | None = None
 
 
-def build_chain(steps: list[str | dict[str, Any]]) -> list[Reranker]:
-    """Re-rankers from config steps: a name ("icfrr"), {"name": "icfrr", "kg": 10, ...} or {"icfrr": {"kg": 10}};
-    a stage that must come first (centroids) anywhere else is an error, not a stage that silently undoes the others."""
+def build_chain(steps: Sequence[RerankStep | str | dict[str, Any]]) -> list[Reranker]:
+    """Re-rankers from config steps (RerankStep, or its YAML forms: "icfrr", {"name": "icfrr", "kg": 10, ...},
+    {"icfrr": {"kg": 10}}); a stage that must come first (centroids) anywhere else is an error, not a stage that
+    silently undoes the others."""
     chain = [_build_step(step, i) for i, step in enumerate(steps)]
     for i, reranker in enumerate(chain[1:], 1):
         if reranker.first_only:
@@ -38,19 +41,13 @@ def uses_embeddings(chain: list[Reranker]) -> bool:
     return any(reranker.needs_vectors for reranker in chain)
 
 
-def step_parts(step: str | dict[str, Any], position: int = 0) -> tuple[str, dict[str, Any]]:
-    """A config step's re-ranker name and parameters: "icfrr", {"icfrr": {...}} or {"name": "icfrr", ...}."""
-    if isinstance(step, str):
-        return step, {}
-    if isinstance(step, dict) and "name" in step:
-        return str(step["name"]), {k: v for k, v in step.items() if k != "name"}
-    if isinstance(step, dict) and len(step) == 1:
-        ((name, params),) = step.items()
-        return str(name), dict(params or {})
-    raise ConfigError(f"rerank[{position}]: expected a re-ranker name or {{name: ..., parameter: value}}, got {step!r}")
+def step_parts(step: RerankStep | str | dict[str, Any], position: int = 0) -> tuple[str, dict[str, Any]]:
+    """A step's re-ranker name and (a copy of its) parameters; a YAML form is typed first (RerankStep.parse)."""
+    typed = RerankStep.parse(step, position)
+    return typed.name, dict(typed.params)
 
 
-def _build_step(step: str | dict[str, Any], position: int) -> Reranker:
+def _build_step(step: RerankStep | str | dict[str, Any], position: int) -> Reranker:
     name, params = step_parts(step, position)
     return create_reranker(name, **params)
 

@@ -6,12 +6,11 @@ import numpy as np
 import torch
 
 from lookalike.core.errors import LookalikeError
-from lookalike.core.results import PAD, drop_hidden, max_hidden
+from lookalike.core.results import PAD, check_metric, drop_hidden, max_hidden
 from lookalike.devices import resolve_device
 from lookalike.progress import Progress
 from lookalike.rows import float_from_sortable_bits, pack_rows, sort_by_value
 
-METRICS = ("cosine", "euclidean")
 CHUNK = 8  # most columns per chunk in the top-k candidate filter
 MIN_CHUNK = 4  # fewer columns per chunk than this: a direct selection is faster than the filter
 COARSE_WIDTH = 4  # coarse chunk maxima per wanted neighbour when bounding the k-th score
@@ -43,8 +42,7 @@ def exact_knn(
     memory is one query_block x gallery_block score block, whatever the gallery size. `progress(blocks, total)`
     may wrap the loop over query blocks.
     """
-    if metric not in METRICS:
-        raise LookalikeError(f"metric: expected one of {', '.join(METRICS)}, got {metric!r}")
+    check_metric(metric)
     q, g = as_tensor(queries, device), as_tensor(gallery, device)
     if q.ndim != 2 or g.ndim != 2 or q.shape[1] != g.shape[1]:
         raise LookalikeError(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from lookalike.core.errors import LookalikeError
-from lookalike.core.results import drop_hidden, max_hidden
+from lookalike.core.results import check_metric, drop_hidden, max_hidden
 
 
 def _faiss():
@@ -18,8 +18,7 @@ class FaissIndex:
     """A gallery held in a FAISS index built from a factory string such as 'Flat', 'IVF256,Flat', 'HNSW32'."""
 
     def __init__(self, factory: str = "Flat", metric: str = "cosine", nprobe: int = 16, ef_search: int = 128) -> None:
-        if metric not in ("cosine", "euclidean"):
-            raise LookalikeError(f"metric: expected 'cosine' or 'euclidean', got {metric!r}")
+        check_metric(metric)
         self.factory, self.metric, self.nprobe, self.ef_search = factory, metric, nprobe, ef_search
         self.index = None
         self.size = 0

@@ -19,11 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from lookalike.core.embeddings import Embeddings
 from lookalike.core.errors import LookalikeError
 from lookalike.core.results import PAD, RetrievalResults
 from lookalike.progress import Progress
-from lookalike.rerank.base import RerankContext
 from lookalike.search.exact import order_by_distance
 
 METRICS = {"cosine": "COSINE", "euclidean": "L2"}  # the project's metric -> Milvus's metric type
@@ -282,20 +280,6 @@ class MilvusGallery:
         meta = {"metric": self.metric, "k": int(k), "backend": "milvus", "index": self.index, "filter": expression}
         return _to_results(hits, int(k), self.metric, qids, meta)
 
-    def context(self, results: RetrievalResults, queries: Embeddings, **fields: Any) -> RerankContext:
-        """A RerankContext over the candidates of `results`: their vectors fetched from Milvus, in the results' order.
-
-        Args:
-            results: what `search` returned (its gallery ids are the candidates).
-            queries: the query vectors, one per results.query_ids.
-            **fields: further RerankContext fields (exclude, table, labels, cache).
-
-        Returns:
-            The context the re-rankers that read gallery vectors (qe, dba, kreciprocal, icfrr, centroids) need.
-        """
-        gallery = Embeddings(self.vectors(results.gallery_ids), results.gallery_ids)
-        return RerankContext(queries=queries, gallery=gallery, metric=self.metric, **fields)
-
     def drop(self) -> None:
         """Delete the whole collection."""
         self._call("drop", self.client.drop_collection, self.collection)
@@ -457,46 +441,3 @@ def _to_results(hits: list, k: int, metric: str, query_ids: np.ndarray, meta: di
     dist = np.where(index == PAD, np.inf, dist).astype(np.float32)
     index, dist = order_by_distance(index, dist)
     return RetrievalResults(index, dist, query_ids, gallery_ids, meta)
-
-
-def export_index_to_milvus(
-    folder: str | Path,
-    uri: str,
-    collection: str = "gallery",
-    index: str = "FLAT",
-    params: Mapping[str, Any] | None = None,
-    progress: Progress | None = None,
-) -> MilvusGallery:
-    """Copy an index folder written by `lookalike index` (embeddings + gallery table) into a Milvus collection.
-
-    Args:
-        folder: the index folder (index.json, gallery.csv, embeddings.npz).
-        uri: a local .db file (Milvus Lite) or http(s)://host:port.
-        collection: the collection to fill; an existing one is upserted into (same ids replace).
-        index: FLAT, HNSW or IVF_FLAT.
-        params: index build/search parameters.
-        progress: wraps the loop over insert batches.
-
-    Returns:
-        The filled gallery: ids and paths are the gallery's image paths, labels its labels, other columns metadata.
-    """
-    import pandas as pd
-
-    from lookalike.serve.index import EMBEDDINGS_FILE, GALLERY_FILE, SETTINGS_FILE  # lazily: serve imports search
-
-    folder = Path(folder)
-    settings_path = folder / SETTINGS_FILE
-    try:
-        metric = json.loads(settings_path.read_text())["search"]["metric"]
-    except FileNotFoundError:
-        raise LookalikeError(f"{settings_path}: missing (expected a folder written by `lookalike index`)") from None
-    except (ValueError, KeyError, TypeError) as exc:
-        raise LookalikeError(f"{settings_path}: no search.metric ({exc!r}); rebuild with `lookalike index`") from None
-    emb = Embeddings.load(folder / EMBEDDINGS_FILE)
-    table = pd.read_csv(folder / GALLERY_FILE, dtype={"label": str, "path": str}, encoding_errors="surrogateescape")
-    if len(table) != len(emb) or not np.array_equal(table["path"].to_numpy(str), emb.ids):
-        raise LookalikeError(f"{folder / EMBEDDINGS_FILE}: its ids are not the {len(table)} paths of {GALLERY_FILE}")
-    gallery = MilvusGallery.connect(uri, collection, emb.dim, metric, index, params)
-    metadata = {name: table[name].to_numpy(object) for name in table.columns if name not in RESERVED}
-    gallery.add(emb.ids, emb.vectors, emb.ids, table["label"].fillna("").to_numpy(str), metadata, progress)
-    return gallery

@@ -102,10 +102,10 @@ def create_app(index: GalleryIndex, host: str = "127.0.0.1", extra_hosts: tuple[
         return Health(
             status="ok",
             gallery_size=len(index),
-            model=index.settings["model"]["name"],
+            model=index.manifest.model.name,
             runtime=index.runtime,
             metric=index.metric,
-            index=index.settings["search"]["index"],
+            index=index.manifest.search.index,
             rerankers=list(index.rerankers),
             max_k=MAX_K,
             max_upload_bytes=max_bytes,

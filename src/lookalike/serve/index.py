@@ -4,7 +4,6 @@ re-rankers, written to one folder by `build_index` and read back by `load_index`
 from __future__ import annotations
 
 import io
-import json
 import os
 import shutil
 import threading
@@ -30,20 +29,18 @@ from lookalike.core.results import PAD, RetrievalResults
 from lookalike.core.table import BBOX_COLUMNS, DatasetTable, save_csv
 from lookalike.data.decode import to_rgb
 from lookalike.data.folder import import_folder
-from lookalike.data.images import ImageSource, eval_transform, read_image, resize_side
+from lookalike.data.images import ImageSource, read_image, resize_side, transforms_for
 from lookalike.extract import Progress
 from lookalike.extract_shards import embed_to_file
 from lookalike.models.extractor import Extractor, load_weights
 from lookalike.onnx_runtime import OnnxExtractor
-from lookalike.pipeline import table_transform
 from lookalike.provenance import record as provenance
 from lookalike.rerank import RERANKERS, RerankContext, Reranker, build_chain, check_ascending, list_rerankers
 from lookalike.rerank.chain import step_parts
 from lookalike.search import FaissIndex, exact_knn
+from lookalike.serve.manifest import IndexManifest, ModelSpec, SearchSettings, read_manifest
 
-FORMAT = 1
-SETTINGS_FILE, MODEL_FILE, GALLERY_FILE, EMBEDDINGS_FILE, FAISS_FILE = (
-    "index.json",
+MODEL_FILE, GALLERY_FILE, EMBEDDINGS_FILE, FAISS_FILE = (
     "model.pt",
     "gallery.csv",
     "embeddings.npz",
@@ -142,33 +139,28 @@ def build_index(cfg: Config, table: DatasetTable, extractor: Extractor, progress
     target = Path(cfg.serve.index_dir)
     merged = target.with_name(f".{target.name}.embeddings.npz")  # sharded, resumable; moved into the folder below
     meta = {"model": extractor.name, "normalized": extractor.normalize}
-    if not embed_to_file(cfg, extractor, absolute, table_transform(cfg, extractor), merged, meta, progress):
+    if not embed_to_file(cfg, extractor, absolute, transforms_for(extractor, cfg.data), merged, meta, progress):
         return target  # another rank of a multi-process run: rank 0 writes the index
     emb = Embeddings.load(merged)
     dc = extractor.data_config()
-    settings = {
-        "format": FORMAT,
-        "model": {
-            "name": cfg.model.name,
-            "embedding_dim": cfg.model.embedding_dim,
-            "normalize": cfg.model.normalize,
-            "bnneck": cfg.model.bnneck,
-            "last_stride": cfg.model.last_stride,
-        },
-        "data": {
-            "image_size": cfg.data.image_size,
-            "crop_fraction": cfg.data.crop_fraction,
-            "mean": list(dc["mean"]),
-            "std": list(dc["std"]),
-        },
-        "search": {"metric": cfg.search.metric, "index": cfg.search.index},
-        "serve": cfg.serve.model_dump(),
-        "provenance": provenance(cfg),
-    }
+    m, d = cfg.model, cfg.data
+    manifest = IndexManifest(
+        model=ModelSpec(
+            name=m.name,
+            embedding_dim=m.embedding_dim,
+            normalize=m.normalize,
+            bnneck=m.bnneck,
+            last_stride=m.last_stride,
+        ),
+        transform={"image_size": d.image_size, "crop_fraction": d.crop_fraction, "mean": dc["mean"], "std": dc["std"]},
+        search=SearchSettings(metric=cfg.search.metric, index=cfg.search.index),
+        serve=cfg.serve,
+        provenance=provenance(cfg),
+    )
     with atomic_folder(target) as folder:
-        settings["rerank"] = pack_weights(cfg.rerank, folder)
-        settings["columns"] = [column_name(step) for step in cfg.rerank]  # as the user wrote them
-        (folder / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+        manifest.rerank = pack_weights(cfg.rerank, folder)
+        manifest.columns = [column_name(step) for step in cfg.rerank]  # as the user wrote them
+        manifest.write(folder)
         torch.save(extractor.state_dict(), folder / MODEL_FILE)
         if cfg.serve.runtime == "onnx":
             from lookalike.export import export_onnx
@@ -186,7 +178,7 @@ def build_index(cfg: Config, table: DatasetTable, extractor: Extractor, progress
             folder,
             folder / GALLERY_FILE,
         )
-        Embeddings(emb.vectors, paths, {**emb.meta, "provenance": settings["provenance"]}).save(
+        Embeddings(emb.vectors, paths, {**emb.meta, "provenance": manifest.provenance}).save(
             folder / EMBEDDINGS_FILE
         )  # ids = the gallery table's paths
         if cfg.search.index != "exact":
@@ -206,14 +198,14 @@ class GalleryIndex:
     transform: Any
     gallery: Embeddings
     table: DatasetTable  # the gallery's images (absolute paths), labels and boxes, in gallery order
-    settings: dict
+    manifest: IndexManifest  # what `lookalike index` wrote: model, transform, search, serve limits, chain, provenance
     rerankers: dict[str, Reranker]
     faiss: FaissIndex | None = None
     cache: dict = field(default_factory=dict)  # re-rankers' gallery neighbour lists, shared by all searches
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
-        self.limits = serve_limits(self.settings["serve"], SETTINGS_FILE)  # an older index gets today's defaults
+        self.limits = self.manifest.serve  # serve.* as the index was built (an older index: today's defaults)
         self.thumbnail = lru_cache(maxsize=2048)(self._thumbnail)
         self.paths = self.table.paths
         self.labels = self.table.labels.astype(str)
@@ -221,7 +213,8 @@ class GalleryIndex:
 
     @property
     def metric(self) -> str:
-        return self.settings["search"]["metric"]
+        """The search's metric: cosine or euclidean."""
+        return self.manifest.search.metric
 
     @property
     def runtime(self) -> str:
@@ -235,8 +228,8 @@ class GalleryIndex:
     @property
     def short_side(self) -> int | None:
         """The side the transform resizes an image's shorter side to (None: resized to a fixed size)."""
-        data = self.settings["data"]
-        return resize_side(data["image_size"], data["crop_fraction"])
+        transform = self.manifest.transform
+        return resize_side(transform.image_size, transform.crop_fraction)
 
     @contextmanager
     def _model(self) -> Iterator[None]:
@@ -417,7 +410,7 @@ class GalleryIndex:
     def _thumbnail(self, position: int) -> bytes:
         """PNG bytes of gallery item `position`, at most serve.thumbnail pixels on its longest side."""
         image = read_image(str(self.paths[position]), None if self.boxes is None else self.boxes[position])
-        side = int(self.settings["serve"]["thumbnail"])
+        side = self.manifest.serve.thumbnail
         image.thumbnail((side, side))
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
@@ -425,12 +418,11 @@ class GalleryIndex:
 
 
 def serve_limits(values: dict[str, Any], where: str) -> ServeConfig:
-    """The serve section from `values` (an index's settings, or with hosts added); a bad value is one line naming it."""
+    """The serve section from `values` (e.g. with hosts added); a bad value is one line naming it."""
     try:
         return ServeConfig.model_validate(values)
     except ValidationError as exc:
-        error = exc.errors()[0]
-        raise LookalikeError(f"{where}: serve.{'.'.join(map(str, error['loc']))}: {error['msg']}") from None
+        raise LookalikeError(f"{where}: serve.{_validation_message(exc.errors()[0])}") from None
 
 
 def _column(name: str, results: RetrievalResults, original: RetrievalResults, k: int) -> Column:
@@ -444,29 +436,19 @@ def _column(name: str, results: RetrievalResults, original: RetrievalResults, k:
 
 
 def load_index(folder: str | os.PathLike, runtime: str | None = None) -> GalleryIndex:
-    """Read a folder written by build_index; a missing or foreign file is a one-line error naming it. `runtime` (torch
-    or onnx; default the index's serve.runtime) picks the model that embeds queries."""
+    """Read a folder written by build_index (manifest.json, or an older index.json); a missing or foreign file is a
+    one-line error naming it. `runtime` (torch or onnx; default the index's serve.runtime) picks the model that embeds
+    queries."""
     folder = Path(folder)
-    settings_path = folder / SETTINGS_FILE
-    if not settings_path.is_file():
-        raise LookalikeError(f"{settings_path}: missing (expected a folder written by `lookalike index`)")
-    try:
-        settings = json.loads(settings_path.read_text())
-    except ValueError as exc:
-        raise LookalikeError(f"{settings_path}: not valid JSON ({exc}); rebuild with `lookalike index`") from None
-    if not isinstance(settings, dict) or settings.get("format") != FORMAT:
-        found = settings.get("format") if isinstance(settings, dict) else type(settings).__name__
-        raise LookalikeError(f"{settings_path}: format {found!r}, expected {FORMAT}")
-    needed = [MODEL_FILE, GALLERY_FILE, EMBEDDINGS_FILE] + (
-        [FAISS_FILE] if settings["search"]["index"] != "exact" else []
-    )
+    manifest = read_manifest(folder)
+    needed = [MODEL_FILE, GALLERY_FILE, EMBEDDINGS_FILE] + ([FAISS_FILE] if manifest.search.index != "exact" else [])
     missing = [name for name in needed if not (folder / name).is_file()]
     if missing:
         raise LookalikeError(
             f"{folder / missing[0]}: missing (the index folder holds {', '.join(needed)}; rebuild with `lookalike "
             "index`)"
         )
-    model, transform = _query_model(folder, settings, runtime or settings["serve"].get("runtime", "torch"))
+    model, transform = _query_model(folder, manifest, runtime or manifest.serve.runtime)
     gallery = pd.read_csv(folder / GALLERY_FILE, dtype={"label": str, "path": str}, encoding_errors="surrogateescape")
     gallery["label"] = gallery["label"].fillna("")
     emb = Embeddings.load(folder / EMBEDDINGS_FILE)
@@ -480,13 +462,13 @@ def load_index(folder: str | os.PathLike, runtime: str | None = None) -> Gallery
         transform,
         emb,
         DatasetTable(gallery, folder, str(folder / GALLERY_FILE)),
-        settings,
-        servable_rerankers(unpack_weights(settings["rerank"], folder), settings["columns"]),
-        _load_faiss(folder, settings),
+        manifest,
+        servable_rerankers(unpack_weights(manifest.rerank, folder), manifest.columns),
+        _load_faiss(folder, manifest.search),
     )
 
 
-def _query_model(folder: Path, settings: dict, runtime: str) -> tuple[Extractor | OnnxExtractor, Any]:
+def _query_model(folder: Path, manifest: IndexManifest, runtime: str) -> tuple[Extractor | OnnxExtractor, Any]:
     """The model that embeds queries and its transform: model.pt in torch, or model.onnx in onnxruntime."""
     if runtime not in ("torch", "onnx"):
         raise LookalikeError(f"serve.runtime: expected torch or onnx, got {runtime!r}")
@@ -498,22 +480,12 @@ def _query_model(folder: Path, settings: dict, runtime: str) -> tuple[Extractor 
             )
         onnx = OnnxExtractor(folder / ONNX_FILE)
         return onnx, onnx.transform
-    m, d = settings["model"], settings["data"]
-    extractor = Extractor(
-        m["name"],
-        pretrained=False,
-        embedding_dim=m["embedding_dim"],
-        normalize=m["normalize"],
-        bnneck=m["bnneck"],
-        last_stride=m.get("last_stride"),
-    )
+    extractor = Extractor(**manifest.model.model_dump(), pretrained=False)
     load_weights(extractor, folder / MODEL_FILE, field="index folder")  # a truncated or foreign model.pt: one line
-    return extractor.eval(), eval_transform(d["image_size"], d["crop_fraction"], d["mean"], d["std"])
+    # the mean and std recorded at build time
+    return extractor.eval(), transforms_for(manifest.transform, manifest.transform)
 
 
-def _load_faiss(folder: Path, settings: dict) -> FaissIndex | None:
+def _load_faiss(folder: Path, search: SearchSettings) -> FaissIndex | None:
     """The saved FAISS index; None for exact search."""
-    search = settings["search"]
-    return (
-        None if search["index"] == "exact" else FaissIndex.load(folder / FAISS_FILE, search["index"], search["metric"])
-    )
+    return None if search.index == "exact" else FaissIndex.load(folder / FAISS_FILE, search.index, search.metric)

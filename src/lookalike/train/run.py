@@ -16,7 +16,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lookalike.config import Config
 from lookalike.core.atomic import atomic_path, write_text_atomic
 from lookalike.core.errors import ConfigError, LookalikeError
-from lookalike.data.images import eval_transform
+from lookalike.data.images import transforms_for
 from lookalike.extract import set_layout
 from lookalike.models.extractor import check_state, read_checkpoint
 from lookalike.signals import Terminated, deferred_sigterm, sigterm_pending
@@ -65,7 +65,7 @@ def build_parts(cfg: Config) -> tuple[ExtractorModule, RetrievalDataModule]:
     table = table_from_config(cfg)
     extractor = extractor_from_config(cfg)
     dc, d, t = extractor.data_config(), cfg.data, cfg.train
-    eval_tf = eval_transform(d.image_size, d.crop_fraction, dc["mean"], dc["std"])
+    eval_tf = transforms_for(extractor, d)
     train_tf = train_transform(t.augment, d.image_size, d.crop_fraction, dc["mean"], dc["std"])
     data = RetrievalDataModule(
         table, train_tf, eval_tf, t.p, t.k, t.few_images, t.seed, d.batch_size, d.num_workers, t.batches_per_epoch

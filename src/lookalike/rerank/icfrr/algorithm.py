@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from lookalike.core.errors import LookalikeError
-from lookalike.core.results import PAD, RetrievalResults
+from lookalike.core.results import PAD, RetrievalResults, check_metric
 from lookalike.rerank.base import RerankContext, Reranker, merge_head, positive_int, register
 from lookalike.rows import pack_rows, sort_by_value
 from lookalike.search.exact import exact_knn, order_by_distance
@@ -177,8 +177,7 @@ def pair_distances(queries: np.ndarray, gallery: np.ndarray, indices: np.ndarray
     Each pair on its own (a difference and a norm, or a dot product of unit vectors), so a pair's distance does not
     depend on which other pairs are computed with it: the dense [Q, G] matrix of a cache holds the same numbers.
     """
-    if metric not in ("euclidean", "cosine"):
-        raise LookalikeError(f"metric: expected euclidean or cosine, got {metric!r}")
+    check_metric(metric)
     q, g = (
         torch.from_numpy(np.ascontiguousarray(queries, np.float32)),
         torch.from_numpy(np.ascontiguousarray(gallery, np.float32)),

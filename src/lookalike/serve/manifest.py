@@ -1,0 +1,133 @@
+"""The index folder's manifest: what `lookalike index` wrote (model, transform, search, serve limits, re-rank chain,
+provenance), versioned and typed, so `lookalike serve` reads fields, never string keys of a hand-built dict."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from lookalike import __version__
+from lookalike.config import Metric, PositiveInt, RerankStep, ServeConfig, _validation_message
+from lookalike.core.errors import LookalikeError
+
+FORMAT_VERSION = 1  # raise it when a field changes meaning; add a reader of the old version beside it
+MANIFEST_FILE = "manifest.json"
+LEGACY_FILE = "index.json"  # written before the manifest (its "format": 1 is this manifest's version 1)
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(_Part):
+    """The extractor's constructor arguments (Extractor.settings()): rebuilt without pretrained weights, then model.pt
+    loaded."""
+
+    name: str
+    embedding_dim: PositiveInt | None = None
+    normalize: bool = True
+    bnneck: bool = False
+    last_stride: PositiveInt | None = None
+
+
+class TransformSettings(_Part):
+    """The evaluation transform the gallery was embedded with (lookalike.data.images.transforms_for)."""
+
+    image_size: int | list[int]
+    crop_fraction: float = Field(gt=0, le=1)
+    mean: list[float]  # the backbone's normalisation as recorded at build time (timm's data config)
+    std: list[float]
+
+
+class SearchSettings(_Part):
+    """How the gallery is searched."""
+
+    metric: Metric = "cosine"
+    index: str = "exact"  # exact, or the FAISS factory string of faiss.index
+
+
+class IndexManifest(_Part):
+    """manifest.json of an index folder, format version 1."""
+
+    format_version: int = FORMAT_VERSION
+    lookalike: str = __version__  # the version that wrote the folder
+    created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc).replace(microsecond=0))
+    model: ModelSpec
+    transform: TransformSettings
+    search: SearchSettings = SearchSettings()
+    serve: ServeConfig = ServeConfig()  # an older folder without a newer limit gets today's default
+    rerank: list[RerankStep] = []  # weights files named relative to the folder
+    columns: list[str] = []  # each re-ranker's column title, as the user wrote the step
+    provenance: dict[str, Any] = {}  # lookalike.provenance.record of the config that built the folder
+    images_root: str | None = None  # reserved: a folder the gallery paths are relative to (None: absolute paths)
+    backend: str | None = None  # reserved: the search backend's name beyond search.index (None: search.index alone)
+
+    def write(self, folder: Path) -> None:
+        """Write manifest.json into `folder` (a folder being written atomically as a whole)."""
+        (folder / MANIFEST_FILE).write_text(self.model_dump_json(indent=2) + "\n")
+
+
+def read_manifest(folder: Path) -> IndexManifest:
+    """The manifest of an index folder (manifest.json, or the index.json an older lookalike wrote).
+
+    Args:
+        folder: an index folder written by `lookalike index` or `GalleryIndex.build`.
+
+    Returns:
+        IndexManifest; a missing, corrupt, newer or wrongly-typed manifest is one LookalikeError naming the file and
+        field.
+    """
+    path = folder / MANIFEST_FILE
+    if not path.is_file() and (folder / LEGACY_FILE).is_file():
+        return _validated(_from_legacy(folder / LEGACY_FILE), folder / LEGACY_FILE)
+    values = _json_object(path)
+    version = values.get("format_version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+        raise LookalikeError(
+            f"{path}: format_version {version} is newer than this lookalike reads ({FORMAT_VERSION}); upgrade lookalike"
+        )
+    if version != FORMAT_VERSION:
+        raise LookalikeError(f"{path}: format_version: expected {FORMAT_VERSION}, got {version!r}")
+    return _validated(values, path)
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    """A JSON object file, or one line saying why not."""
+    if not path.is_file():
+        raise LookalikeError(f"{path}: missing (expected a folder written by `lookalike index`)")
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise LookalikeError(f"{path}: not valid JSON ({exc}); rebuild with `lookalike index`") from None
+    if not isinstance(values, dict):
+        raise LookalikeError(f"{path}: expected a JSON object, got {type(values).__name__}")
+    return values
+
+
+def _validated(values: dict[str, Any], path: Path) -> IndexManifest:
+    """The manifest from its values; the first bad field as one line naming the file and the field."""
+    try:
+        return IndexManifest.model_validate(values)
+    except ValidationError as exc:
+        raise LookalikeError(f"{path}: {_validation_message(exc.errors()[0])}") from None
+
+
+def _from_legacy(path: Path) -> dict[str, Any]:
+    """The manifest values of an index.json written before manifest.json ({"format": 1, "data": ..., ...})."""
+    values = _json_object(path)
+    if values.get("format") != FORMAT_VERSION:
+        raise LookalikeError(f"{path}: format {values.get('format')!r}, expected {FORMAT_VERSION}")
+    provenance = values.get("provenance") or {}
+    legacy = {key: values[key] for key in ("model", "search", "serve", "rerank", "columns") if key in values}
+    return {
+        **legacy,
+        "format_version": FORMAT_VERSION,
+        "lookalike": str(provenance.get("lookalike", "unknown")),
+        "created_at": provenance.get("time") or datetime.fromtimestamp(path.stat().st_mtime, timezone.utc),
+        "transform": values.get("data"),
+        "provenance": provenance,
+    }
