@@ -134,7 +134,9 @@ def save_result_grid(
     scores: bool = False,
 ) -> Path:
     """Write the PNG of `result_grid_figure`."""
-    return _save(result_grid_figure(results, image_root, relevance, queries, top_k, cell_size, labels, scores), path)
+    return save_figure(
+        result_grid_figure(results, image_root, relevance, queries, top_k, cell_size, labels, scores), path
+    )
 
 
 def save_cmc_curve(curves: dict[str, np.ndarray], path: str | os.PathLike) -> Path:
@@ -151,10 +153,19 @@ def save_cmc_curve(curves: dict[str, np.ndarray], path: str | os.PathLike) -> Pa
     ax.legend(loc="lower right")
     ax.set_title("Cumulative matching characteristic")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _save(fig: Figure, path: str | os.PathLike) -> Path:
+def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
+    """Write a matplotlib figure as PNG atomically (a killed run leaves no half picture).
+
+    Args:
+        fig: the figure.
+        path: the .png file.
+
+    Returns:
+        The path written.
+    """
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png")
     return Path(path)

@@ -24,8 +24,9 @@ from lookalike.data.images import eval_transform
 from lookalike.errors import LookalikeError
 from lookalike.models.extractor import load_weights, read_checkpoint
 from lookalike.models.hub import create_timm_model
+from lookalike.models.spec import SPEC_KEYS, store_spec, stored_spec
 
-SPEC_KEY = "pairwise_model"  # where a checkpoint keeps the PairwiseSpec (plain types: loads with weights_only=True)
+SPEC_KEY = SPEC_KEYS["pairwise"]  # where a checkpoint keeps the PairwiseSpec (lookalike.models.spec)
 
 
 @dataclass
@@ -142,12 +143,13 @@ def load_pairwise(path: str | os.PathLike, tta: bool | None = None) -> PairwiseM
     """A trained pairwise model from a checkpoint written by training (or save_pairwise); `tta` overrides the stored
     one."""
     checkpoint = read_checkpoint(path, "pairwise weights")
-    if not isinstance(checkpoint, dict) or SPEC_KEY not in checkpoint:
+    stored = stored_spec(checkpoint, "pairwise")
+    if stored is None:
         raise LookalikeError(
             f"pairwise weights: {path} is not a pairwise checkpoint (no {SPEC_KEY!r}; train one with lookalike "
             "train-reranker)"
         )
-    spec = PairwiseSpec(**checkpoint[SPEC_KEY])
+    spec = PairwiseSpec(**stored)
     if tta is not None:
         spec.tta = bool(tta)
     return load_weights(PairwiseModel(spec), path, field="pairwise weights", checkpoint=checkpoint).eval()
@@ -158,5 +160,5 @@ def save_pairwise(model: PairwiseModel, path: str | os.PathLike) -> Path:
     from lookalike.atomic import atomic_path
 
     with atomic_path(path, suffix=".pt") as tmp:
-        torch.save({SPEC_KEY: asdict(model.spec), "state_dict": model.state_dict()}, tmp)
+        torch.save(store_spec({"state_dict": model.state_dict()}, "pairwise", asdict(model.spec)), tmp)
     return Path(path)

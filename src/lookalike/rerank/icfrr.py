@@ -53,7 +53,7 @@ from lookalike.rerank.base import RerankContext, Reranker, positive_int, registe
 from lookalike.rows import pack_rows, sort_by_value
 from lookalike.search.exact import exact_knn, order_by_distance
 from lookalike.search.results import PAD, RetrievalResults
-from lookalike.viz import _save, save_result_grid
+from lookalike.viz import save_figure, save_result_grid
 
 GALLERY_KNN_KEY = "gallery_knn"  # context.cache: {vectors, metric, indices [G, k], distances [G, k]} from gallery_knn
 DENSE_RANKS_KEY = "icfrr_dense_ranks"  # context.cache: rank lists taken from context.gallery_distances
@@ -863,7 +863,7 @@ def plot_icfrr_curve(records: Sequence[dict[str, float]], path: str | os.PathLik
     ax.legend(loc="best")
     ax.set_title("ICFRR re-ranking")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def save_rank_strips(

@@ -23,7 +23,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from lookalike.atomic import atomic_folder
-from lookalike.config import Config, ServeConfig, _validation_message
+from lookalike.config import Config, ServeConfig, validation_message
 from lookalike.data.decode import to_rgb
 from lookalike.data.folder import import_folder
 from lookalike.data.images import ImageSource, eval_transform, read_image, resize_side
@@ -145,13 +145,7 @@ def build_index(cfg: Config, table: DatasetTable, extractor: Extractor, progress
     dc = extractor.data_config()
     settings = {
         "format": FORMAT,
-        "model": {
-            "name": cfg.model.name,
-            "embedding_dim": cfg.model.embedding_dim,
-            "normalize": cfg.model.normalize,
-            "bnneck": cfg.model.bnneck,
-            "last_stride": cfg.model.last_stride,
-        },
+        "model": extractor.settings(),  # what the extractor was built as (model.name may come from its weights)
         "data": {
             "image_size": cfg.data.image_size,
             "crop_fraction": cfg.data.crop_fraction,
@@ -167,7 +161,7 @@ def build_index(cfg: Config, table: DatasetTable, extractor: Extractor, progress
         settings["rerank"] = pack_weights(cfg.rerank, folder)
         settings["columns"] = [column_name(step) for step in cfg.rerank]  # as the user wrote them
         (folder / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
-        torch.save(extractor.state_dict(), folder / MODEL_FILE)
+        extractor.save(folder / MODEL_FILE)  # weights with their spec: Extractor(weights=...) rebuilds it alone
         paths = [str(p.resolve()) for p in gallery.image_paths()]
         boxes = rows[list(BBOX_COLUMNS)] if gallery.has_bbox else pd.DataFrame(index=rows.index)
         save_csv(
@@ -293,7 +287,7 @@ class GalleryIndex:
         try:
             cfg = Config.model_validate(values)
         except ValidationError as exc:
-            raise ConfigError(f"GalleryIndex.build: {_validation_message(exc.errors()[0])}") from None
+            raise ConfigError(f"GalleryIndex.build: {validation_message(exc.errors()[0])}") from None
         return load_index(build_index(cfg, table, extractor, progress))
 
     @classmethod
