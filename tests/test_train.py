@@ -19,7 +19,7 @@ import yaml
 from lookalike.config import load_config
 from lookalike.data.folder import import_folder
 from lookalike.embeddings import Embeddings
-from lookalike.errors import ConfigError, LookalikeError
+from lookalike.errors import ConfigError, LookalikeError, LookalikeWarning
 from lookalike.models.extractor import Extractor
 from lookalike.pipeline import embed_table, table_from_config
 from lookalike.train import run_train, run_validate
@@ -345,6 +345,9 @@ def test_a_checkpoint_alone_rebuilds_its_extractor(table_csv, tmp_path):
     expected = embed_table(table, by_hand, table_from_config(table).split("validation"))
     assert np.array_equal(Embeddings.load(out).vectors, expected.vectors)
     assert Extractor(weights=result.last_checkpoint).settings() == spec  # the Python API: the file alone
+    other_size = load_config(None, [f"model.weights={result.last_checkpoint}", "data.image_size=48"])
+    with pytest.warns(LookalikeWarning, match=r"^data.image_size: 48, but model.weights was trained with 32 \(set"):
+        Extractor.from_config(other_size)
     wrong = subprocess.run([*args, "model.name=resnet18"], check=False, capture_output=True, text=True, timeout=300)
     assert wrong.returncode == 2 and wrong.stderr.strip().count("\n") == 0
     assert "model.name: 'resnet18', but" in wrong.stderr and "'test_resnet'" in wrong.stderr
