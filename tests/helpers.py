@@ -16,7 +16,8 @@ from lookalike.config import Config, load_config
 from lookalike.core.atomic import atomic_path
 from lookalike.core.embeddings import Embeddings
 from lookalike.core.table import DatasetTable, validate_table
-from lookalike.models.pairwise import SPEC_KEY, PairwiseModel
+from lookalike.models.pairwise import PairwiseModel
+from lookalike.models.spec import store_spec
 
 LOOKALIKE = str(Path(sys.executable).parent / "lookalike")  # the real command, installed beside this Python
 # seconds of extractor training on the CPU (with a model.name): P x K = 2 x 4 batches of 32 px images, no augmentation
@@ -38,7 +39,7 @@ def save_pairwise(model: PairwiseModel, path: str | os.PathLike) -> Path:
     """Write an untrained model's spec and weights as training's checkpoint holds them, so load_pairwise reads it back
     without a training run."""
     with atomic_path(path, suffix=".pt") as tmp:
-        torch.save({SPEC_KEY: asdict(model.spec), "state_dict": model.state_dict()}, tmp)
+        torch.save(store_spec({"state_dict": model.state_dict()}, "pairwise", asdict(model.spec)), tmp)
     return Path(path)
 
 

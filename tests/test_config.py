@@ -28,7 +28,7 @@ def config_error(match: str, *args, **kwargs) -> ConfigError:
 def test_defaults():
     cfg = load_config()
     assert cfg == Config()
-    assert cfg.model.name == "resnet50" and cfg.model.pretrained is True
+    assert cfg.model.name is None and cfg.model.pretrained is True  # None: the weights' model, else resnet50
     assert cfg.data.table is None and cfg.data.image_size == 224
     assert cfg.evaluate.cmc_k == [1, 5, 10]
     assert cfg.search.metric == "cosine"

@@ -92,6 +92,21 @@ def test_every_checkpoint_load_is_weights_only():
     )  # the walk finds the loads (two torch.load, the resuming fit both trainers share)
 
 
+def test_no_module_imports_a_private_name_of_another():
+    """`from lookalike.x import _name` reaches into another module's internals: what two modules share is public
+    (e.g. lookalike.train.trainer, which the extractor and the pairwise trainers both build on)."""
+    private = []
+    for path in sorted((ROOT / "src" / "lookalike").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lookalike"):
+                private += [
+                    f"{path.relative_to(ROOT)}:{node.lineno} {a.name}"
+                    for a in node.names
+                    if a.name.startswith("_") and not a.name.endswith("__")
+                ]
+    assert private == []
+
+
 def test_the_readme_says_how_untrusted_checkpoints_are_treated():
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Untrusted input", 1)[1].split("\n## ", 1)[0]

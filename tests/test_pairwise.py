@@ -542,10 +542,10 @@ def test_the_stir_recipe_configs_hold_the_published_settings(dataset):
 
 
 def test_the_step_schedule_multiplies_by_step_gamma():
-    from lookalike.train.module import _scheduler
+    from lookalike.train.trainer import build_scheduler
 
     optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=2e-3)
-    scheduler = _scheduler(optimizer, "step", 0, 10, [3], 5e-3)
+    scheduler = build_scheduler(optimizer, "step", 0, 10, [3], 5e-3)
     rates = []
     for _ in range(5):
         rates.append(optimizer.param_groups[0]["lr"])

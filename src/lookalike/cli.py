@@ -475,7 +475,7 @@ def index(
         return
     built = load_index(folder)
     out.print(
-        f"wrote {folder}: {len(built)} gallery images, {cfg.model.name}, {cfg.search.index} search, "
+        f"wrote {folder}: {len(built)} gallery images, {built.settings['model']['name']}, {cfg.search.index} search, "
         f"re-rankers: {', '.join(built.rerankers) or 'none'}"
     )
     out.print(f"serve it with: lookalike serve {folder}")
@@ -566,6 +566,7 @@ def train(
 ) -> None:
     """Train an extractor with metric losses (Lightning): checkpoints, logs and validation pictures under
     train.output."""
+    from lookalike.models.extractor import model_name
     from lookalike.train import run_train
 
     _quiet_lightning()
@@ -576,7 +577,10 @@ def train(
     result = run_train(cfg, resume)
     if not result.is_global_zero:
         return
-    _print_comparison({"before": result.metrics_before, "after": result.metrics}, f"validation ({cfg.model.name})")
+    _print_comparison(
+        {"before": result.metrics_before, "after": result.metrics},
+        f"validation ({model_name(cfg.model.name, cfg.model.weights)})",
+    )
     out.print(f"training speed: {result.images_per_second:.1f} images/s")
     out.print(
         f"best checkpoint: {result.best_checkpoint}\nlast checkpoint: {result.last_checkpoint}\nlogs: {result.log_dir}"
@@ -585,6 +589,7 @@ def train(
 
 def _train_repeated(cfg, resume: str | None) -> None:
     """train.runs trainings with consecutive seeds: final metrics per run and their mean ± std."""
+    from lookalike.models.extractor import model_name
     from lookalike.train import run_train_repeated
 
     if resume is not None:
@@ -596,7 +601,8 @@ def _train_repeated(cfg, resume: str | None) -> None:
     if not result.runs[-1].is_global_zero:
         return
     table = Table(
-        title=f"validation ({cfg.model.name}), mean ± std over {len(result.runs)} runs (seeds "
+        title=f"validation ({model_name(cfg.model.name, cfg.model.weights)}), mean ± std over {len(result.runs)} runs "
+        "(seeds "
         f"{', '.join(map(str, result.seeds))})"
     )
     for name in ("metric", "mean ± std", *(f"seed {s}" for s in result.seeds)):
@@ -655,6 +661,7 @@ def train_reranker(
 ) -> None:
     """Train the STIR pairwise re-ranker (pairwise.*) on pairs mined with the frozen extractor (model.*); validation
     re-ranks the top_n."""
+    from lookalike.models.extractor import model_name
     from lookalike.train.pairwise import run_train_reranker
 
     _quiet_lightning()
@@ -664,7 +671,9 @@ def train_reranker(
     if not result.is_global_zero:
         return
     columns = {"extractor": result.metrics_before, f"re-ranked top {cfg.pairwise.top_n}": result.metrics}
-    _print_comparison(columns, f"validation ({cfg.pairwise.name} re-ranking {cfg.model.name})")
+    _print_comparison(
+        columns, f"validation ({cfg.pairwise.name} re-ranking {model_name(cfg.model.name, cfg.model.weights)})"
+    )
     out.print(f"training speed: {result.images_per_second:.1f} images/s")
     out.print(
         f"best checkpoint: {result.best_checkpoint}\nlast checkpoint: {result.last_checkpoint}\nlogs: {result.log_dir}"

@@ -59,7 +59,7 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    name: str = "resnet50"  # any timm model name
+    name: str | None = None  # any timm model name; None: the model model.weights records, else resnet50
     pretrained: bool = True  # download timm's pretrained weights
     weights: str | None = None  # local state dict or Lightning checkpoint, loaded after creation
     embedding_dim: PositiveInt | None = None  # linear projection after pooling; None keeps the backbone's features
@@ -379,13 +379,13 @@ def load_config(
     try:
         return Config.model_validate(values)
     except ValidationError as exc:
-        raise ConfigError(_validation_message(exc.errors()[0])) from None
+        raise ConfigError(validation_message(exc.errors()[0])) from None
 
 
 BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
 
 
-def _validation_message(err: dict) -> str:
+def validation_message(err: dict) -> str:
     """One pydantic error as 'section.key: what was expected, got VALUE' (bounds as 'must be > 0'); a validator's own
     ConfigError is already such a line."""
     where = ".".join(str(p) for p in err["loc"])

@@ -80,9 +80,11 @@ def changed_settings(cfg: Config) -> dict[str, Any]:
 def model_record(cfg: Config) -> dict[str, Any]:
     """The extractor a config names: timm name, whether timm's pretrained weights are used, the weights file and its
     sha256."""
+    from lookalike.models.extractor import model_name  # torch and timm only when a record is made
+
     m = cfg.model
     return {
-        "name": m.name,
+        "name": model_name(m.name, m.weights),
         "pretrained": bool(m.pretrained and not m.weights),
         "weights": m.weights,
         "weights_sha256": file_sha256(m.weights),

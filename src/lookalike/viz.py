@@ -134,7 +134,7 @@ def save_result_grid(results: RetrievalResults, path: str | os.PathLike, *args: 
     Returns:
         The path written.
     """
-    return _save(result_grid_figure(results, *args, **kwargs), path)
+    return save_figure(result_grid_figure(results, *args, **kwargs), path)
 
 
 def save_cmc_curve(curves: dict[str, np.ndarray], path: str | os.PathLike) -> Path:
@@ -151,7 +151,7 @@ def save_cmc_curve(curves: dict[str, np.ndarray], path: str | os.PathLike) -> Pa
     ax.legend(loc="lower right")
     ax.set_title("Cumulative matching characteristic")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_icfrr_curve(records: Sequence[dict[str, float]], path: str | os.PathLike) -> Path:
@@ -180,7 +180,7 @@ def plot_icfrr_curve(records: Sequence[dict[str, float]], path: str | os.PathLik
     ax.legend(loc="best")
     ax.set_title("ICFRR re-ranking")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def save_rank_strips(
@@ -211,7 +211,16 @@ def save_rank_strips(
     return save_result_grid(results, path, image_root, relevance=rel, queries=queries, top_k=top_k, labels=labels)
 
 
-def _save(fig: Figure, path: str | os.PathLike) -> Path:
+def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
+    """Write a matplotlib figure as PNG atomically (a killed run leaves no half picture).
+
+    Args:
+        fig: the figure.
+        path: the .png file.
+
+    Returns:
+        The path written.
+    """
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png")
     return Path(path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -14,11 +15,14 @@ import torch
 from torch import nn
 from torchvision.transforms import v2
 
-from lookalike.core.errors import LookalikeError
+from lookalike.core.errors import LookalikeError, LookalikeWarning
 from lookalike.core.table import DatasetTable
 from lookalike.data.images import ImageSource, transforms_for
 from lookalike.extract import embed
 from lookalike.models.hub import create_timm_model
+from lookalike.models.spec import store_spec, stored_spec
+
+DEFAULT_NAME = "resnet50"  # model.name when neither it nor the weights name a model
 
 if TYPE_CHECKING:
     from lookalike.config import Config
@@ -29,12 +33,16 @@ class Extractor(nn.Module):
     """timm backbone (classifier removed) -> optional linear projection -> optional BNNeck -> optional L2 normalisation.
 
     Args:
-        name: any timm model name (e.g. "resnet18", "vit_small_patch16_224.dino").
+        name: any timm model name (e.g. "resnet18", "vit_small_patch16_224.dino"); None: the model `weights` records
+            (a checkpoint lookalike wrote), else resnet50.
         pretrained: start from timm's pretrained weights (downloads them once).
         embedding_dim: size of a linear projection after the backbone; None keeps the backbone's features.
         normalize: L2-normalise the embeddings.
         bnneck: batch norm without shift after the projection (CTL / re-ID).
-        weights: a state dict or Lightning checkpoint to load (e.g. runs/omniglot/checkpoints/last.ckpt).
+        weights: a state dict or Lightning checkpoint to load (e.g. runs/omniglot/checkpoints/last.ckpt). When it
+            records its model (training's checkpoints and `save` do), the architecture (embedding_dim, normalize,
+            bnneck, last_stride) and, unless given, image_size and crop_fraction come from it; a given name or
+            embedding_dim that differs from it is an error.
         image_size: side (or [height, width]) that `transform` and `embed` feed the model; None: timm's input size.
         crop_fraction: `transform` resizes the short side to image_size / crop_fraction and centre-crops; None: timm's
         crop_pct.
@@ -48,7 +56,7 @@ class Extractor(nn.Module):
 
     def __init__(
         self,
-        name: str,
+        name: str | None = None,
         pretrained: bool = False,
         embedding_dim: int | None = None,
         normalize: bool = True,
@@ -60,6 +68,14 @@ class Extractor(nn.Module):
         crop_fraction: float | None = None,
     ) -> None:
         super().__init__()
+        checkpoint = read_checkpoint(weights) if weights is not None else None
+        spec = spec_of(checkpoint, weights, name, embedding_dim)
+        if spec is not None:
+            name, embedding_dim, normalize = spec["name"], spec["embedding_dim"], spec["normalize"]
+            bnneck, last_stride = spec["bnneck"], spec["last_stride"]
+            image_size = image_size if image_size is not None else spec.get("image_size")
+            crop_fraction = crop_fraction if crop_fraction is not None else spec.get("crop_fraction")
+        name = name or DEFAULT_NAME
         self.backbone = create_timm_model(name, "model", pretrained=pretrained, num_classes=0)
         if last_stride is not None:
             set_last_stride(self.backbone, last_stride, name)
@@ -74,8 +90,9 @@ class Extractor(nn.Module):
         height, width = timm_config["input_size"][1:]
         self.image_size = image_size if image_size is not None else (height if height == width else [height, width])
         self.crop_fraction = crop_fraction if crop_fraction is not None else float(timm_config.get("crop_pct", 0.875))
+        self.weights_spec = spec  # what the weights file recorded (None: no weights, or an older file)
         if weights is not None:
-            load_weights(self, weights)
+            load_weights(self, weights, checkpoint=checkpoint)
 
     @classmethod
     def from_config(cls, cfg: Config) -> Extractor:
@@ -96,7 +113,7 @@ class Extractor(nn.Module):
             32
         """
         m, d = cfg.model, cfg.data
-        return cls(
+        extractor = cls(
             m.name,
             pretrained=m.pretrained and not m.weights,
             embedding_dim=m.embedding_dim,
@@ -107,6 +124,8 @@ class Extractor(nn.Module):
             image_size=d.image_size,
             crop_fraction=d.crop_fraction,
         )
+        extractor.warn_input_change()
+        return extractor
 
     def settings(self) -> dict:
         """The constructor arguments that rebuild this architecture (name, embedding_dim, normalize, bnneck,
@@ -119,6 +138,52 @@ class Extractor(nn.Module):
             "bnneck": isinstance(self.neck, nn.BatchNorm1d),
             "last_stride": self.last_stride,
         }
+
+    def spec(self) -> dict[str, Any]:
+        """What rebuilds this extractor and its input from a file alone: settings(), pretrained=False (the weights are
+        in the file), and its transform's image_size, crop_fraction, mean and std (plain types: weights_only loads it).
+
+        Returns:
+            The spec that training's checkpoints and `save` store (lookalike.models.spec).
+        """
+        dc = self.data_config()
+        size = self.image_size if isinstance(self.image_size, int) else [int(s) for s in self.image_size]
+        return {
+            **self.settings(),
+            "pretrained": False,
+            "image_size": size,
+            "crop_fraction": float(self.crop_fraction),
+            "mean": [float(x) for x in dc["mean"]],
+            "std": [float(x) for x in dc["std"]],
+        }
+
+    def warn_input_change(self) -> None:
+        """Warn (one line) when the images are fed at another size or crop than the weights were trained with: the
+        embeddings then differ from training's validation, usually for the worse."""
+        stored = self.weights_spec or {}
+        for key, field in (("image_size", "data.image_size"), ("crop_fraction", "data.crop_fraction")):
+            if key in stored and stored[key] != getattr(self, key):
+                warnings.warn(
+                    f"{field}: {getattr(self, key)!r}, but model.weights was trained with {stored[key]!r} (set "
+                    f"{field}={stored[key]} to embed as training validated)",
+                    LookalikeWarning,
+                    stacklevel=2,
+                )
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the weights with the spec into one file, atomically: `Extractor(weights=path)` rebuilds this model.
+
+        Args:
+            path: the file (.pt).
+
+        Returns:
+            The path written.
+        """
+        from lookalike.core.atomic import atomic_path
+
+        with atomic_path(path, suffix=".pt") as tmp:
+            torch.save(store_spec({"state_dict": self.state_dict()}, "extractor", self.spec()), tmp)
+        return Path(path)
 
     def transform(self) -> v2.Compose:
         """The evaluation transform this model expects: image_size, crop_fraction, and timm's mean and std for the
@@ -141,6 +206,60 @@ class Extractor(nn.Module):
     def data_config(self) -> dict:
         """timm's preprocessing for this backbone (mean, std, input size)."""
         return timm.data.resolve_model_data_config(self.backbone)
+
+
+def model_name(name: str | None, weights: str | os.PathLike | None) -> str | None:
+    """The timm name an extractor built from model.name and model.weights has: the given one, else the one the weights
+    record, else resnet50 (no weights); None when the weights cannot say (an older file, or none readable).
+
+    Args:
+        name: model.name.
+        weights: model.weights.
+
+    Returns:
+        The timm name, or None.
+    """
+    if name or not weights:
+        return name or DEFAULT_NAME
+    try:
+        spec = stored_spec(read_checkpoint(weights), "extractor")
+    except LookalikeError:
+        return None
+    return spec["name"] if spec else None
+
+
+def spec_of(
+    checkpoint: object, path: str | os.PathLike | None, name: str | None, embedding_dim: int | None
+) -> dict[str, Any] | None:
+    """The extractor spec a checkpoint records, checked against a given name and embedding_dim; None for a file
+    without one when `name` says which model it holds.
+
+    Args:
+        checkpoint: what read_checkpoint returned (None: no weights).
+        path: the file, for messages.
+        name: the timm name asked for, or None.
+        embedding_dim: the projection size asked for, or None.
+
+    Returns:
+        The spec, or None (no weights, or an older file with `name` given).
+    """
+    if checkpoint is None:
+        return None
+    spec = stored_spec(checkpoint, "extractor")
+    if spec is None:
+        if name is None:
+            raise LookalikeError(
+                f"model.weights: {path} does not record its model (a file written before checkpoints did, or not by "
+                "lookalike); add model.name=<its timm model> (and model.embedding_dim if it has a projection)"
+            )
+        return None
+    for key, asked in (("name", name), ("embedding_dim", embedding_dim)):
+        if asked is not None and asked != spec[key]:
+            raise LookalikeError(
+                f"model.{key}: {asked!r}, but {path} holds a model with {key} {spec[key]!r}; leave model.{key} out "
+                "(the checkpoint names its model) or give the weights of that model"
+            )
+    return spec
 
 
 def set_last_stride(backbone: nn.Module, stride: int, name: str) -> None:

@@ -23,8 +23,9 @@ from lookalike.core.errors import LookalikeError
 from lookalike.data.images import transforms_for
 from lookalike.models.extractor import load_weights, read_checkpoint
 from lookalike.models.hub import create_timm_model
+from lookalike.models.spec import SPEC_KEYS, stored_spec
 
-SPEC_KEY = "pairwise_model"  # where a checkpoint keeps the PairwiseSpec (plain types: loads with weights_only=True)
+SPEC_KEY = SPEC_KEYS["pairwise"]  # where a checkpoint keeps the PairwiseSpec (lookalike.models.spec)
 
 
 @dataclass
@@ -135,12 +136,13 @@ def _fit_pos_embed(state: dict[str, torch.Tensor], backbone: nn.Module) -> dict[
 def load_pairwise(path: str | os.PathLike, tta: bool | None = None) -> PairwiseModel:
     """A trained pairwise model from a checkpoint written by training; `tta` overrides the stored one."""
     checkpoint = read_checkpoint(path, "pairwise weights")
-    if not isinstance(checkpoint, dict) or SPEC_KEY not in checkpoint:
+    stored = stored_spec(checkpoint, "pairwise")
+    if stored is None:
         raise LookalikeError(
             f"pairwise weights: {path} is not a pairwise checkpoint (no {SPEC_KEY!r}; train one with lookalike "
             "train-reranker)"
         )
-    spec = PairwiseSpec(**checkpoint[SPEC_KEY])
+    spec = PairwiseSpec(**stored)
     if tta is not None:
         spec.tta = bool(tta)
     return load_weights(PairwiseModel(spec), path, field="pairwise weights", checkpoint=checkpoint).eval()

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
-from lookalike.config import Config, ServeConfig, _validation_message
+from lookalike.config import Config, ServeConfig, validation_message
 from lookalike.core.atomic import atomic_folder
 from lookalike.core.embeddings import Embeddings
 from lookalike.core.errors import ConfigError, LookalikeError
@@ -143,15 +143,10 @@ def build_index(cfg: Config, table: DatasetTable, extractor: Extractor, progress
         return target  # another rank of a multi-process run: rank 0 writes the index
     emb = Embeddings.load(merged)
     dc = extractor.data_config()
-    m, d = cfg.model, cfg.data
+    d = cfg.data
     manifest = IndexManifest(
-        model=ModelSpec(
-            name=m.name,
-            embedding_dim=m.embedding_dim,
-            normalize=m.normalize,
-            bnneck=m.bnneck,
-            last_stride=m.last_stride,
-        ),
+        # what the extractor was built as (its name may come from its weights)
+        model=ModelSpec(**extractor.settings()),
         transform={"image_size": d.image_size, "crop_fraction": d.crop_fraction, "mean": dc["mean"], "std": dc["std"]},
         search=SearchSettings(metric=cfg.search.metric, index=cfg.search.index),
         serve=cfg.serve,
@@ -161,7 +156,7 @@ def build_index(cfg: Config, table: DatasetTable, extractor: Extractor, progress
         manifest.rerank = pack_weights(cfg.rerank, folder)
         manifest.columns = [column_name(step) for step in cfg.rerank]  # as the user wrote them
         manifest.write(folder)
-        torch.save(extractor.state_dict(), folder / MODEL_FILE)
+        extractor.save(folder / MODEL_FILE)  # weights with their spec: Extractor(weights=...) rebuilds it alone
         if cfg.serve.runtime == "onnx":
             from lookalike.export import export_onnx
 
@@ -302,7 +297,7 @@ class GalleryIndex:
         try:
             cfg = Config.model_validate(values)
         except ValidationError as exc:
-            raise ConfigError(f"GalleryIndex.build: {_validation_message(exc.errors()[0])}") from None
+            raise ConfigError(f"GalleryIndex.build: {validation_message(exc.errors()[0])}") from None
         return load_index(build_index(cfg, table, extractor, progress))
 
     @classmethod
@@ -422,7 +417,7 @@ def serve_limits(values: dict[str, Any], where: str) -> ServeConfig:
     try:
         return ServeConfig.model_validate(values)
     except ValidationError as exc:
-        raise LookalikeError(f"{where}: serve.{_validation_message(exc.errors()[0])}") from None
+        raise LookalikeError(f"{where}: serve.{validation_message(exc.errors()[0])}") from None
 
 
 def _column(name: str, results: RetrievalResults, original: RetrievalResults, k: int) -> Column:

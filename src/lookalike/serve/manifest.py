@@ -11,7 +11,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lookalike import __version__
-from lookalike.config import Metric, PositiveInt, RerankStep, ServeConfig, _validation_message
+from lookalike.config import Metric, PositiveInt, RerankStep, ServeConfig, validation_message
 from lookalike.core.errors import LookalikeError
 
 FORMAT_VERSION = 1  # raise it when a field changes meaning; add a reader of the old version beside it
@@ -113,7 +113,7 @@ def _validated(values: dict[str, Any], path: Path) -> IndexManifest:
     try:
         return IndexManifest.model_validate(values)
     except ValidationError as exc:
-        raise LookalikeError(f"{path}: {_validation_message(exc.errors()[0])}") from None
+        raise LookalikeError(f"{path}: {validation_message(exc.errors()[0])}") from None
 
 
 def _from_legacy(path: Path) -> dict[str, Any]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import lightning as L
@@ -18,8 +17,10 @@ from lookalike.extract import embed_batch
 from lookalike.losses import CenterLoss, CentroidTripletLoss, LossOutput, TripletLoss
 from lookalike.metrics import MetricsReport
 from lookalike.models.extractor import Extractor
+from lookalike.models.spec import store_spec
 from lookalike.pipeline import search_and_score
 from lookalike.provenance import KEY, flat_config, record
+from lookalike.train.trainer import optimization
 
 CENTER_SGD_LR = 0.5  # the official CTL code's SOLVER.CENTER_LR
 
@@ -50,6 +51,11 @@ class ExtractorModule(L.LightningModule):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.extractor(images)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep the extractor's spec beside the weights (the config is in hyper_parameters), so that
+        `Extractor(weights=...)` and model.weights rebuild the model from the file alone."""
+        store_spec(checkpoint, "extractor", self.extractor.spec())
 
     def metric_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(features for the metric losses, features for the classifier): with a BNNeck the metric losses see the
@@ -100,13 +106,7 @@ class ExtractorModule(L.LightningModule):
             groups.append(
                 {"params": list(self.center.parameters()), "lr": t.loss.center_lr or t.lr, "weight_decay": 0.0}
             )
-        optimizer = _optimizer(t.optimizer, groups, t.lr, t.weight_decay)
-        scheduler = _scheduler(optimizer, t.scheduler, t.warmup_epochs, t.epochs, t.step_epochs, t.step_gamma)
-        return (
-            optimizer
-            if scheduler is None
-            else {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
-        )
+        return optimization(self.cfg, groups)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """center_optimizer=sgd: step the class centres by their own plain SGD (no momentum, no weight decay) on the
@@ -210,29 +210,3 @@ def _loss_scale(trainer: L.Trainer) -> float:
     """The factor AMP's gradient scaler multiplied the loss by (1 without one)."""
     scaler = getattr(trainer.precision_plugin, "scaler", None)
     return float(scaler.get_scale()) if scaler is not None else 1.0
-
-
-def _optimizer(name: str, groups: list[dict], lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    if name == "adam":
-        return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
-    return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
-
-
-def _scheduler(optimizer, name: str, warmup: int, epochs: int, steps: list[int], gamma: float = 0.1):
-    """Per-epoch learning-rate schedule with an optional linear warm-up."""
-    if name == "none" and warmup == 0:
-        return None
-
-    def factor(epoch: int) -> float:
-        warm = min(1.0, (epoch + 1) / warmup) if warmup else 1.0
-        if name == "cosine":
-            return (
-                warm * 0.5 * (1 + math.cos(math.pi * epoch / max(epochs, 1)))
-            )  # a float: numpy scalars break weights_only loading
-        if name == "step":
-            return warm * gamma ** sum(epoch >= s for s in steps)
-        return warm
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

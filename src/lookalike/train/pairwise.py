@@ -29,21 +29,22 @@ from lookalike.data.sampler import PKSampler, decode_index
 from lookalike.extract import Progress
 from lookalike.losses.pairwise import mine_pairs, pair_bce
 from lookalike.metrics import MetricsReport, evaluate_table
-from lookalike.models.pairwise import SPEC_KEY, PairwiseModel, PairwiseSpec, init_from_extractor
+from lookalike.models.pairwise import PairwiseModel, PairwiseSpec, init_from_extractor
+from lookalike.models.spec import store_spec
 from lookalike.provenance import KEY, flat_config
 from lookalike.provenance import record as provenance
 from lookalike.rerank.base import merge_head
 from lookalike.rerank.chain import Stage
 from lookalike.rerank.pairwise import PairBatches, PairwiseReranker
 from lookalike.train.data import LabelledImages, train_transform
-from lookalike.train.module import _optimizer, _scheduler
-from lookalike.train.run import (
+from lookalike.train.trainer import (
     Throughput,
     TrainResult,
-    _check_monitor,
     build_trainer,
+    check_monitor,
     fit_result,
     fit_until_sigterm,
+    optimization,
     resume_checkpoint,
 )
 
@@ -142,17 +143,11 @@ class PairwiseModule(L.LightningModule):
             {"params": list(self.model.head.parameters()), "lr": t.lr},
             {"params": list(self.model.backbone.parameters()), "lr": t.backbone_lr or t.lr},
         ]  # skipped while frozen
-        optimizer = _optimizer(t.optimizer, groups, t.lr, t.weight_decay)
-        scheduler = _scheduler(optimizer, t.scheduler, t.warmup_epochs, t.epochs, t.step_epochs, t.step_gamma)
-        return (
-            optimizer
-            if scheduler is None
-            else {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
-        )
+        return optimization(self.cfg, groups)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Keep the model's spec beside the weights, so load_pairwise rebuilds it from the file alone."""
-        checkpoint[SPEC_KEY] = asdict(self.model.spec)
+        store_spec(checkpoint, "pairwise", asdict(self.model.spec))
 
     # validation: re-rank the extractor's top_n of the validation split
 
@@ -250,7 +245,7 @@ def build_pairwise_parts(cfg: Config, progress: Progress | None = None) -> tuple
         raise ConfigError(
             "evaluate.centroids: the pairwise re-ranker compares images, so validation needs evaluate.centroids=none"
         )
-    _check_monitor(cfg)
+    check_monitor(cfg)
     table, extractor, d = table_from_config(cfg), extractor_from_config(cfg), cfg.data
     train_table, val_table = table.split("train"), table.split("validation")
     for name, rows in (("train", train_table), ("validation", val_table)):

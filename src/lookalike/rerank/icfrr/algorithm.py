@@ -214,7 +214,7 @@ def rank_lists(
     n_gallery = len(results.gallery_ids)
     k = min(kg, max(n_gallery - 1, 0))
     if context.gallery_distances is not None:
-        dense = _as_numpy(context.gallery_distances)
+        dense = as_numpy(context.gallery_distances)
         if dense.shape != (n_gallery, n_gallery):
             expected = f"[G, G] = [{n_gallery}, {n_gallery}]"
             raise LookalikeError(f"rerank icfrr: gallery_distances must be {expected}, got {list(dense.shape)}")
@@ -253,12 +253,12 @@ def gallery_knn(
         return np.empty((n, 0), np.int64), np.empty((n, 0), np.float32)
     own = np.arange(n)
     idx, dist = exact_knn(
-        gallery, gallery, min(k + 1, n - 1), metric, exclude=(own, own), query_block=_knn_block(n, chunk)
+        gallery, gallery, min(k + 1, n - 1), metric, exclude=(own, own), query_block=knn_block(n, chunk)
     )
     return idx[:, :k], dist[:, :k]
 
 
-def _knn_block(n_gallery: int, chunk: int) -> int:
+def knn_block(n_gallery: int, chunk: int) -> int:
     """Queries per block of a gallery-gallery search: exact_knn's score buffer, block x min(G, 16384), <= 64 MiB."""
     return max(chunk, min(n_gallery, KNN_BLOCK_ELEMENTS // max(min(n_gallery, 16384), 1)))
 
@@ -273,7 +273,7 @@ def neighbours_from_distances(distances: np.ndarray, k: int, chunk: int = 1024) 
     return out
 
 
-def _as_numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:
+def as_numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:
     """A numpy view of an array or a CPU copy of a tensor."""
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 

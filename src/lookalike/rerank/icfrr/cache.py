@@ -18,7 +18,7 @@ from lookalike.core.embeddings import Embeddings
 from lookalike.core.errors import LookalikeError
 from lookalike.core.results import RetrievalResults
 from lookalike.rerank.base import RerankContext
-from lookalike.rerank.icfrr.algorithm import _as_numpy, _knn_block, pair_distances
+from lookalike.rerank.icfrr.algorithm import as_numpy, knn_block, pair_distances
 from lookalike.search.exact import exact_knn
 
 CACHE_FILES = {"qg": "qg_dists.pth", "gg": "gg_dists.pth", "labels": "labels.pth"}
@@ -128,7 +128,7 @@ def _query_matrix(qg: Embeddings | RetrievalResults | np.ndarray | torch.Tensor,
 
 def _matrix(x: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
     """A 2-D float32 numpy copy of a distance matrix."""
-    array = _as_numpy(x)
+    array = as_numpy(x)
     if array.ndim != 2 or not np.issubdtype(array.dtype, np.number):
         raise LookalikeError(
             f"{name}: expected a 2-D numeric distance matrix, got shape {list(array.shape)} {array.dtype}"
@@ -154,7 +154,7 @@ def dense_gallery_distances(gallery: Embeddings, metric: str = "cosine", chunk: 
     """The [G, G] gallery-gallery distances (self included) by exact search, blocked as gallery_knn blocks them
     (so both see bitwise-equal distances)."""
     n = len(gallery)
-    idx, dist = exact_knn(gallery.vectors, gallery.vectors, n, metric, query_block=_knn_block(n, chunk))
+    idx, dist = exact_knn(gallery.vectors, gallery.vectors, n, metric, query_block=knn_block(n, chunk))
     out = np.empty((n, n), np.float32)
     np.put_along_axis(out, idx, dist, 1)
     return out
@@ -165,7 +165,7 @@ def _label_tensors(labels: dict[str, Sequence], shape: tuple[int, int]) -> dict[
     if not isinstance(labels, dict) or not {"query", "gallery"} <= set(labels):
         raise LookalikeError("labels: expected a dict with 'query' and 'gallery' label arrays")
     q, g = (
-        np.asarray(_as_numpy(labels[k]) if isinstance(labels[k], torch.Tensor) else labels[k])
+        np.asarray(as_numpy(labels[k]) if isinstance(labels[k], torch.Tensor) else labels[k])
         for k in ("query", "gallery")
     )
     if q.shape != (shape[0],) or g.shape != (shape[1],):
