@@ -16,9 +16,9 @@ from typer.testing import CliRunner
 from lookalike.cli import app
 from lookalike.config import load_config
 from lookalike.core.errors import ConfigError, LookalikeError
+from lookalike.core.results import RetrievalResults
 from lookalike.metrics import compute_metrics
 from lookalike.models.extractor import Extractor, load_weights
-from lookalike.search import RetrievalResults
 from lookalike.serve import load_index
 from lookalike.train import run_train
 

@@ -18,8 +18,8 @@ import typer
 from helpers import LOOKALIKE
 from lookalike.cli import app
 from lookalike.core.embeddings import Embeddings
+from lookalike.core.results import RetrievalResults
 from lookalike.data.folder import import_folder
-from lookalike.search import RetrievalResults
 
 FAST_MODEL = ["model.name=test_resnet", "model.pretrained=false", "data.image_size=32", "data.batch_size=32"]
 

@@ -14,10 +14,10 @@ from PIL import Image
 
 from helpers import LOOKALIKE
 from lookalike.core.errors import LookalikeError
+from lookalike.core.protocol import exclusion_groups
 from lookalike.core.table import load_table
 from lookalike.data.convert import CONVERTERS, conversion_problems, convert
 from lookalike.data.pairs import load_pairs
-from lookalike.search import exclusion_groups
 
 
 def image(path: Path, value: int = 128, size: tuple[int, int] = (12, 10)) -> None:

@@ -12,10 +12,11 @@ import pytest
 from lookalike.config import load_config
 from lookalike.core.embeddings import Embeddings
 from lookalike.core.errors import LookalikeError
+from lookalike.core.results import RetrievalResults
 from lookalike.data.folder import import_folder
 from lookalike.pipeline import extractor_from_config, table_from_config
 from lookalike.rerank import RerankContext, create_reranker
-from lookalike.search import RetrievalResults, exact_knn
+from lookalike.search import exact_knn
 from lookalike.search import milvus as milvus_module
 from lookalike.search.milvus import MilvusGallery
 from lookalike.serve import build_index, load_index

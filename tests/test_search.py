@@ -10,8 +10,9 @@ import pytest
 from helpers import unfiled_validation
 from lookalike.core.embeddings import Embeddings
 from lookalike.core.errors import LookalikeError
+from lookalike.core.results import PAD, RetrievalResults
 from lookalike.core.table import validate_table
-from lookalike.search import PAD, FaissIndex, RetrievalResults, exact_knn, search, search_table
+from lookalike.search import FaissIndex, exact_knn, search, search_table
 from lookalike.search.exact import order_by_distance
 
 

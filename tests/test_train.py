@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -16,6 +15,7 @@ import pytest
 import torch
 import yaml
 
+from helpers import LOOKALIKE, TINY_TRAINING
 from lookalike.config import load_config
 from lookalike.core.embeddings import Embeddings
 from lookalike.core.errors import ConfigError, LookalikeError, LookalikeWarning
@@ -25,22 +25,7 @@ from lookalike.pipeline import embed_table, table_from_config
 from lookalike.train import run_train, run_validate
 from lookalike.train.data import LabelledImages, train_transform
 
-LOOKALIKE = str(Path(sys.executable).parent / "lookalike")
-FAST = [
-    "model.name=test_resnet",
-    "model.pretrained=false",
-    "data.image_size=32",
-    "data.crop_fraction=1.0",
-    "data.batch_size=16",
-    "train.p=2",
-    "train.k=4",
-    "train.lr=1e-3",
-    "train.augment=none",
-    "trainer.accelerator=cpu",
-    "trainer.progress=false",
-    "trainer.log_every_n_steps=1",
-    "search.k=50",
-]
+FAST = ["model.name=test_resnet", *TINY_TRAINING, "trainer.log_every_n_steps=1", "search.k=50"]
 
 
 @pytest.fixture(scope="module")
