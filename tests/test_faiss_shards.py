@@ -5,6 +5,7 @@ from __future__ import annotations
 import tracemalloc
 import weakref
 
+import faiss
 import numpy as np
 import pytest
 
@@ -14,6 +15,15 @@ from lookalike.search.faiss_index import sample_shards
 from lookalike.shards import Manifest, prepare_folder, write_shard
 
 N, D, SHARD = 6_000, 16, 500
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_faiss_thread():
+    """One OpenMP thread while these tests train k-means: spinning threads crawl on a loaded machine (6x here)."""
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
 
 
 def clustered(n: int, d: int, seed: int = 0) -> np.ndarray:
@@ -85,8 +95,9 @@ def test_sample_is_seeded_uniform_and_all_rows_when_small():
 
 
 def test_never_holds_all_vectors():
-    """The build keeps at most two shards alive at once and its numpy peak stays far below N x D x 4 bytes."""
-    n, d, shard = 40_000, 64, 1_000
+    """The build keeps at most two shards alive at once and its numpy peak stays below half of N x D x 4 bytes (the
+    sample, one shard and the ids; holding the vectors would be all of it)."""
+    n, d, shard = 20_000, 64, 1_000
     live, most = [0], [0]
 
     def released(rows: int) -> None:
@@ -107,7 +118,7 @@ def test_never_holds_all_vectors():
     tracemalloc.stop()
     assert built.size == n and built.ids[-1] == str(n - 1)
     assert most[0] <= 2 * shard
-    assert peak < n * d * 4 / 4, f"numpy peak {peak} bytes for {n * d * 4} bytes of vectors"
+    assert peak < n * d * 4 / 2, f"numpy peak {peak} bytes for {n * d * 4} bytes of vectors"
 
 
 def test_written_atomically_and_read_back(tmp_path):
