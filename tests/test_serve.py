@@ -31,9 +31,10 @@ from lookalike.core.errors import ConfigError, LookalikeError
 from lookalike.data.folder import import_folder
 from lookalike.data.images import read_image
 from lookalike.pipeline import extractor_from_config, table_from_config
-from lookalike.search import exact_knn
+from lookalike.search import build_faiss_from_shards, exact_knn
 from lookalike.serve import build_index, load_index
 from lookalike.serve.app import create_app
+from lookalike.shards import iter_shards
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +132,29 @@ def test_a_faiss_index_is_saved_and_searches_like_exact(table_csv, tmp_path):
     idx, dist = exact_knn(flat.gallery.vectors[5:6], flat.gallery.vectors[others], 8)
     np.testing.assert_array_equal(got.positions, others[idx[0]])
     np.testing.assert_allclose(got.distances, dist[0], atol=1e-5)
+
+
+def test_a_faiss_index_is_built_from_the_gallery_shards(table_csv, tmp_path, monkeypatch):
+    """search.index=IVF...: the index is trained and filled from the embedding shards, which are removed after."""
+    import lookalike.serve.index as served
+
+    calls = []
+
+    def spy(shards, *args, **kwargs):
+        calls.append([ids.tolist() for ids, _ in iter_shards(shards)])
+        return build_faiss_from_shards(shards, *args, **kwargs)
+
+    monkeypatch.setattr(served, "build_faiss_from_shards", spy)
+    cfg = index_config(table_csv, tmp_path / "index", "search.index=IVF2,Flat", "extract.shard_size=30")
+    folder = build_index(cfg, table_from_config(cfg), extractor_from_config(cfg))
+    index = load_index(folder)
+    assert [len(ids) for ids in calls[0]] == [30, 30, 20]
+    assert [i for ids in calls[0] for i in ids] == index.gallery.ids.tolist()
+    assert index.faiss.size == 80 and [p for p in tmp_path.iterdir() if p.name.endswith(".shards")] == []
+    got = index.search(index.gallery.vectors[5], 1, gallery_position=5)[0]
+    others = np.delete(np.arange(80), 5)
+    idx, _ = exact_knn(index.gallery.vectors[5:6], index.gallery.vectors[others], 1)
+    assert got.positions[0] == others[idx[0, 0]]
 
 
 # ---------------------------------------------------------------- the API

@@ -17,11 +17,12 @@ from lookalike.core.table import DatasetTable
 from lookalike.progress import Progress
 from lookalike.search.centroids import Centroids, evaluate_centroids, gallery_centroids, search_centroids
 from lookalike.search.exact import exact_knn
-from lookalike.search.faiss_index import FaissIndex
+from lookalike.search.faiss_index import FaissIndex, build_faiss_from_shards
 
 __all__ = [
     "Centroids",
     "FaissIndex",
+    "build_faiss_from_shards",
     "evaluate_centroids",
     "exact_knn",
     "gallery_centroids",

@@ -37,8 +37,9 @@ from lookalike.onnx_runtime import OnnxExtractor
 from lookalike.provenance import record as provenance
 from lookalike.rerank import RERANKERS, RerankContext, Reranker, build_chain, check_ascending, list_rerankers
 from lookalike.rerank.chain import step_parts
-from lookalike.search import FaissIndex, exact_knn
+from lookalike.search import FaissIndex, build_faiss_from_shards, exact_knn
 from lookalike.serve.manifest import IndexManifest, ModelSpec, SearchSettings, read_manifest
+from lookalike.shards import shard_folder
 
 MODEL_FILE, GALLERY_FILE, EMBEDDINGS_FILE, FAISS_FILE = (
     "model.pt",
@@ -139,7 +140,17 @@ def build_index(cfg: Config, table: DatasetTable, extractor: Extractor, progress
     target = Path(cfg.serve.index_dir)
     merged = target.with_name(f".{target.name}.embeddings.npz")  # sharded, resumable; moved into the folder below
     meta = {"model": extractor.name, "normalized": extractor.normalize}
-    if not embed_to_file(cfg, extractor, absolute, transforms_for(extractor, cfg.data), merged, meta, progress):
+    faiss_from_shards = cfg.search.index != "exact"  # FAISS is built from the shards: kept until it is written
+    embed_cfg = cfg.model_copy(update={"extract": cfg.extract.model_copy(update={"keep_shards": True})})
+    if not embed_to_file(
+        embed_cfg if faiss_from_shards else cfg,
+        extractor,
+        absolute,
+        transforms_for(extractor, cfg.data),
+        merged,
+        meta,
+        progress,
+    ):
         return target  # another rank of a multi-process run: rank 0 writes the index
     emb = Embeddings.load(merged)
     dc = extractor.data_config()
@@ -176,8 +187,10 @@ def build_index(cfg: Config, table: DatasetTable, extractor: Extractor, progress
         Embeddings(emb.vectors, paths, {**emb.meta, "provenance": manifest.provenance}).save(
             folder / EMBEDDINGS_FILE
         )  # ids = the gallery table's paths
-        if cfg.search.index != "exact":
-            FaissIndex(cfg.search.index, cfg.search.metric).add(emb.vectors).save(folder / FAISS_FILE)
+        if faiss_from_shards:  # trained on a sample, filled shard by shard: memory ~ the index + one shard
+            build_faiss_from_shards(shard_folder(merged), cfg.search.index, cfg.search.metric).save(folder / FAISS_FILE)
+    if faiss_from_shards and not cfg.extract.keep_shards:
+        shutil.rmtree(shard_folder(merged), ignore_errors=True)
     merged.unlink(missing_ok=True)
     return target
 
