@@ -47,6 +47,14 @@ class FaissIndex:
         self.index, self.size = index, len(g)
         return self
 
+    def append(self, vectors: np.ndarray) -> FaissIndex:
+        """Add rows after the existing ones (positions len..len+n), without retraining: an update that only adds."""
+        if self.index is None:
+            raise LookalikeError("search: the FAISS index is empty; call add(gallery) first")
+        self.index.add(self._prepare(vectors))
+        self.size = self.index.ntotal
+        return self
+
     def save(self, path: str) -> None:
         """Write the built index to a file (FAISS's own format)."""
         if self.index is None:
