@@ -566,6 +566,13 @@ def serve(
         "--runtime",
         help="Embed queries with torch (model.pt) or onnx (model.onnx in onnxruntime); default: serve.runtime.",
     ),
+    admin_token: Optional[str] = typer.Option(
+        None,
+        "--admin-token",
+        envvar="LOOKALIKE_ADMIN_TOKEN",
+        help="Enable POST /items and DELETE /items/{id} for requests with `Authorization: Bearer TOKEN` (prefer the "
+        "environment variable: a command line is visible to other users). Without it those routes do not exist.",
+    ),
 ) -> None:
     """Search the gallery of INDEX_DIR in the browser: upload or pick a query, compare re-rankers side by side."""
     import uvicorn
@@ -574,8 +581,12 @@ def serve(
     from lookalike.serve.app import create_app, server_config
 
     index = load_index(index_dir, runtime)
-    app_ = create_app(index, host, allow_host or [])
-    out.print(f"lookalike: serving {index_dir} on http://{host}:{port}/ ({index.runtime}; API schema at /openapi.json)")
+    app_ = create_app(index, host, allow_host or [], admin_token or None)
+    writes = "; POST /items and DELETE /items/{id} with the admin token" if admin_token else ""
+    out.print(
+        f"lookalike: serving {index_dir} on http://{host}:{port}/ ({index.runtime}; API schema at "
+        f"/openapi.json{writes})"
+    )
     uvicorn.Server(server_config(app_, index, host, port)).run()
 
 

@@ -34,6 +34,10 @@ ID_COLUMN = "id"  # an item's external id in gallery.csv; absent: the item's pat
 _TEMPORARY = re.compile(r"\.(?P<target>.+)\.\d+-[a-z0-9_]{8}(?:\.[^.]*)?")  # lookalike.core.atomic's temporary names
 
 
+class UnknownId(LookalikeError):
+    """An id to remove that the gallery does not hold."""
+
+
 @dataclass(frozen=True)
 class NewItems:
     """Gallery items to add, with their embeddings: row i is item ids[i], image paths[i], label labels[i]."""
@@ -194,7 +198,7 @@ def _known_ids(ids: np.ndarray, remove: Sequence[str], folder: Path) -> np.ndarr
         if name not in known and str(Path(name).resolve()) in known:
             name = str(Path(name).resolve())
         if name not in known:
-            raise LookalikeError(
+            raise UnknownId(
                 f"index remove: unknown id {str(given)!r} (not one of the {len(ids)} items of {folder}); "
                 "nothing removed"
             )
