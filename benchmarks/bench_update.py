@@ -132,9 +132,7 @@ def main() -> None:
     median = {name: statistics.median(values) for name, values in timings.items()}
     add, remove, write = median["add"], median["remove"], median["rebuild write"]
     update_total, rebuild_total = add + args.add / ips, write + (args.g + args.add) / ips
-    log(
-        f"median: add {median['add']:.2f} s, remove {median['remove']:.2f} s, rebuild write {median['rebuild write']:.2f} s"
-    )
+    log(f"median: add {add:.2f} s, remove {remove:.2f} s, rebuild write {write:.2f} s")
     log(
         f"total: update {update_total:.1f} s (index {add:.2f} s + embedding {args.add / ips:.1f} s) vs rebuild "
         f"{rebuild_total:.1f} s (write {write:.2f} s + embedding {(args.g + args.add) / ips:.1f} s): "
