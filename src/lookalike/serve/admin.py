@@ -40,6 +40,8 @@ def authorized(header: str | None, token: str) -> bool:
 
 def add_item_routes(app: FastAPI, live: LiveIndex, token: str, max_bytes: int) -> None:
     """Register POST /items and DELETE /items/{item_id} on `app`, guarded by `token`."""
+    if live.index.folder is None:
+        raise LookalikeError("--admin-token: items can be added only to an index loaded from its folder")
 
     def check(authorization: str | None) -> None:
         if not authorized(authorization, token):

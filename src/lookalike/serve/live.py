@@ -21,7 +21,7 @@ class LiveIndex:
         self.index = index
         self.manifest = None if index.folder is None else index.folder / MANIFEST_FILE
         self.seen = self._stamp()
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # one reload at a time (requests on several threads may see the change)
 
     def _stamp(self) -> tuple[int, int, int] | None:
         """manifest.json's inode, size and mtime: an update renames a new file into place, so the inode changes."""
@@ -29,8 +29,8 @@ class LiveIndex:
             return None
         try:
             stat = os.stat(self.manifest)
-        except OSError:
-            return self.seen if hasattr(self, "seen") else None
+        except OSError:  # the folder being replaced by a rebuild: try again at the next request
+            return None
         return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
     def current(self) -> GalleryIndex:
