@@ -240,7 +240,8 @@ def _write_generation(
     rows = pd.DataFrame({"path": adding.paths, "label": adding.labels, ID_COLUMN: adding.ids})
     kept = frame[keep].assign(**{ID_COLUMN: _frame_ids(frame)[keep]})
     gallery = pd.concat([kept, rows], ignore_index=True)
-    vectors = np.concatenate([emb.vectors[keep], adding.vectors.astype(np.float32, copy=False).reshape(-1, emb.dim)])
+    kept_vectors = emb.vectors if keep.all() else emb.vectors[keep]  # one copy of the gallery, not two, when adding
+    vectors = np.concatenate([kept_vectors, adding.vectors.astype(np.float32, copy=False).reshape(-1, emb.dim)])
     paths = gallery["path"].to_numpy(str)
     save_csv(gallery, ("path",), folder, folder / new.file(GALLERY_FILE))
     Embeddings(vectors, paths, emb.meta).save(folder / new.file(EMBEDDINGS_FILE))
