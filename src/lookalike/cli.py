@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
 
 from lookalike import __version__
 from lookalike.core.errors import LookalikeError, LookalikeWarning, printable
@@ -450,9 +451,27 @@ def _rank_strips(
     return RankStrips(image_root, query_ids, gallery_ids, rows, top_k)
 
 
-@app.command()
+class _BuildByDefault(TyperGroup):
+    """`lookalike index CONFIG key=value ...` (no sub-command named) runs `lookalike index build CONFIG ...`."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        """Put `build` in front unless the first word names a sub-command or asks for help."""
+        if not args or (args[0] not in self.commands and args[0] != "--help"):
+            args = ["build", *args]
+        return super().parse_args(ctx, args)
+
+
+index_app = typer.Typer(
+    cls=_BuildByDefault,
+    help="Build a served gallery folder (`lookalike index CONFIG`, i.e. `index build`), or update one in place "
+    "(`index add`, `index remove`) without re-embedding the gallery.",
+)
+app.add_typer(index_app, name="index")
+
+
+@index_app.command("build")
 @reports_errors
-def index(
+def index_build(
     args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP),
     export: Optional[Path] = typer.Option(
         None,
@@ -461,7 +480,7 @@ def index(
     ),
 ) -> None:
     """Embed the gallery (serve.gallery rows of data.table) and write serve.index_dir for `lookalike serve`; with
-    index.backend=milvus also into a Milvus collection."""
+    index.backend=milvus also into a Milvus collection. `lookalike index CONFIG ...` is this command."""
     from lookalike.extract_shards import launch_rank
     from lookalike.pipeline import extractor_from_config, table_from_config
     from lookalike.serve import build_index, load_index
@@ -481,6 +500,43 @@ def index(
     out.print(f"serve it with: lookalike serve {folder}")
     if cfg.index.backend == "milvus":
         _export_to_milvus(folder, cfg)
+
+
+@index_app.command("add")
+@reports_errors
+def index_add(
+    index_dir: Path = typer.Argument(..., help="A folder written by `lookalike index`."),
+    source: list[Path] = typer.Argument(
+        ..., help="What to add: a class-per-folder tree, a dataset CSV (every row), or image files."
+    ),
+) -> None:
+    """Embed only SOURCE's images with the folder's own model and add them to its gallery (an id already there is
+    replaced: ids are image paths, or a table's id column); atomic, and a running `lookalike serve` switches to it."""
+    from lookalike.serve.update import add_items, embed_new, read_source
+
+    items = embed_new(index_dir, read_source(source), _progress("embedding the new images", unit="batch"))
+    report = add_items(index_dir, items)
+    out.print(
+        f"updated {index_dir}: {report.added} added, {report.replaced} replaced; {report.size} gallery images "
+        f"(generation {report.generation})",
+        highlight=False,
+    )
+
+
+@index_app.command("remove")
+@reports_errors
+def index_remove(
+    index_dir: Path = typer.Argument(..., help="A folder written by `lookalike index`."),
+    ids: list[str] = typer.Argument(..., help="Ids of the items to remove (their image paths, or a table's id)."),
+) -> None:
+    """Remove gallery items by id without rebuilding; an unknown id is an error and nothing changes."""
+    from lookalike.serve.update import remove_items
+
+    report = remove_items(index_dir, ids)
+    out.print(
+        f"updated {index_dir}: {report.removed} removed; {report.size} gallery images (generation {report.generation})",
+        highlight=False,
+    )
 
 
 def _export_to_milvus(folder: Path, cfg) -> None:
@@ -510,6 +566,13 @@ def serve(
         "--runtime",
         help="Embed queries with torch (model.pt) or onnx (model.onnx in onnxruntime); default: serve.runtime.",
     ),
+    admin_token: Optional[str] = typer.Option(
+        None,
+        "--admin-token",
+        envvar="LOOKALIKE_ADMIN_TOKEN",
+        help="Enable POST /items and DELETE /items/{id} for requests with `Authorization: Bearer TOKEN` (prefer the "
+        "environment variable: a command line is visible to other users). Without it those routes do not exist.",
+    ),
 ) -> None:
     """Search the gallery of INDEX_DIR in the browser: upload or pick a query, compare re-rankers side by side."""
     import uvicorn
@@ -518,8 +581,12 @@ def serve(
     from lookalike.serve.app import create_app, server_config
 
     index = load_index(index_dir, runtime)
-    app_ = create_app(index, host, allow_host or [])
-    out.print(f"lookalike: serving {index_dir} on http://{host}:{port}/ ({index.runtime}; API schema at /openapi.json)")
+    app_ = create_app(index, host, allow_host or [], admin_token or None)
+    writes = "; POST /items and DELETE /items/{id} with the admin token" if admin_token else ""
+    out.print(
+        f"lookalike: serving {index_dir} on http://{host}:{port}/ ({index.runtime}; API schema at "
+        f"/openapi.json{writes})"
+    )
     uvicorn.Server(server_config(app_, index, host, port)).run()
 
 

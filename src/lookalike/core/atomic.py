@@ -85,6 +85,15 @@ def atomic_folder(target: str | os.PathLike) -> Iterator[Path]:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def folder_lock(target: str | os.PathLike) -> Iterator[None]:
+    """Hold the lock that replacing the folder `target` takes (`.{name}.lock` beside it): an in-place update of the
+    folder's files and a rebuild of the whole folder take turns."""
+    target = Path(target)
+    with _held(target.with_name(f".{target.name}.lock")):
+        yield
+
+
 def remove_stale(target: str | os.PathLike, suffix: str = "") -> list[Path]:
     """Remove the temporaries of `target` that no live process writes (left by a killed run); return their paths."""
     target = Path(target)

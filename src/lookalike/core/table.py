@@ -228,7 +228,7 @@ def save_csv(frame: pd.DataFrame, path_columns: tuple[str, ...], root: Path, pat
     folder = Path(path).resolve().parent
     frame = frame.copy()
     for col in path_columns:
-        frame[col] = [p if Path(p).is_absolute() else os.path.relpath((root / p).resolve(), folder) for p in frame[col]]
+        frame[col] = [p if os.path.isabs(p) else os.path.relpath((root / p).resolve(), folder) for p in frame[col]]
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False, errors="surrogateescape")
 

@@ -65,10 +65,13 @@ class FaissIndex:
         self.index, self.size = index, 0
         return self
 
-    def extend(self, vectors: np.ndarray) -> None:
-        """Add one more block of gallery vectors (positions continue after the last); the index must be trained."""
+    def append(self, vectors: np.ndarray) -> FaissIndex:
+        """Add rows after the existing ones (positions len..len+n), without retraining: an update that only adds."""
+        if self.index is None:
+            raise LookalikeError("search: the FAISS index is empty; call add(gallery) first")
         self.index.add(self._prepare(vectors))
-        self.size += len(vectors)
+        self.size = self.index.ntotal
+        return self
 
     def save(self, path: str) -> None:
         """Write the built index to a file (FAISS's own format)."""
@@ -184,7 +187,7 @@ def build_faiss_from_shards(
     total = _shard_count(shards)
     ids = []
     for block_ids, vectors in progress(blocks, total) if progress is not None else blocks:
-        built.extend(vectors)
+        built.append(vectors)
         ids.append(np.asarray(block_ids))
     built.ids = np.concatenate(ids)
     return built

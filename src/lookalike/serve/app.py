@@ -23,8 +23,10 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from lookalike import __version__
 from lookalike.core.errors import LookalikeError
+from lookalike.serve.admin import add_item_routes
 from lookalike.serve.guards import BodyGuard, SecurityHeaders, allowed_hosts, header_deadline_protocol
 from lookalike.serve.index import Column, GalleryIndex, IndexBusy, serve_limits
+from lookalike.serve.live import LiveIndex
 from lookalike.serve.uploads import UploadRejected, decode_upload
 
 STATIC = Path(__file__).with_name("static")
@@ -43,6 +45,7 @@ class Health(BaseModel):
     rerankers: list[str]
     max_k: int
     max_upload_bytes: int
+    generation: int  # the gallery's update generation (0 as built; +1 per add/remove); gallery ids belong to it
 
 
 class Item(BaseModel):
@@ -62,13 +65,23 @@ class SearchResponse(BaseModel):
     query_label: str | None
     k: int
     columns: list[Ranking]
+    gallery_size: int  # the gallery this answer searched (an update between searches changes it)
+    generation: int  # its update generation: the ids above are positions in that generation's gallery
 
 
-def create_app(index: GalleryIndex, host: str = "127.0.0.1", extra_hosts: tuple[str, ...] | list[str] = ()) -> FastAPI:
-    """The app over one loaded index: GET / (the page), GET /health, GET /image/{id}, POST /search. It answers only
-    Host names of allowed_hosts(host, serve.allowed_hosts + extra_hosts); bodies are counted as they arrive."""
+def create_app(
+    index: GalleryIndex,
+    host: str = "127.0.0.1",
+    extra_hosts: tuple[str, ...] | list[str] = (),
+    admin_token: str | None = None,
+) -> FastAPI:
+    """The app over one index folder: GET / (the page), GET /health, GET /image/{id}, POST /search; with an
+    `admin_token`, also POST /items and DELETE /items/{id} (Authorization: Bearer TOKEN). It answers only Host names of
+    allowed_hosts(host, serve.allowed_hosts + extra_hosts); bodies are counted as they arrive; an update of the folder
+    is picked up between searches."""
     limits = index.limits
     max_bytes = int(limits.max_upload_mb * 1_000_000)
+    live = LiveIndex(index)
     app = FastAPI(
         title="lookalike",
         version=__version__,
@@ -99,24 +112,27 @@ def create_app(index: GalleryIndex, host: str = "127.0.0.1", extra_hosts: tuple[
     @app.get("/health", response_model=Health)
     def health() -> Health:
         """Liveness, and what this index offers."""
+        now = live.current()
         return Health(
             status="ok",
-            gallery_size=len(index),
-            model=index.manifest.model.name,
-            runtime=index.runtime,
-            metric=index.metric,
-            index=index.manifest.search.index,
-            rerankers=list(index.rerankers),
+            gallery_size=len(now),
+            model=now.manifest.model.name,
+            runtime=now.runtime,
+            metric=now.metric,
+            index=now.manifest.search.index,
+            rerankers=list(now.rerankers),
             max_k=MAX_K,
             max_upload_bytes=max_bytes,
+            generation=now.generation,
         )
 
     @app.get("/image/{gallery_id}", responses={200: {"content": {"image/png": {}}}, 404: {}})
     def image(gallery_id: Annotated[int, PathParam(ge=0, description="a gallery id from /search")]) -> Response:
         """A gallery image as a PNG thumbnail; only gallery ids are accepted, never file paths."""
-        if gallery_id >= len(index):
-            raise HTTPException(404, f"gallery id {gallery_id} does not exist (the gallery has {len(index)} images)")
-        return Response(index.thumbnail(gallery_id), media_type="image/png", headers={"Cache-Control": "max-age=3600"})
+        now = live.current()
+        if gallery_id >= len(now):
+            raise HTTPException(404, f"gallery id {gallery_id} does not exist (the gallery has {len(now)} images)")
+        return Response(now.thumbnail(gallery_id), media_type="image/png", headers={"Cache-Control": "max-age=3600"})
 
     @app.post("/search", response_model=SearchResponse)
     async def search(
@@ -128,12 +144,12 @@ def create_app(index: GalleryIndex, host: str = "127.0.0.1", extra_hosts: tuple[
         """The original top-k and each chosen re-ranker's top-k, for an uploaded image or a gallery item."""
         if (file is None) == (gallery_id is None):
             raise HTTPException(400, "search: give exactly one of file (an image upload) or gallery_id")
-        if gallery_id is not None and gallery_id >= len(index):
-            raise HTTPException(404, f"gallery id {gallery_id} does not exist (the gallery has {len(index)} images)")
         names = [n for n in rerankers if n]
         upload = None if file is None else await file.read(max_bytes + 1)
         try:
-            columns = await worker.run(run_search, index, upload, gallery_id, k, names)
+            now, columns = await worker.run(run_search, live, upload, gallery_id, k, names)
+        except UnknownGalleryId as exc:
+            raise HTTPException(404, str(exc)) from None
         except UploadRejected as exc:
             raise HTTPException(exc.status, str(exc)) from None
         except IndexBusy as exc:
@@ -142,11 +158,15 @@ def create_app(index: GalleryIndex, host: str = "127.0.0.1", extra_hosts: tuple[
             raise HTTPException(400, str(exc)) from None
         return SearchResponse(
             query_gallery_id=gallery_id,
-            query_label=None if gallery_id is None else str(index.labels[gallery_id]),
+            query_label=None if gallery_id is None else str(now.labels[gallery_id]),
             k=k,
-            columns=[_ranking(column, index) for column in columns],
+            columns=[_ranking(column, now) for column in columns],
+            gallery_size=len(now),
+            generation=now.generation,
         )
 
+    if admin_token:
+        add_item_routes(app, live, admin_token, max_bytes)
     return app
 
 
@@ -175,18 +195,26 @@ class SearchWorker:
         return await asyncio.wrap_future(self.pool.submit(job))
 
 
+class UnknownGalleryId(LookalikeError):
+    """A gallery id past the end of the gallery a search took (the app answers 404)."""
+
+
 def run_search(
-    index: GalleryIndex, upload: bytes | None, gallery_id: int | None, k: int, names: list[str]
-) -> list[Column]:
-    """The columns of one search, for an uploaded image's bytes or a gallery item."""
+    live: LiveIndex, upload: bytes | None, gallery_id: int | None, k: int, names: list[str]
+) -> tuple[GalleryIndex, list[Column]]:
+    """The gallery as it is now and the columns of one search over it, for an uploaded image's bytes or a gallery
+    item."""
+    index = live.current()  # the whole search (and its answer) uses this one generation
     if upload is None:
-        return index.search(index.gallery.vectors[gallery_id], k, names, gallery_position=gallery_id)
+        if gallery_id >= len(index):
+            raise UnknownGalleryId(f"gallery id {gallery_id} does not exist (the gallery has {len(index)} images)")
+        return index, index.search(index.gallery.vectors[gallery_id], k, names, gallery_position=gallery_id)
     limits = index.limits
     image = decode_upload(
         upload, int(limits.max_upload_mb * 1_000_000), limits.max_pixels, limits.max_aspect_ratio, index.short_side
     )
     with saved_image(image) if index.reads_images(names) else nullcontext() as path:
-        return index.search(index.embed(image), k, names, image_path=path)
+        return index, index.search(index.embed(image), k, names, image_path=path)
 
 
 def server_config(app: FastAPI, index: GalleryIndex, host: str, port: int) -> uvicorn.Config:

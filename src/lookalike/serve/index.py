@@ -10,7 +10,7 @@ import threading
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -211,6 +211,7 @@ class GalleryIndex:
     faiss: FaissIndex | None = None
     cache: dict = field(default_factory=dict)  # re-rankers' gallery neighbour lists, shared by all searches
     lock: threading.Lock = field(default_factory=threading.Lock)
+    folder: Path | None = None  # where it was loaded from (None: built in memory)
 
     def __post_init__(self) -> None:
         self.limits = self.manifest.serve  # serve.* as the index was built (an older index: today's defaults)
@@ -218,6 +219,21 @@ class GalleryIndex:
         self.paths = self.table.paths
         self.labels = self.table.labels.astype(str)
         self.boxes = self.table.boxes
+
+    @property
+    def generation(self) -> int:
+        """The folder generation this gallery is (0 as built; +1 per `lookalike index add/remove`)."""
+        return self.manifest.generation
+
+    def refreshed(self, manifest: IndexManifest) -> GalleryIndex:
+        """This index with the gallery of `manifest`'s generation read from its folder: same model, re-rankers and
+        lock (one model, one search at a time), fresh caches."""
+        if self.folder is None:
+            raise LookalikeError("refresh: this index was not loaded from a folder")
+        check_files(self.folder, manifest)
+        emb, table = read_gallery(self.folder, manifest)
+        faiss = _load_faiss(self.folder, manifest)
+        return replace(self, gallery=emb, table=table, manifest=manifest, faiss=faiss, cache={})
 
     @property
     def metric(self) -> str:
@@ -449,31 +465,56 @@ def load_index(folder: str | os.PathLike, runtime: str | None = None) -> Gallery
     queries."""
     folder = Path(folder)
     manifest = read_manifest(folder)
-    needed = [MODEL_FILE, GALLERY_FILE, EMBEDDINGS_FILE] + ([FAISS_FILE] if manifest.search.index != "exact" else [])
+    check_files(folder, manifest)
+    model, transform = _query_model(folder, manifest, runtime or manifest.serve.runtime)
+    emb, table = read_gallery(folder, manifest)
+    return GalleryIndex(
+        model,
+        transform,
+        emb,
+        table,
+        manifest,
+        servable_rerankers(unpack_weights(manifest.rerank, folder), manifest.columns),
+        _load_faiss(folder, manifest),
+        folder=folder,
+    )
+
+
+def check_files(folder: Path, manifest: IndexManifest) -> None:
+    """A one-line error when a file the manifest's generation needs is missing."""
+    needed = [MODEL_FILE] + [manifest.file(name) for name in gallery_files(manifest)]
     missing = [name for name in needed if not (folder / name).is_file()]
     if missing:
         raise LookalikeError(
             f"{folder / missing[0]}: missing (the index folder holds {', '.join(needed)}; rebuild with `lookalike "
             "index`)"
         )
-    model, transform = _query_model(folder, manifest, runtime or manifest.serve.runtime)
-    gallery = pd.read_csv(folder / GALLERY_FILE, dtype={"label": str, "path": str}, encoding_errors="surrogateescape")
-    gallery["label"] = gallery["label"].fillna("")
-    emb = Embeddings.load(folder / EMBEDDINGS_FILE)
-    if len(emb) != len(gallery) or not np.array_equal(emb.ids, gallery["path"].to_numpy(str)):
+
+
+def gallery_files(manifest: IndexManifest) -> list[str]:
+    """The base names of the files an update rewrites: gallery table, embeddings and (unless exact) the FAISS index."""
+    return [GALLERY_FILE, EMBEDDINGS_FILE] + ([FAISS_FILE] if manifest.search.index != "exact" else [])
+
+
+def read_gallery(folder: Path, manifest: IndexManifest) -> tuple[Embeddings, DatasetTable]:
+    """The embeddings and gallery table of the manifest's generation; ids that disagree are one line."""
+    emb, frame = read_gallery_frame(folder, manifest)
+    return emb, DatasetTable(frame, folder, str(folder / manifest.file(GALLERY_FILE)))
+
+
+def read_gallery_frame(folder: Path, manifest: IndexManifest) -> tuple[Embeddings, pd.DataFrame]:
+    """The embeddings and the gallery CSV's rows (path, label, boxes, id) of the manifest's generation, checked to
+    agree."""
+    gallery_csv, embeddings = folder / manifest.file(GALLERY_FILE), folder / manifest.file(EMBEDDINGS_FILE)
+    frame = pd.read_csv(gallery_csv, dtype={"label": str, "path": str, "id": str}, encoding_errors="surrogateescape")
+    frame["label"] = frame["label"].fillna("")
+    emb = Embeddings.load(embeddings)
+    if len(emb) != len(frame) or not np.array_equal(emb.ids, frame["path"].to_numpy(str)):
         raise LookalikeError(
-            f"{folder / EMBEDDINGS_FILE}: its ids are not the {len(gallery)} paths of {GALLERY_FILE} (rebuild with "
+            f"{embeddings}: its ids are not the {len(frame)} paths of {gallery_csv.name} (rebuild with "
             "`lookalike index`)"
         )
-    return GalleryIndex(
-        model,
-        transform,
-        emb,
-        DatasetTable(gallery, folder, str(folder / GALLERY_FILE)),
-        manifest,
-        servable_rerankers(unpack_weights(manifest.rerank, folder), manifest.columns),
-        _load_faiss(folder, manifest.search),
-    )
+    return emb, frame
 
 
 def _query_model(folder: Path, manifest: IndexManifest, runtime: str) -> tuple[Extractor | OnnxExtractor, Any]:
@@ -494,6 +535,9 @@ def _query_model(folder: Path, manifest: IndexManifest, runtime: str) -> tuple[E
     return extractor.eval(), transforms_for(manifest.transform, manifest.transform)
 
 
-def _load_faiss(folder: Path, search: SearchSettings) -> FaissIndex | None:
-    """The saved FAISS index; None for exact search."""
-    return None if search.index == "exact" else FaissIndex.load(folder / FAISS_FILE, search.index, search.metric)
+def _load_faiss(folder: Path, manifest: IndexManifest) -> FaissIndex | None:
+    """The saved FAISS index of the manifest's generation; None for exact search."""
+    search = manifest.search
+    if search.index == "exact":
+        return None
+    return FaissIndex.load(folder / manifest.file(FAISS_FILE), search.index, search.metric)

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lookalike import __version__
 from lookalike.config import Metric, PositiveInt, RerankStep, ServeConfig, validation_message
+from lookalike.core.atomic import write_text_atomic
 from lookalike.core.errors import LookalikeError
 
 FORMAT_VERSION = 1  # raise it when a field changes meaning; add a reader of the old version beside it
@@ -65,10 +66,19 @@ class IndexManifest(_Part):
     provenance: dict[str, Any] = {}  # lookalike.provenance.record of the config that built the folder
     images_root: str | None = None  # reserved: a folder the gallery paths are relative to (None: absolute paths)
     backend: str | None = None  # reserved: the search backend's name beyond search.index (None: search.index alone)
+    generation: int = Field(0, ge=0)  # bumped by every `lookalike index add/remove`; names the gallery files in use
+
+    def file(self, name: str) -> str:
+        """The file of this generation holding `name` (gallery.csv, embeddings.npz, faiss.index): the name itself at
+        generation 0 (as built), else `stem.gN.suffix`, so an update writes new files beside the ones being served."""
+        if self.generation == 0:
+            return name
+        stem, dot, suffix = name.partition(".")
+        return f"{stem}.g{self.generation}{dot}{suffix}"
 
     def write(self, folder: Path) -> None:
-        """Write manifest.json into `folder` (a folder being written atomically as a whole)."""
-        (folder / MANIFEST_FILE).write_text(self.model_dump_json(indent=2) + "\n")
+        """Write manifest.json into `folder` atomically (renamed into place: a reader sees the old or the new one)."""
+        write_text_atomic(folder / MANIFEST_FILE, self.model_dump_json(indent=2) + "\n")
 
 
 def read_manifest(folder: Path) -> IndexManifest:

@@ -6,14 +6,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pandas as pd
-
-from lookalike.core.embeddings import Embeddings
-from lookalike.core.errors import LookalikeError
 from lookalike.progress import Progress
 from lookalike.search.milvus import RESERVED, MilvusGallery
-from lookalike.serve.index import EMBEDDINGS_FILE, GALLERY_FILE
+from lookalike.serve.index import read_gallery_frame
 from lookalike.serve.manifest import read_manifest
 
 
@@ -39,11 +34,9 @@ def export_index_to_milvus(
         The filled gallery: ids and paths are the gallery's image paths, labels its labels, other columns metadata.
     """
     folder = Path(folder)
-    metric = read_manifest(folder).search.metric
-    emb = Embeddings.load(folder / EMBEDDINGS_FILE)
-    table = pd.read_csv(folder / GALLERY_FILE, dtype={"label": str, "path": str}, encoding_errors="surrogateescape")
-    if len(table) != len(emb) or not np.array_equal(table["path"].to_numpy(str), emb.ids):
-        raise LookalikeError(f"{folder / EMBEDDINGS_FILE}: its ids are not the {len(table)} paths of {GALLERY_FILE}")
+    manifest = read_manifest(folder)
+    metric = manifest.search.metric
+    emb, table = read_gallery_frame(folder, manifest)  # the generation in use (after `lookalike index add/remove`)
     gallery = MilvusGallery.connect(uri, collection, emb.dim, metric, index, params)
     metadata = {name: table[name].to_numpy(object) for name in table.columns if name not in RESERVED}
     gallery.add(emb.ids, emb.vectors, emb.ids, table["label"].fillna("").to_numpy(str), metadata, progress)
