@@ -76,7 +76,7 @@ def test_sampled_training_equals_one_go_on_the_same_sample(tmp_path):
     built = build_faiss_from_shards(folder, "IVF16,PQ4x4", train_size=1_000, seed=3, nprobe=4)
     sample = sample_shards(((None, x[i : i + SHARD]) for i in range(0, N, SHARD)), 1_000, seed=3)
     whole = FaissIndex("IVF16,PQ4x4", nprobe=4).train(sample)
-    whole.extend(x)
+    whole.append(x)
     q = clustered(50, D, seed=1)
     np.testing.assert_array_equal(built.search(q, 10)[0], whole.search(q, 10)[0])
     assert len(sample) == 1_000 and len(np.unique(sample, axis=0)) == 1_000
