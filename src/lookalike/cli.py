@@ -461,7 +461,7 @@ def index(
     ),
 ) -> None:
     """Embed the gallery (serve.gallery rows of data.table) and write serve.index_dir for `lookalike serve`; with
-    index.backend=milvus also into a Milvus collection."""
+    index.backend=milvus the vectors (with path, label and metadata) go into a Milvus collection the folder names."""
     from lookalike.extract_shards import launch_rank
     from lookalike.pipeline import extractor_from_config, table_from_config
     from lookalike.serve import build_index, load_index
@@ -478,9 +478,9 @@ def index(
         f"wrote {folder}: {len(built)} gallery images, {cfg.model.name}, {cfg.search.index} search, "
         f"re-rankers: {', '.join(built.rerankers) or 'none'}"
     )
+    if built.milvus is not None:
+        out.print(f"vectors in Milvus {built.manifest.uri}, collection {built.manifest.collection}: {len(built)} items")
     out.print(f"serve it with: lookalike serve {folder}")
-    if cfg.index.backend == "milvus":
-        _export_to_milvus(folder, cfg)
 
 
 def _export_to_milvus(folder: Path, cfg) -> None:

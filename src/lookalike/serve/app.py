@@ -23,6 +23,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from lookalike import __version__
 from lookalike.core.errors import LookalikeError
+from lookalike.search.milvus import MAX_FILTER
 from lookalike.serve.guards import BodyGuard, SecurityHeaders, allowed_hosts, header_deadline_protocol
 from lookalike.serve.index import Column, GalleryIndex, IndexBusy, serve_limits
 from lookalike.serve.uploads import UploadRejected, decode_upload
@@ -40,6 +41,7 @@ class Health(BaseModel):
     runtime: str  # what embeds uploads: torch or onnx (onnxruntime)
     metric: str
     index: str
+    backend: str  # where the vectors are searched: faiss (in-process, exact or FAISS) or milvus (filters work)
     rerankers: list[str]
     max_k: int
     max_upload_bytes: int
@@ -106,6 +108,7 @@ def create_app(index: GalleryIndex, host: str = "127.0.0.1", extra_hosts: tuple[
             runtime=index.runtime,
             metric=index.metric,
             index=index.manifest.search.index,
+            backend=index.manifest.backend or "faiss",
             rerankers=list(index.rerankers),
             max_k=MAX_K,
             max_upload_bytes=max_bytes,
@@ -124,6 +127,9 @@ def create_app(index: GalleryIndex, host: str = "127.0.0.1", extra_hosts: tuple[
         gallery_id: Annotated[int | None, Form(ge=0, description="a gallery item as the query")] = None,
         k: Annotated[int, Form(ge=1, le=MAX_K)] = 10,
         rerankers: Annotated[list[str], Form(description="re-ranker column names from /health, one field each")] = [],
+        filter: Annotated[
+            str, Form(max_length=MAX_FILTER, description="a Milvus filter on metadata (index.backend=milvus)")
+        ] = "",
     ) -> SearchResponse:
         """The original top-k and each chosen re-ranker's top-k, for an uploaded image or a gallery item."""
         if (file is None) == (gallery_id is None):
@@ -133,7 +139,7 @@ def create_app(index: GalleryIndex, host: str = "127.0.0.1", extra_hosts: tuple[
         names = [n for n in rerankers if n]
         upload = None if file is None else await file.read(max_bytes + 1)
         try:
-            columns = await worker.run(run_search, index, upload, gallery_id, k, names)
+            columns = await worker.run(run_search, index, upload, gallery_id, k, names, filter)
         except UploadRejected as exc:
             raise HTTPException(exc.status, str(exc)) from None
         except IndexBusy as exc:
@@ -176,17 +182,17 @@ class SearchWorker:
 
 
 def run_search(
-    index: GalleryIndex, upload: bytes | None, gallery_id: int | None, k: int, names: list[str]
+    index: GalleryIndex, upload: bytes | None, gallery_id: int | None, k: int, names: list[str], filter: str = ""
 ) -> list[Column]:
-    """The columns of one search, for an uploaded image's bytes or a gallery item."""
+    """The columns of one search, for an uploaded image's bytes or a gallery item, among the items passing `filter`."""
     if upload is None:
-        return index.search(index.gallery.vectors[gallery_id], k, names, gallery_position=gallery_id)
+        return index.search(index.vector(gallery_id), k, names, gallery_position=gallery_id, filter=filter)
     limits = index.limits
     image = decode_upload(
         upload, int(limits.max_upload_mb * 1_000_000), limits.max_pixels, limits.max_aspect_ratio, index.short_side
     )
     with saved_image(image) if index.reads_images(names) else nullcontext() as path:
-        return index.search(index.embed(image), k, names, image_path=path)
+        return index.search(index.embed(image), k, names, image_path=path, filter=filter)
 
 
 def server_config(app: FastAPI, index: GalleryIndex, host: str, port: int) -> uvicorn.Config:

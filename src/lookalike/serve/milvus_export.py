@@ -12,9 +12,10 @@ import pandas as pd
 from lookalike.core.embeddings import Embeddings
 from lookalike.core.errors import LookalikeError
 from lookalike.progress import Progress
-from lookalike.search.milvus import RESERVED, MilvusGallery
+from lookalike.search.milvus import MilvusGallery
 from lookalike.serve.index import EMBEDDINGS_FILE, GALLERY_FILE
 from lookalike.serve.manifest import read_manifest
+from lookalike.serve.milvus_backend import store_gallery
 
 
 def export_index_to_milvus(
@@ -36,7 +37,8 @@ def export_index_to_milvus(
         progress: wraps the loop over insert batches.
 
     Returns:
-        The filled gallery: ids and paths are the gallery's image paths, labels its labels, other columns metadata.
+        The filled gallery: ids and paths are the gallery's image paths, labels its labels, other columns (but
+        split, is_query, is_gallery and the box) metadata.
     """
     folder = Path(folder)
     metric = read_manifest(folder).search.metric
@@ -45,6 +47,4 @@ def export_index_to_milvus(
     if len(table) != len(emb) or not np.array_equal(table["path"].to_numpy(str), emb.ids):
         raise LookalikeError(f"{folder / EMBEDDINGS_FILE}: its ids are not the {len(table)} paths of {GALLERY_FILE}")
     gallery = MilvusGallery.connect(uri, collection, emb.dim, metric, index, params)
-    metadata = {name: table[name].to_numpy(object) for name in table.columns if name not in RESERVED}
-    gallery.add(emb.ids, emb.vectors, emb.ids, table["label"].fillna("").to_numpy(str), metadata, progress)
-    return gallery
+    return store_gallery(gallery, emb.vectors, table, progress)
