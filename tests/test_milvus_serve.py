@@ -89,6 +89,13 @@ def test_a_filter_keeps_only_matching_items_for_uploads_and_gallery_queries(inde
     assert len(columns[0].positions) == 19  # the other 19 drawings of that character
 
 
+@pytest.mark.parametrize("gallery_id", [None, 5])
+def test_a_filter_no_item_passes_finds_nothing(index, omniglot_small, gallery_id):
+    upload = None if gallery_id is not None else next(omniglot_small.rglob("*.png")).read_bytes()
+    columns = run_search(index, upload, gallery_id, 10, ["kreciprocal"], 'parity == "none"')
+    assert [len(c.positions) for c in columns] == [0, 0]
+
+
 @pytest.mark.parametrize(
     ("expression", "message"),
     [("parity === 'odd'", r"^filter: Milvus cannot use"), ("x" * 5000, r"^filter: 5000 characters, at most 4096$")],

@@ -525,6 +525,33 @@ def serve(
 
 @app.command()
 @reports_errors
+def query(
+    index_dir: Path = typer.Argument(..., help="A folder written by `lookalike index`."),
+    image: Path = typer.Argument(..., help="The query image file."),
+    k: int = typer.Option(10, "--k", help="How many gallery items to list."),
+    reranker: Optional[str] = typer.Option(None, "--reranker", help="One of the index's re-rankers (column name)."),
+    filter: Optional[str] = typer.Option(
+        None,
+        "--filter",
+        help="Milvus filter on the gallery's fields and metadata, e.g. 'alphabet == \"Greek\"' (index.backend=milvus).",
+    ),
+) -> None:
+    """List the K gallery items of INDEX_DIR nearest to IMAGE: rank, distance, label, path."""
+    from lookalike.serve import load_index
+
+    index = load_index(index_dir)
+    try:
+        hits = index.query(image, k, reranker, filter)
+    finally:
+        index.close()
+    shown = f" passing {filter}" if filter else ""
+    out.print(f"{len(hits)} nearest of {len(index)} gallery items{shown} (rank, distance, label, path):", markup=False)
+    for rank, row in hits.iterrows():
+        out.print(f"{rank}\t{row.distance:.4f}\t{row.label}\t{row.path}", markup=False, highlight=False)
+
+
+@app.command()
+@reports_errors
 def export(
     weights: Path = typer.Argument(..., help="An extractor checkpoint (model.weights) or a pairwise checkpoint."),
     args: Optional[list[str]] = typer.Argument(

@@ -185,7 +185,7 @@ def build_index(cfg: Config, table: DatasetTable, extractor: Extractor, progress
         frame = frame.join(gallery.frame[metadata_columns(gallery.frame)])  # filterable in Milvus
         save_csv(frame, ("path",), folder, folder / GALLERY_FILE)
         if manifest.backend == "milvus":
-            _write_milvus(cfg, emb.vectors, frame, progress)
+            _write_milvus(cfg, emb.vectors, frame)
         else:
             _save_vectors(cfg, folder, Embeddings(emb.vectors, paths, {**emb.meta, "provenance": manifest.provenance}))
     merged.unlink(missing_ok=True)
@@ -207,13 +207,13 @@ def _backend_fields(cfg: Config) -> dict[str, Any]:
     return {"backend": "milvus", "uri": uri, "collection": cfg.index.collection, "milvus_index": cfg.index.type}
 
 
-def _write_milvus(cfg: Config, vectors: np.ndarray, frame: pd.DataFrame, progress: Progress | None) -> None:
+def _write_milvus(cfg: Config, vectors: np.ndarray, frame: pd.DataFrame) -> None:
     """Upsert the gallery into index.collection at index.uri (created for these vectors under search.metric when
     absent), then close the connection: a Milvus Lite file opens in one process at a time, and `serve` needs it next."""
     dim = vectors.shape[1]
     store = MilvusGallery.connect(cfg.index.uri, cfg.index.collection, dim, cfg.search.metric, cfg.index.type)
     try:
-        store_gallery(store, vectors, frame, progress)
+        store_gallery(store, vectors, frame)
     finally:
         store.close()
 
@@ -438,7 +438,7 @@ class GalleryIndex:
             shown = self._positions(original)
             columns = [_column("original", shown, shown, k)]
             for name in rerankers:
-                reranked = self.rerankers[name].rerank(original, context)
+                reranked = self.rerankers[name].rerank(original, context) if original.valid.any() else original
                 check_ascending(reranked)
                 columns.append(_column(name, self._positions(reranked), shown, k))
         return columns

@@ -76,7 +76,8 @@ def search_candidates(
     found = store.search(queries.vectors, m + (own_id is not None), expression, queries.ids)
     if own_id is None:
         return found
-    own = found.valid & (found.gallery_ids[np.maximum(found.indices, 0)] == own_id)
+    names = found.gallery_ids[np.maximum(found.indices, 0)] if len(found.gallery_ids) else found.indices.astype(str)
+    own = found.valid & (names == own_id)  # nothing found (a filter no item passes): nothing to drop
     index, dist = order_by_distance(np.where(own, PAD, found.indices), np.where(own, np.inf, found.distances))
     return RetrievalResults(index[:, :m], dist[:, :m], found.query_ids, found.gallery_ids, found.meta)
 
