@@ -101,7 +101,7 @@ def test_serve_your_own_collection_runs_as_written(workdir, monkeypatch, capsys)
     manifest = json.loads((workdir / "runs" / "collection" / "manifest.json").read_text())
     assert (manifest["backend"], manifest["collection"]) == ("milvus", "omniglot")
     assert not (workdir / "runs" / "collection" / "embeddings.npz").exists()
-    listed = [row.split("\t") for row in shell[1].splitlines() if row.count("\t") == 3]
+    listed = [row.split(maxsplit=3) for row in shell[1].splitlines() if row.split(maxsplit=1)[0].isdigit()]
     assert len(listed) == 5 and all(label.startswith("Latin/") for _, _, label, _ in listed), shell[1]
     answer = json.loads(shell[2].splitlines()[-1])
     labels = [item["label"] for item in answer["columns"][0]["items"]]

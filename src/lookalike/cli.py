@@ -547,7 +547,7 @@ def query(
     shown = f" passing {filter}" if filter else ""
     out.print(f"{len(hits)} nearest of {len(index)} gallery items{shown} (rank, distance, label, path):", markup=False)
     for rank, row in hits.iterrows():
-        out.print(f"{rank}\t{row.distance:.4f}\t{row.label}\t{row.path}", markup=False, highlight=False)
+        out.print(f"{rank:>3}  {row.distance:.4f}  {row.label}  {row.path}", markup=False, highlight=False)
 
 
 @app.command()

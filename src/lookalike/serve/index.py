@@ -209,7 +209,8 @@ def _backend_fields(cfg: Config) -> dict[str, Any]:
 
 def _write_milvus(cfg: Config, vectors: np.ndarray, frame: pd.DataFrame) -> None:
     """Upsert the gallery into index.collection at index.uri (created for these vectors under search.metric when
-    absent), then close the connection: a Milvus Lite file opens in one process at a time, and `serve` needs it next."""
+    absent), then close the connection. A Milvus Lite file stays locked by this process's embedded server until the
+    process exits: `lookalike index` (its own process) leaves it free for `lookalike serve`."""
     dim = vectors.shape[1]
     store = MilvusGallery.connect(cfg.index.uri, cfg.index.collection, dim, cfg.search.metric, cfg.index.type)
     try:
@@ -379,7 +380,8 @@ class GalleryIndex:
         )
 
     def close(self) -> None:
-        """Close the Milvus connection of a Milvus-backed index (a Milvus Lite file opens in one process at a time)."""
+        """Close the Milvus connection of a Milvus-backed index (a Milvus Lite file stays locked until the process
+        exits: one process at a time searches it)."""
         if self.milvus is not None:
             self.milvus.close()
 
