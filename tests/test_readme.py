@@ -59,14 +59,14 @@ def test_readme_python_blocks_run_in_order(workdir, monkeypatch, capsys):
 def without_walkthrough(text: str) -> str:
     """The README less the "Serve your own collection" section, whose steps (shell and Python) its own test runs."""
     start = text.index(WALKTHROUGH)
-    end = text.find("\n#", start + len(WALKTHROUGH))
+    end = text.find("\n##", start + len(WALKTHROUGH))  # the next heading
     return text[:start] + text[end:]
 
 
 def walkthrough_blocks(text: str) -> list[tuple[str, int, str]]:
     """The "Serve your own collection" section's ```bash and ```python blocks as (language, line, code), in order."""
     start = text.index(WALKTHROUGH)
-    end = text.find("\n#", start + len(WALKTHROUGH))
+    end = text.find("\n##", start + len(WALKTHROUGH))  # the next heading
     return [(m.group(1), text.count("\n", 0, m.start(2)) + 1, m.group(2)) for m in FENCE.finditer(text, start, end)]
 
 
@@ -101,7 +101,8 @@ def test_serve_your_own_collection_runs_as_written(workdir, monkeypatch, capsys)
     manifest = json.loads((workdir / "runs" / "collection" / "manifest.json").read_text())
     assert (manifest["backend"], manifest["collection"]) == ("milvus", "omniglot")
     assert not (workdir / "runs" / "collection" / "embeddings.npz").exists()
-    listed = [row.split(maxsplit=3) for row in shell[1].splitlines() if row.split(maxsplit=1)[0].isdigit()]
+    rows = shell[1].split("(rank, distance, label, path):\n", 1)[1].splitlines()  # after `lookalike query`'s header
+    listed = [row.split(maxsplit=3) for row in rows if row.strip()]
     assert len(listed) == 5 and all(label.startswith("Latin/") for _, _, label, _ in listed), shell[1]
     answer = json.loads(shell[2].splitlines()[-1])
     labels = [item["label"] for item in answer["columns"][0]["items"]]
