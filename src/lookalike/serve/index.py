@@ -182,7 +182,7 @@ def build_index(cfg: Config, table: DatasetTable, extractor: Extractor, progress
             else pd.DataFrame(index=range(len(gallery)))
         )
         frame = pd.DataFrame({"path": paths, "label": gallery.labels.astype(str)}).join(boxes)
-        frame = frame.join(gallery.frame[metadata_columns(gallery.frame)])  # filterable in Milvus
+        frame = frame.assign(**{name: gallery.column(name) for name in metadata_columns(gallery.column_names)})
         save_csv(frame, ("path",), folder, folder / GALLERY_FILE)
         if manifest.backend == "milvus":
             _write_milvus(cfg, emb.vectors, frame)

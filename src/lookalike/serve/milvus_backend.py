@@ -3,6 +3,7 @@ and searching them for `GalleryIndex`, where results come back as gallery positi
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -19,9 +20,9 @@ from lookalike.search.milvus import RESERVED, MilvusGallery
 NOT_METADATA = (*RESERVED, *REQUIRED_COLUMNS, *BBOX_COLUMNS)  # table columns Milvus does not get as metadata
 
 
-def metadata_columns(frame: pd.DataFrame) -> list[str]:
+def metadata_columns(names: Iterable[str]) -> list[str]:
     """The gallery table's columns stored as Milvus metadata (filterable): all but its own and the table's fields."""
-    return [name for name in frame.columns if name not in NOT_METADATA]
+    return [name for name in names if name not in NOT_METADATA]
 
 
 def store_gallery(
@@ -40,7 +41,7 @@ def store_gallery(
     """
     paths = frame["path"].to_numpy(str)
     labels = frame["label"].fillna("").astype(str).to_numpy(str)
-    metadata = {name: frame[name].to_numpy(object) for name in metadata_columns(frame)}
+    metadata = {name: frame[name].to_numpy(object) for name in metadata_columns(frame.columns)}
     store.add(paths, vectors, paths, labels, metadata, progress)
     return store
 
