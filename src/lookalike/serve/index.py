@@ -425,16 +425,7 @@ class GalleryIndex:
         table = self._table_with(image_path) if not own and self.reads_images(rerankers) else self.table
         with self._model():
             if self.milvus is None:
-                _no_filter(filter, self.manifest.search.index)
-                context = RerankContext(
-                    queries=queries,
-                    gallery=self.gallery,
-                    metric=self.metric,
-                    exclude=exclude,
-                    table=table,
-                    cache=self.cache,
-                )
-                original = self._search(queries, m, exclude)
+                original, context = self._search_memory(queries, m, exclude, table, filter)
             else:
                 original, context = self._search_milvus(queries, m, gallery_position, table, filter)
             shown = self._positions(original)
@@ -450,6 +441,16 @@ class GalleryIndex:
         if self.milvus is None:
             return self.gallery.vectors[position]
         return self.milvus.vectors([self.gallery.ids[position]])[0]
+
+    def _search_memory(
+        self, queries: Embeddings, m: int, exclude, table: DatasetTable, filter: str | None
+    ) -> tuple[RetrievalResults, RerankContext]:
+        """The in-process search (exact or FAISS) over the whole gallery, and its re-rank context (shared cache)."""
+        _no_filter(filter, self.manifest.search.index)
+        context = RerankContext(
+            queries=queries, gallery=self.gallery, metric=self.metric, exclude=exclude, table=table, cache=self.cache
+        )
+        return self._search(queries, m, exclude), context
 
     def _search_milvus(
         self, queries: Embeddings, m: int, own: int | None, table: DatasetTable, filter: str | None
