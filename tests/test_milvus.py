@@ -242,3 +242,18 @@ def test_lookalike_index_exports_a_folder_into_milvus_or_says_why_not_in_one_lin
     assert bad.stderr.strip().splitlines() == [
         "error: index.uri: expected a local .db file (Milvus Lite) or http(s)://host:port, got 'milvus.example:19530'"
     ]
+
+
+def test_lookalike_query_with_a_filter_on_a_faiss_folder_is_one_line(index_folder):
+    lookalike = str(Path(sys.executable).parent / "lookalike")
+    image = load_index(index_folder).paths[0]
+    done = subprocess.run(
+        [lookalike, "query", str(index_folder), image, "--filter", 'label == "x"'],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip().splitlines() == [
+        "error: filter: this index searches with Flat in-process; filters need one built with index.backend=milvus"
+    ]

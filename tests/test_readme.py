@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import doctest
 import inspect
+import json
+import os
 import re
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 import lookalike
@@ -17,6 +21,8 @@ from helpers import LOOKALIKE
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+FENCE = re.compile(r"^```(python|bash)\n(.*?)^```", re.S | re.M)
+WALKTHROUGH = "### Serve your own collection\n"  # a section run by its own test, shell steps included
 
 
 def python_blocks(text: str) -> list[tuple[int, str]]:
@@ -39,7 +45,7 @@ def workdir(tmp_path_factory) -> Path:
 
 def test_readme_python_blocks_run_in_order(workdir, monkeypatch, capsys):
     monkeypatch.chdir(workdir)
-    blocks = python_blocks(README.read_text(encoding="utf-8"))
+    blocks = python_blocks(without_walkthrough(README.read_text(encoding="utf-8")))
     assert len(blocks) >= 4, "the README's 'From Python' examples are gone"
     for line, code in blocks:
         exec(compile(code, f"README.md:{line}", "exec"), {"__name__": "__main__"})  # the README's own code
@@ -48,6 +54,61 @@ def test_readme_python_blocks_run_in_order(workdir, monkeypatch, capsys):
     assert (
         workdir / "runs" / "latin" / "manifest.json"
     ).is_file()  # the index folder `lookalike serve runs/latin` serves
+
+
+def without_walkthrough(text: str) -> str:
+    """The README less the "Serve your own collection" section, whose steps (shell and Python) its own test runs."""
+    start = text.index(WALKTHROUGH)
+    end = text.find("\n##", start + len(WALKTHROUGH))  # the next heading
+    return text[:start] + text[end:]
+
+
+def walkthrough_blocks(text: str) -> list[tuple[str, int, str]]:
+    """The "Serve your own collection" section's ```bash and ```python blocks as (language, line, code), in order."""
+    start = text.index(WALKTHROUGH)
+    end = text.find("\n##", start + len(WALKTHROUGH))  # the next heading
+    return [(m.group(1), text.count("\n", 0, m.start(2)) + 1, m.group(2)) for m in FENCE.finditer(text, start, end)]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_serve_your_own_collection_runs_as_written(workdir, monkeypatch, capsys):
+    """Folder of images -> table with metadata -> Milvus Lite index -> filtered search from the command line, the
+    server's API and Python: each README step as written (shell in bash, the server on a free port)."""
+    monkeypatch.chdir(workdir)
+    env = {**os.environ, "PATH": f"{Path(LOOKALIKE).parent}{os.pathsep}{os.environ['PATH']}"}
+    port = str(free_port())
+    shell = []
+    for language, line, code in walkthrough_blocks(README.read_text(encoding="utf-8")):
+        if language == "bash":
+            done = subprocess.run(
+                ["bash", "-e", "-c", code.replace("8000", port)],
+                cwd=workdir,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
+            assert done.returncode == 0, f"README.md:{line}: {done.stderr}"
+            shell.append(done.stdout)
+        else:
+            exec(compile(code, f"README.md:{line}", "exec"), {"__name__": "__main__"})
+    assert "alphabet" in pd.read_csv(workdir / "collection.csv").columns
+    manifest = json.loads((workdir / "runs" / "collection" / "manifest.json").read_text())
+    assert (manifest["backend"], manifest["collection"]) == ("milvus", "omniglot")
+    assert not (workdir / "runs" / "collection" / "embeddings.npz").exists()
+    rows = shell[1].split("(rank, distance, label, path):\n", 1)[1].splitlines()  # after `lookalike query`'s header
+    listed = [row.split(maxsplit=3) for row in rows if row.strip()]
+    assert len(listed) == 5 and all(label.startswith("Latin/") for _, _, label, _ in listed), shell[1]
+    answer = json.loads(shell[2].splitlines()[-1])
+    labels = [item["label"] for item in answer["columns"][0]["items"]]
+    assert len(labels) == 5 and all(label.startswith("Latin/") for label in labels), shell[2]
+    printed = capsys.readouterr().out.split("\n", 1)[1]  # the hits of the Python query
+    assert printed.count("Latin/") == 5 and "Greek/" not in printed
 
 
 def test_the_index_task_is_five_lines_from_one_import():

@@ -480,7 +480,8 @@ def index_build(
     ),
 ) -> None:
     """Embed the gallery (serve.gallery rows of data.table) and write serve.index_dir for `lookalike serve`; with
-    index.backend=milvus also into a Milvus collection. `lookalike index CONFIG ...` is this command."""
+    index.backend=milvus the vectors (with path, label and metadata) go into a Milvus collection the folder names.
+    `lookalike index CONFIG ...` is this command."""
     from lookalike.extract_shards import launch_rank
     from lookalike.pipeline import extractor_from_config, table_from_config
     from lookalike.serve import build_index, load_index
@@ -497,9 +498,9 @@ def index_build(
         f"wrote {folder}: {len(built)} gallery images, {built.settings['model']['name']}, {cfg.search.index} search, "
         f"re-rankers: {', '.join(built.rerankers) or 'none'}"
     )
+    if built.milvus is not None:
+        out.print(f"vectors in Milvus {built.manifest.uri}, collection {built.manifest.collection}: {len(built)} items")
     out.print(f"serve it with: lookalike serve {folder}")
-    if cfg.index.backend == "milvus":
-        _export_to_milvus(folder, cfg)
 
 
 @index_app.command("add")
@@ -588,6 +589,33 @@ def serve(
         f"/openapi.json{writes})"
     )
     uvicorn.Server(server_config(app_, index, host, port)).run()
+
+
+@app.command()
+@reports_errors
+def query(
+    index_dir: Path = typer.Argument(..., help="A folder written by `lookalike index`."),
+    image: Path = typer.Argument(..., help="The query image file."),
+    k: int = typer.Option(10, "--k", help="How many gallery items to list."),
+    reranker: Optional[str] = typer.Option(None, "--reranker", help="One of the index's re-rankers (column name)."),
+    filter: Optional[str] = typer.Option(
+        None,
+        "--filter",
+        help="Milvus filter on the gallery's fields and metadata, e.g. 'alphabet == \"Greek\"' (index.backend=milvus).",
+    ),
+) -> None:
+    """List the K gallery items of INDEX_DIR nearest to IMAGE: rank, distance, label, path."""
+    from lookalike.serve import load_index
+
+    index = load_index(index_dir)
+    try:
+        hits = index.query(image, k, reranker, filter)
+    finally:
+        index.close()
+    shown = f" passing {filter}" if filter else ""
+    out.print(f"{len(hits)} nearest of {len(index)} gallery items{shown} (rank, distance, label, path):", markup=False)
+    for rank, row in hits.iterrows():
+        out.print(f"{rank:>3}  {row.distance:.4f}  {row.label}  {row.path}", markup=False, highlight=False)
 
 
 @app.command()

@@ -227,10 +227,10 @@ class ServeConfig(Section):
 
 
 class IndexConfig(Section):
-    """Where `lookalike index` puts the gallery's vectors besides its folder: FAISS in the folder, or a Milvus
-    collection."""
+    """Where `lookalike index` puts the gallery's vectors: in its folder (embeddings, FAISS), or in a Milvus collection
+    the folder's manifest names (searched with filter expressions on metadata)."""
 
-    backend: Literal["faiss", "milvus"] = "faiss"  # milvus: also write the gallery into index.uri's collection
+    backend: Literal["faiss", "milvus"] = "faiss"  # milvus: vectors + metadata in index.uri's collection; filters
     uri: str = "runs/gallery.db"  # milvus: a local .db file (Milvus Lite, embedded) or http(s)://host:port of a server
     collection: str = "gallery"  # milvus: the collection's name
     type: Literal["FLAT", "HNSW", "IVF_FLAT"] = "FLAT"  # milvus: FLAT is exact; HNSW and IVF_FLAT approximate

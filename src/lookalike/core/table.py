@@ -68,6 +68,11 @@ class RowTable:
             raise TableError(f"{self.source}: {len(paths)} paths for {len(self)} rows")
         return replace(self, frame=self.frame.assign(path=list(paths)))
 
+    @property
+    def column_names(self) -> list[str]:
+        """The table's columns, in order (its own and any further ones, such as metadata)."""
+        return [str(name) for name in self.frame.columns]
+
     def has_column(self, name: str) -> bool:
         """Whether the table has the (optional) column `name`."""
         return name in self.frame.columns

@@ -35,7 +35,8 @@ MAX_TEXT = 8192  # VARCHAR length of id, path and label
 BATCH_BYTES = 16 << 20  # bytes of vectors per insert request (Milvus refuses requests over 64 MiB by default)
 GET_BATCH = 1024  # ids per fetch or delete request
 QUERY_BATCH = 256  # queries per search request
-QUIET_LOGGERS = ("pymilvus", "grpc._server")
+QUIET_LOGGERS = ("pymilvus", "grpc._server", "milvus_lite")
+LITE_LOCKED = "Open local milvus failed"  # pymilvus's whole reason when Milvus Lite cannot open (or lock) the file
 
 
 def _milvus():
@@ -150,7 +151,7 @@ class MilvusGallery:
                     _create(client, collection, dim, metric, index, build)
         except pymilvus.exceptions.MilvusException as exc:
             raise LookalikeError(
-                f"index.uri: Milvus at {uri} refused collection {collection!r}: {_reason(exc)}"
+                f"index.uri: Milvus at {uri} refused collection {collection!r}: {_reason(exc)}{_lite_hint(exc)}"
             ) from None
         return cls(client, collection, int(dim), metric, index, search)
 
@@ -310,6 +311,13 @@ class MilvusGallery:
                 return method(*args, **kwargs)
         except pymilvus.exceptions.MilvusException as exc:
             raise LookalikeError(f"{what}: Milvus refused it for {self.collection}: {_reason(exc)}") from None
+
+
+def _lite_hint(exc: Exception) -> str:
+    """Why Milvus Lite may not open a file: one process at a time holds it (e.g. `lookalike serve` of it)."""
+    if _reason(exc) != LITE_LOCKED:
+        return ""
+    return " (a Milvus Lite file opens in one process at a time: is another process, e.g. `lookalike serve`, using it?)"
 
 
 def _channel_options(uri: str) -> dict:

@@ -23,6 +23,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from lookalike import __version__
 from lookalike.core.errors import LookalikeError
+from lookalike.search.milvus import MAX_FILTER
 from lookalike.serve.admin import add_item_routes
 from lookalike.serve.guards import BodyGuard, SecurityHeaders, allowed_hosts, header_deadline_protocol
 from lookalike.serve.index import Column, GalleryIndex, IndexBusy, serve_limits
@@ -42,6 +43,7 @@ class Health(BaseModel):
     runtime: str  # what embeds uploads: torch or onnx (onnxruntime)
     metric: str
     index: str
+    backend: str  # where the vectors are searched: faiss (in-process, exact or FAISS) or milvus (filters work)
     rerankers: list[str]
     max_k: int
     max_upload_bytes: int
@@ -120,6 +122,7 @@ def create_app(
             runtime=now.runtime,
             metric=now.metric,
             index=now.manifest.search.index,
+            backend=now.manifest.backend or "faiss",
             rerankers=list(now.rerankers),
             max_k=MAX_K,
             max_upload_bytes=max_bytes,
@@ -140,6 +143,9 @@ def create_app(
         gallery_id: Annotated[int | None, Form(ge=0, description="a gallery item as the query")] = None,
         k: Annotated[int, Form(ge=1, le=MAX_K)] = 10,
         rerankers: Annotated[list[str], Form(description="re-ranker column names from /health, one field each")] = [],
+        filter: Annotated[
+            str, Form(max_length=MAX_FILTER, description="a Milvus filter on metadata (index.backend=milvus)")
+        ] = "",
     ) -> SearchResponse:
         """The original top-k and each chosen re-ranker's top-k, for an uploaded image or a gallery item."""
         if (file is None) == (gallery_id is None):
@@ -147,7 +153,7 @@ def create_app(
         names = [n for n in rerankers if n]
         upload = None if file is None else await file.read(max_bytes + 1)
         try:
-            now, columns = await worker.run(run_search, live, upload, gallery_id, k, names)
+            now, columns = await worker.run(run_search, live, upload, gallery_id, k, names, filter)
         except UnknownGalleryId as exc:
             raise HTTPException(404, str(exc)) from None
         except UploadRejected as exc:
@@ -200,21 +206,21 @@ class UnknownGalleryId(LookalikeError):
 
 
 def run_search(
-    live: LiveIndex, upload: bytes | None, gallery_id: int | None, k: int, names: list[str]
+    live: LiveIndex, upload: bytes | None, gallery_id: int | None, k: int, names: list[str], filter: str = ""
 ) -> tuple[GalleryIndex, list[Column]]:
     """The gallery as it is now and the columns of one search over it, for an uploaded image's bytes or a gallery
-    item."""
+    item, among the items passing `filter`."""
     index = live.current()  # the whole search (and its answer) uses this one generation
     if upload is None:
         if gallery_id >= len(index):
             raise UnknownGalleryId(f"gallery id {gallery_id} does not exist (the gallery has {len(index)} images)")
-        return index, index.search(index.gallery.vectors[gallery_id], k, names, gallery_position=gallery_id)
+        return index, index.search(index.vector(gallery_id), k, names, gallery_position=gallery_id, filter=filter)
     limits = index.limits
     image = decode_upload(
         upload, int(limits.max_upload_mb * 1_000_000), limits.max_pixels, limits.max_aspect_ratio, index.short_side
     )
     with saved_image(image) if index.reads_images(names) else nullcontext() as path:
-        return index, index.search(index.embed(image), k, names, image_path=path)
+        return index, index.search(index.embed(image), k, names, image_path=path, filter=filter)
 
 
 def server_config(app: FastAPI, index: GalleryIndex, host: str, port: int) -> uvicorn.Config:

@@ -38,7 +38,15 @@ from lookalike.provenance import record as provenance
 from lookalike.rerank import RERANKERS, RerankContext, Reranker, build_chain, check_ascending, list_rerankers
 from lookalike.rerank.chain import step_parts
 from lookalike.search import FaissIndex, build_faiss_from_shards, exact_knn
-from lookalike.serve.manifest import IndexManifest, ModelSpec, SearchSettings, read_manifest
+from lookalike.search.milvus import MilvusGallery, check_uri
+from lookalike.serve.manifest import MANIFEST_FILE, IndexManifest, ModelSpec, SearchSettings, read_manifest
+from lookalike.serve.milvus_backend import (
+    connect_manifest,
+    metadata_columns,
+    search_candidates,
+    store_gallery,
+    to_positions,
+)
 from lookalike.shards import shard_folder
 
 MODEL_FILE, GALLERY_FILE, EMBEDDINGS_FILE, FAISS_FILE = (
@@ -162,6 +170,7 @@ def build_index(cfg: Config, table: DatasetTable, extractor: Extractor, progress
         search=SearchSettings(metric=cfg.search.metric, index=cfg.search.index),
         serve=cfg.serve,
         provenance=provenance(cfg),
+        **_backend_fields(cfg),
     )
     with atomic_folder(target) as folder:
         manifest.rerank = pack_weights(cfg.rerank, folder)
@@ -178,21 +187,46 @@ def build_index(cfg: Config, table: DatasetTable, extractor: Extractor, progress
             if gallery.has_bbox
             else pd.DataFrame(index=range(len(gallery)))
         )
-        save_csv(
-            pd.DataFrame({"path": paths, "label": gallery.labels.astype(str)}).join(boxes),
-            ("path",),
-            folder,
-            folder / GALLERY_FILE,
-        )
-        Embeddings(emb.vectors, paths, {**emb.meta, "provenance": manifest.provenance}).save(
-            folder / EMBEDDINGS_FILE
-        )  # ids = the gallery table's paths
-        if faiss_from_shards:  # trained on a sample, filled shard by shard: memory ~ the index + one shard
-            build_faiss_from_shards(shard_folder(merged), cfg.search.index, cfg.search.metric).save(folder / FAISS_FILE)
+        frame = pd.DataFrame({"path": paths, "label": gallery.labels.astype(str)}).join(boxes)
+        frame = frame.assign(**{name: gallery.column(name) for name in metadata_columns(gallery.column_names)})
+        save_csv(frame, ("path",), folder, folder / GALLERY_FILE)
+        if manifest.backend == "milvus":
+            _write_milvus(cfg, emb.vectors, frame)
+        else:
+            meta = {**emb.meta, "provenance": manifest.provenance}
+            _save_vectors(cfg, folder, Embeddings(emb.vectors, paths, meta), shard_folder(merged))
     if faiss_from_shards and not cfg.extract.keep_shards:
         shutil.rmtree(shard_folder(merged), ignore_errors=True)
     merged.unlink(missing_ok=True)
     return target
+
+
+def _save_vectors(cfg: Config, folder: Path, emb: Embeddings, shards: Path) -> None:
+    """embeddings.npz (ids = the gallery table's paths) and, when search.index names one, the FAISS index: trained on
+    a sample of the shards, filled shard by shard (memory ~ the index + one shard)."""
+    emb.save(folder / EMBEDDINGS_FILE)
+    if cfg.search.index != "exact":
+        build_faiss_from_shards(shards, cfg.search.index, cfg.search.metric).save(folder / FAISS_FILE)
+
+
+def _backend_fields(cfg: Config) -> dict[str, Any]:
+    """The manifest's record of where the vectors are: index.backend milvus names the server, collection and index."""
+    if cfg.index.backend != "milvus":
+        return {}
+    uri = check_uri(cfg.index.uri)  # a local file made absolute: the folder is served from anywhere
+    return {"backend": "milvus", "uri": uri, "collection": cfg.index.collection, "milvus_index": cfg.index.type}
+
+
+def _write_milvus(cfg: Config, vectors: np.ndarray, frame: pd.DataFrame) -> None:
+    """Upsert the gallery into index.collection at index.uri (created for these vectors under search.metric when
+    absent), then close the connection. A Milvus Lite file stays locked by this process's embedded server until the
+    process exits: `lookalike index` (its own process) leaves it free for `lookalike serve`."""
+    dim = vectors.shape[1]
+    store = MilvusGallery.connect(cfg.index.uri, cfg.index.collection, dim, cfg.search.metric, cfg.index.type)
+    try:
+        store_gallery(store, vectors, frame)
+    finally:
+        store.close()
 
 
 # ---------------------------------------------------------------- serving an index
@@ -209,6 +243,7 @@ class GalleryIndex:
     manifest: IndexManifest  # what `lookalike index` wrote: model, transform, search, serve limits, chain, provenance
     rerankers: dict[str, Reranker]
     faiss: FaissIndex | None = None
+    milvus: MilvusGallery | None = None  # manifest backend milvus: the vectors are in this collection, not `gallery`
     cache: dict = field(default_factory=dict)  # re-rankers' gallery neighbour lists, shared by all searches
     lock: threading.Lock = field(default_factory=threading.Lock)
     folder: Path | None = None  # where it was loaded from (None: built in memory)
@@ -334,7 +369,9 @@ class GalleryIndex:
         """Read an index folder written by `GalleryIndex.build` or `lookalike index` (see `load_index`)."""
         return load_index(folder)
 
-    def query(self, image: ImageSource, k: int = 10, reranker: str | None = None) -> pd.DataFrame:
+    def query(
+        self, image: ImageSource, k: int = 10, reranker: str | None = None, filter: str | None = None
+    ) -> pd.DataFrame:
         """The k gallery items nearest to one image, optionally re-ranked by one of the index's re-rankers.
 
         Args:
@@ -342,6 +379,8 @@ class GalleryIndex:
             k: how many items to return.
             reranker: a re-ranker of this index by its column name (`list(index.rerankers)`), or None for the search's
             list.
+            filter: a Milvus filter expression on the gallery's fields and metadata (`alphabet == "Greek"`); only for
+            an index built with index.backend=milvus.
 
         Returns:
             A DataFrame indexed by rank (1..k) with the gallery item's `path`, `label` and `distance` (ascending).
@@ -355,7 +394,7 @@ class GalleryIndex:
         """
         path = None if isinstance(image, Image.Image) else str(Path(image).resolve())
         picture = image if path is None else read_image(path)
-        column = self.search(self.embed(picture), k, [reranker] if reranker else [], image_path=path)[-1]
+        column = self.search(self.embed(picture), k, [reranker] if reranker else [], image_path=path, filter=filter)[-1]
         rank = pd.RangeIndex(1, len(column.positions) + 1, name="rank")
         return pd.DataFrame(
             {
@@ -365,6 +404,12 @@ class GalleryIndex:
             },
             index=rank,
         )
+
+    def close(self) -> None:
+        """Close the Milvus connection of a Milvus-backed index (a Milvus Lite file stays locked until the process
+        exits: one process at a time searches it)."""
+        if self.milvus is not None:
+            self.milvus.close()
 
     def embed(self, image: Image.Image) -> np.ndarray:
         """The embedding [D] of one image (converted to RGB as gallery images are)."""
@@ -381,9 +426,11 @@ class GalleryIndex:
         rerankers: list[str] = (),
         gallery_position: int | None = None,
         image_path: str | None = None,
+        filter: str | None = None,
     ) -> list[Column]:
         """The original top-k and each chosen re-ranker's top-k for one query vector; a gallery item never finds itself.
-        Re-rankers that read images (pairwise) need the query's image file: `image_path`, or the gallery item's."""
+        Re-rankers that read images (pairwise) need the query's image file: `image_path`, or the gallery item's.
+        `filter` (Milvus-backed indexes) keeps the gallery items whose fields and metadata match the expression."""
         unknown = [name for name in rerankers if name not in self.rerankers]
         if unknown:
             raise LookalikeError(
@@ -402,17 +449,60 @@ class GalleryIndex:
         queries = Embeddings(vector[None].astype(np.float32), [query_id])
         exclude = (np.array([gallery_position]), np.arange(len(self))) if own else None
         table = self._table_with(image_path) if not own and self.reads_images(rerankers) else self.table
+        with self._model():
+            if self.milvus is None:
+                original, context = self._search_memory(queries, m, exclude, table, filter)
+            else:
+                original, context = self._search_milvus(queries, m, gallery_position, table, filter)
+            shown = self._positions(original)
+            columns = [_column("original", shown, shown, k)]
+            for name in rerankers:
+                reranked = self.rerankers[name].rerank(original, context) if original.valid.any() else original
+                check_ascending(reranked)
+                columns.append(_column(name, self._positions(reranked), shown, k))
+        return columns
+
+    def vector(self, position: int) -> np.ndarray:
+        """The stored embedding [D] of gallery item `position` (from Milvus for a Milvus-backed index)."""
+        if self.milvus is None:
+            return self.gallery.vectors[position]
+        return self.milvus.vectors([self.gallery.ids[position]])[0]
+
+    def _search_memory(
+        self, queries: Embeddings, m: int, exclude, table: DatasetTable, filter: str | None
+    ) -> tuple[RetrievalResults, RerankContext]:
+        """The in-process search (exact or FAISS) over the whole gallery, and its re-rank context (shared cache)."""
+        _no_filter(filter, self.manifest.search.index)
         context = RerankContext(
             queries=queries, gallery=self.gallery, metric=self.metric, exclude=exclude, table=table, cache=self.cache
         )
-        with self._model():
-            original = self._search(queries, m, exclude)
-            columns = [_column("original", original, original, k)]
-            for name in rerankers:
-                reranked = self.rerankers[name].rerank(original, context)
-                check_ascending(reranked)
-                columns.append(_column(name, reranked, original, k))
-        return columns
+        return self._search(queries, m, exclude), context
+
+    def _search_milvus(
+        self, queries: Embeddings, m: int, own: int | None, table: DatasetTable, filter: str | None
+    ) -> tuple[RetrievalResults, RerankContext]:
+        """The candidates Milvus finds (passing `filter`), and a re-rank context over their fetched vectors."""
+        own_id = None if own is None else str(self.gallery.ids[own])
+        found = search_candidates(self.milvus, queries, m, own_id, filter)
+        exclude = None
+        if own is not None:  # the query is that gallery node: never its own match in re-rankers' neighbour lists
+            exclude = (np.array([own]), np.array([self.position_of[name] for name in found.gallery_ids], np.int64))
+        # neighbour lists differ per candidate set: no cache shared between searches
+        context = RerankContext.over_candidates(found, queries, self.milvus, exclude=exclude, table=table)
+        return found, context
+
+    def _positions(self, results: RetrievalResults) -> RetrievalResults:
+        """Results whose indices are gallery positions (Milvus's are positions among the candidates found)."""
+        if self.milvus is None:
+            return results
+        return to_positions(results, self.position_of, self.gallery.ids)
+
+    @property
+    def position_of(self) -> dict[str, int]:
+        """Gallery id -> gallery position, built once."""
+        if "position_of" not in self.cache:
+            self.cache["position_of"] = {name: i for i, name in enumerate(self.gallery.ids.tolist())}
+        return self.cache["position_of"]
 
     def reads_images(self, rerankers: list[str]) -> bool:
         """Whether any of these re-rankers reads the images (and so needs an uploaded query saved to a file)."""
@@ -441,6 +531,14 @@ class GalleryIndex:
         return buffer.getvalue()
 
 
+def _no_filter(filter: str | None, index: str) -> None:
+    """Filters are Milvus expressions: an index searched in-process (exact or FAISS) has no filter."""
+    if filter and filter.strip():
+        raise LookalikeError(
+            f"filter: this index searches with {index} in-process; filters need one built with index.backend=milvus"
+        )
+
+
 def serve_limits(values: dict[str, Any], where: str) -> ServeConfig:
     """The serve section from `values` (e.g. with hosts added); a bad value is one line naming it."""
     try:
@@ -467,7 +565,14 @@ def load_index(folder: str | os.PathLike, runtime: str | None = None) -> Gallery
     manifest = read_manifest(folder)
     check_files(folder, manifest)
     model, transform = _query_model(folder, manifest, runtime or manifest.serve.runtime)
-    emb, table = read_gallery(folder, manifest)
+    milvus = None
+    if manifest.backend == "milvus":  # the vectors stay in the collection; the gallery holds the ids alone
+        frame = read_gallery_csv(folder, manifest)
+        milvus = connect_manifest(manifest, len(frame), str(folder / MANIFEST_FILE))
+        emb = Embeddings(np.zeros((len(frame), 0), np.float32), frame["path"].to_numpy(str))
+        table = DatasetTable(frame, folder, str(folder / manifest.file(GALLERY_FILE)))
+    else:
+        emb, table = read_gallery(folder, manifest)
     return GalleryIndex(
         model,
         transform,
@@ -475,7 +580,8 @@ def load_index(folder: str | os.PathLike, runtime: str | None = None) -> Gallery
         table,
         manifest,
         servable_rerankers(unpack_weights(manifest.rerank, folder), manifest.columns),
-        _load_faiss(folder, manifest),
+        None if milvus else _load_faiss(folder, manifest),
+        milvus,
         folder=folder,
     )
 
@@ -492,7 +598,10 @@ def check_files(folder: Path, manifest: IndexManifest) -> None:
 
 
 def gallery_files(manifest: IndexManifest) -> list[str]:
-    """The base names of the files an update rewrites: gallery table, embeddings and (unless exact) the FAISS index."""
+    """The base names of the files an update rewrites: the gallery table and, unless the vectors live in Milvus, the
+    embeddings and (unless exact) the FAISS index."""
+    if manifest.backend == "milvus":
+        return [GALLERY_FILE]
     return [GALLERY_FILE, EMBEDDINGS_FILE] + ([FAISS_FILE] if manifest.search.index != "exact" else [])
 
 
@@ -502,16 +611,25 @@ def read_gallery(folder: Path, manifest: IndexManifest) -> tuple[Embeddings, Dat
     return emb, DatasetTable(frame, folder, str(folder / manifest.file(GALLERY_FILE)))
 
 
-def read_gallery_frame(folder: Path, manifest: IndexManifest) -> tuple[Embeddings, pd.DataFrame]:
-    """The embeddings and the gallery CSV's rows (path, label, boxes, id) of the manifest's generation, checked to
-    agree."""
-    gallery_csv, embeddings = folder / manifest.file(GALLERY_FILE), folder / manifest.file(EMBEDDINGS_FILE)
-    frame = pd.read_csv(gallery_csv, dtype={"label": str, "path": str, "id": str}, encoding_errors="surrogateescape")
+def read_gallery_csv(folder: Path, manifest: IndexManifest) -> pd.DataFrame:
+    """The gallery CSV's rows (path, label, boxes, id, metadata) of the manifest's generation."""
+    frame = pd.read_csv(
+        folder / manifest.file(GALLERY_FILE),
+        dtype={"label": str, "path": str, "id": str},
+        encoding_errors="surrogateescape",
+    )
     frame["label"] = frame["label"].fillna("")
+    return frame
+
+
+def read_gallery_frame(folder: Path, manifest: IndexManifest) -> tuple[Embeddings, pd.DataFrame]:
+    """The embeddings and the gallery CSV's rows of the manifest's generation, checked to agree."""
+    frame = read_gallery_csv(folder, manifest)
+    embeddings = folder / manifest.file(EMBEDDINGS_FILE)
     emb = Embeddings.load(embeddings)
     if len(emb) != len(frame) or not np.array_equal(emb.ids, frame["path"].to_numpy(str)):
         raise LookalikeError(
-            f"{embeddings}: its ids are not the {len(frame)} paths of {gallery_csv.name} (rebuild with "
+            f"{embeddings}: its ids are not the {len(frame)} paths of {manifest.file(GALLERY_FILE)} (rebuild with "
             "`lookalike index`)"
         )
     return emb, frame

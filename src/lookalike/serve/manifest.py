@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lookalike import __version__
 from lookalike.config import Metric, PositiveInt, RerankStep, ServeConfig, validation_message
@@ -65,8 +65,18 @@ class IndexManifest(_Part):
     columns: list[str] = []  # each re-ranker's column title, as the user wrote the step
     provenance: dict[str, Any] = {}  # lookalike.provenance.record of the config that built the folder
     images_root: str | None = None  # reserved: a folder the gallery paths are relative to (None: absolute paths)
-    backend: str | None = None  # reserved: the search backend's name beyond search.index (None: search.index alone)
+    backend: Literal["faiss", "milvus"] | None = None  # None or faiss: embeddings.npz (+ faiss.index) in the folder
+    uri: str | None = None  # milvus: the collection's server (an absolute .db file of Milvus Lite, or http(s)://)
+    collection: str | None = None  # milvus: the collection holding the gallery's vectors (ids = gallery.csv paths)
+    milvus_index: Literal["FLAT", "HNSW", "IVF_FLAT"] | None = None  # milvus: the collection's index type
     generation: int = Field(0, ge=0)  # bumped by every `lookalike index add/remove`; names the gallery files in use
+
+    @model_validator(mode="after")
+    def _milvus_names_its_collection(self) -> IndexManifest:
+        """A Milvus-backed folder says where its vectors are: without uri and collection it cannot be searched."""
+        if self.backend == "milvus" and not (self.uri and self.collection):
+            raise ValueError("backend milvus needs uri and collection (where the gallery's vectors are)")
+        return self
 
     def file(self, name: str) -> str:
         """The file of this generation holding `name` (gallery.csv, embeddings.npz, faiss.index): the name itself at

@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from lookalike.progress import Progress
-from lookalike.search.milvus import RESERVED, MilvusGallery
+from lookalike.search.milvus import MilvusGallery
 from lookalike.serve.index import read_gallery_frame
 from lookalike.serve.manifest import read_manifest
+from lookalike.serve.milvus_backend import store_gallery
 
 
 def export_index_to_milvus(
@@ -31,13 +32,12 @@ def export_index_to_milvus(
         progress: wraps the loop over insert batches.
 
     Returns:
-        The filled gallery: ids and paths are the gallery's image paths, labels its labels, other columns metadata.
+        The filled gallery: ids and paths are the gallery's image paths, labels its labels, other columns (but
+        split, is_query, is_gallery and the box) metadata.
     """
     folder = Path(folder)
     manifest = read_manifest(folder)
     metric = manifest.search.metric
     emb, table = read_gallery_frame(folder, manifest)  # the generation in use (after `lookalike index add/remove`)
     gallery = MilvusGallery.connect(uri, collection, emb.dim, metric, index, params)
-    metadata = {name: table[name].to_numpy(object) for name in table.columns if name not in RESERVED}
-    gallery.add(emb.ids, emb.vectors, emb.ids, table["label"].fillna("").to_numpy(str), metadata, progress)
-    return gallery
+    return store_gallery(gallery, emb.vectors, table, progress)

@@ -18,6 +18,7 @@ async function loadHealth() {
   const health = await response.json();
   $("gallery-info").textContent = `${health.gallery_size} gallery images · ${health.model} · ${health.index} (${health.metric})`;
   $("k").max = health.max_k;
+  $("filter-box").hidden = health.backend !== "milvus";  // filters are Milvus expressions
   const box = $("rerankers");
   if (health.rerankers.length) box.querySelector(".none").remove();
   for (const name of health.rerankers) {
@@ -149,6 +150,7 @@ async function search() {
   else form.append("gallery_id", query.galleryId);
   form.append("k", $("k").value);
   for (const name of chosenRerankers()) form.append("rerankers", name);
+  if (!$("filter-box").hidden && $("filter").value.trim()) form.append("filter", $("filter").value.trim());
   setBusy(true);
   try {
     const response = await fetch("/search", { method: "POST", body: form });
@@ -211,4 +213,5 @@ window.addEventListener("DOMContentLoaded", () => {
   loadHealth().catch((error) => showError(`cannot reach the server: ${error}`));
   listenForFiles();
   $("k").addEventListener("change", () => state.query && search());
+  $("filter").addEventListener("change", () => state.query && search());
 });
