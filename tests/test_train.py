@@ -304,3 +304,30 @@ def test_ddp_on_two_cpu_processes_matches_single_process_validation(table_csv, t
     alone = json.loads((tmp_path / "validation" / "metrics_validate.json").read_text())
     assert distributed["n_queries"] == alone["n_queries"] == 79
     assert alone["means"] == pytest.approx(distributed["means"], abs=1e-6)
+
+
+def test_a_collapsing_run_warns_once_in_one_line(table_csv, tmp_path):
+    """Decoupled weight decay of 50 x lr 0.01 halves every weight each step: every image soon embeds to the same point
+    and the batch-hard loss sits at the margin; the CLI then prints the collapse warning, once, as one line."""
+    args = [
+        *FAST,
+        f"data.table={table_csv}",
+        f"train.output={tmp_path}",
+        "train.epochs=7",
+        "train.batches_per_epoch=2",
+        "train.val_every=7",
+        "train.validate_before=false",
+        "train.grid=false",
+        "train.lr=1e-2",
+        "train.optimizer=adamw",
+        "train.weight_decay=50",
+        "model.embedding_dim=16",
+        "model.normalize=false",
+    ]
+    done = subprocess.run([LOOKALIKE, "train", *args], check=False, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if "may have collapsed" in line]
+    assert len(lines) == 1, done.stderr
+    expected = "warning: train.loss: the triplet loss stayed within 1% of the margin (0.2) for 3 epochs"
+    assert lines[0].startswith(expected)
+    assert "median neighbour distance" in lines[0] and "train.loss.margin=null" in lines[0]
