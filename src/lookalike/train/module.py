@@ -26,9 +26,7 @@ from lookalike.provenance import KEY, flat_config, record
 CENTER_SGD_LR = 0.5  # the official CTL code's SOLVER.CENTER_LR
 PINNED_EPOCHS = 3  # epochs in a row the triplet loss may sit at its collapsed value before the collapse warning
 PINNED_TOLERANCE = 0.01  # "at its collapsed value": within this share of it
-SPREAD_ROWS = (
-    4096  # validation rows (evenly spaced) whose median neighbour distance is logged as val/neighbour_distance
-)
+SPREAD_ROWS = 4096  # at most this many evenly spaced validation rows give val/neighbour_distance
 
 
 class ExtractorModule(L.LightningModule):
@@ -189,12 +187,8 @@ class ExtractorModule(L.LightningModule):
         self._val_parts = []
         vectors = self._gather_in_order(rows.to(self.device), emb, len(self.val_table))
         embeddings = Embeddings(vectors.cpu().numpy(), self.val_table.paths, {"model": self.extractor.name})
-        spread = (
-            vectors[torch.linspace(0, len(vectors) - 1, min(len(vectors), SPREAD_ROWS)).long()]
-            if len(vectors)
-            else vectors
-        )
-        self.last_neighbour_distance = float(neighbour_distance(spread))
+        picks = torch.linspace(0, max(len(vectors) - 1, 0), min(len(vectors), SPREAD_ROWS), device=vectors.device)
+        self.last_neighbour_distance = float(neighbour_distance(vectors[picks.long()]))
         self.log("val/neighbour_distance", self.last_neighbour_distance, sync_dist=False)
         report, results = search_and_score(self.cfg, embeddings, self.val_table)
         self.last_report = report
@@ -272,11 +266,11 @@ def collapse_message(margin: float | None, epochs: int, distance: float) -> str:
         if margin is not None
         else f"ln 2 ({math.log(2):.3f}, the soft margin at d_ap = d_an)"
     )
-    advice = "train.loss.margin=null (soft margin), " if margin is not None else ""
     return (
         f"train.loss: the triplet loss stayed within {PINNED_TOLERANCE:.0%} of {value} for {epochs} epochs: the "
         f"embedding may have collapsed (median neighbour distance {distance:.2g} in the last epoch's batches); "
-        f"try {advice}a lower train.lr or train.warmup_epochs"
+        "try a lower train.lr (e.g. /10) or train.warmup_epochs; with Adam, train.loss.margin=null alone did not help "
+        "(docs/benchmarks.md)"
     )
 
 
