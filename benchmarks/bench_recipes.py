@@ -29,10 +29,10 @@ CACHE = ROOT / ".bench-cache" / "bench_recipes"
 RECIPES: dict[str, list[str]] = {
     "margin 0.2 (old default)": ["train.loss.margin=0.2"],
     "soft margin": ["train.loss.margin=null"],
-    "margin 0.2, lr 1e-4": ["train.loss.margin=0.2", "train.lr=1e-4"],
-    "soft margin, bnneck+ce": ["train.loss.margin=null", "model.bnneck=true", "train.loss.cross_entropy=1"],
-    "soft margin, lr 1e-4": ["train.loss.margin=null", "train.lr=1e-4"],
-    "margin 0.2, bnneck+ce": ["train.loss.margin=0.2", "model.bnneck=true", "train.loss.cross_entropy=1"],
+    "margin 0.2 + lr 1e-4": ["train.loss.margin=0.2", "train.lr=1e-4"],
+    "soft margin + bnneck + ce": ["train.loss.margin=null", "model.bnneck=true", "train.loss.cross_entropy=1"],
+    "soft margin + lr 1e-4": ["train.loss.margin=null", "train.lr=1e-4"],
+    "margin 0.2 + bnneck + ce": ["train.loss.margin=0.2", "model.bnneck=true", "train.loss.cross_entropy=1"],
 }
 
 

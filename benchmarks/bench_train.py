@@ -10,7 +10,8 @@ with every core and images loaded in the main process (num_workers=0 on both sid
 processes competing with the training threads for the cores, and the same loading on both sides),
 then validate once at the end with every validation image a query against all the others.
 OML trains with its own recipe, batch-hard triplet loss with margin 0.2 (euclidean); lookalike with
-its default loss (train.loss of config.py; --recipe oml gives it OML's). Printed per side and seed:
+its default loss (train.loss of config.py; --recipe oml gives it OML's, --recipe soft-bnneck-ce the
+screening's winner: soft margin + BNNeck + cross-entropy). Printed per side and seed:
 CMC@1, mAP@all, the median distance of a validation embedding to its nearest other one (a collapsed
 space: ~1e-3) and the last epoch's mean loss; then the seed-paired differences with 95% intervals.
 OML runs in .bench-venvs/oml (built as in bench_metrics.py, plus timm) through
@@ -47,6 +48,12 @@ DATA_ZIP = OMNIGLOT_ZIP
 CACHE = ROOT / ".bench-cache" / "bench_train"
 WORKER = Path(__file__).resolve().with_name("_oml_train_worker.py")
 MARGIN = 0.2
+RECIPES = {  # lookalike's loss overrides per --recipe
+    "default": [],  # train.loss as config.py sets it
+    "oml": [f"train.loss.margin={MARGIN}", "train.loss.miner=batch_hard"],
+    # the winner of bench_recipes.py's screening (docs/benchmarks.md, issue 20)
+    "soft-bnneck-ce": ["train.loss.margin=null", "model.bnneck=true", "train.loss.cross_entropy=1"],
+}
 VALIDATION_FRACTION = 0.3
 SEEDS_SEEN: list[int] = []  # the seeds run so far, in order (for the per-seed lines)
 
@@ -91,9 +98,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--only", choices=("oml", "lookalike"), help="run one side only")
     parser.add_argument(
         "--recipe",
-        choices=("default", "oml"),
+        choices=tuple(RECIPES),
         default="default",
-        help="lookalike's loss: its own default (train.loss of config.py) or OML's (margin 0.2); default: default",
+        help="lookalike's loss: its default (train.loss of config.py), OML's (margin 0.2) or soft margin + BNNeck + "
+        "cross-entropy; default: default",
     )
     return parser.parse_args()
 
@@ -202,7 +210,7 @@ def lookalike_overrides(args: argparse.Namespace, table: Path, batches_per_epoch
         "train.augment=none",
         f"train.val_every={args.epochs}",
         "train.loss.triplet=1",
-        *(["train.loss.margin=0.2", "train.loss.miner=batch_hard"] if args.recipe == "oml" else []),
+        *RECIPES[args.recipe],
         "trainer.accelerator=cpu",
         "trainer.devices=1",
         "trainer.progress=false",
@@ -288,8 +296,8 @@ def print_header(args: argparse.Namespace, sizes: tuple[int, int, int], batches_
 
 def recipe(args: argparse.Namespace) -> str:
     """lookalike's loss in words."""
-    if args.recipe == "oml":
-        return f"batch-hard triplet margin={MARGIN} (OML's recipe)"
+    if args.recipe != "default":
+        return f"{args.recipe}: {' '.join(RECIPES[args.recipe])}"
     from lookalike.config import LossConfig
 
     loss = LossConfig()
