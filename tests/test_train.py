@@ -333,4 +333,4 @@ def test_a_collapsing_run_warns_once_in_one_line(table_csv, tmp_path):
     assert len(lines) == 1, done.stderr
     expected = "warning: train.loss: the triplet loss stayed within 1% of the margin (0.2) for 3 epochs"
     assert lines[0].startswith(expected)
-    assert "median neighbour distance" in lines[0] and "try a lower train.lr" in lines[0]
+    assert "median neighbour distance" in lines[0] and "try model.bnneck=true" in lines[0]

@@ -269,8 +269,8 @@ def collapse_message(margin: float | None, epochs: int, distance: float) -> str:
     return (
         f"train.loss: the triplet loss stayed within {PINNED_TOLERANCE:.0%} of {value} for {epochs} epochs: the "
         f"embedding may have collapsed (median neighbour distance {distance:.2g} in the last epoch's batches); "
-        "try a lower train.lr (e.g. /10) or train.warmup_epochs; with Adam, train.loss.margin=null alone did not help "
-        "(docs/benchmarks.md)"
+        "try model.bnneck=true with train.loss.cross_entropy=1, or a lower train.lr (docs/benchmarks.md, issue 20: "
+        "with Adam, train.loss.margin=null alone did not help)"
     )
 
 
