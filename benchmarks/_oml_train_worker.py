@@ -111,33 +111,40 @@ def read_splits(table: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def train_epochs(
     model: nn.Module, loader: DataLoader, criterion: nn.Module, optimizer: torch.optim.Optimizer, epochs: int
-) -> tuple[int, float, float]:
-    """Plain PyTorch loop; return images, wall seconds of the loop (batch loading included) and of the steps alone."""
+) -> tuple[int, float, float, float]:
+    """Plain PyTorch loop; return images, wall seconds of the loop (batch loading included) and of the steps alone,
+    and the last epoch's mean loss."""
     model.train()
     images, loop_seconds, step_seconds = 0, 0.0, 0.0
     for epoch in range(epochs):
-        started = time.perf_counter()
+        started, losses = time.perf_counter(), []
         for batch in loader:
             step_started = time.perf_counter()
             loss = criterion(model(batch["input_tensors"]), batch["labels"])
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
+            losses.append(loss.item())
             step_seconds += time.perf_counter() - step_started
             images += len(batch["labels"])
         loop_seconds += time.perf_counter() - started
         log(f"epoch {epoch + 1}/{epochs}: last loss {loss.item():.4f}, {images} images, {loop_seconds:.1f} s")
-    return images, loop_seconds, step_seconds
+    return images, loop_seconds, step_seconds, sum(losses) / max(len(losses), 1)
 
 
-def validate(model: nn.Module, dataset: ImageQueryGalleryLabeledDataset, batch_size: int) -> float:
-    """CMC@1 with every validation image a query against all the others (OML leaves the query itself out)."""
+def validate(model: nn.Module, dataset: ImageQueryGalleryLabeledDataset, batch_size: int) -> dict[str, float]:
+    """CMC@1 and mAP@all (OML's map@k with k = every other image) with every validation image a query against all the
+    others (OML leaves the query itself out), and the median distance of each embedding to its nearest other one."""
     with warnings.catch_warnings():  # OML's inference always opens a CUDA autocast context, which warns on CPU
         warnings.filterwarnings("ignore", message="CUDA is not available")
         embeddings = inference(model, dataset, batch_size=batch_size, num_workers=0)
-    results = RetrievalResults.from_embeddings(embeddings, dataset, n_items=1)
-    metrics = calc_retrieval_metrics_rr(results, cmc_top_k=(1,), precision_top_k=(), map_top_k=(), verbose=False)
-    return float(metrics["cmc"][1])
+    k = len(embeddings) - 1
+    results = RetrievalResults.from_embeddings(embeddings, dataset, n_items=k)
+    metrics = calc_retrieval_metrics_rr(results, cmc_top_k=(1,), precision_top_k=(), map_top_k=(k,), verbose=False)
+    dist = torch.cdist(embeddings.float(), embeddings.float())
+    dist.fill_diagonal_(float("inf"))
+    spread = float(dist.min(1).values.median())
+    return {"cmc@1": float(metrics["cmc"][1]), "map@all": float(metrics["map"][k]), "neighbour_distance": spread}
 
 
 def main() -> int:
@@ -156,10 +163,10 @@ def main() -> int:
     criterion = TripletLossWithMiner(margin=args.margin, miner=HardTripletsMiner(), reduction="mean")
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     log(f"{len(train_set)} train images, {len(set(train_set.get_labels()))} labels; {len(sampler)} batches/epoch")
-    images, loop_seconds, step_seconds = train_epochs(model, loader, criterion, optimizer, args.epochs)
-    cmc1 = validate(model, val_set, args.batch_size)
+    images, loop_seconds, step_seconds, last_loss = train_epochs(model, loader, criterion, optimizer, args.epochs)
     result = {
-        "cmc@1": cmc1,
+        **validate(model, val_set, args.batch_size),
+        "last_epoch_loss": last_loss,
         "images_per_second": images / loop_seconds,
         "images_per_second_steps": images / step_seconds,
         "epochs": args.epochs,

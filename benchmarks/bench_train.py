@@ -5,11 +5,15 @@ Run from the repository root with the project's python:
     .venv/bin/python benchmarks/bench_train.py [--epochs N] [--seeds 0,1,2] [--model NAME] [--only oml|lookalike]
 
 Both sides train a timm backbone (pretrained=False, num_classes=0: global pooled features, no
-projection, L2-normalised) on the Omniglot subset with P x K batches, batch-hard triplet loss
-(margin 0.2, euclidean), Adam, no augmentation, on CPU with every core and images loaded in the
-main process (num_workers=0 on both sides: no loader processes competing with the training threads
-for the cores, and the same loading on both sides), then validate once at the end with every
-validation image a query against all the others.
+projection, L2-normalised) on the Omniglot subset with P x K batches, Adam, no augmentation, on CPU
+with every core and images loaded in the main process (num_workers=0 on both sides: no loader
+processes competing with the training threads for the cores, and the same loading on both sides),
+then validate once at the end with every validation image a query against all the others.
+OML trains with its own recipe, batch-hard triplet loss with margin 0.2 (euclidean); lookalike with
+its default loss (train.loss of config.py; --recipe oml gives it OML's, --recipe soft-bnneck-ce the
+screening's winner: soft margin + BNNeck + cross-entropy). Printed per side and seed:
+CMC@1, mAP@all, the median distance of a validation embedding to its nearest other one (a collapsed
+space: ~1e-3) and the last epoch's mean loss; then the seed-paired differences with 95% intervals.
 OML runs in .bench-venvs/oml (built as in bench_metrics.py, plus timm) through
 _oml_train_worker.py; lookalike runs here through lookalike.train.run_train.
 
@@ -44,6 +48,12 @@ DATA_ZIP = OMNIGLOT_ZIP
 CACHE = ROOT / ".bench-cache" / "bench_train"
 WORKER = Path(__file__).resolve().with_name("_oml_train_worker.py")
 MARGIN = 0.2
+RECIPES = {  # lookalike's loss overrides per --recipe
+    "default": [],  # train.loss as config.py sets it
+    "oml": [f"train.loss.margin={MARGIN}", "train.loss.miner=batch_hard"],
+    # the winner of bench_recipes.py's screening (docs/benchmarks.md, issue 20)
+    "soft-bnneck-ce": ["train.loss.margin=null", "model.bnneck=true", "train.loss.cross_entropy=1"],
+}
 VALIDATION_FRACTION = 0.3
 SEEDS_SEEN: list[int] = []  # the seeds run so far, in order (for the per-seed lines)
 
@@ -55,6 +65,9 @@ class SideResult:
     cmc1: float
     images_per_second: float  # batch loading excluded, as lookalike's Throughput callback times it
     detail: str
+    map_all: float = float("nan")
+    neighbour_distance: float = float("nan")  # median distance of a validation embedding to its nearest other one
+    last_loss: float = float("nan")  # mean triplet loss of the last epoch
 
 
 def parse_args() -> argparse.Namespace:
@@ -83,6 +96,13 @@ def parse_args() -> argparse.Namespace:
         "--data", type=Path, default=DATA_ZIP, help="zip of images_background_small1/<alphabet>/<character>/*.png"
     )
     parser.add_argument("--only", choices=("oml", "lookalike"), help="run one side only")
+    parser.add_argument(
+        "--recipe",
+        choices=tuple(RECIPES),
+        default="default",
+        help="lookalike's loss: its default (train.loss of config.py), OML's (margin 0.2) or soft margin + BNNeck + "
+        "cross-entropy; default: default",
+    )
     return parser.parse_args()
 
 
@@ -158,7 +178,14 @@ def run_oml(python: Path, args: argparse.Namespace, table: Path) -> SideResult |
         f"{out['images']} images; steps {out['step_seconds']:.1f} s, whole loop {out['train_seconds']:.1f} s "
         f"= {out['images_per_second']:.1f} images/s with batch loading; {out['threads']} threads"
     )
-    return SideResult(out["cmc@1"], out["images_per_second_steps"], detail)
+    return SideResult(
+        out["cmc@1"],
+        out["images_per_second_steps"],
+        detail,
+        out["map@all"],
+        out["neighbour_distance"],
+        out["last_epoch_loss"],
+    )
 
 
 def lookalike_overrides(args: argparse.Namespace, table: Path, batches_per_epoch: int, output: Path) -> list[str]:
@@ -183,8 +210,7 @@ def lookalike_overrides(args: argparse.Namespace, table: Path, batches_per_epoch
         "train.augment=none",
         f"train.val_every={args.epochs}",
         "train.loss.triplet=1",
-        f"train.loss.margin={MARGIN}",
-        "train.loss.miner=batch_hard",
+        *RECIPES[args.recipe],
         "trainer.accelerator=cpu",
         "trainer.devices=1",
         "trainer.progress=false",
@@ -235,7 +261,15 @@ def run_lookalike(args: argparse.Namespace, table: Path, batches_per_epoch: int)
         f"lookalike, {args.epochs} epochs x min({natural} PKSampler batches, limit_train_batches={batches_per_epoch}), "
         f"{torch.get_num_threads()} threads, logs in {result.log_dir}"
     )
-    return SideResult(result.metrics["cmc@1"], result.images_per_second, detail)
+    losses = result.triplet_losses or [float("nan")]
+    return SideResult(
+        result.metrics["cmc@1"],
+        result.images_per_second,
+        detail,
+        result.metrics["map@all"],
+        result.neighbour_distance,
+        losses[-1],
+    )
 
 
 def print_header(args: argparse.Namespace, sizes: tuple[int, int, int], batches_per_epoch: int) -> None:
@@ -247,7 +281,8 @@ def print_header(args: argparse.Namespace, sizes: tuple[int, int, int], batches_
         f"crop_fraction={args.crop_fraction} no augmentation"
     )
     log(
-        f"[settings] P={args.p} K={args.k} batch-hard triplet margin={MARGIN} euclidean, Adam lr={args.lr}, "
+        f"[settings] P={args.p} K={args.k} OML: batch-hard triplet margin={MARGIN}; lookalike: {recipe(args)}; "
+        f"euclidean, Adam lr={args.lr}, "
         f"epochs={args.epochs}, seeds={args.seeds}, split seed={args.split_seed}, val batch={args.batch_size}, "
         f"num_workers=0, threads={os.cpu_count()}, CPU"
     )
@@ -259,21 +294,35 @@ def print_header(args: argparse.Namespace, sizes: tuple[int, int, int], batches_
     )
 
 
+def recipe(args: argparse.Namespace) -> str:
+    """lookalike's loss in words."""
+    if args.recipe != "default":
+        return f"{args.recipe}: {' '.join(RECIPES[args.recipe])}"
+    from lookalike.config import LossConfig
+
+    loss = LossConfig()
+    margin = "soft margin" if loss.margin is None else f"margin={loss.margin}"
+    return f"its default loss: {loss.miner} triplet {margin}"
+
+
 def print_results(runs: dict[str, list[SideResult]], failed: bool) -> None:
     """One line per side and seed, then mean +- std per side and the ratios of the means."""
     for name, sides in runs.items():
         for seed, side in zip(SEEDS_SEEN, sides):
             log(
-                f"{name:<10} seed {seed}: CMC@1 {side.cmc1:.4f}  images/s {side.images_per_second:8.1f}  "
-                f"({side.detail})"
+                f"{name:<10} seed {seed}: CMC@1 {side.cmc1:.4f}  mAP@all {side.map_all:.4f}  median neighbour distance "
+                f"{side.neighbour_distance:.4f}  last-epoch loss {side.last_loss:.4f}  images/s "
+                f"{side.images_per_second:8.1f}  ({side.detail})"
             )
     means = {}
     for name, sides in runs.items():
         if sides:
             cmc, speed = np.array([s.cmc1 for s in sides]), np.array([s.images_per_second for s in sides])
+            mean_ap, spread = np.array([s.map_all for s in sides]), np.array([s.neighbour_distance for s in sides])
             means[name] = (cmc.mean(), speed.mean())
             log(
-                f"{name:<10} over {len(sides)} seed(s): CMC@1 {cmc.mean():.4f} +- {cmc.std():.4f}  images/s "
+                f"{name:<10} over {len(sides)} seed(s): CMC@1 {cmc.mean():.4f} +- {cmc.std():.4f}  mAP@all "
+                f"{mean_ap.mean():.4f} +- {mean_ap.std():.4f}  median neighbour distance {spread.mean():.4f}  images/s "
                 f"{speed.mean():.1f} +- {speed.std():.1f}"
             )
     if not failed and len(means) == 2:
@@ -283,6 +332,7 @@ def print_results(runs: dict[str, list[SideResult]], failed: bool) -> None:
             f"{ratio(ours_speed, oml_speed):.2f}"
         )
         log_paired("CMC@1", [s.cmc1 for s in runs["lookalike"]], [s.cmc1 for s in runs["OML"]], ".4f")
+        log_paired("mAP@all", [s.map_all for s in runs["lookalike"]], [s.map_all for s in runs["OML"]], ".4f")
         log_paired(
             "images/s",
             [s.images_per_second for s in runs["lookalike"]],

@@ -68,8 +68,11 @@ def test_training_writes_checkpoints_logs_pictures_and_lifts_the_metrics(table_c
         "train/triplet_active",
         "train/triplet_pos_dist",
         "train/triplet_neg_dist",
+        "train/neighbour_distance",
         "val/cmc@1",
+        "val/neighbour_distance",
     } <= set(logged.columns)
+    assert len(result.triplet_losses) == 2 and 0 < result.neighbour_distance <= 2  # on the unit sphere
     assert list(tmp_path.glob("tensorboard/version_0/events.out.tfevents.*"))
     hparams = yaml.safe_load(
         (tmp_path / "tensorboard" / "version_0" / "hparams.yaml").read_text()
@@ -351,3 +354,30 @@ def test_a_checkpoint_without_its_spec_needs_model_name(table_csv, tmp_path):
     named = Extractor.from_config(config(table_csv, tmp_path, f"model.weights={tmp_path / 'older.ckpt'}"))
     by_hand = _trained_extractor(result.last_checkpoint, name="test_resnet")
     assert all(torch.equal(a, b) for a, b in zip(named.state_dict().values(), by_hand.state_dict().values()))
+
+
+def test_a_collapsing_run_warns_once_in_one_line(table_csv, tmp_path):
+    """Decoupled weight decay of 50 x lr 0.01 halves every weight each step: every image soon embeds to the same point
+    and the batch-hard loss sits at the margin; the CLI then prints the collapse warning, once, as one line."""
+    args = [
+        *FAST,
+        f"data.table={table_csv}",
+        f"train.output={tmp_path}",
+        "train.epochs=7",
+        "train.batches_per_epoch=2",
+        "train.val_every=7",
+        "train.validate_before=false",
+        "train.grid=false",
+        "train.lr=1e-2",
+        "train.optimizer=adamw",
+        "train.weight_decay=50",
+        "model.embedding_dim=16",
+        "model.normalize=false",
+    ]
+    done = subprocess.run([LOOKALIKE, "train", *args], check=False, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if "may have collapsed" in line]
+    assert len(lines) == 1, done.stderr
+    expected = "warning: train.loss: the triplet loss stayed within 1% of the margin (0.2) for 3 epochs"
+    assert lines[0].startswith(expected)
+    assert "median neighbour distance" in lines[0] and "try model.bnneck=true" in lines[0]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -12,6 +14,7 @@ from torch import nn
 from lookalike.config import Config
 from lookalike.core.atomic import write_text_atomic
 from lookalike.core.embeddings import Embeddings
+from lookalike.core.errors import LookalikeWarning
 from lookalike.core.table import DatasetTable
 from lookalike.extract import embed_batch
 from lookalike.losses import CenterLoss, CentroidTripletLoss, LossOutput, TripletLoss
@@ -23,6 +26,9 @@ from lookalike.provenance import KEY, flat_config, record
 from lookalike.train.trainer import optimization
 
 CENTER_SGD_LR = 0.5  # the official CTL code's SOLVER.CENTER_LR
+PINNED_EPOCHS = 3  # epochs in a row the triplet loss may sit at its collapsed value before the collapse warning
+PINNED_TOLERANCE = 0.01  # "at its collapsed value": within this share of it
+SPREAD_ROWS = 4096  # at most this many evenly spaced validation rows give val/neighbour_distance
 
 
 class ExtractorModule(L.LightningModule):
@@ -48,6 +54,11 @@ class ExtractorModule(L.LightningModule):
         self.last_report: MetricsReport | None = None
         self.validation_tag = "validate"  # file tag of a validation outside fit ("before" for the pre-training one)
         self._val_parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._epoch_watch: list[tuple[torch.Tensor, torch.Tensor]] = []  # (triplet loss, median neighbour distance)
+        self.epoch_triplet_losses: list[float] = []  # mean triplet loss of each training epoch
+        self.epoch_neighbour_distances: list[float] = []  # median over each epoch's batches (embedding space)
+        self._pinned_epochs, self._warned_collapse = 0, False
+        self.last_neighbour_distance = math.nan  # median neighbour distance of the last validation's embeddings
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.extractor(images)
@@ -70,6 +81,9 @@ class ExtractorModule(L.LightningModule):
         metric, logits_in = self.metric_features(images)
         parts = self._losses(metric, logits_in, labels, valid.bool())
         total = sum(weight * out.loss for weight, out in parts.values())
+        if "triplet" in parts:
+            embedded = nn.functional.normalize(logits_in, dim=1) if self.extractor.normalize else logits_in
+            self._epoch_watch.append((parts["triplet"][1].loss.detach(), neighbour_distance(embedded[valid.bool()])))
         self.log("train/loss", total, prog_bar=True, batch_size=len(images))
         for name, (_, out) in parts.items():
             self.log(f"train/{name}", out.loss, batch_size=len(images))
@@ -91,6 +105,27 @@ class ExtractorModule(L.LightningModule):
         if self.center is not None:
             parts["center"] = (w.center, self.center(metric, labels, valid))
         return parts
+
+    def on_train_epoch_end(self) -> None:
+        """Record the epoch's mean triplet loss and neighbour distance; warn once when the loss stays pinned."""
+        if not self._epoch_watch:
+            return
+        losses, distances = (torch.stack(column).float() for column in zip(*self._epoch_watch))
+        self._epoch_watch = []
+        loss, distance = float(losses.mean()), float(distances.median())
+        self.epoch_triplet_losses.append(loss)
+        self.epoch_neighbour_distances.append(distance)
+        self.log("train/neighbour_distance", distance)
+        collapsed = collapsed_loss(self.cfg.train.loss.margin)
+        pinned = collapsed > 0 and abs(loss - collapsed) <= PINNED_TOLERANCE * collapsed
+        self._pinned_epochs = self._pinned_epochs + 1 if pinned else 0
+        if self._pinned_epochs >= PINNED_EPOCHS and not self._warned_collapse and self.trainer.is_global_zero:
+            self._warned_collapse = True
+            warnings.warn(
+                collapse_message(self.cfg.train.loss.margin, self._pinned_epochs, distance),
+                LookalikeWarning,
+                stacklevel=2,
+            )
 
     def configure_optimizers(self):
         t = self.cfg.train
@@ -153,6 +188,9 @@ class ExtractorModule(L.LightningModule):
         self._val_parts = []
         vectors = self._gather_in_order(rows.to(self.device), emb, len(self.val_table))
         embeddings = Embeddings(vectors.cpu().numpy(), self.val_table.paths, {"model": self.extractor.name})
+        picks = torch.linspace(0, max(len(vectors) - 1, 0), min(len(vectors), SPREAD_ROWS), device=vectors.device)
+        self.last_neighbour_distance = float(neighbour_distance(vectors[picks.long()]))
+        self.log("val/neighbour_distance", self.last_neighbour_distance, sync_dist=False)
         report, results = search_and_score(self.cfg, embeddings, self.val_table)
         self.last_report = report
         self.log_dict({f"val/{k}": float(v) for k, v in report.means.items()}, sync_dist=False)
@@ -204,6 +242,37 @@ class ExtractorModule(L.LightningModule):
                 e.grid_top_k,
                 labels=labels,
             )
+
+
+def neighbour_distance(embeddings: torch.Tensor) -> torch.Tensor:
+    """Median euclidean distance from each row of [B, D] to its nearest other row (NaN for fewer than 2 rows): the
+    scale of the space that search and re-ranking read, ~1e-3 when it has collapsed."""
+    with torch.no_grad():
+        if len(embeddings) < 2:
+            return torch.full((), math.nan, device=embeddings.device)
+        dist = torch.cdist(embeddings.float(), embeddings.float())
+        dist.fill_diagonal_(math.inf)
+        return dist.min(1).values.median()
+
+
+def collapsed_loss(margin: float | None) -> float:
+    """The triplet loss of a collapsed space (d_ap = d_an): the margin, or ln 2 for the soft margin."""
+    return math.log(2) if margin is None else margin
+
+
+def collapse_message(margin: float | None, epochs: int, distance: float) -> str:
+    """One line: the triplet loss sat at its collapsed value, the space's scale, and what to try."""
+    value = (
+        f"the margin ({margin:g})"
+        if margin is not None
+        else f"ln 2 ({math.log(2):.3f}, the soft margin at d_ap = d_an)"
+    )
+    return (
+        f"train.loss: the triplet loss stayed within {PINNED_TOLERANCE:.0%} of {value} for {epochs} epochs: the "
+        f"embedding may have collapsed (median neighbour distance {distance:.2g} in the last epoch's batches); "
+        "try model.bnneck=true with train.loss.cross_entropy=1, or a lower train.lr (docs/benchmarks.md, issue 20: "
+        "with Adam, train.loss.margin=null alone did not help)"
+    )
 
 
 def _loss_scale(trainer: L.Trainer) -> float:

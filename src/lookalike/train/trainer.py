@@ -37,6 +37,8 @@ class TrainResult:
     metrics_before: dict[str, float] = field(default_factory=dict)
     images_per_second: float = 0.0
     is_global_zero: bool = True
+    triplet_losses: list[float] = field(default_factory=list)  # mean triplet loss of each epoch (empty without one)
+    neighbour_distance: float = math.nan  # median distance of a validation embedding to its nearest other one
 
 
 class Throughput(Callback):
@@ -237,6 +239,8 @@ def fit_result(
         metrics_before=before,
         images_per_second=throughput.rate,
         is_global_zero=trainer.is_global_zero,
+        triplet_losses=list(getattr(trainer.lightning_module, "epoch_triplet_losses", [])),
+        neighbour_distance=getattr(trainer.lightning_module, "last_neighbour_distance", math.nan),
     )
 
 
