@@ -120,7 +120,10 @@ class ICFRR(Reranker):
         """The results after iteration 1, 2, ..., n_times (for metrics per iteration)."""
         run = self._start(results, context)
         if isinstance(run, str):
-            yield from (skipped(results, {"name": self.name, **self.params()}, run) for _ in range(self.n_times))
+            unchanged = skipped(
+                results, {"name": self.name, **self.params()}, run
+            )  # one warning, not one per iteration
+            yield from [unchanged] * self.n_times
             return
         for i in range(1, self.n_times + 1):
             run.step()
