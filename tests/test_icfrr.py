@@ -148,7 +148,7 @@ def test_sparse_knn_path_equals_dense_path(random_setup) -> None:
 def test_chunking_does_not_change_anything(random_setup) -> None:
     results, gallery, _, _ = random_setup
     outs = [
-        ICFRR(distance="search", kg=12, kq=20, n_times=4, exact=True, chunk=c).rerank(
+        ICFRR(distance="search", beta=0.5, kg=12, kq=20, n_times=4, exact=True, chunk=c).rerank(
             results, RerankContext(gallery=gallery)
         )
         for c in (1, 5, 1024)
@@ -180,7 +180,7 @@ def test_candidates_equal_exact_when_m_covers_the_votes() -> None:
 
 def test_candidates_keep_the_tail(random_setup) -> None:
     results, gallery, _, _ = random_setup
-    out = ICFRR(distance="search", kg=12, kq=10, n_times=3, candidates=10).rerank(
+    out = ICFRR(distance="search", beta=0.5, kg=12, kq=10, n_times=3, candidates=10).rerank(
         results, RerankContext(gallery=gallery)
     )
     np.testing.assert_array_equal(out.indices[:, 10:], results.indices[:, 10:])
@@ -211,14 +211,14 @@ def test_self_exclusion_respected() -> None:
     )  # one PAD slot per row (search() clamps to 39)
     results = RetrievalResults(idx, dist, items.ids, items.ids)
     assert (results.indices[:, -1] == PAD).all()
-    out = ICFRR(distance="search", kg=8, kq=10, n_times=5, exact=True).rerank(
+    out = ICFRR(distance="search", beta=0.5, kg=8, kq=10, n_times=5, exact=True).rerank(
         results, RerankContext(queries=items, gallery=items, exclude=(own, own))
     )
     assert not (out.indices == own[:, None]).any()
     assert (out.indices[:, -1] == PAD).all() and np.isinf(out.distances[:, -1]).all()
     assert (np.sort(out.indices[:, :-1], axis=1) == np.sort(results.indices[:, :-1], axis=1)).all()
     check_ascending(out)
-    everyone = ICFRR(distance="search", kg=8, kq=40, n_times=3, exact=True).rerank(
+    everyone = ICFRR(distance="search", beta=0.5, kg=8, kq=40, n_times=3, exact=True).rerank(
         results, RerankContext(gallery=items)
     )  # the empty slot votes nothing
     assert (everyone.indices[:, -1] == PAD).all() and not (everyone.indices == own[:, None]).any()
@@ -233,10 +233,10 @@ def test_ties_broken_by_gallery_position() -> None:
     np.fill_diagonal(gg, 0.0)
     results = RetrievalResults(np.array([[3, 1, 2, 0]]), np.array([[1.0, 1.0, 1.0, 1.0]]), ["q"], list("abcd"))
     context = RerankContext(gallery_distances=gg)
-    assert ICFRR(distance="search", kg=2, kq=2, n_times=0, exact=True).rerank(results, context).indices.tolist() == [
-        [0, 1, 2, 3]
-    ]
-    out = ICFRR(distance="search", kg=2, kq=2, n_times=1, exact=True).rerank(results, context)
+    assert ICFRR(distance="search", beta=0.5, kg=2, kq=2, n_times=0, exact=True).rerank(
+        results, context
+    ).indices.tolist() == [[0, 1, 2, 3]]
+    out = ICFRR(distance="search", beta=0.5, kg=2, kq=2, n_times=1, exact=True).rerank(results, context)
     assert out.indices.tolist() == [[2, 0, 1, 3]]
     np.testing.assert_allclose(out.distances[0], [1 - 0.5 * 2 / 3, 1 - 0.25, 1 - 0.25, 1.0], atol=1e-6)
 
@@ -244,13 +244,13 @@ def test_ties_broken_by_gallery_position() -> None:
 def test_iterations_generator_and_cache_reuse(random_setup) -> None:
     results, gallery, _, _ = random_setup
     context = RerankContext(gallery=gallery)
-    steps = list(icfrr_iterations(results, context, distance="search", kg=12, kq=20, n_times=4, exact=True))
+    steps = list(icfrr_iterations(results, context, distance="search", beta=0.5, kg=12, kq=20, n_times=4, exact=True))
     assert [s.meta["rerank"][-1]["iteration"] for s in steps] == [1, 2, 3, 4]
     cached = context.cache[GALLERY_KNN_KEY]["indices"]
-    final = ICFRR(distance="search", kg=12, kq=20, n_times=4, exact=True).rerank(results, context)
+    final = ICFRR(distance="search", beta=0.5, kg=12, kq=20, n_times=4, exact=True).rerank(results, context)
     assert context.cache[GALLERY_KNN_KEY]["indices"] is cached  # reused, not rebuilt
     np.testing.assert_array_equal(final.indices, steps[-1].indices)
-    ICFRR(distance="search", kg=5, kq=20, n_times=1, exact=True).rerank(results, context)
+    ICFRR(distance="search", beta=0.5, kg=5, kq=20, n_times=1, exact=True).rerank(results, context)
     assert context.cache[GALLERY_KNN_KEY]["indices"] is cached  # a shorter list is a prefix of the cached one
 
 
@@ -274,7 +274,7 @@ def test_cache_round_trip_and_same_rankings(tmp_path: Path, random_setup) -> Non
     np.testing.assert_array_equal(gg_t.numpy(), gg)
     assert labels_t["query"].dtype == torch.int64 and labels_t["gallery"].tolist() == labels["gallery"].tolist()
     cached, context, _ = icfrr_cache_inputs(tmp_path / "c")
-    reranker = ICFRR(distance="search", kg=12, kq=20, n_times=5, exact=True)
+    reranker = ICFRR(distance="search", beta=0.5, kg=12, kq=20, n_times=5, exact=True)
     from_embeddings = reranker.rerank(results, RerankContext(gallery=gallery))
     np.testing.assert_array_equal(reranker.rerank(cached, context).indices, from_embeddings.indices)
     records = run_icfrr_cache(tmp_path / "c", kg=12, kq=20, n_times=2)
@@ -417,7 +417,7 @@ def test_chain_on_embeddings_equals_icfrr_command_on_their_cache(tmp_path: Path)
     centres = np.random.default_rng(9).standard_normal((6, 16))
     (queries, q_labels), (gallery, g_labels) = clustered(30, 1, "q", centres), clustered(120, 2, "g", centres)
     results = search(queries, gallery, k=120)  # search.metric's default: cosine
-    params = {"kg": 10, "kq": 15, "n_times": 5}
+    params = {"kg": 10, "kq": 15, "n_times": 5, "beta": 0.5}
     chain = run_chain(results, RerankContext(queries=queries, gallery=gallery), build_chain([{"icfrr": params}]))
     save_icfrr_cache(
         tmp_path / "cache", queries, gallery, {"query": q_labels, "gallery": g_labels}
@@ -458,7 +458,10 @@ def test_icfrr_command_without_labels_writes_rankings_of_every_iteration(tmp_pat
     assert done.returncode == 0, done.stderr
     assert "no metrics" in done.stdout and not (tmp_path / "out" / "metrics.json").exists()
     results, context, _ = icfrr_cache_inputs(cache)
-    steps = [results, *ICFRR(kg=10, kq=15, n_times=3, exact=True, distance="search").iterations(results, context)]
+    steps = [
+        results,
+        *ICFRR(beta=0.5, kg=10, kq=15, n_times=3, exact=True, distance="search").iterations(results, context),
+    ]
     with np.load(tmp_path / "out" / "rankings.npz") as rankings:
         assert sorted(rankings.files) == [f"reranking_iter_{i}.npy".removesuffix(".npy") for i in range(4)]
         for i, step in enumerate(steps):

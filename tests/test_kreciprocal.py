@@ -107,7 +107,7 @@ def test_query_in_gallery_is_one_node_and_never_returned():
             queries.vectors, gallery.vectors, 70, exclude=exclude
         )  # 70 columns either way (search() clamps)
         results = RetrievalResults(idx, dist, queries.ids, gallery.ids)
-        out = KReciprocal().rerank(results, context)
+        out = KReciprocal(k1=20, k2=6, lambda_value=0.3).rerank(results, context)
         assert not (out.indices == picked[:, None]).any()
         assert (out.indices[:, -1] == PAD).all() and np.isinf(out.distances[:, -1]).all()
         masked = final.copy()
@@ -120,7 +120,7 @@ def test_query_in_gallery_is_one_node_and_never_returned():
 def test_only_incoming_candidates_are_resorted_and_padding_kept():
     results, context, q, g = make_case(seed=5)
     short = results.top(15)
-    out = KReciprocal(k1=8, k2=3).rerank(short, context)
+    out = KReciprocal(k1=8, k2=3, lambda_value=0.3).rerank(short, context)
     assert out.indices.shape == (12, 15)
     np.testing.assert_array_equal(np.sort(out.indices, 1), np.sort(short.indices, 1))  # same items, none added
     final = dense_kreciprocal(as_union(q, g, "cosine"), 8, 3, 0.3)[: len(q), len(q) :]
@@ -132,7 +132,7 @@ def test_only_incoming_candidates_are_resorted_and_padding_kept():
         short.query_ids,
         short.gallery_ids,
     )
-    out = KReciprocal(k1=8, k2=3).rerank(padded, context)
+    out = KReciprocal(k1=8, k2=3, lambda_value=0.3).rerank(padded, context)
     assert (out.indices[:, 10:] == PAD).all() and np.isinf(out.distances[:, 10:]).all()
     np.testing.assert_array_equal(np.sort(out.indices[:, :10], 1), np.sort(short.indices[:, :10], 1))
     check_ascending(out)
@@ -140,7 +140,7 @@ def test_only_incoming_candidates_are_resorted_and_padding_kept():
 
 def test_candidates_resorts_the_head_and_keeps_the_tail_in_order():
     results, context, q, g = make_case(seed=6)
-    out = KReciprocal(k1=8, k2=3, candidates=10).rerank(results, context)
+    out = KReciprocal(k1=8, k2=3, lambda_value=0.3, candidates=10).rerank(results, context)
     np.testing.assert_array_equal(out.indices[:, 10:], results.indices[:, 10:])
     np.testing.assert_array_equal(out.distances[:, 10:], results.distances[:, 10:])  # the tail keeps its distances
     np.testing.assert_array_equal(np.sort(out.indices[:, :10], 1), np.sort(results.indices[:, :10], 1))
@@ -182,8 +182,8 @@ def test_registry_and_bad_parameters():
             KReciprocal(**params)
     results, context, _, _ = make_case(seed=8)
     with pytest.raises(LookalikeError, match="needs queries"):
-        KReciprocal().rerank(results, RerankContext(gallery=context.gallery))
+        KReciprocal(k1=20, k2=6, lambda_value=0.3).rerank(results, RerankContext(gallery=context.gallery))
     with pytest.raises(LookalikeError, match="gallery vectors"):
-        KReciprocal().rerank(
+        KReciprocal(k1=20, k2=6, lambda_value=0.3).rerank(
             results, RerankContext(queries=context.queries, gallery=Embeddings(np.zeros((3, 8)), ["a", "b", "c"]))
         )

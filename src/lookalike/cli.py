@@ -710,6 +710,43 @@ def _train_repeated(cfg, resume: str | None) -> None:
     out.print(f"wrote {result.path}; runs under {cfg.train.output}/run0 ... run{len(result.runs) - 1}")
 
 
+@app.command("tune-rerank")
+@reports_errors
+def tune_rerank(
+    args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP),
+    output: Path = typer.Option(
+        Path("runs/rerank_tuned.yaml"), "--output", "-o", help="Where to write the chosen chain (`rerank: [...]`)."
+    ),
+    chains: bool = typer.Option(True, "--chains/--no-chains", help="Also try chains of two re-rankers."),
+) -> None:
+    """Choose a re-ranking chain on the training split (every image a query against the others; the validation split
+    is never read while choosing): a table of every candidate, the best written as a config snippet, then its
+    metrics on the validation split."""
+    from lookalike.tune import candidate_steps, tune_rerank, validate_choice, write_snippet
+
+    cfg = _config(args)
+    tuning = tune_rerank(
+        cfg,
+        steps=candidate_steps(chains=chains),
+        progress=_progress("tuning", "chain"),
+        embed_progress=_progress("embedding"),
+    )
+    table = Table(title="re-ranking candidates on the training split")
+    for column in ("candidate", "CMC@1", "mAP@all", "time (s)"):
+        table.add_column(column, justify="left" if column == "candidate" else "right")
+    for c in tuning.candidates:
+        style = "bold" if c is tuning.best else None
+        table.add_row(escape(c.label), f"{c.cmc1:.4f}", f"{c.map_all:.4f}", f"{c.seconds:.2f}", style=style)
+    out.print(table)
+    write_snippet(tuning.best, output)
+    out.print(f"wrote {output}: rerank: {escape(tuning.best.label)}")
+    before, after = validate_choice(cfg, tuning.best.steps, progress=_progress("embedding"))
+    out.print(
+        f"validation split: CMC@1 {before.cmc1:.4f} -> {after.cmc1:.4f}, mAP@all {before.map_all:.4f} -> "
+        f"{after.map_all:.4f} with rerank: {escape(tuning.best.label)}"
+    )
+
+
 @app.command()
 @reports_errors
 def validate(

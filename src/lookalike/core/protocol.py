@@ -32,3 +32,22 @@ def exclusion_groups(
         codes = np.arange(len(table))
     q_rows, g_rows = table.rows_of(query_ids, "query id"), table.rows_of(gallery_ids, "gallery id")
     return codes[q_rows].astype(np.int64), codes[g_rows].astype(np.int64)
+
+
+def split_as_protocol(table: DatasetTable, split: str) -> DatasetTable:
+    """The rows of one split alone, arranged by the evaluation protocol (every row a query against all the others)
+    and labelled "validation", so that search and metrics run on them unchanged; e.g. the training split for tuning
+    without ever reading the validation split's rows.
+
+    Args:
+        table: the dataset table.
+        split: "train" or "validation".
+
+    Returns:
+        A table of that split's rows only, each a query and a gallery item, split "validation".
+    """
+    rows = table.split(split)
+    if len(rows) == 0:
+        raise LookalikeError(f"{table.source}, column 'split': no {split} rows to arrange as queries and gallery")
+    frame = rows.frame.assign(split="validation", is_query=True, is_gallery=True)
+    return type(rows)(frame, rows.root, f"{table.source} ({split} split)")

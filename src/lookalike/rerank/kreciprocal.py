@@ -28,6 +28,7 @@ import torch
 
 from lookalike.core.errors import LookalikeError
 from lookalike.core.results import PAD, RetrievalResults
+from lookalike.rerank.auto import AUTO, GalleryShape, given_or, is_auto, kreciprocal_k, resolve, skipped
 from lookalike.rerank.base import (
     RerankContext,
     Reranker,
@@ -48,32 +49,48 @@ class KReciprocal(Reranker):
     name = "kreciprocal"
 
     def __init__(
-        self, k1: int = 20, k2: int = 6, lambda_value: float = 0.3, candidates: int | None = None, chunk: int = 16384
+        self,
+        k1: int | str = AUTO,
+        k2: int | str = AUTO,
+        lambda_value: float | str = AUTO,
+        candidates: int | None = None,
+        chunk: int = 16384,
     ) -> None:
-        self.k1 = positive_int(k1, "k1", self.name)
-        self.k2 = positive_int(k2, "k2", self.name)
+        self.k1 = k1 if is_auto(k1) else positive_int(k1, "k1", self.name)
+        self.k2 = k2 if is_auto(k2) else positive_int(k2, "k2", self.name)
         self.candidates = None if candidates is None else positive_int(candidates, "candidates", self.name)
         self.chunk = positive_int(chunk, "chunk", self.name)
-        if not 0.0 <= float(lambda_value) <= 1.0:
-            raise LookalikeError(f"rerank {self.name}: lambda_value must lie in [0, 1], got {lambda_value}")
-        self.lambda_value = float(lambda_value)
+        if not is_auto(lambda_value) and not 0.0 <= float(lambda_value) <= 1.0:
+            raise LookalikeError(f"rerank {self.name}: lambda_value must lie in [0, 1] or be auto, got {lambda_value}")
+        self.lambda_value = lambda_value if is_auto(lambda_value) else float(lambda_value)
 
     def rerank(self, results: RetrievalResults, context: RerankContext) -> RetrievalResults:
-        """New results: the incoming candidates re-sorted by (1 - lambda) Jaccard + lambda d~; the rest kept after."""
+        """New results: the incoming candidates re-sorted by (1 - lambda) Jaccard + lambda d~; the rest kept after.
+        "auto" parameters follow the gallery (lookalike.rerank.auto); a gallery no setting fits is left unchanged."""
         queries, gallery = context_vectors(results, context, self.name)
+        resolved = resolve(self, ("k1", "k2", "lambda_value"), results, context, _auto_values)
+        if isinstance(resolved, str):
+            return skipped(results, {"name": self.name, **self.params()}, resolved)
+        k1, k2, lam = (given_or(self, n, resolved) for n in ("k1", "k2", "lambda_value"))
         results = drop_excluded(results, context.exclude)
         x, query_nodes = union_vectors(queries, gallery, results, context.metric)
-        neighbours = union_neighbours(x, max(self.k1, self.k2 - 1), context.metric)
+        neighbours = union_neighbours(x, max(k1, k2 - 1), context.metric)
         farthest = farthest_sqdist(x)
-        v = kreciprocal_vectors(x, neighbours, farthest, self.k1, self.k2, self.chunk)
+        v = kreciprocal_vectors(x, neighbours, farthest, k1, k2, self.chunk)
         head = results.indices[:, : self.candidates or results.k]
-        distances = final_distances(x, v, farthest, query_nodes, head, self.lambda_value, self.chunk)
-        return self.recorded(merge_head(results, distances))
+        distances = final_distances(x, v, farthest, query_nodes, head, lam, self.chunk)
+        return self.recorded(merge_head(results, distances), **({"resolved": resolved} if resolved else {}))
 
     @property
     def head(self) -> int | None:
         """The incoming candidates it re-sorts (None: every item of the list)."""
         return self.candidates
+
+
+def _auto_values(shape: GalleryShape) -> dict[str, int | float]:
+    """k1, k2 and lambda for a gallery of this shape (lookalike.rerank.auto.kreciprocal_k)."""
+    k1, k2, lam = kreciprocal_k(shape)
+    return {"k1": k1, "k2": k2, "lambda_value": lam}
 
 
 def union_vectors(

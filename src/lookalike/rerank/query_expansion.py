@@ -13,10 +13,13 @@ incoming list are re-scored and re-sorted, the rest follow in their old order. E
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from lookalike.core.errors import LookalikeError
 from lookalike.core.results import PAD, RetrievalResults
+from lookalike.rerank.auto import AUTO, expansion_n, given_or, is_auto, resolve, skipped
 from lookalike.rerank.base import (
     RerankContext,
     Reranker,
@@ -37,13 +40,24 @@ class _Expansion(Reranker):
 
     uses_augmented_gallery = False  # QE searches the gallery a DBA stage left in the context
 
-    def __init__(self, n: int = 5, alpha: float = 0.0, candidates: int | None = None, chunk: int = 16384) -> None:
-        self.n = positive_int(n, "n", self.name)
+    def __init__(
+        self, n: int | str = AUTO, alpha: float = 0.0, candidates: int | None = None, chunk: int = 16384
+    ) -> None:
+        self.n = n if is_auto(n) else positive_int(n, "n", self.name)
         self.candidates = None if candidates is None else positive_int(candidates, "candidates", self.name)
         self.chunk = positive_int(chunk, "chunk", self.name)
         if not float(alpha) >= 0.0:
             raise LookalikeError(f"rerank {self.name}: alpha must be >= 0, got {alpha}")
         self.alpha = float(alpha)
+
+    def resolved_n(self, results: RetrievalResults, context: RerankContext) -> dict[str, Any] | str:
+        """{} for an explicit n; {"n": value, "gallery": shape} for n="auto"; a reason when the gallery fits none."""
+        context_vectors(results, context, self.name)
+        return resolve(self, ("n",), results, context, lambda shape: {"n": expansion_n(shape)})
+
+    def skip(self, results: RetrievalResults, reason: str) -> RetrievalResults:
+        """The list unchanged, with a one-line warning why."""
+        return skipped(results, {"name": self.name, **self.params()}, reason)
 
     def prepared(
         self, results: RetrievalResults, context: RerankContext
@@ -59,15 +73,22 @@ class _Expansion(Reranker):
         return q, g, results, cosine
 
     def search_again(
-        self, queries: np.ndarray, gallery: np.ndarray, results: RetrievalResults, context: RerankContext
+        self,
+        queries: np.ndarray,
+        gallery: np.ndarray,
+        results: RetrievalResults,
+        context: RerankContext,
+        resolved: dict[str, Any],
     ) -> RetrievalResults:
         """Whole-gallery exact search (candidates=None) or a re-score of each list's first `candidates` items."""
+        extra = {"resolved": resolved} if resolved else {}
         if self.candidates is None:
             idx, dist = exact_knn(queries, gallery, results.k, context.metric, exclude=context.exclude)
             searched = RetrievalResults(idx, dist, results.query_ids, results.gallery_ids, dict(results.meta))
-            return self.recorded(searched)
+            return self.recorded(searched, **extra)
         head = results.indices[:, : self.candidates]
-        return self.recorded(merge_head(results, head_distances(queries, gallery, head, context.metric, self.chunk)))
+        distances = head_distances(queries, gallery, head, context.metric, self.chunk)
+        return self.recorded(merge_head(results, distances), **extra)
 
     @property
     def head(self) -> int | None:
@@ -84,9 +105,13 @@ class QueryExpansion(_Expansion):
 
     def rerank(self, results: RetrievalResults, context: RerankContext) -> RetrievalResults:
         """New results for the expanded queries (over the DBA-augmented gallery when a DBA stage ran before)."""
+        resolved = self.resolved_n(results, context)
+        if isinstance(resolved, str):
+            return self.skip(results, resolved)
         q, g, results, cosine = self.prepared(results, context)
-        expanded = expand_vectors(q, g, results.indices[:, : self.n], self.alpha, cosine, self.chunk)
-        return self.search_again(expanded, g, results, context)
+        n = given_or(self, "n", resolved)
+        expanded = expand_vectors(q, g, results.indices[:, :n], self.alpha, cosine, self.chunk)
+        return self.search_again(expanded, g, results, context, resolved)
 
 
 @register
@@ -98,10 +123,14 @@ class DatabaseAugmentation(_Expansion):
 
     def rerank(self, results: RetrievalResults, context: RerankContext) -> RetrievalResults:
         """New results against the augmented gallery, which is also left in context.cache for later stages."""
+        resolved = self.resolved_n(results, context)
+        if isinstance(resolved, str):
+            return self.skip(results, resolved)
         q, g, results, cosine = self.prepared(results, context)
-        augmented = expand_vectors(g, g, gallery_neighbours(g, self.n, context.metric), self.alpha, cosine, self.chunk)
+        neighbours = gallery_neighbours(g, given_or(self, "n", resolved), context.metric)
+        augmented = expand_vectors(g, g, neighbours, self.alpha, cosine, self.chunk)
         context.cache[DBA_CACHE_KEY] = (results.gallery_ids, augmented)
-        return self.search_again(q, augmented, results, context)
+        return self.search_again(q, augmented, results, context, resolved)
 
 
 def expand_vectors(

@@ -39,6 +39,7 @@ import torch
 
 from lookalike.core.errors import LookalikeError
 from lookalike.core.results import PAD, RetrievalResults, check_metric
+from lookalike.rerank.auto import AUTO, given_or, icfrr_beta, icfrr_k, is_auto, resolve, skipped
 from lookalike.rerank.base import RerankContext, Reranker, merge_head, positive_int, register
 from lookalike.rows import pack_rows, sort_by_value
 from lookalike.search.exact import exact_knn, order_by_distance
@@ -60,30 +61,32 @@ class ICFRR(Reranker):
 
     def __init__(
         self,
-        kg: int = 256,
-        kq: int = 250,
-        beta: float = 0.5,
+        kg: int | str = AUTO,
+        kq: int | str = AUTO,
+        beta: float | str = AUTO,
         n_times: int = 5,
         candidates: int = 2000,
         exact: bool = False,
         chunk: int = 1024,
         distance: str = "euclidean",
     ) -> None:
-        self.kg, self.kq, self.chunk = (
-            positive_int(v, n, self.name) for v, n in ((kg, "kg"), (kq, "kq"), (chunk, "chunk"))
-        )
+        self.kg, self.kq = (v if is_auto(v) else positive_int(v, n, self.name) for v, n in ((kg, "kg"), (kq, "kq")))
+        self.chunk = positive_int(chunk, "chunk", self.name)
         self.candidates = positive_int(candidates, "candidates", self.name)
-        if self.candidates < self.kq and not exact:
+        if not is_auto(self.kq) and self.candidates < self.kq and not exact:
             raise LookalikeError(
                 f"rerank icfrr: candidates must be >= kq ({self.kq}), got {candidates} (or exact=True)"
             )
         if isinstance(n_times, bool) or not isinstance(n_times, (int, np.integer)) or n_times < 0:
             raise LookalikeError(f"rerank icfrr: n_times must be an integer >= 0, got {n_times!r}")
-        if isinstance(beta, bool) or not isinstance(beta, (int, float, np.floating)) or not 0 <= beta < np.inf:
-            raise LookalikeError(f"rerank icfrr: beta must be a finite number >= 0, got {beta!r}")
+        if not is_auto(beta) and (
+            isinstance(beta, bool) or not isinstance(beta, (int, float, np.floating)) or not 0 <= beta < np.inf
+        ):
+            raise LookalikeError(f"rerank icfrr: beta must be a finite number >= 0 or auto, got {beta!r}")
         if distance not in DISTANCES:
             raise LookalikeError(f"rerank icfrr: distance must be one of {', '.join(DISTANCES)}, got {distance!r}")
-        self.beta, self.n_times, self.exact, self.distance = float(beta), int(n_times), bool(exact), distance
+        self.beta = beta if is_auto(beta) else float(beta)
+        self.n_times, self.exact, self.distance = int(n_times), bool(exact), distance
 
     @property
     def head(self) -> int | None:
@@ -104,8 +107,11 @@ class ICFRR(Reranker):
         }
 
     def rerank(self, results: RetrievalResults, context: RerankContext) -> RetrievalResults:
-        """The results after n_times iterations: rows re-sorted by the new score, distances = -score."""
+        """The results after n_times iterations: rows re-sorted by the new score, distances = -score ("auto" KG, KQ
+        and beta follow the gallery; a gallery no setting fits is returned unchanged, with a warning)."""
         run = self._start(results, context)
+        if isinstance(run, str):
+            return skipped(results, {"name": self.name, **self.params()}, run)
         for _ in range(self.n_times):
             run.step()
         return run.results(self.n_times)
@@ -113,26 +119,45 @@ class ICFRR(Reranker):
     def iterations(self, results: RetrievalResults, context: RerankContext) -> Iterator[RetrievalResults]:
         """The results after iteration 1, 2, ..., n_times (for metrics per iteration)."""
         run = self._start(results, context)
+        if isinstance(run, str):
+            unchanged = skipped(
+                results, {"name": self.name, **self.params()}, run
+            )  # one warning, not one per iteration
+            yield from [unchanged] * self.n_times
+            return
         for i in range(1, self.n_times + 1):
             run.step()
             yield run.results(i)
 
-    def _start(self, results: RetrievalResults, context: RerankContext) -> _Run:
-        """Neighbour lists (cached in the context) and the sorted candidate lists, ready to iterate."""
+    def _start(self, results: RetrievalResults, context: RerankContext) -> _Run | str:
+        """Neighbour lists (cached in the context) and the sorted candidate lists, ready to iterate; or the reason
+        why auto parameters fit no setting to this gallery."""
         n_gallery = len(results.gallery_ids)
+        resolved = resolve(
+            self, ("kg", "kq"), results, context, lambda shape: dict.fromkeys(("kg", "kq"), icfrr_k(shape))
+        )
+        if isinstance(resolved, str):
+            return resolved
+        kg, kq = given_or(self, "kg", resolved), given_or(self, "kq", resolved)
         if self.distance != "search":
             results = rescore(results, context, self.distance)
+        if is_auto(self.beta):
+            resolved["beta"] = icfrr_beta(results.distances, min(kq, results.k))
+        beta = given_or(self, "beta", resolved)
         metric = context.metric if self.distance == "search" else self.distance
-        neighbours, source = rank_lists(results, context, self.kg, self.chunk, metric)
+        neighbours, source = rank_lists(results, context, kg, self.chunk, metric)
         m = results.k if self.exact else min(self.candidates, results.k)
+        m = max(m, min(kq, results.k))  # an auto KQ never has more voters than re-scored items
         meta = {"name": self.name, **self.params(), "m": m, "neighbours": source}
+        if resolved:
+            meta["resolved"] = resolved
         return _Run(
             results,
             neighbours,
             icfrr_weights(n_gallery, neighbours.shape[1]),
-            min(self.kq, results.k),
+            min(kq, results.k),
             m,
-            self.beta,
+            beta,
             self.chunk,
             meta,
         )
