@@ -495,7 +495,7 @@ def index_build(
         return
     built = load_index(folder)
     out.print(
-        f"wrote {folder}: {len(built)} gallery images, {built.settings['model']['name']}, {cfg.search.index} search, "
+        f"wrote {folder}: {len(built)} gallery images, {built.manifest.model.name}, {cfg.search.index} search, "
         f"re-rankers: {', '.join(built.rerankers) or 'none'}"
     )
     if built.milvus is not None:
