@@ -15,7 +15,7 @@ import torch
 from helpers import LOOKALIKE
 from lookalike.config import load_config
 from lookalike.core.embeddings import Embeddings
-from lookalike.core.errors import LookalikeWarning
+from lookalike.core.errors import LookalikeWarning, ProvenanceError
 from lookalike.core.results import RetrievalResults
 from lookalike.data.folder import import_folder
 from lookalike.models.extractor import Extractor
@@ -27,7 +27,7 @@ from lookalike.pipeline import (
     run_search,
     table_from_config,
 )
-from lookalike.provenance import ProvenanceError, config_sha256, flat_config
+from lookalike.provenance import config_sha256, flat_config
 from lookalike.serve import build_index
 
 FAST = ["model.name=test_resnet", "model.pretrained=false", "data.image_size=32", "data.batch_size=40", "search.k=10"]

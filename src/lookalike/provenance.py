@@ -18,13 +18,9 @@ from typing import Any
 
 from lookalike import __version__
 from lookalike.config import Config
-from lookalike.core.errors import LookalikeError, LookalikeWarning
+from lookalike.core.errors import LookalikeWarning, ProvenanceError
 
 KEY = "provenance"
-
-
-class ProvenanceError(LookalikeError):
-    """An input made from another dataset table or model than the command's config names."""
 
 
 def file_sha256(path: str | os.PathLike | None) -> str | None:

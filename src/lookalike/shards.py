@@ -29,8 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from lookalike.core.atomic import atomic_path, write_text_atomic
-from lookalike.core.errors import LookalikeError
-from lookalike.provenance import ProvenanceError
+from lookalike.core.errors import LookalikeError, ProvenanceError
 
 FORMAT = 1
 MANIFEST = "manifest.json"

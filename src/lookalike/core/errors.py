@@ -24,6 +24,10 @@ class ImageError(LookalikeError):
         self.reason = reason or message
 
 
+class ProvenanceError(LookalikeError):
+    """An input made from another dataset table or model than the command's config names."""
+
+
 class LookalikeWarning(UserWarning):
     """Something skipped or adjusted on the user's behalf; the CLI prints it as one line."""
 

@@ -564,7 +564,7 @@ def load_index(folder: str | os.PathLike, runtime: str | None = None) -> Gallery
     folder = Path(folder)
     manifest = read_manifest(folder)
     check_files(folder, manifest)
-    model, transform = _query_model(folder, manifest, runtime or manifest.serve.runtime)
+    model, transform = query_model(folder, manifest, runtime or manifest.serve.runtime)
     milvus = None
     if manifest.backend == "milvus":  # the vectors stay in the collection; the gallery holds the ids alone
         frame = read_gallery_csv(folder, manifest)
@@ -635,7 +635,7 @@ def read_gallery_frame(folder: Path, manifest: IndexManifest) -> tuple[Embedding
     return emb, frame
 
 
-def _query_model(folder: Path, manifest: IndexManifest, runtime: str) -> tuple[Extractor | OnnxExtractor, Any]:
+def query_model(folder: Path, manifest: IndexManifest, runtime: str) -> tuple[Extractor | OnnxExtractor, Any]:
     """The model that embeds queries and its transform: model.pt in torch, or model.onnx in onnxruntime."""
     if runtime not in ("torch", "onnx"):
         raise LookalikeError(f"serve.runtime: expected torch or onnx, got {runtime!r}")

@@ -25,7 +25,7 @@ from lookalike.serve.index import (
     EMBEDDINGS_FILE,
     FAISS_FILE,
     GALLERY_FILE,
-    _query_model,
+    query_model,
     read_gallery_frame,
 )
 from lookalike.serve.manifest import IndexManifest, read_manifest
@@ -129,7 +129,7 @@ def embed_new(folder: str | os.PathLike, table: DatasetTable, progress: Progress
     folder = Path(folder)
     manifest = read_manifest(folder)
     _check_backend(manifest, "add")
-    extractor, transform = _query_model(folder, manifest, "torch")
+    extractor, transform = query_model(folder, manifest, "torch")
     emb = extract_embeddings(extractor, table, transform, batch_size=64, progress=progress)
     return NewItems(item_ids(table), table.paths.astype(str), table.labels.astype(str), emb.vectors)
 
