@@ -17,6 +17,7 @@ from lookalike.core.errors import LookalikeError
 from lookalike.pipeline import extractor_from_config, table_from_config
 from lookalike.serve import build_index, load_index
 from lookalike.serve.app import run_search
+from lookalike.serve.live import LiveIndex
 
 RERANK = "rerank=[kreciprocal, {qe: {n: 3}}, {icfrr: {kg: 5, kq: 5}}]"
 
@@ -84,7 +85,7 @@ def test_a_filter_keeps_only_matching_items_for_uploads_and_gallery_queries(inde
     assert hits["distance"].is_monotonic_increasing
     unfiltered = index.query(image, k=80)
     assert hits["path"].tolist() == [p for p in unfiltered["path"] if parity[p] == "odd"][:30]
-    columns = run_search(index, None, 3, 30, ["kreciprocal"], f'label == "{index.labels[3]}"')
+    _, columns = run_search(LiveIndex(index), None, 3, 30, ["kreciprocal"], f'label == "{index.labels[3]}"')
     assert all(index.labels[p] == index.labels[3] for c in columns for p in c.positions)
     assert len(columns[0].positions) == 19  # the other 19 drawings of that character
 
@@ -92,7 +93,7 @@ def test_a_filter_keeps_only_matching_items_for_uploads_and_gallery_queries(inde
 @pytest.mark.parametrize("gallery_id", [None, 5])
 def test_a_filter_no_item_passes_finds_nothing(index, omniglot_small, gallery_id):
     upload = None if gallery_id is not None else next(omniglot_small.rglob("*.png")).read_bytes()
-    columns = run_search(index, upload, gallery_id, 10, ["kreciprocal"], 'parity == "none"')
+    _, columns = run_search(LiveIndex(index), upload, gallery_id, 10, ["kreciprocal"], 'parity == "none"')
     assert [len(c.positions) for c in columns] == [0, 0]
 
 
