@@ -198,13 +198,23 @@ def import_folder_cmd(
     queries_per_class: Optional[int] = typer.Option(
         None, help="Queries per validation class; default: every image is a query."
     ),
+    labels: Optional[bool] = typer.Option(
+        None,
+        "--labels/--no-labels",
+        help="One label per leaf folder, or a gallery without labels (id = path under ROOT); default: no labels for a "
+        "flat folder, labels for a tree.",
+    ),
 ) -> None:
-    """Turn a class-per-folder image tree into a dataset table, split by class."""
+    """Turn a class-per-folder image tree into a dataset table, split by class; a flat folder (or --no-labels) into a
+    gallery table without labels, for `index`, `serve` and `search`."""
     from lookalike.data.folder import import_folder
 
-    table = import_folder(root, validation_fraction, seed, queries_per_class)
+    table = import_folder(root, validation_fraction, seed, queries_per_class, labels=labels)
     table.save(output)
     n = table.counts()
+    if not table.has_labels:
+        out.print(f"wrote {output}: {n['images']} images, no labels (a gallery table: index, serve and search use it)")
+        return
     out.print(
         f"wrote {output}: {n['images']} images, {n['labels']} labels ({n['train']} train, {n['validation']} "
         f"validation: {n['queries']} queries, {n['gallery']} gallery)"
@@ -282,8 +292,22 @@ def extract(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP)) ->
 
 @app.command()
 @reports_errors
-def search(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP)) -> None:
-    """Search the validation queries of data.table against its gallery; save RetrievalResults to search.output."""
+def search(
+    args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP),
+    index_dir: Optional[Path] = typer.Option(
+        None, "--index", help="Search this index folder (`lookalike index`) with --image files instead of data.table."
+    ),
+    image: Optional[list[Path]] = typer.Option(None, "--image", help="With --index: a query image (repeat)."),
+    k: int = typer.Option(10, "--k", min=1, help="With --index: results per query."),
+    as_json: bool = typer.Option(False, "--json", help="With --index: one JSON object per query on stdout."),
+    images_root: Optional[Path] = typer.Option(
+        None, "--images-root", help="With --index: where the gallery images are now (default: the manifest's)."
+    ),
+) -> None:
+    """Search the validation queries of data.table against its gallery and save RetrievalResults to search.output; or,
+    with --index, print each --image's nearest gallery items: rank, id, path, label, distance, metadata."""
+    if index_dir is not None:
+        return _search_index(index_dir, image or [], k, as_json, images_root)
     from lookalike.pipeline import run_search, table_from_config
 
     cfg = _config(args)
@@ -296,6 +320,28 @@ def search(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP)) -> 
     )
 
 
+def _search_index(folder: Path, images: list[Path], k: int, as_json: bool, images_root: Path | None) -> None:
+    """`lookalike search --index`: the top-k of each query image, as a table or as JSON lines."""
+    import json
+
+    from lookalike.serve import load_index
+
+    if not images:
+        raise LookalikeError("--image: expected at least one query image with --index")
+    index = load_index(folder, images_root=images_root)
+    for image in images:
+        hits = index.query(image, k).reset_index()
+        if as_json:
+            print(json.dumps({"query": str(image), "results": hits.to_dict("records")}, ensure_ascii=False))
+            continue
+        table = Table(title=f"{image}: top {len(hits)} of {len(index)} in {folder}")
+        for column in hits.columns:
+            table.add_column(str(column), justify="right" if column in ("rank", "distance") else "left")
+        for row in hits.itertuples(index=False):
+            table.add_row(*(f"{v:.4f}" if isinstance(v, float) else escape(printable(str(v))) for v in row))
+        out.print(table)
+
+
 @app.command()
 @reports_errors
 def evaluate(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP)) -> None:
@@ -304,6 +350,7 @@ def evaluate(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP)) -
 
     cfg = _config(args)
     table = table_from_config(cfg)
+    table.require_labels("evaluate")
     _debug(f"table {cfg.data.table}: {len(table)} rows")
     evaluation = run_evaluate(cfg, table)
     _debug(
@@ -335,7 +382,9 @@ def rerank(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP)) -> 
     from lookalike.pipeline import table_from_config
 
     cfg = _config(args)
-    _print_stages(cfg, table_from_config(cfg))
+    table = table_from_config(cfg)
+    table.require_labels("rerank")
+    _print_stages(cfg, table)
 
 
 @app.command()
@@ -510,6 +559,11 @@ def serve(
         "--runtime",
         help="Embed queries with torch (model.pt) or onnx (model.onnx in onnxruntime); default: serve.runtime.",
     ),
+    images_root: Optional[Path] = typer.Option(
+        None,
+        "--images-root",
+        help="Where the gallery images are now (a moved collection); default: the images root in the manifest.",
+    ),
 ) -> None:
     """Search the gallery of INDEX_DIR in the browser: upload or pick a query, compare re-rankers side by side."""
     import uvicorn
@@ -517,7 +571,7 @@ def serve(
     from lookalike.serve import load_index
     from lookalike.serve.app import create_app, server_config
 
-    index = load_index(index_dir, runtime)
+    index = load_index(index_dir, runtime, images_root)
     app_ = create_app(index, host, allow_host or [])
     out.print(f"lookalike: serving {index_dir} on http://{host}:{port}/ ({index.runtime}; API schema at /openapi.json)")
     uvicorn.Server(server_config(app_, index, host, port)).run()
@@ -570,6 +624,7 @@ def train(
 
     _quiet_lightning()
     cfg = _config(args)
+    _require_labels(cfg, "train")
     if cfg.train.runs != 1:
         _train_repeated(cfg, resume)
         return
@@ -581,6 +636,14 @@ def train(
     out.print(
         f"best checkpoint: {result.best_checkpoint}\nlast checkpoint: {result.last_checkpoint}\nlogs: {result.log_dir}"
     )
+
+
+def _require_labels(cfg, command: str) -> None:
+    """One line when data.table is a gallery table without labels (training and validation need labels)."""
+    from lookalike.pipeline import table_from_config
+
+    if cfg.data.table:
+        table_from_config(cfg).require_labels(command)
 
 
 def _train_repeated(cfg, resume: str | None) -> None:
@@ -623,6 +686,7 @@ def validate(
     _quiet_lightning()
     args = [f"model.{a}" if a.startswith("weights=") else a for a in args or []]
     cfg = _config(args)
+    _require_labels(cfg, "validate")
     if not cfg.model.weights:
         raise LookalikeError(
             "model.weights: expected the checkpoint to evaluate, e.g. weights=runs/train/checkpoints/last.ckpt"
@@ -660,6 +724,7 @@ def train_reranker(
     _quiet_lightning()
     args = [f"model.weights={a.split('=', 1)[1]}" if a.startswith("extractor_weights=") else a for a in args or []]
     cfg = _config(args)
+    _require_labels(cfg, "train-reranker")
     result = run_train_reranker(cfg, resume, _progress("embedding"))
     if not result.is_global_zero:
         return

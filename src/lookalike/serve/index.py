@@ -22,11 +22,11 @@ from PIL import Image
 from pydantic import ValidationError
 
 from lookalike.config import Config, ServeConfig, _validation_message
-from lookalike.core.atomic import atomic_folder
+from lookalike.core.atomic import atomic_folder, atomic_path
 from lookalike.core.embeddings import Embeddings
 from lookalike.core.errors import ConfigError, LookalikeError
 from lookalike.core.results import PAD, RetrievalResults
-from lookalike.core.table import BBOX_COLUMNS, DatasetTable, save_csv
+from lookalike.core.table import BBOX_COLUMNS, DatasetTable
 from lookalike.data.decode import to_rgb
 from lookalike.data.folder import import_folder
 from lookalike.data.images import ImageSource, read_image, resize_side, transforms_for
@@ -160,31 +160,68 @@ def build_index(cfg: Config, table: DatasetTable, extractor: Extractor, progress
     with atomic_folder(target) as folder:
         manifest.rerank = pack_weights(cfg.rerank, folder)
         manifest.columns = [column_name(step) for step in cfg.rerank]  # as the user wrote them
+        root = images_root_of(absolute.paths)
+        manifest.images_root = str(root)
         manifest.write(folder)
         torch.save(extractor.state_dict(), folder / MODEL_FILE)
         if cfg.serve.runtime == "onnx":
             from lookalike.export import export_onnx
 
             export_onnx(extractor, folder / ONNX_FILE)
-        paths = emb.ids.tolist()
-        boxes = (
-            pd.DataFrame(gallery.boxes, columns=list(BBOX_COLUMNS))
-            if gallery.has_bbox
-            else pd.DataFrame(index=range(len(gallery)))
-        )
-        save_csv(
-            pd.DataFrame({"path": paths, "label": gallery.labels.astype(str)}).join(boxes),
-            ("path",),
-            folder,
-            folder / GALLERY_FILE,
-        )
+        paths = relative_paths(emb.ids, root)
+        write_gallery(gallery, paths, folder / GALLERY_FILE)
         Embeddings(emb.vectors, paths, {**emb.meta, "provenance": manifest.provenance}).save(
             folder / EMBEDDINGS_FILE
-        )  # ids = the gallery table's paths
+        )  # ids = gallery.csv's paths (relative to the manifest's images_root)
         if cfg.search.index != "exact":
             FaissIndex(cfg.search.index, cfg.search.metric).add(emb.vectors).save(folder / FAISS_FILE)
     merged.unlink(missing_ok=True)
     return target
+
+
+def images_root_of(paths: Sequence[str]) -> Path:
+    """The deepest folder holding every gallery image (absolute paths): what the index's paths are relative to."""
+    return Path(os.path.commonpath([os.path.dirname(p) for p in paths]))
+
+
+def relative_paths(paths: Sequence[str] | np.ndarray, root: Path) -> list[str]:
+    """Absolute image paths as POSIX paths relative to `root` (each is under it: see images_root_of)."""
+    return [Path(os.path.relpath(p, root)).as_posix() for p in paths]
+
+
+def write_gallery(gallery: DatasetTable, paths: list[str], target: Path) -> None:
+    """gallery.csv: each item's external id, its path relative to the images root, label (labelled galleries), bbox
+    and every metadata column, in gallery order."""
+    columns = {"id": gallery.ids, "path": paths}
+    if gallery.has_labels:
+        columns["label"] = gallery.labels.astype(str)
+    frame = pd.DataFrame(columns)
+    if gallery.has_bbox:
+        frame = frame.join(pd.DataFrame(gallery.boxes, columns=list(BBOX_COLUMNS)))
+    frame = frame.join(gallery.metadata())
+    with atomic_path(target) as tmp:
+        frame.to_csv(tmp, index=False, errors="surrogateescape")
+
+
+def read_gallery(path: Path, images_root: Path) -> DatasetTable:
+    """gallery.csv as written by write_gallery (or by an older lookalike: absolute paths, no id column), its relative
+    paths resolved from `images_root`; every cell a string but the bbox."""
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding_errors="surrogateescape")
+    for column in BBOX_COLUMNS:
+        if column in frame.columns:
+            frame[column] = pd.to_numeric(frame[column], errors="coerce")
+    return DatasetTable(frame, images_root, str(path))
+
+
+def check_images_root(table: DatasetTable, root: Path, given: bool) -> None:
+    """The images root is a folder and holds the first gallery image: a moved collection is one line, not a 500 at
+    every thumbnail."""
+    hint = "" if given else "; pass --images-root DIR (serve) or images_root= (load_index) where the images are now"
+    if not root.is_dir():
+        raise LookalikeError(f"images root {root}: not a folder{hint}")
+    first = table.image_paths()[0]
+    if not first.is_file():
+        raise LookalikeError(f"images root {root}: gallery image {table.paths[0]!r} not found at {first}{hint}")
 
 
 # ---------------------------------------------------------------- serving an index
@@ -207,9 +244,25 @@ class GalleryIndex:
     def __post_init__(self) -> None:
         self.limits = self.manifest.serve  # serve.* as the index was built (an older index: today's defaults)
         self.thumbnail = lru_cache(maxsize=2048)(self._thumbnail)
-        self.paths = self.table.paths
-        self.labels = self.table.labels.astype(str)
+        self.paths = np.array([str(p) for p in self.table.image_paths()], dtype=object)  # absolute, for reading
+        self.labels = self.table.labels.astype(str) if self.table.has_labels else None  # None: a gallery without labels
         self.boxes = self.table.boxes
+        self.ids = self.table.ids  # external ids, str [G]
+        self.metadata = self.table.metadata()  # metadata columns, one row per gallery item
+        self._positions = pd.Index(self.ids)
+
+    def position_of(self, external_id: str) -> int | None:
+        """The gallery position of an external id, or None when the gallery has no such id."""
+        position = self._positions.get_indexer([external_id])[0]
+        return None if position < 0 else int(position)
+
+    def describe(self, positions: np.ndarray) -> pd.DataFrame:
+        """Gallery items by position: external id, path relative to the images root, label (labelled galleries) and
+        metadata columns, one row per position (index 0..n-1)."""
+        columns = {"id": self.ids[positions], "path": self.table.paths[positions]}
+        if self.labels is not None:
+            columns["label"] = self.labels[positions]
+        return pd.DataFrame(columns).join(self.metadata.iloc[positions].reset_index(drop=True))
 
     @property
     def metric(self) -> str:
@@ -320,27 +373,23 @@ class GalleryIndex:
             list.
 
         Returns:
-            A DataFrame indexed by rank (1..k) with the gallery item's `path`, `label` and `distance` (ascending).
+            A DataFrame indexed by rank (1..k) with the gallery item's external `id`, `path` (the image file),
+            `label` (labelled galleries only), `distance` (ascending), then the gallery's metadata columns.
 
         Example:
             >>> import lookalike
             >>> index = lookalike.GalleryIndex.load("runs/latin")
             >>> hits = index.query("data/omniglot/images_background_small1/Greek/character01/0394_01.png", k=3)
             >>> list(hits.columns), len(hits)
-            (['path', 'label', 'distance'], 3)
+            (['id', 'path', 'label', 'distance'], 3)
         """
         path = None if isinstance(image, Image.Image) else str(Path(image).resolve())
         picture = image if path is None else read_image(path)
         column = self.search(self.embed(picture), k, [reranker] if reranker else [], image_path=path)[-1]
-        rank = pd.RangeIndex(1, len(column.positions) + 1, name="rank")
-        return pd.DataFrame(
-            {
-                "path": self.paths[column.positions],
-                "label": self.labels[column.positions],
-                "distance": column.distances,
-            },
-            index=rank,
-        )
+        hits = self.describe(column.positions).assign(path=self.paths[column.positions].astype(str))
+        hits.insert(3 if self.labels is not None else 2, "distance", column.distances)
+        hits.index = pd.RangeIndex(1, len(column.positions) + 1, name="rank")
+        return hits
 
     def embed(self, image: Image.Image) -> np.ndarray:
         """The embedding [D] of one image (converted to RGB as gallery images are)."""
@@ -398,7 +447,8 @@ class GalleryIndex:
         """The gallery table plus one row for an uploaded query's image file (what image re-rankers read)."""
         if image_path is None:
             raise LookalikeError("rerankers: a re-ranker that reads images needs the query image's file")
-        return self.table.with_rows({"path": [image_path], "label": [""]}, "<gallery + query>")
+        label = {"label": [""]} if self.table.has_labels else {}
+        return self.table.with_rows({"path": [image_path], **label}, "<gallery + query>")
 
     def _search(self, queries: Embeddings, m: int, exclude) -> RetrievalResults:
         if self.faiss is not None:
@@ -435,10 +485,12 @@ def _column(name: str, results: RetrievalResults, original: RetrievalResults, k:
     return Column(name, positions, distances, [None if np.isnan(c) else int(c) for c in change])
 
 
-def load_index(folder: str | os.PathLike, runtime: str | None = None) -> GalleryIndex:
+def load_index(
+    folder: str | os.PathLike, runtime: str | None = None, images_root: str | os.PathLike | None = None
+) -> GalleryIndex:
     """Read a folder written by build_index (manifest.json, or an older index.json); a missing or foreign file is a
     one-line error naming it. `runtime` (torch or onnx; default the index's serve.runtime) picks the model that embeds
-    queries."""
+    queries; `images_root` (default the manifest's) is where the gallery images are now, for a moved collection."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     needed = [MODEL_FILE, GALLERY_FILE, EMBEDDINGS_FILE] + ([FAISS_FILE] if manifest.search.index != "exact" else [])
@@ -449,10 +501,11 @@ def load_index(folder: str | os.PathLike, runtime: str | None = None) -> Gallery
             "index`)"
         )
     model, transform = _query_model(folder, manifest, runtime or manifest.serve.runtime)
-    gallery = pd.read_csv(folder / GALLERY_FILE, dtype={"label": str, "path": str}, encoding_errors="surrogateescape")
-    gallery["label"] = gallery["label"].fillna("")
+    root = Path(images_root or manifest.images_root or folder)  # no images_root: a format 1 folder's absolute paths
+    gallery = read_gallery(folder / GALLERY_FILE, root)
+    check_images_root(gallery, root, images_root is not None)
     emb = Embeddings.load(folder / EMBEDDINGS_FILE)
-    if len(emb) != len(gallery) or not np.array_equal(emb.ids, gallery["path"].to_numpy(str)):
+    if len(emb) != len(gallery) or not np.array_equal(emb.ids, gallery.paths):
         raise LookalikeError(
             f"{folder / EMBEDDINGS_FILE}: its ids are not the {len(gallery)} paths of {GALLERY_FILE} (rebuild with "
             "`lookalike index`)"
@@ -461,7 +514,7 @@ def load_index(folder: str | os.PathLike, runtime: str | None = None) -> Gallery
         model,
         transform,
         emb,
-        DatasetTable(gallery, folder, str(folder / GALLERY_FILE)),
+        gallery,
         manifest,
         servable_rerankers(unpack_weights(manifest.rerank, folder), manifest.columns),
         _load_faiss(folder, manifest.search),

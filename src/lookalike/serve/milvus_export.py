@@ -46,5 +46,6 @@ def export_index_to_milvus(
         raise LookalikeError(f"{folder / EMBEDDINGS_FILE}: its ids are not the {len(table)} paths of {GALLERY_FILE}")
     gallery = MilvusGallery.connect(uri, collection, emb.dim, metric, index, params)
     metadata = {name: table[name].to_numpy(object) for name in table.columns if name not in RESERVED}
-    gallery.add(emb.ids, emb.vectors, emb.ids, table["label"].fillna("").to_numpy(str), metadata, progress)
+    labels = table["label"].fillna("").to_numpy(str) if "label" in table.columns else np.full(len(table), "")
+    gallery.add(emb.ids, emb.vectors, emb.ids, labels, metadata, progress)
     return gallery
