@@ -52,7 +52,7 @@ def ids_sha256(ids: np.ndarray) -> str:
     """sha256 of the ids in order (one per line): the same rows in the same order, the same digest."""
     digest = hashlib.sha256()
     for name in ids.astype(str):
-        digest.update(name.encode() + b"\n")
+        digest.update(name.encode("utf-8", "surrogateescape") + b"\n")  # non-UTF-8 file names: their bytes
     return digest.hexdigest()
 
 

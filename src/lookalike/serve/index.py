@@ -190,9 +190,9 @@ def relative_paths(paths: Sequence[str] | np.ndarray, root: Path) -> list[str]:
 
 
 def write_gallery(gallery: DatasetTable, paths: list[str], target: Path) -> None:
-    """gallery.csv: each item's external id, its path relative to the images root, label (labelled galleries), bbox
-    and every metadata column, in gallery order."""
-    columns = {"id": gallery.ids, "path": paths}
+    """gallery.csv: each item's external id (the table's id column, or its path relative to the images root), that
+    path, label (labelled galleries), bbox and every metadata column, in gallery order."""
+    columns = {"id": gallery.ids if gallery.has_column("id") else paths, "path": paths}
     if gallery.has_labels:
         columns["label"] = gallery.labels.astype(str)
     frame = pd.DataFrame(columns)
