@@ -320,8 +320,8 @@ class GalleryIndex:
         it.
 
         Args:
-            images: a class-per-folder tree (root/<label>/<image>, every image in the gallery) or a dataset table (all
-            rows).
+            images: a class-per-folder tree (root/<label>/<image>, every image in the gallery), a flat folder (a gallery
+            without labels) or a dataset table (all rows).
             extractor: the model; its `image_size` and `crop_fraction` are the index's transform.
             folder: the index folder to write (replaced as a whole, never half-written).
             rerank: re-rankers queries may use, as in a config's `rerank:` (e.g. ["kreciprocal", {"qe": {"n": 3}}]).
@@ -359,9 +359,10 @@ class GalleryIndex:
         return load_index(build_index(cfg, table, extractor, progress))
 
     @classmethod
-    def load(cls, folder: str | os.PathLike) -> GalleryIndex:
-        """Read an index folder written by `GalleryIndex.build` or `lookalike index` (see `load_index`)."""
-        return load_index(folder)
+    def load(cls, folder: str | os.PathLike, images_root: str | os.PathLike | None = None) -> GalleryIndex:
+        """Read an index folder written by `GalleryIndex.build` or `lookalike index` (see `load_index`); `images_root`:
+        where the gallery images are now, when they moved since the index was built."""
+        return load_index(folder, images_root=images_root)
 
     def query(self, image: ImageSource, k: int = 10, reranker: str | None = None) -> pd.DataFrame:
         """The k gallery items nearest to one image, optionally re-ranked by one of the index's re-rankers.

@@ -64,11 +64,13 @@ function resultCard(item, rank, showChange, score) {
   card.dataset.externalId = item.external_id;
   if (state.queryLabel !== null && item.label === state.queryLabel) card.classList.add("same-label");
   const name = item.label ?? item.external_id;  // a gallery without labels: its external id
-  const img = Object.assign(document.createElement("img"), { src: `/image/${item.id}`, alt: name, loading: "lazy" });
+  const details = [item.external_id, ...Object.entries(item.metadata).map(([key, value]) => `${key}: ${value}`)];
+  const img = Object.assign(document.createElement("img"), {
+    src: `/image/${item.id}`, alt: name, title: details.join("\n"), loading: "lazy",
+  });
   const meta = document.createElement("div");
   meta.className = "meta";
-  const details = [item.external_id, ...Object.entries(item.metadata).map(([key, value]) => `${key}: ${value}`)];
-  const label = Object.assign(document.createElement("span"), { className: "label", textContent: name, title: details.join("\n") });
+  const label = Object.assign(document.createElement("span"), { className: "label", textContent: name, title: name });
   const value = Object.assign(document.createElement("span"), {
     className: score ? "value score" : "value distance",
     textContent: valueText(item.distance, score),
