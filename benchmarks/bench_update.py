@@ -110,7 +110,7 @@ def main() -> None:
         scratch = Path(scratch)
         folder = scratch / "index"
         write_folder(folder, manifest, extractor, base_paths, base)
-        items = NewItems(new_paths, new_paths, np.array(["new"] * args.add), new)
+        items = NewItems(new_paths, new_paths, new, np.array(["new"] * args.add))
         timings: dict[str, list[float]] = {"add": [], "remove": [], "rebuild write": []}
         for r in range(args.rounds):
             started = time.perf_counter()

@@ -80,11 +80,11 @@ def test_gallery_queries_and_rerankers_over_milvus_match_the_in_memory_search(in
 def test_a_filter_keeps_only_matching_items_for_uploads_and_gallery_queries(index, omniglot_small):
     image = next(omniglot_small.rglob("*.png"))
     hits = index.query(image, k=30, filter='parity == "odd"')
-    parity = dict(zip(index.gallery.ids, pd.read_csv(index.table.source)["parity"]))
-    assert len(hits) == 30 and {parity[p] for p in hits["path"]} == {"odd"}
+    parity = dict(zip(index.ids, pd.read_csv(index.table.source)["parity"]))
+    assert len(hits) == 30 and {parity[i] for i in hits["id"]} == {"odd"} and (hits["parity"] == "odd").all()
     assert hits["distance"].is_monotonic_increasing
     unfiltered = index.query(image, k=80)
-    assert hits["path"].tolist() == [p for p in unfiltered["path"] if parity[p] == "odd"][:30]
+    assert hits["id"].tolist() == [i for i in unfiltered["id"] if parity[i] == "odd"][:30]
     _, columns = run_search(LiveIndex(index), None, 3, 30, ["kreciprocal"], f'label == "{index.labels[3]}"')
     assert all(index.labels[p] == index.labels[3] for c in columns for p in c.positions)
     assert len(columns[0].positions) == 19  # the other 19 drawings of that character

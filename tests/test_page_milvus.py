@@ -3,6 +3,7 @@ Milvus Lite file: this process never opens it after building): the filter box, t
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -54,9 +55,10 @@ def test_the_filter_box_narrows_the_results_under_a_strict_policy(browser, serve
     page.route(f"{server}/", with_policy)
     page.goto(server)
     expect(page.locator("#filter")).to_be_visible()  # shown for a Milvus-backed index only
-    paths = pd.read_csv(index_dir / "gallery.csv")["path"]
+    manifest = json.loads((index_dir / "manifest.json").read_text())
+    paths = pd.read_csv(index_dir / "gallery.csv")["path"]  # relative to the images root
     page.fill("#filter", 'parity == "odd"')
-    assert send_file(page, "drop", paths[0])
+    assert send_file(page, "drop", Path(manifest["images_root"]) / paths[0])
     results = page.locator('[data-column="original"] .result')
     expect(results).to_have_count(10)
     labels = page.locator('[data-column="original"] .result .label').all_text_contents()

@@ -148,7 +148,7 @@ def test_gallery_index_builds_from_a_folder_tree_and_answers_one_image(extractor
     assert sorted(set(index.labels)) == [f"Balinese/character0{i}" for i in range(1, 9)]  # the leaf folder is the label
     query = list_images(omniglot_small / "Balinese" / "character03")[4]
     hits = index.query(query, k=5)
-    assert list(hits.columns) == ["path", "label", "distance"] and hits.index.tolist() == [1, 2, 3, 4, 5]
+    assert list(hits.columns) == ["id", "path", "label", "distance"] and hits.index.tolist() == [1, 2, 3, 4, 5]
     assert hits["path"].iloc[0] == str(query.resolve()) and hits["distance"].iloc[0] == pytest.approx(
         0, abs=1e-5
     )  # a gallery image finds itself

@@ -77,7 +77,7 @@ def free_port() -> int:
 
 
 def test_serve_your_own_collection_runs_as_written(workdir, monkeypatch, capsys):
-    """Folder of images -> table with metadata -> Milvus Lite index -> filtered search from the command line, the
+    """Flat folder of unlabelled images -> table with metadata -> Milvus Lite index -> filtered search from the CLI, the
     server's API and Python: each README step as written (shell in bash, the server on a free port)."""
     monkeypatch.chdir(workdir)
     env = {**os.environ, "PATH": f"{Path(LOOKALIKE).parent}{os.pathsep}{os.environ['PATH']}"}
@@ -97,18 +97,20 @@ def test_serve_your_own_collection_runs_as_written(workdir, monkeypatch, capsys)
             shell.append(done.stdout)
         else:
             exec(compile(code, f"README.md:{line}", "exec"), {"__name__": "__main__"})
-    assert "alphabet" in pd.read_csv(workdir / "collection.csv").columns
+    table = pd.read_csv(workdir / "collection.csv")
+    assert "alphabet" in table.columns and "label" not in table.columns  # a flat folder: a gallery without labels
     manifest = json.loads((workdir / "runs" / "collection" / "manifest.json").read_text())
     assert (manifest["backend"], manifest["collection"]) == ("milvus", "omniglot")
     assert not (workdir / "runs" / "collection" / "embeddings.npz").exists()
-    rows = shell[1].split("(rank, distance, label, path):\n", 1)[1].splitlines()  # after `lookalike query`'s header
-    listed = [row.split(maxsplit=3) for row in rows if row.strip()]
-    assert len(listed) == 5 and all(label.startswith("Latin/") for _, _, label, _ in listed), shell[1]
-    answer = json.loads(shell[2].splitlines()[-1])
-    labels = [item["label"] for item in answer["columns"][0]["items"]]
-    assert len(labels) == 5 and all(label.startswith("Latin/") for label in labels), shell[2]
+    drawings = workdir / "data" / "omniglot" / "images_background_small1"
+    latin = {path.name for path in (drawings / "Latin").glob("*/*.png")}
+    listed = set(re.findall(r"\d{4}_\d{2}\.png", shell[1])) - {"0394_01.png"}  # the ids `lookalike query` printed
+    assert len(listed) == 5 and listed <= latin, shell[1]
+    items = json.loads(shell[2].splitlines()[-1])["columns"][0]["items"]
+    assert len(items) == 5 and all(item["metadata"]["alphabet"] == "Latin" for item in items), shell[2]
+    assert all(item["external_id"] in latin and item["label"] is None for item in items), shell[2]
     printed = capsys.readouterr().out.split("\n", 1)[1]  # the hits of the Python query
-    assert printed.count("Latin/") == 5 and "Greek/" not in printed
+    assert printed.count("Latin") == 5 and "Greek" not in printed
 
 
 def test_the_index_task_is_five_lines_from_one_import():

@@ -149,7 +149,7 @@ def test_a_faiss_index_is_built_from_the_gallery_shards(table_csv, tmp_path, mon
     folder = build_index(cfg, table_from_config(cfg), extractor_from_config(cfg))
     index = load_index(folder)
     assert [len(ids) for ids in calls[0]] == [30, 30, 20]
-    assert [i for ids in calls[0] for i in ids] == index.gallery.ids.tolist()
+    assert [i for ids in calls[0] for i in ids] == index.paths.tolist()  # the gallery's images, in order
     assert index.faiss.size == 80 and [p for p in tmp_path.iterdir() if p.name.endswith(".shards")] == []
     got = index.search(index.gallery.vectors[5], 1, gallery_position=5)[0]
     others = np.delete(np.arange(80), 5)
@@ -342,16 +342,20 @@ def test_security_headers_host_check_and_no_cdn_docs(client, index_dir):
     assert docs.status_code == 200 and "cdn" not in docs.text.lower() and "/search" in docs.json()["paths"]
 
 
-def test_images_are_served_by_gallery_id_only(client):
+def test_images_are_served_by_gallery_id_only(client, index_dir):
+    index = load_index(index_dir)
+    real_file, external_id = index.paths[0], index.ids[0]
     assert client.get("/image/0").headers["content-type"] == "image/png"
     assert Image.open(io.BytesIO(client.get("/image/0").content)).size[0] <= 256
     for path, status in [
         ("/image/..%2F..%2Fetc%2Fpasswd", 404),
         ("/image/etc%2Fpasswd", 404),
-        ("/image/abc", 422),
-        ("/image/-1", 422),
+        ("/image/abc", 404),  # neither an external id nor a position
+        ("/image/-1", 404),
         ("/image/80", 404),
         ("/image/%2Fetc%2Fpasswd", 404),
+        (f"/image/{real_file}", 404),  # a real image file of the gallery, by its path: not an id
+        (f"/image/{external_id}", 200),  # its external id (its path under the images root)
     ]:
         assert client.get(path).status_code == status, path
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import annotated_types
 import numpy as np
+import pandas as pd
 import pytest
 import timm
 import torch
@@ -174,21 +175,31 @@ def index_dir(settings_table) -> Path:
 
 def test_index_folder_holds_a_versioned_typed_manifest(index_dir):
     manifest = read_manifest(index_dir)
-    assert manifest.format_version == 1 and manifest.lookalike == __version__
+    assert manifest.format_version == 2 and manifest.lookalike == __version__
     assert manifest.model.name == "test_resnet" and manifest.transform.image_size == 32
     assert manifest.serve.max_upload_mb == 0.2 and manifest.search.metric == "cosine"
     assert manifest.rerank == [RerankStep(name="kreciprocal"), RerankStep(name="qe", params={"n": 3})]
     assert manifest.created_at.tzinfo is not None and manifest.provenance["model"]["name"] == "test_resnet"
-    assert manifest.images_root is None and manifest.backend is None  # room for the next format's fields
+    assert Path(manifest.images_root).is_dir() and manifest.backend is None  # gallery.csv's paths start there
     index = load_index(index_dir)
     assert index.manifest == manifest and index.limits.max_upload_mb == 0.2
     assert sorted(index.rerankers) == ["kreciprocal", "qe(n=3)"]
+
+
+def absolute_gallery(folder: Path, images_root: str) -> None:
+    """gallery.csv and the embeddings' ids as format 1 wrote them: absolute image paths, no id column."""
+    gallery = pd.read_csv(folder / "gallery.csv", dtype=str, keep_default_na=False).drop(columns="id")
+    gallery["path"] = [str(Path(images_root) / p) for p in gallery["path"]]
+    gallery.to_csv(folder / "gallery.csv", index=False)
+    emb = Embeddings.load(folder / "embeddings.npz")
+    Embeddings(emb.vectors, gallery["path"].tolist(), emb.meta).save(folder / "embeddings.npz")
 
 
 def legacy_folder(index_dir: Path, folder: Path) -> Path:
     """The folder as the code before the manifest wrote it: index.json, {"format": 1, "data": ...}, string keys."""
     folder = shutil.copytree(index_dir, folder)
     new = json.loads((folder / "manifest.json").read_text())
+    absolute_gallery(folder, new["images_root"])
     old = {"format": 1, "model": new["model"], "data": new["transform"], "search": new["search"], "serve": new["serve"]}
     old.update(provenance=new["provenance"], rerank=["kreciprocal", {"qe": {"n": 3}}], columns=new["columns"])
     del old["model"]["last_stride"]  # written only since last_stride existed
@@ -200,11 +211,25 @@ def legacy_folder(index_dir: Path, folder: Path) -> Path:
 def test_a_folder_written_before_the_manifest_still_loads(index_dir, tmp_path):
     folder = legacy_folder(index_dir, tmp_path / "old")
     old, new = load_index(folder), load_index(index_dir)
-    assert old.manifest.serve.max_upload_mb == 0.2 and old.manifest.format_version == 1
+    assert old.manifest.serve.max_upload_mb == 0.2 and old.manifest.format_version == 2 and not old.manifest.images_root
     assert sorted(old.rerankers) == sorted(new.rerankers)
     assert old.manifest.created_at == new.manifest.created_at  # from the provenance record's time
     image = Image.open(new.paths[3]).convert("RGB")
     np.testing.assert_array_equal(old.embed(image), new.embed(image))
+
+
+def test_a_format_1_folder_is_migrated_and_still_loads(index_dir, tmp_path):
+    folder = shutil.copytree(index_dir, tmp_path / "v1")
+    values = json.loads((folder / "manifest.json").read_text())
+    absolute_gallery(folder, values.pop("images_root"))
+    (folder / "manifest.json").write_text(json.dumps({**values, "format_version": 1}))
+    old, new = load_index(folder), load_index(index_dir)
+    assert old.manifest.format_version == 2 and old.manifest.images_root is None
+    assert old.paths.tolist() == new.paths.tolist() and old.ids.tolist() == old.paths.tolist()  # the path is the id
+    np.testing.assert_array_equal(
+        old.search(old.gallery.vectors[2], 5, gallery_position=2)[0].positions,
+        new.search(new.gallery.vectors[2], 5, gallery_position=2)[0].positions,
+    )
 
 
 def rewrite(folder: Path, **changes) -> Path:
@@ -224,7 +249,7 @@ def test_a_newer_manifest_is_one_line_asking_for_an_upgrade(index_dir, tmp_path)
     with pytest.raises(LookalikeError) as info:
         load_index(folder)
     assert str(info.value) == (
-        f"{folder / 'manifest.json'}: format_version 7 is newer than this lookalike reads (1); upgrade lookalike"
+        f"{folder / 'manifest.json'}: format_version 7 is newer than this lookalike reads (2); upgrade lookalike"
     )
     code, _, stderr = cli("serve", str(folder))
     assert code == 2 and stderr.strip().count("\n") == 0 and "format_version 7 is newer" in stderr, stderr
@@ -238,7 +263,7 @@ def test_a_newer_manifest_is_one_line_asking_for_an_upgrade(index_dir, tmp_path)
         ({"search__metric": "cosin"}, "search.metric: Input should be 'cosine' or 'euclidean', got 'cosin'"),
         ({"transform__mean": "imagenet"}, "transform.mean: Input should be a valid list"),
         ({"model": None}, "model: Input should be a valid dictionary or instance of ModelSpec"),
-        ({"format_version": "1"}, "format_version: expected 1, got '1'"),
+        ({"format_version": "1"}, "format_version: expected 2, got '1'"),
         ({"extra": 1}, "extra: Extra inputs are not permitted"),
     ],
 )

@@ -235,13 +235,27 @@ def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
 # --- validation errors -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("column", REQUIRED_COLUMNS)
+@pytest.mark.parametrize("column", REQUIRED_COLUMNS[1:])
 def test_missing_required_column(tmp_path, column):
     path = write_table(tmp_path, valid_rows(), drop=(column,))
     err = load_error(
         path, rf"missing required column '{column}' \(expected columns label, path, split, is_query, is_gallery; found "
     )
     assert str(err).startswith(str(path))
+
+
+def test_a_table_without_labels_is_a_gallery_table(tmp_path):
+    path = write_table(tmp_path, valid_rows(), drop=("label", "split", "is_query", "is_gallery"))
+    table = load_table(path)
+    assert not table.has_labels and table.split_counts() == {"train": 0, "validation": len(table)}
+    assert table.column("is_query").all() and table.column("is_gallery").all()  # every image queries the others
+    with pytest.raises(TableError, match=r"table\.csv: has no label column; evaluate needs labels$"):
+        table.require_labels("evaluate")
+    load_error(
+        write_table(tmp_path, valid_rows(), drop=("label", "path")),
+        r"missing required column 'path' \(expected "
+        r"columns path \(a gallery table without labels\); found ",
+    )
 
 
 def test_column_names_are_stripped(tmp_path):

@@ -94,7 +94,8 @@ def assert_well_formed(table) -> None:
     frame = table.frame
     assert frame["split"].isin(["train", "validation"]).all()
     assert frame["is_query"].dtype == bool and frame["is_gallery"].dtype == bool
-    assert frame["label"].dtype == np.int64 or frame["label"].map(type).eq(str).all()
+    assert not table.has_labels or frame["label"].dtype == np.int64 or frame["label"].map(type).eq(str).all()
+    assert table.ids.tolist() == list(dict.fromkeys(table.ids))  # external ids unique
     assert frame["path"].is_unique and not frame["path"].str.contains("\x00").any()
     if table.has_bbox:
         box = frame[list(BBOX_COLUMNS)].to_numpy(float)

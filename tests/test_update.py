@@ -99,7 +99,7 @@ def test_a_faiss_index_is_updated_with_the_gallery(table_csv, tmp_path):
     index = load_index(folder)
     vectors = np.random.default_rng(0).normal(size=(4, index.gallery.dim)).astype(np.float32)
     names = [f"/nowhere/{i}.png" for i in range(4)]
-    add_items(folder, NewItems(np.array(names), np.array(names), np.array(["x"] * 4), vectors))
+    add_items(folder, NewItems(np.array(names), np.array(names), vectors, np.array(["x"] * 4)))
     remove_items(folder, [index.paths[0]])
     after = load_index(folder)
     assert after.faiss.size == len(after) == 83
@@ -137,7 +137,7 @@ if mode != "random":  # stop at a chosen point of the update, then wait there to
 
     setattr(owner, method, paused)
 print("ready", flush=True)
-add_items(folder, NewItems(names, names, np.array(["x"] * n), vectors))
+add_items(folder, NewItems(names, names, vectors, np.array(["x"] * n)))
 """
 
 

@@ -199,13 +199,23 @@ def import_folder_cmd(
     queries_per_class: Optional[int] = typer.Option(
         None, help="Queries per validation class; default: every image is a query."
     ),
+    labels: Optional[bool] = typer.Option(
+        None,
+        "--labels/--no-labels",
+        help="One label per leaf folder, or a gallery without labels (id = path under ROOT); default: no labels for a "
+        "flat folder, labels for a tree.",
+    ),
 ) -> None:
-    """Turn a class-per-folder image tree into a dataset table, split by class."""
+    """Turn a class-per-folder image tree into a dataset table, split by class; a flat folder (or --no-labels) into a
+    gallery table without labels, for `index`, `serve` and `search`."""
     from lookalike.data.folder import import_folder
 
-    table = import_folder(root, validation_fraction, seed, queries_per_class)
+    table = import_folder(root, validation_fraction, seed, queries_per_class, labels=labels)
     table.save(output)
     n = table.counts()
+    if not table.has_labels:
+        out.print(f"wrote {output}: {n['images']} images, no labels (a gallery table: index, serve and search use it)")
+        return
     out.print(
         f"wrote {output}: {n['images']} images, {n['labels']} labels ({n['train']} train, {n['validation']} "
         f"validation: {n['queries']} queries, {n['gallery']} gallery)"
@@ -283,8 +293,22 @@ def extract(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP)) ->
 
 @app.command()
 @reports_errors
-def search(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP)) -> None:
-    """Search the validation queries of data.table against its gallery; save RetrievalResults to search.output."""
+def search(
+    args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP),
+    index_dir: Optional[Path] = typer.Option(
+        None, "--index", help="Search this index folder (`lookalike index`) with --image files instead of data.table."
+    ),
+    image: Optional[list[Path]] = typer.Option(None, "--image", help="With --index: a query image (repeat)."),
+    k: int = typer.Option(10, "--k", min=1, help="With --index: results per query."),
+    as_json: bool = typer.Option(False, "--json", help="With --index: one JSON object per query on stdout."),
+    images_root: Optional[Path] = typer.Option(
+        None, "--images-root", help="With --index: where the gallery images are now (default: the manifest's)."
+    ),
+) -> None:
+    """Search the validation queries of data.table against its gallery and save RetrievalResults to search.output; or,
+    with --index, print each --image's nearest gallery items: rank, id, path, label, distance, metadata."""
+    if index_dir is not None:
+        return _search_index(index_dir, image or [], k, as_json, images_root)
     from lookalike.pipeline import run_search, table_from_config
 
     cfg = _config(args)
@@ -297,6 +321,44 @@ def search(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP)) -> 
     )
 
 
+def _search_index(
+    folder: Path,
+    images: list[Path],
+    k: int,
+    as_json: bool,
+    images_root: Path | None,
+    reranker: str | None = None,
+    filter: str | None = None,
+) -> None:
+    """`lookalike query` and `lookalike search --index`: the top-k of each query image, as a table or as JSON lines."""
+    from lookalike.serve import load_index
+
+    if not images:
+        raise LookalikeError("--image: expected at least one query image with --index")
+    index = load_index(folder, images_root=images_root)
+    try:
+        for image in images:
+            _print_hits(image, index.query(image, k, reranker, filter).reset_index(), as_json, len(index), filter)
+    finally:
+        index.close()
+
+
+def _print_hits(image: Path, hits, as_json: bool, size: int, filter: str | None) -> None:
+    """One query's hits (a DataFrame): a JSON line, or a table titled with the query and the gallery searched."""
+    import json
+
+    if as_json:
+        print(json.dumps({"query": str(image), "results": hits.to_dict("records")}, ensure_ascii=False))
+        return
+    shown = f" passing {filter}" if filter else ""
+    table = Table(title=f"{image}: top {len(hits)} of {size} gallery items{shown}")
+    for column in hits.columns:
+        table.add_column(str(column), justify="right" if column in ("rank", "distance") else "left")
+    for row in hits.itertuples(index=False):
+        table.add_row(*(f"{v:.4f}" if isinstance(v, float) else escape(printable(str(v))) for v in row))
+    out.print(table)
+
+
 @app.command()
 @reports_errors
 def evaluate(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP)) -> None:
@@ -305,6 +367,7 @@ def evaluate(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP)) -
 
     cfg = _config(args)
     table = table_from_config(cfg)
+    table.require_labels("evaluate")
     _debug(f"table {cfg.data.table}: {len(table)} rows")
     evaluation = run_evaluate(cfg, table)
     _debug(
@@ -336,7 +399,9 @@ def rerank(args: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP)) -> 
     from lookalike.pipeline import table_from_config
 
     cfg = _config(args)
-    _print_stages(cfg, table_from_config(cfg))
+    table = table_from_config(cfg)
+    table.require_labels("rerank")
+    _print_stages(cfg, table)
 
 
 @app.command()
@@ -574,6 +639,11 @@ def serve(
         help="Enable POST /items and DELETE /items/{id} for requests with `Authorization: Bearer TOKEN` (prefer the "
         "environment variable: a command line is visible to other users). Without it those routes do not exist.",
     ),
+    images_root: Optional[Path] = typer.Option(
+        None,
+        "--images-root",
+        help="Where the gallery images are now (a moved collection); default: the images root in the manifest.",
+    ),
 ) -> None:
     """Search the gallery of INDEX_DIR in the browser: upload or pick a query, compare re-rankers side by side."""
     import uvicorn
@@ -581,7 +651,7 @@ def serve(
     from lookalike.serve import load_index
     from lookalike.serve.app import create_app, server_config
 
-    index = load_index(index_dir, runtime)
+    index = load_index(index_dir, runtime, images_root)
     app_ = create_app(index, host, allow_host or [], admin_token or None)
     writes = "; POST /items and DELETE /items/{id} with the admin token" if admin_token else ""
     out.print(
@@ -595,27 +665,21 @@ def serve(
 @reports_errors
 def query(
     index_dir: Path = typer.Argument(..., help="A folder written by `lookalike index`."),
-    image: Path = typer.Argument(..., help="The query image file."),
-    k: int = typer.Option(10, "--k", help="How many gallery items to list."),
+    image: list[Path] = typer.Argument(..., help="Query image files (not gallery items)."),
+    k: int = typer.Option(10, "--k", min=1, help="How many gallery items to list per image."),
     reranker: Optional[str] = typer.Option(None, "--reranker", help="One of the index's re-rankers (column name)."),
     filter: Optional[str] = typer.Option(
         None,
         "--filter",
         help="Milvus filter on the gallery's fields and metadata, e.g. 'alphabet == \"Greek\"' (index.backend=milvus).",
     ),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per query image on stdout."),
+    images_root: Optional[Path] = typer.Option(
+        None, "--images-root", help="Where the gallery images are now (default: the manifest's)."
+    ),
 ) -> None:
-    """List the K gallery items of INDEX_DIR nearest to IMAGE: rank, distance, label, path."""
-    from lookalike.serve import load_index
-
-    index = load_index(index_dir)
-    try:
-        hits = index.query(image, k, reranker, filter)
-    finally:
-        index.close()
-    shown = f" passing {filter}" if filter else ""
-    out.print(f"{len(hits)} nearest of {len(index)} gallery items{shown} (rank, distance, label, path):", markup=False)
-    for rank, row in hits.iterrows():
-        out.print(f"{rank:>3}  {row.distance:.4f}  {row.label}  {row.path}", markup=False, highlight=False)
+    """List the K gallery items of INDEX_DIR nearest to each IMAGE: rank, id, path, label, distance, metadata."""
+    _search_index(index_dir, image, k, as_json, images_root, reranker, filter)
 
 
 @app.command()
@@ -666,6 +730,7 @@ def train(
 
     _quiet_lightning()
     cfg = _config(args)
+    _require_labels(cfg, "train")
     if cfg.train.runs != 1:
         _train_repeated(cfg, resume)
         return
@@ -680,6 +745,14 @@ def train(
     out.print(
         f"best checkpoint: {result.best_checkpoint}\nlast checkpoint: {result.last_checkpoint}\nlogs: {result.log_dir}"
     )
+
+
+def _require_labels(cfg, command: str) -> None:
+    """One line when data.table is a gallery table without labels (training and validation need labels)."""
+    from lookalike.pipeline import table_from_config
+
+    if cfg.data.table:
+        table_from_config(cfg).require_labels(command)
 
 
 def _train_repeated(cfg, resume: str | None) -> None:
@@ -761,6 +834,7 @@ def validate(
     _quiet_lightning()
     args = [f"model.{a}" if a.startswith("weights=") else a for a in args or []]
     cfg = _config(args)
+    _require_labels(cfg, "validate")
     if not cfg.model.weights:
         raise LookalikeError(
             "model.weights: expected the checkpoint to evaluate, e.g. weights=runs/train/checkpoints/last.ckpt"
@@ -799,6 +873,7 @@ def train_reranker(
     _quiet_lightning()
     args = [f"model.weights={a.split('=', 1)[1]}" if a.startswith("extractor_weights=") else a for a in args or []]
     cfg = _config(args)
+    _require_labels(cfg, "train-reranker")
     result = run_train_reranker(cfg, resume, _progress("embedding"))
     if not result.is_global_zero:
         return

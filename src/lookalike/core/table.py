@@ -19,7 +19,12 @@ from lookalike.core.errors import TableError
 # surrogates, so lookalike keeps pandas' Python string storage, its default without pyarrow.
 pd.set_option("mode.string_storage", "python")
 
-REQUIRED_COLUMNS = ("label", "path", "split", "is_query", "is_gallery")
+REQUIRED_COLUMNS = ("label", "path", "split", "is_query", "is_gallery")  # of a labelled table
+# a table without a label column is a gallery table: `path` alone is required, these fill what it leaves out (every row
+# a validation query and gallery item, so `search` pairs every image with the others)
+GALLERY_DEFAULTS = {"split": "validation", "is_query": "True", "is_gallery": "True"}
+# the columns lookalike reads; every other column of a table is metadata, kept through `index` to search results
+SCHEMA_COLUMNS = (*REQUIRED_COLUMNS, "id", "sequence", *("x_1", "y_1", "x_2", "y_2"))
 BBOX_COLUMNS = ("x_1", "y_1", "x_2", "y_2")
 SPLITS = ("train", "validation")
 _TRUE = {"true", "1", "yes", "y", "t"}
@@ -119,8 +124,35 @@ class DatasetTable(RowTable):
 
     @property
     def labels(self) -> np.ndarray:
-        """The labels [N] in row order: int64 when every label is an integer, else str (object)."""
+        """The labels [N] in row order: int64 when every label is an integer, else str (object); a gallery table (no
+        label column) is a TableError saying so."""
+        self.require_labels("this step")
         return self.frame["label"].to_numpy()
+
+    @property
+    def has_labels(self) -> bool:
+        """Whether the table has labels (False: a gallery table, fit for index/serve/search, not for evaluate/train)."""
+        return "label" in self.frame.columns
+
+    def require_labels(self, command: str) -> None:
+        """One line for a command that needs labels run on a gallery table ("T.csv: has no label column; evaluate needs
+        labels")."""
+        if not self.has_labels:
+            raise TableError(f"{self.source}: has no label column; {command} needs labels")
+
+    @property
+    def ids(self) -> np.ndarray:
+        """The rows' external ids, str [N]: the `id` column, or the path as the table writes it; unique."""
+        return self.frame["id"].to_numpy(str) if "id" in self.frame.columns else self.paths
+
+    @property
+    def metadata_columns(self) -> list[str]:
+        """The columns lookalike does not read (SCHEMA_COLUMNS aside), kept as metadata, in table order."""
+        return [c for c in self.frame.columns if c not in SCHEMA_COLUMNS]
+
+    def metadata(self) -> pd.DataFrame:
+        """The metadata columns as strings (empty cells ""), one row per table row, index 0..N-1."""
+        return self.frame[self.metadata_columns].fillna("").astype(str).reset_index(drop=True)
 
     @property
     def has_bbox(self) -> bool:
@@ -196,7 +228,7 @@ class DatasetTable(RowTable):
         val = self.frame["split"].to_numpy() == "validation"
         counts = {
             "images": len(self),
-            "labels": int(self.frame["label"].nunique()),
+            "labels": int(self.frame["label"].nunique()) if self.has_labels else 0,
             **self.split_counts(),
             "queries": int((self.frame["is_query"].to_numpy(bool) & val).sum()),
             "gallery": int((self.frame["is_gallery"].to_numpy(bool) & val).sum()),
@@ -289,20 +321,18 @@ def validate_table(
     """Check every column and row of a raw table; raise TableError naming the first bad row and column."""
     frame = frame.reset_index(drop=True)  # positional row numbers in errors, whatever the index
     frame.columns = [str(c).strip().lstrip("\ufeff").strip() for c in frame.columns]
-    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
-    if missing:
-        raise TableError(
-            f"{source}: missing required column {missing[0]!r} (expected columns {', '.join(REQUIRED_COLUMNS)}; "
-            f"found {column_names(frame.columns)})"
-        )
+    frame = _with_gallery_defaults(frame, source)
     if len(frame) == 0:
         raise TableError(f"{source}: the table has no rows")
     frame = frame.astype({c: str for c in frame.columns if frame[c].dtype == object or c in REQUIRED_COLUMNS})
     root = Path(root)
     check_split(frame, source)
-    check_non_empty(frame, "label", source)
     check_paths(frame, "path", source)
-    frame["label"] = _parse_labels(frame["label"])
+    if "label" in frame.columns:
+        check_non_empty(frame, "label", source)
+        frame["label"] = _parse_labels(frame["label"])
+    if "id" in frame.columns:
+        _check_ids(frame, source)
     is_val = (frame["split"] == "validation").to_numpy()
     for col in ("is_query", "is_gallery"):
         frame[col] = _parse_bools(frame[col], col, is_val, source)
@@ -315,6 +345,32 @@ def validate_table(
     if check_files:
         check_files_exist(frame, "path", root, source)
     return DatasetTable(frame.reset_index(drop=True), root, source)
+
+
+def _with_gallery_defaults(frame: pd.DataFrame, source: str) -> pd.DataFrame:
+    """A labelled table must have every required column; a gallery table (no label) needs `path` and gets
+    GALLERY_DEFAULTS for the columns it leaves out."""
+    required = REQUIRED_COLUMNS if "label" in frame.columns else ("path",)
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        expected = ", ".join(REQUIRED_COLUMNS) if "label" in frame.columns else "path (a gallery table without labels)"
+        raise TableError(
+            f"{source}: missing required column {missing[0]!r} (expected columns {expected}; "
+            f"found {column_names(frame.columns)})"
+        )
+    absent = {c: v for c, v in GALLERY_DEFAULTS.items() if c not in frame.columns}
+    return frame.assign(**absent) if "label" not in frame.columns and absent else frame
+
+
+def _check_ids(frame: pd.DataFrame, source: str) -> None:
+    """External ids: a value in every row, each id once (the first repeat named with the row it repeats)."""
+    check_non_empty(frame, "id", source)
+    frame["id"] = frame["id"].str.strip()
+    dup = frame["id"].duplicated().to_numpy()
+    if dup.any():
+        i = first_bad(dup)
+        first = int(np.flatnonzero((frame["id"] == frame["id"][i]).to_numpy())[0])
+        raise TableError(f"{where(source, i, 'id')}: duplicate id {frame['id'][i]!r} (first seen in row {first + 1})")
 
 
 def column_names(columns) -> str:

@@ -25,8 +25,10 @@ def import_folder(
     seed: int = 0,
     queries_per_class: int | None = None,
     extensions: tuple[str, ...] = IMAGE_EXTENSIONS,
+    labels: bool | None = None,
 ) -> DatasetTable:
-    """Build a table from `root/<class folders>/image`: one label per leaf folder, classes split train/validation.
+    """Build a table from `root/<class folders>/image`: one label per leaf folder, classes split train/validation;
+    or, from a flat folder (or with labels=False, any tree), a gallery table without labels.
 
     Validation rows are all query+gallery (every image queries the others) unless `queries_per_class`
     picks that many queries per class, the rest being gallery only.
@@ -37,9 +39,12 @@ def import_folder(
         seed: seed of the class split and the query choice.
         queries_per_class: queries per validation class (None: every validation image).
         extensions: file endings that count as images.
+        labels: True: one label per leaf folder (an image directly in `root` is an error); False: no labels, every
+            image of the tree in the gallery with its path relative to `root` as its `id`; None: False for a flat
+            folder (every image directly in `root`), else True.
 
     Returns:
-        DatasetTable with label, path (relative to root), split, is_query, is_gallery.
+        DatasetTable with label, path (relative to root), split, is_query, is_gallery; without labels: id, path.
 
     Example:
         >>> import lookalike
@@ -56,14 +61,25 @@ def import_folder(
     if not files:
         raise TableError(f"{root}: no images found (looked for {', '.join(extensions)})")
     loose = [p for p in files if p.parent == root]
-    if loose:
-        raise TableError(f"{loose[0]}: image directly in the root folder; expected root/<class folder>/<image>")
     rel = [p.relative_to(root) for p in files]
+    if labels is False or (labels is None and len(loose) == len(files)):
+        return _gallery_table(rel, root)
+    if loose:
+        raise TableError(
+            f"{loose[0]}: image directly in the root folder; expected root/<class folder>/<image> (or --no-labels: "
+            "a gallery without labels)"
+        )
     frame = pd.DataFrame({"label": [p.parent.as_posix() for p in rel], "path": [p.as_posix() for p in rel]})
     rng = np.random.default_rng(seed)
     frame["split"] = _split_by_class(frame["label"], validation_fraction, rng)
     frame["is_query"], frame["is_gallery"] = _assign_roles(frame, queries_per_class, rng)
     return validate_table(frame.astype(str), root, str(root), check_files=False)
+
+
+def _gallery_table(rel: list[Path], root: Path) -> DatasetTable:
+    """A gallery table without labels: each image's path relative to `root` is its path and its stable id."""
+    names = [p.as_posix() for p in rel]
+    return validate_table(pd.DataFrame({"id": names, "path": names}), root, str(root), check_files=False)
 
 
 def _split_by_class(labels: pd.Series, validation_fraction: float, rng: np.random.Generator) -> np.ndarray:

@@ -93,7 +93,7 @@ def store_and_add(live: LiveIndex, data: bytes, item_id: str, label: str, max_by
         image.save(tmp, format="PNG")
     vector = index.embed(image)[None]
     path = str(target.resolve())
-    return add_items(index.folder, NewItems([item_id], [path], [label], vector))
+    return add_items(index.folder, NewItems([item_id], [path], vector, [label]))
 
 
 def _change(item_id: str, report: UpdateReport) -> ItemChange:

@@ -22,7 +22,7 @@ from pydantic import BaseModel
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from lookalike import __version__
-from lookalike.core.errors import LookalikeError
+from lookalike.core.errors import LookalikeError, printable
 from lookalike.search.milvus import MAX_FILTER
 from lookalike.serve.admin import add_item_routes
 from lookalike.serve.guards import BodyGuard, SecurityHeaders, allowed_hosts, header_deadline_protocol
@@ -51,8 +51,11 @@ class Health(BaseModel):
 
 
 class Item(BaseModel):
-    id: int  # gallery id: the item's position in the gallery; GET /image/{id} shows it
-    label: str
+    id: int  # the item's position in the gallery (GET /image/{id}); changes when the gallery is rebuilt
+    external_id: str  # the item's stable id: the table's id column, or its path (GET /image/{external_id})
+    path: str  # the image's path relative to the index's images root
+    label: str | None  # null in a gallery without labels
+    metadata: dict[str, str]  # the table's extra columns
     distance: float
     rank_change: int | None  # original rank - this rank (positive: moved up); null: not in the original candidates
 
@@ -64,7 +67,8 @@ class Ranking(BaseModel):
 
 class SearchResponse(BaseModel):
     query_gallery_id: int | None  # the gallery item used as the query, or null for an upload
-    query_label: str | None
+    query_external_id: str | None  # that item's external id
+    query_label: str | None  # its label (null for an upload or a gallery without labels)
     k: int
     columns: list[Ranking]
     gallery_size: int  # the gallery this answer searched (an update between searches changes it)
@@ -129,18 +133,22 @@ def create_app(
             generation=now.generation,
         )
 
-    @app.get("/image/{gallery_id}", responses={200: {"content": {"image/png": {}}}, 404: {}})
-    def image(gallery_id: Annotated[int, PathParam(ge=0, description="a gallery id from /search")]) -> Response:
-        """A gallery image as a PNG thumbnail; only gallery ids are accepted, never file paths."""
+    @app.get("/image/{key:path}", responses={200: {"content": {"image/png": {}}}, 404: {}})
+    def image(
+        key: Annotated[str, PathParam(description="an external_id, or an id (position), from /search")],
+    ) -> Response:
+        """A gallery image as a PNG thumbnail, by external id (first) or gallery position; never read as a file path."""
         now = live.current()
-        if gallery_id >= len(now):
-            raise HTTPException(404, f"gallery id {gallery_id} does not exist (the gallery has {len(now)} images)")
-        return Response(now.thumbnail(gallery_id), media_type="image/png", headers={"Cache-Control": "max-age=3600"})
+        position = item_position(now, key)
+        if position is None:
+            raise HTTPException(404, f"gallery item {key!r} does not exist (no such external id or position)")
+        return Response(now.thumbnail(position), media_type="image/png", headers={"Cache-Control": "max-age=3600"})
 
     @app.post("/search", response_model=SearchResponse)
     async def search(
         file: Annotated[UploadFile | None, File(description="the query image (or give gallery_id)")] = None,
-        gallery_id: Annotated[int | None, Form(ge=0, description="a gallery item as the query")] = None,
+        gallery_id: Annotated[int | None, Form(ge=0, description="a gallery item (position) as the query")] = None,
+        query_id: Annotated[str | None, Form(description="a gallery item (external id) as the query")] = None,
         k: Annotated[int, Form(ge=1, le=MAX_K)] = 10,
         rerankers: Annotated[list[str], Form(description="re-ranker column names from /health, one field each")] = [],
         filter: Annotated[
@@ -148,12 +156,13 @@ def create_app(
         ] = "",
     ) -> SearchResponse:
         """The original top-k and each chosen re-ranker's top-k, for an uploaded image or a gallery item."""
-        if (file is None) == (gallery_id is None):
-            raise HTTPException(400, "search: give exactly one of file (an image upload) or gallery_id")
+        if (file is not None) + (gallery_id is not None) + (query_id is not None) != 1:
+            raise HTTPException(400, "search: give exactly one of file (an image upload), gallery_id or query_id")
         names = [n for n in rerankers if n]
         upload = None if file is None else await file.read(max_bytes + 1)
         try:
-            now, columns = await worker.run(run_search, live, upload, gallery_id, k, names, filter)
+            query = query_id if query_id is not None else gallery_id
+            now, columns = await worker.run(run_search, live, upload, query, k, names, filter)
         except UnknownGalleryId as exc:
             raise HTTPException(404, str(exc)) from None
         except UploadRejected as exc:
@@ -162,9 +171,12 @@ def create_app(
             raise HTTPException(503, str(exc), headers={"Retry-After": "5"}) from None
         except LookalikeError as exc:
             raise HTTPException(400, str(exc)) from None
+        if query_id is not None:
+            gallery_id = now.position_of(query_id)  # found by run_search in this generation
         return SearchResponse(
             query_gallery_id=gallery_id,
-            query_label=None if gallery_id is None else str(now.labels[gallery_id]),
+            query_external_id=None if gallery_id is None else str(now.ids[gallery_id]),
+            query_label=None if gallery_id is None or now.labels is None else str(now.labels[gallery_id]),
             k=k,
             columns=[_ranking(column, now) for column in columns],
             gallery_size=len(now),
@@ -206,12 +218,16 @@ class UnknownGalleryId(LookalikeError):
 
 
 def run_search(
-    live: LiveIndex, upload: bytes | None, gallery_id: int | None, k: int, names: list[str], filter: str = ""
+    live: LiveIndex, upload: bytes | None, gallery_id: int | str | None, k: int, names: list[str], filter: str = ""
 ) -> tuple[GalleryIndex, list[Column]]:
     """The gallery as it is now and the columns of one search over it, for an uploaded image's bytes or a gallery
-    item, among the items passing `filter`."""
+    item (its position, or its external id as a str), among the items passing `filter`."""
     index = live.current()  # the whole search (and its answer) uses this one generation
     if upload is None:
+        if isinstance(gallery_id, str):
+            external_id, gallery_id = gallery_id, index.position_of(gallery_id)
+            if gallery_id is None:
+                raise UnknownGalleryId(f"query_id {external_id!r} is not an external id of this gallery")
         if gallery_id >= len(index):
             raise UnknownGalleryId(f"gallery id {gallery_id} does not exist (the gallery has {len(index)} images)")
         return index, index.search(index.vector(gallery_id), k, names, gallery_position=gallery_id, filter=filter)
@@ -246,10 +262,31 @@ def saved_image(image: Image.Image) -> Iterator[str]:
         yield path
 
 
+def item_position(index: GalleryIndex, key: str) -> int | None:
+    """The gallery position a /image key names: an external id, else a position given as digits; None for neither."""
+    position = index.position_of(key)
+    if position is None and key.isascii() and key.isdigit() and int(key) < len(index):
+        position = int(key)
+    return position
+
+
 def _ranking(column: Column, index: GalleryIndex) -> Ranking:
-    """A column as the API shows it."""
+    """A column as the API shows it: each item's position, external id, path, label and metadata."""
+    described = index.describe(column.positions)
+    labels = described["label"] if "label" in described.columns else [None] * len(described)
+    metadata = described[index.metadata.columns].to_dict("records")
     items = [
-        Item(id=int(p), label=str(index.labels[p]), distance=float(d), rank_change=c)
-        for p, d, c in zip(column.positions, column.distances, column.rank_change)
+        Item(
+            id=int(p),
+            external_id=printable(i),  # a name that is not UTF-8 shown with \x escapes: JSON holds only UTF-8
+            path=printable(path),
+            label=label,
+            metadata=m,
+            distance=float(d),
+            rank_change=c,
+        )
+        for p, i, path, label, m, d, c in zip(
+            column.positions, described["id"], described["path"], labels, metadata, column.distances, column.rank_change
+        )
     ]
     return Ranking(name=column.name, items=items)

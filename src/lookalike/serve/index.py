@@ -22,11 +22,11 @@ from PIL import Image
 from pydantic import ValidationError
 
 from lookalike.config import Config, ServeConfig, validation_message
-from lookalike.core.atomic import atomic_folder
+from lookalike.core.atomic import atomic_folder, atomic_path
 from lookalike.core.embeddings import Embeddings
 from lookalike.core.errors import ConfigError, LookalikeError
 from lookalike.core.results import PAD, RetrievalResults
-from lookalike.core.table import BBOX_COLUMNS, DatasetTable, save_csv
+from lookalike.core.table import BBOX_COLUMNS, DatasetTable
 from lookalike.data.decode import to_rgb
 from lookalike.data.folder import import_folder
 from lookalike.data.images import ImageSource, read_image, resize_side, transforms_for
@@ -42,7 +42,6 @@ from lookalike.search.milvus import MilvusGallery, check_uri
 from lookalike.serve.manifest import MANIFEST_FILE, IndexManifest, ModelSpec, SearchSettings, read_manifest
 from lookalike.serve.milvus_backend import (
     connect_manifest,
-    metadata_columns,
     search_candidates,
     store_gallery,
     to_positions,
@@ -175,24 +174,20 @@ def build_index(cfg: Config, table: DatasetTable, extractor: Extractor, progress
     with atomic_folder(target) as folder:
         manifest.rerank = pack_weights(cfg.rerank, folder)
         manifest.columns = [column_name(step) for step in cfg.rerank]  # as the user wrote them
+        root = images_root_of(absolute.paths)
+        manifest.images_root = str(root)
         manifest.write(folder)
         extractor.save(folder / MODEL_FILE)  # weights with their spec: Extractor(weights=...) rebuilds it alone
         if cfg.serve.runtime == "onnx":
             from lookalike.export import export_onnx
 
             export_onnx(extractor, folder / ONNX_FILE)
-        paths = emb.ids.tolist()
-        boxes = (
-            pd.DataFrame(gallery.boxes, columns=list(BBOX_COLUMNS))
-            if gallery.has_bbox
-            else pd.DataFrame(index=range(len(gallery)))
-        )
-        frame = pd.DataFrame({"path": paths, "label": gallery.labels.astype(str)}).join(boxes)
-        frame = frame.assign(**{name: gallery.column(name) for name in metadata_columns(gallery.column_names)})
-        save_csv(frame, ("path",), folder, folder / GALLERY_FILE)
+        paths = relative_paths(emb.ids, root)
+        frame = gallery_frame(gallery, paths)
+        write_gallery_csv(frame, folder / GALLERY_FILE)
         if manifest.backend == "milvus":
             _write_milvus(cfg, emb.vectors, frame)
-        else:
+        else:  # ids = gallery.csv's paths (relative to the manifest's images_root)
             meta = {**emb.meta, "provenance": manifest.provenance}
             _save_vectors(cfg, folder, Embeddings(emb.vectors, paths, meta), shard_folder(merged))
     if faiss_from_shards and not cfg.extract.keep_shards:
@@ -229,6 +224,46 @@ def _write_milvus(cfg: Config, vectors: np.ndarray, frame: pd.DataFrame) -> None
         store.close()
 
 
+def images_root_of(paths: Sequence[str]) -> Path:
+    """The deepest folder holding every gallery image (absolute paths): what the index's paths are relative to."""
+    return Path(os.path.commonpath([os.path.dirname(p) for p in paths]))
+
+
+def relative_paths(paths: Sequence[str] | np.ndarray, root: Path) -> list[str]:
+    """Absolute image paths as POSIX paths relative to `root` (each is under it: see images_root_of)."""
+    return [Path(os.path.relpath(p, root)).as_posix() for p in paths]
+
+
+def gallery_frame(gallery: DatasetTable, paths: list[str]) -> pd.DataFrame:
+    """gallery.csv's rows: each item's external id (the table's id column, or its path relative to the images root),
+    that path, label (labelled galleries), bbox and every metadata column, in gallery order."""
+    columns = {"id": gallery.ids if gallery.has_column("id") else paths, "path": paths}
+    if gallery.has_labels:
+        columns["label"] = gallery.labels.astype(str)
+    frame = pd.DataFrame(columns)
+    if gallery.has_bbox:
+        frame = frame.join(pd.DataFrame(gallery.boxes, columns=list(BBOX_COLUMNS)))
+    metadata = gallery.metadata_columns
+    return frame.join(pd.DataFrame({name: gallery.column(name) for name in metadata}, columns=metadata))
+
+
+def write_gallery_csv(frame: pd.DataFrame, target: Path) -> None:
+    """Write gallery.csv atomically, its paths as given (relative to the images root; non-UTF-8 names byte for byte)."""
+    with atomic_path(target) as tmp:
+        frame.to_csv(tmp, index=False, errors="surrogateescape")
+
+
+def check_images_root(table: DatasetTable, root: Path, given: bool) -> None:
+    """The images root is a folder and holds the first gallery image: a moved collection is one line, not a 500 at
+    every thumbnail."""
+    hint = "" if given else "; pass --images-root DIR (serve) or images_root= (load_index) where the images are now"
+    if not root.is_dir():
+        raise LookalikeError(f"images root {root}: not a folder{hint}")
+    first = table.image_paths()[0]
+    if not first.is_file():
+        raise LookalikeError(f"images root {root}: gallery image {table.paths[0]!r} not found at {first}{hint}")
+
+
 # ---------------------------------------------------------------- serving an index
 
 
@@ -251,9 +286,25 @@ class GalleryIndex:
     def __post_init__(self) -> None:
         self.limits = self.manifest.serve  # serve.* as the index was built (an older index: today's defaults)
         self.thumbnail = lru_cache(maxsize=2048)(self._thumbnail)
-        self.paths = self.table.paths
-        self.labels = self.table.labels.astype(str)
+        self.paths = np.array([os.path.normpath(p) for p in self.table.image_paths()], dtype=object)  # for reading
+        self.labels = self.table.labels.astype(str) if self.table.has_labels else None  # None: a gallery without labels
         self.boxes = self.table.boxes
+        self.ids = self.table.ids  # external ids, str [G]
+        self.metadata = self.table.metadata()  # metadata columns, one row per gallery item
+        self._by_external_id = pd.Index(self.ids)
+
+    def position_of(self, external_id: str) -> int | None:
+        """The gallery position of an external id, or None when the gallery has no such id."""
+        position = self._by_external_id.get_indexer([external_id])[0]
+        return None if position < 0 else int(position)
+
+    def describe(self, positions: np.ndarray) -> pd.DataFrame:
+        """Gallery items by position: external id, path relative to the images root, label (labelled galleries) and
+        metadata columns, one row per position (index 0..n-1)."""
+        columns = {"id": self.ids[positions], "path": self.table.paths[positions]}
+        if self.labels is not None:
+            columns["label"] = self.labels[positions]
+        return pd.DataFrame(columns).join(self.metadata.iloc[positions].reset_index(drop=True))
 
     @property
     def generation(self) -> int:
@@ -266,8 +317,8 @@ class GalleryIndex:
         if self.folder is None:
             raise LookalikeError("refresh: this index was not loaded from a folder")
         check_files(self.folder, manifest)
-        emb, table = read_gallery(self.folder, manifest)
-        faiss = _load_faiss(self.folder, manifest)
+        emb, table = read_served_gallery(self.folder, manifest, self.table.root)
+        faiss = None if self.milvus is not None else _load_faiss(self.folder, manifest)
         return replace(self, gallery=emb, table=table, manifest=manifest, faiss=faiss, cache={})
 
     @property
@@ -326,8 +377,8 @@ class GalleryIndex:
         it.
 
         Args:
-            images: a class-per-folder tree (root/<label>/<image>, every image in the gallery) or a dataset table (all
-            rows).
+            images: a class-per-folder tree (root/<label>/<image>, every image in the gallery), a flat folder (a gallery
+            without labels) or a dataset table (all rows).
             extractor: the model; its `image_size` and `crop_fraction` are the index's transform.
             folder: the index folder to write (replaced as a whole, never half-written).
             rerank: re-rankers queries may use, as in a config's `rerank:` (e.g. ["kreciprocal", {"qe": {"n": 3}}]).
@@ -365,9 +416,10 @@ class GalleryIndex:
         return load_index(build_index(cfg, table, extractor, progress))
 
     @classmethod
-    def load(cls, folder: str | os.PathLike) -> GalleryIndex:
-        """Read an index folder written by `GalleryIndex.build` or `lookalike index` (see `load_index`)."""
-        return load_index(folder)
+    def load(cls, folder: str | os.PathLike, images_root: str | os.PathLike | None = None) -> GalleryIndex:
+        """Read an index folder written by `GalleryIndex.build` or `lookalike index` (see `load_index`); `images_root`:
+        where the gallery images are now, when they moved since the index was built."""
+        return load_index(folder, images_root=images_root)
 
     def query(
         self, image: ImageSource, k: int = 10, reranker: str | None = None, filter: str | None = None
@@ -383,27 +435,23 @@ class GalleryIndex:
             an index built with index.backend=milvus.
 
         Returns:
-            A DataFrame indexed by rank (1..k) with the gallery item's `path`, `label` and `distance` (ascending).
+            A DataFrame indexed by rank (1..k) with the gallery item's external `id`, `path` (the image file),
+            `label` (labelled galleries only), `distance` (ascending), then the gallery's metadata columns.
 
         Example:
             >>> import lookalike
             >>> index = lookalike.GalleryIndex.load("runs/latin")
             >>> hits = index.query("data/omniglot/images_background_small1/Greek/character01/0394_01.png", k=3)
             >>> list(hits.columns), len(hits)
-            (['path', 'label', 'distance'], 3)
+            (['id', 'path', 'label', 'distance'], 3)
         """
         path = None if isinstance(image, Image.Image) else str(Path(image).resolve())
         picture = image if path is None else read_image(path)
         column = self.search(self.embed(picture), k, [reranker] if reranker else [], image_path=path, filter=filter)[-1]
-        rank = pd.RangeIndex(1, len(column.positions) + 1, name="rank")
-        return pd.DataFrame(
-            {
-                "path": self.paths[column.positions],
-                "label": self.labels[column.positions],
-                "distance": column.distances,
-            },
-            index=rank,
-        )
+        hits = self.describe(column.positions).assign(path=self.paths[column.positions].astype(str))
+        hits.insert(3 if self.labels is not None else 2, "distance", column.distances)
+        hits.index = pd.RangeIndex(1, len(column.positions) + 1, name="rank")
+        return hits
 
     def close(self) -> None:
         """Close the Milvus connection of a Milvus-backed index (a Milvus Lite file stays locked until the process
@@ -486,7 +534,7 @@ class GalleryIndex:
         found = search_candidates(self.milvus, queries, m, own_id, filter)
         exclude = None
         if own is not None:  # the query is that gallery node: never its own match in re-rankers' neighbour lists
-            exclude = (np.array([own]), np.array([self.position_of[name] for name in found.gallery_ids], np.int64))
+            exclude = (np.array([own]), np.array([self.vector_positions[name] for name in found.gallery_ids], np.int64))
         # neighbour lists differ per candidate set: no cache shared between searches
         context = RerankContext.over_candidates(found, queries, self.milvus, exclude=exclude, table=table)
         return found, context
@@ -495,14 +543,14 @@ class GalleryIndex:
         """Results whose indices are gallery positions (Milvus's are positions among the candidates found)."""
         if self.milvus is None:
             return results
-        return to_positions(results, self.position_of, self.gallery.ids)
+        return to_positions(results, self.vector_positions, self.gallery.ids)
 
     @property
-    def position_of(self) -> dict[str, int]:
-        """Gallery id -> gallery position, built once."""
-        if "position_of" not in self.cache:
-            self.cache["position_of"] = {name: i for i, name in enumerate(self.gallery.ids.tolist())}
-        return self.cache["position_of"]
+    def vector_positions(self) -> dict[str, int]:
+        """The gallery embeddings' id (a Milvus id) -> gallery position, built once per generation."""
+        if "vector_positions" not in self.cache:
+            self.cache["vector_positions"] = {name: i for i, name in enumerate(self.gallery.ids.tolist())}
+        return self.cache["vector_positions"]
 
     def reads_images(self, rerankers: list[str]) -> bool:
         """Whether any of these re-rankers reads the images (and so needs an uploaded query saved to a file)."""
@@ -512,7 +560,8 @@ class GalleryIndex:
         """The gallery table plus one row for an uploaded query's image file (what image re-rankers read)."""
         if image_path is None:
             raise LookalikeError("rerankers: a re-ranker that reads images needs the query image's file")
-        return self.table.with_rows({"path": [image_path], "label": [""]}, "<gallery + query>")
+        label = {"label": [""]} if self.table.has_labels else {}
+        return self.table.with_rows({"path": [image_path], **label}, "<gallery + query>")
 
     def _search(self, queries: Embeddings, m: int, exclude) -> RetrievalResults:
         if self.faiss is not None:
@@ -557,22 +606,22 @@ def _column(name: str, results: RetrievalResults, original: RetrievalResults, k:
     return Column(name, positions, distances, [None if np.isnan(c) else int(c) for c in change])
 
 
-def load_index(folder: str | os.PathLike, runtime: str | None = None) -> GalleryIndex:
+def load_index(
+    folder: str | os.PathLike, runtime: str | None = None, images_root: str | os.PathLike | None = None
+) -> GalleryIndex:
     """Read a folder written by build_index (manifest.json, or an older index.json); a missing or foreign file is a
     one-line error naming it. `runtime` (torch or onnx; default the index's serve.runtime) picks the model that embeds
-    queries."""
+    queries; `images_root` (default the manifest's) is where the gallery images are now, for a moved collection."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     check_files(folder, manifest)
     model, transform = query_model(folder, manifest, runtime or manifest.serve.runtime)
+    root = images_root_of_index(folder, manifest, images_root)
+    emb, table = read_served_gallery(folder, manifest, root)
     milvus = None
     if manifest.backend == "milvus":  # the vectors stay in the collection; the gallery holds the ids alone
-        frame = read_gallery_csv(folder, manifest)
-        milvus = connect_manifest(manifest, len(frame), str(folder / MANIFEST_FILE))
-        emb = Embeddings(np.zeros((len(frame), 0), np.float32), frame["path"].to_numpy(str))
-        table = DatasetTable(frame, folder, str(folder / manifest.file(GALLERY_FILE)))
-    else:
-        emb, table = read_gallery(folder, manifest)
+        milvus = connect_manifest(manifest, len(table), str(folder / MANIFEST_FILE))
+    check_images_root(table, root, images_root is not None)
     return GalleryIndex(
         model,
         transform,
@@ -605,20 +654,37 @@ def gallery_files(manifest: IndexManifest) -> list[str]:
     return [GALLERY_FILE, EMBEDDINGS_FILE] + ([FAISS_FILE] if manifest.search.index != "exact" else [])
 
 
-def read_gallery(folder: Path, manifest: IndexManifest) -> tuple[Embeddings, DatasetTable]:
-    """The embeddings and gallery table of the manifest's generation; ids that disagree are one line."""
+def images_root_of_index(folder: Path, manifest: IndexManifest, given: str | os.PathLike | None = None) -> Path:
+    """Where the gallery's relative paths start: `given` (the images moved), else the manifest's images_root; a format
+    1 folder has absolute paths (any root will do: its own folder)."""
+    return Path(given or manifest.images_root or folder)
+
+
+def read_served_gallery(folder: Path, manifest: IndexManifest, root: Path) -> tuple[Embeddings, DatasetTable]:
+    """What a GalleryIndex holds of the manifest's generation: read_gallery, or for a Milvus-backed folder the table
+    and vectorless embeddings whose ids are the collection's (the external ids)."""
+    if manifest.backend != "milvus":
+        return read_gallery(folder, manifest, root)
+    frame = read_gallery_csv(folder, manifest)
+    table = DatasetTable(frame, root, str(folder / manifest.file(GALLERY_FILE)))
+    return Embeddings(np.zeros((len(frame), 0), np.float32), table.ids), table
+
+
+def read_gallery(folder: Path, manifest: IndexManifest, root: Path) -> tuple[Embeddings, DatasetTable]:
+    """The embeddings and gallery table (paths resolved from `root`) of the manifest's generation; ids that disagree
+    are one line."""
     emb, frame = read_gallery_frame(folder, manifest)
-    return emb, DatasetTable(frame, folder, str(folder / manifest.file(GALLERY_FILE)))
+    return emb, DatasetTable(frame, root, str(folder / manifest.file(GALLERY_FILE)))
 
 
 def read_gallery_csv(folder: Path, manifest: IndexManifest) -> pd.DataFrame:
-    """The gallery CSV's rows (path, label, boxes, id, metadata) of the manifest's generation."""
-    frame = pd.read_csv(
-        folder / manifest.file(GALLERY_FILE),
-        dtype={"label": str, "path": str, "id": str},
-        encoding_errors="surrogateescape",
-    )
-    frame["label"] = frame["label"].fillna("")
+    """The gallery CSV's rows (id, path, label, boxes, metadata) of the manifest's generation: every cell the string
+    the table had (empty cells ""), but the bbox's numbers."""
+    path = folder / manifest.file(GALLERY_FILE)
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding_errors="surrogateescape")
+    for column in BBOX_COLUMNS:
+        if column in frame.columns:
+            frame[column] = pd.to_numeric(frame[column], errors="coerce")
     return frame
 
 

@@ -15,7 +15,8 @@ from lookalike.config import Metric, PositiveInt, RerankStep, ServeConfig, valid
 from lookalike.core.atomic import write_text_atomic
 from lookalike.core.errors import LookalikeError
 
-FORMAT_VERSION = 1  # raise it when a field changes meaning; add a reader of the old version beside it
+FORMAT_VERSION = 2  # raise it when a field changes meaning; add a migration of the old version to MIGRATIONS
+# 2: gallery.csv paths are relative to images_root (1: absolute paths) and it has an id column and metadata columns
 MANIFEST_FILE = "manifest.json"
 LEGACY_FILE = "index.json"  # written before the manifest (its "format": 1 is this manifest's version 1)
 
@@ -52,7 +53,7 @@ class SearchSettings(_Part):
 
 
 class IndexManifest(_Part):
-    """manifest.json of an index folder, format version 1."""
+    """manifest.json of an index folder, format version 2 (version 1 folders are read through MIGRATIONS)."""
 
     format_version: int = FORMAT_VERSION
     lookalike: str = __version__  # the version that wrote the folder
@@ -64,10 +65,10 @@ class IndexManifest(_Part):
     rerank: list[RerankStep] = []  # weights files named relative to the folder
     columns: list[str] = []  # each re-ranker's column title, as the user wrote the step
     provenance: dict[str, Any] = {}  # lookalike.provenance.record of the config that built the folder
-    images_root: str | None = None  # reserved: a folder the gallery paths are relative to (None: absolute paths)
+    images_root: str | None = None  # the folder gallery.csv's paths are relative to (None: absolute paths, format 1)
     backend: Literal["faiss", "milvus"] | None = None  # None or faiss: embeddings.npz (+ faiss.index) in the folder
     uri: str | None = None  # milvus: the collection's server (an absolute .db file of Milvus Lite, or http(s)://)
-    collection: str | None = None  # milvus: the collection holding the gallery's vectors (ids = gallery.csv paths)
+    collection: str | None = None  # milvus: the collection holding the gallery's vectors (ids = gallery.csv ids)
     milvus_index: Literal["FLAT", "HNSW", "IVF_FLAT"] | None = None  # milvus: the collection's index type
     generation: int = Field(0, ge=0)  # bumped by every `lookalike index add/remove`; names the gallery files in use
 
@@ -110,9 +111,19 @@ def read_manifest(folder: Path) -> IndexManifest:
         raise LookalikeError(
             f"{path}: format_version {version} is newer than this lookalike reads ({FORMAT_VERSION}); upgrade lookalike"
         )
-    if version != FORMAT_VERSION:
+    if version in MIGRATIONS:
+        values = MIGRATIONS[version](values)
+    elif version != FORMAT_VERSION:
         raise LookalikeError(f"{path}: format_version: expected {FORMAT_VERSION}, got {version!r}")
     return _validated(values, path)
+
+
+def _from_v1(values: dict[str, Any]) -> dict[str, Any]:
+    """A format 1 manifest as format 2: its gallery.csv holds absolute paths, so no images root."""
+    return {**values, "format_version": FORMAT_VERSION, "images_root": None}
+
+
+MIGRATIONS = {1: _from_v1}  # format_version -> the function that brings its values to FORMAT_VERSION
 
 
 def _json_object(path: Path) -> dict[str, Any]:
@@ -139,8 +150,8 @@ def _validated(values: dict[str, Any], path: Path) -> IndexManifest:
 def _from_legacy(path: Path) -> dict[str, Any]:
     """The manifest values of an index.json written before manifest.json ({"format": 1, "data": ..., ...})."""
     values = _json_object(path)
-    if values.get("format") != FORMAT_VERSION:
-        raise LookalikeError(f"{path}: format {values.get('format')!r}, expected {FORMAT_VERSION}")
+    if values.get("format") != 1:
+        raise LookalikeError(f"{path}: format {values.get('format')!r}, expected 1")
     provenance = values.get("provenance") or {}
     legacy = {key: values[key] for key in ("model", "search", "serve", "rerank", "columns") if key in values}
     return {

@@ -28,22 +28,42 @@ def metadata_columns(names: Iterable[str]) -> list[str]:
 def store_gallery(
     store: MilvusGallery, vectors: np.ndarray, frame: pd.DataFrame, progress: Progress | None = None
 ) -> MilvusGallery:
-    """Upsert a gallery into its collection: id and path are the image paths, label the labels, other columns metadata.
+    """Upsert a gallery into its collection: id its external ids (the id column, else the paths), path its paths, label
+    its labels ("" without), other columns metadata.
 
     Args:
         store: the connected collection.
         vectors: float [N, D], row i the embedding of frame row i.
-        frame: the gallery table (path, label and metadata columns).
+        frame: gallery.csv's rows (id, path, label, metadata columns).
         progress: wraps the loop over insert batches.
 
     Returns:
         The same store, filled.
     """
     paths = frame["path"].to_numpy(str)
-    labels = frame["label"].fillna("").astype(str).to_numpy(str)
-    metadata = {name: frame[name].to_numpy(object) for name in metadata_columns(frame.columns)}
-    store.add(paths, vectors, paths, labels, metadata, progress)
+    ids = frame["id"].to_numpy(str) if "id" in frame.columns else paths
+    labels = frame["label"].fillna("").to_numpy(str) if "label" in frame.columns else np.full(len(frame), "")
+    metadata = {name: typed(frame[name]) for name in metadata_columns(frame.columns)}
+    store.add(ids, vectors, paths, labels, metadata, progress)
     return store
+
+
+def typed(column: pd.Series) -> np.ndarray:
+    """A metadata column as Milvus stores it: numbers when every non-empty cell is one, booleans when every one is
+    true/false, else the strings; empty cells missing (None). So `price < 10` filters a CSV's price column."""
+    text = column.astype(str).where(column.notna() & (column.astype(str) != ""))
+    present = text.dropna()
+    numbers = pd.to_numeric(present, errors="coerce")
+    if len(present) and numbers.notna().all():
+        whole = (numbers == numbers.round()).all() and not present.str.contains(r"[.eE]").any()
+        values = numbers.astype(np.int64) if whole else numbers.astype(float)
+    elif len(present) and present.str.lower().isin(["true", "false"]).all():
+        values = present.str.lower() == "true"
+    else:
+        values = present
+    out = np.full(len(column), None, dtype=object)
+    out[np.flatnonzero(text.notna().to_numpy())] = values.to_numpy(object)
+    return out
 
 
 def connect_manifest(manifest: Any, size: int, where: str) -> MilvusGallery:

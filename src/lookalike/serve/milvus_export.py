@@ -32,7 +32,7 @@ def export_index_to_milvus(
         progress: wraps the loop over insert batches.
 
     Returns:
-        The filled gallery: ids and paths are the gallery's image paths, labels its labels, other columns (but
+        The filled gallery: ids the gallery's external ids, paths its paths, labels its labels, other columns (but
         split, is_query, is_gallery and the box) metadata.
     """
     folder = Path(folder)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +17,7 @@ import pandas as pd
 from lookalike.core.atomic import atomic_path, folder_lock, remove_stale
 from lookalike.core.embeddings import Embeddings
 from lookalike.core.errors import LookalikeError
-from lookalike.core.table import DatasetTable, load_table, save_csv, validate_table
+from lookalike.core.table import DatasetTable, load_table, validate_table
 from lookalike.data.folder import IMAGE_EXTENSIONS, import_folder, list_images
 from lookalike.extract import Progress, extract_embeddings
 from lookalike.search import FaissIndex
@@ -27,6 +27,8 @@ from lookalike.serve.index import (
     GALLERY_FILE,
     query_model,
     read_gallery_frame,
+    relative_paths,
+    write_gallery_csv,
 )
 from lookalike.serve.manifest import IndexManifest, read_manifest
 
@@ -40,15 +42,26 @@ class UnknownId(LookalikeError):
 
 @dataclass(frozen=True)
 class NewItems:
-    """Gallery items to add, with their embeddings: row i is item ids[i], image paths[i], label labels[i]."""
+    """Gallery items to add, with their embeddings: row i is item ids[i], image paths[i] (absolute), vectors[i], and
+    when given labels[i] and the metadata's row i."""
 
     ids: np.ndarray
     paths: np.ndarray
-    labels: np.ndarray
     vectors: np.ndarray
+    labels: np.ndarray | None = None  # None: items without labels
+    metadata: pd.DataFrame | None = None  # metadata columns (str), one row per item
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def rows(self) -> pd.DataFrame:
+        """The items as gallery.csv rows: id, path, label (when given), metadata columns."""
+        frame = pd.DataFrame({ID_COLUMN: np.asarray(self.ids, str), "path": np.asarray(self.paths, str)})
+        if self.labels is not None:
+            frame["label"] = np.asarray(self.labels, str)
+        if self.metadata is not None:
+            frame = frame.join(self.metadata.reset_index(drop=True))
+        return frame
 
 
 @dataclass(frozen=True)
@@ -62,10 +75,17 @@ class UpdateReport:
     generation: int
 
 
-def item_ids(table: DatasetTable) -> np.ndarray:
-    """The external ids of a table's rows: its `id` column when it has one, else its paths (the one place that
-    decides, so that tables with their own id column need no other change here)."""
-    return table.column(ID_COLUMN).astype(str) if table.has_column(ID_COLUMN) else table.paths.astype(str)
+def item_ids(table: DatasetTable, root: Path | None) -> np.ndarray:
+    """The external ids of a table's rows: its `id` column when it has one, else their paths under the index's images
+    root (absolute paths for a format 1 folder, which has none), as `lookalike index` names a gallery's items."""
+    if table.has_column(ID_COLUMN):
+        return table.column(ID_COLUMN).astype(str)
+    return np.array(stored_paths(table.paths.astype(str), root), dtype=str)
+
+
+def stored_paths(paths: np.ndarray, root: Path | None) -> list[str]:
+    """Absolute image paths as gallery.csv stores them: relative to the images root (format 2), or as they are."""
+    return list(paths) if root is None else relative_paths(paths, root)
 
 
 def _frame_ids(frame: pd.DataFrame) -> np.ndarray:
@@ -124,14 +144,17 @@ def embed_new(folder: str | os.PathLike, table: DatasetTable, progress: Progress
         progress: optional `progress(batches, total)` wrapper of the batch loop.
 
     Returns:
-        NewItems: ids, absolute paths, labels and embeddings of the table's rows.
+        NewItems: ids, absolute paths, embeddings, labels (a labelled table) and metadata of the table's rows.
     """
     folder = Path(folder)
     manifest = read_manifest(folder)
     _check_backend(manifest, "add")
     extractor, transform = query_model(folder, manifest, "torch")
     emb = extract_embeddings(extractor, table, transform, batch_size=64, progress=progress)
-    return NewItems(item_ids(table), table.paths.astype(str), table.labels.astype(str), emb.vectors)
+    root = Path(manifest.images_root) if manifest.images_root else None
+    labels = table.labels.astype(str) if table.has_labels else None
+    metadata = table.metadata().drop(columns=[ID_COLUMN], errors="ignore")
+    return NewItems(item_ids(table, root), table.paths.astype(str), emb.vectors, labels, metadata)
 
 
 def add_items(folder: str | os.PathLike, items: NewItems) -> UpdateReport:
@@ -166,8 +189,9 @@ def update_index(folder: str | os.PathLike, add: NewItems | None = None, remove:
         clean_generations(folder, manifest)
         emb, frame = read_gallery_frame(folder, manifest)
         ids = _frame_ids(frame)
-        removing = _known_ids(ids, remove, folder)
-        adding = _checked_new(add, ids, frame["path"].to_numpy(str), removing)
+        root = Path(manifest.images_root) if manifest.images_root else None
+        removing = _known_ids(ids, remove, folder, root)
+        adding = _checked_new(add, ids, frame["path"].to_numpy(str), removing, root)
         keep = ~np.isin(ids, np.concatenate([removing, adding.ids]))
         if not keep.any() and not len(adding):
             raise LookalikeError(f"index remove: removing {len(removing)} ids would leave {folder} with no gallery")
@@ -188,15 +212,15 @@ def _check_backend(manifest: IndexManifest, verb: str) -> None:
         )
 
 
-def _known_ids(ids: np.ndarray, remove: Sequence[str], folder: Path) -> np.ndarray:
-    """The ids to remove as the gallery spells them (a relative path given for an absolute one is resolved); an unknown
-    id is one line."""
+def _known_ids(ids: np.ndarray, remove: Sequence[str], folder: Path, root: Path | None) -> np.ndarray:
+    """The ids to remove as the gallery spells them (an image path given for an item named by its path is matched: an
+    absolute one under the images root, a relative one from the working folder); an unknown id is one line."""
     known = set(ids.tolist())
     found = []
     for given in remove:
         name = str(given)
-        if name not in known and str(Path(name).resolve()) in known:
-            name = str(Path(name).resolve())
+        spellings = [name, *stored_paths(np.array([str(Path(name).resolve())]), root)]
+        name = next((spelling for spelling in spellings if spelling in known), name)
         if name not in known:
             raise UnknownId(
                 f"index remove: unknown id {str(given)!r} (not one of the {len(ids)} items of {folder}); "
@@ -206,11 +230,15 @@ def _known_ids(ids: np.ndarray, remove: Sequence[str], folder: Path) -> np.ndarr
     return np.array(found, dtype=str)
 
 
-def _checked_new(add: NewItems | None, ids: np.ndarray, paths: np.ndarray, removing: np.ndarray) -> NewItems:
-    """The items to add, refused in one line when an id repeats or a path is another kept item's."""
+def _checked_new(
+    add: NewItems | None, ids: np.ndarray, paths: np.ndarray, removing: np.ndarray, root: Path | None
+) -> NewItems:
+    """The items to add with their paths as gallery.csv stores them (under `root`), refused in one line when an id
+    repeats or a path is another kept item's."""
     if add is None:
         empty = np.array([], dtype=str)
-        return NewItems(empty, empty, empty, np.zeros((0, 0), np.float32))
+        return NewItems(empty, empty, np.zeros((0, 0), np.float32))
+    add = replace(add, paths=np.array(stored_paths(np.asarray(add.paths).astype(str), root), dtype=str))
     new_ids = np.asarray(add.ids).astype(str)
     unique, counts = np.unique(new_ids, return_counts=True)
     if (counts > 1).any():
@@ -220,7 +248,7 @@ def _checked_new(add: NewItems | None, ids: np.ndarray, paths: np.ndarray, remov
     if taken.any():
         path = np.asarray(add.paths).astype(str)[taken][0]
         raise LookalikeError(f"index add: {path} is already in the gallery under another id; remove that id first")
-    return NewItems(new_ids, np.asarray(add.paths).astype(str), np.asarray(add.labels).astype(str), add.vectors)
+    return replace(add, ids=new_ids)
 
 
 def _write_generation(
@@ -237,13 +265,17 @@ def _write_generation(
         raise LookalikeError(
             f"index add: the new embeddings have {adding.vectors.shape[1]} dims, the gallery {emb.dim}"
         )
-    rows = pd.DataFrame({"path": adding.paths, "label": adding.labels, ID_COLUMN: adding.ids})
+    rows = adding.rows()
+    if "label" not in frame.columns:
+        rows = rows.drop(columns="label", errors="ignore")  # a gallery without labels stays without
+    elif "label" not in rows.columns:
+        rows["label"] = ""  # an item added to a labelled gallery without a label
     kept = frame[keep].assign(**{ID_COLUMN: _frame_ids(frame)[keep]})
     gallery = pd.concat([kept, rows], ignore_index=True)
     kept_vectors = emb.vectors if keep.all() else emb.vectors[keep]  # one copy of the gallery, not two, when adding
     vectors = np.concatenate([kept_vectors, adding.vectors.astype(np.float32, copy=False).reshape(-1, emb.dim)])
     paths = gallery["path"].to_numpy(str)
-    save_csv(gallery, ("path",), folder, folder / new.file(GALLERY_FILE))
+    write_gallery_csv(gallery, folder / new.file(GALLERY_FILE))
     Embeddings(vectors, paths, emb.meta).save(folder / new.file(EMBEDDINGS_FILE))
     if new.search.index != "exact":
         with atomic_path(folder / new.file(FAISS_FILE)) as tmp:

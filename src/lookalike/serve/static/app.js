@@ -62,11 +62,16 @@ function resultCard(item, rank, showChange, score) {
   const card = document.createElement("div");
   card.className = "result";
   card.dataset.id = item.id;
+  card.dataset.externalId = item.external_id;
   if (state.queryLabel !== null && item.label === state.queryLabel) card.classList.add("same-label");
-  const img = Object.assign(document.createElement("img"), { src: `/image/${item.id}`, alt: item.label, loading: "lazy" });
+  const name = item.label ?? item.external_id;  // a gallery without labels: its external id
+  const details = [item.external_id, ...Object.entries(item.metadata).map(([key, value]) => `${key}: ${value}`)];
+  const img = Object.assign(document.createElement("img"), {
+    src: `/image/${item.id}`, alt: name, title: details.join("\n"), loading: "lazy",
+  });
   const meta = document.createElement("div");
   meta.className = "meta";
-  const label = Object.assign(document.createElement("span"), { className: "label", textContent: item.label, title: item.label });
+  const label = Object.assign(document.createElement("span"), { className: "label", textContent: name, title: name });
   const value = Object.assign(document.createElement("span"), {
     className: score ? "value score" : "value distance",
     textContent: valueText(item.distance, score),
@@ -124,7 +129,8 @@ function render(response, query) {
   $("query").hidden = false;
   $("query-image").hidden = true;  // until the new preview is drawn
   showPreview(query, state.latest).catch(() => {});  // the browser cannot draw it: the label says what the query was
-  $("query-label").textContent = response.query_label === null ? "uploaded image" : `gallery #${response.query_gallery_id} · label ${response.query_label}`;
+  const described = response.query_label === null ? response.query_external_id : `label ${response.query_label}`;
+  $("query-label").textContent = response.query_gallery_id === null ? "uploaded image" : `gallery #${response.query_gallery_id} · ${described}`;
 }
 
 // A failed search leaves nothing of the previous one: no results, no preview, only the error.
