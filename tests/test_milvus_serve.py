@@ -24,9 +24,11 @@ RERANK = "rerank=[kreciprocal, {qe: {n: 3}}, {icfrr: {kg: 5, kq: 5}}]"
 
 @pytest.fixture(scope="module")
 def grouped_table(table_csv) -> Path:
-    """table_csv plus a metadata column `parity`: odd or even character number (Balinese/characterNN)."""
+    """table_csv plus metadata columns `parity` (odd or even character number: Balinese/characterNN) and `number`
+    (that number; the table's cells are text: Milvus gets it as a number)."""
     frame = pd.read_csv(table_csv)
     frame["parity"] = np.where(frame["label"].str[-1].astype(int) % 2 == 1, "odd", "even")
+    frame["number"] = frame["label"].str[-2:].astype(int)
     path = table_csv.with_name("grouped.csv")
     frame.to_csv(path, index=False)
     return path
@@ -90,6 +92,15 @@ def test_a_filter_keeps_only_matching_items_for_uploads_and_gallery_queries(inde
     assert len(columns[0].positions) == 19  # the other 19 drawings of that character
 
 
+def test_a_numeric_metadata_column_is_filtered_as_numbers(index, omniglot_small):
+    number = int(index.metadata["number"].iloc[0])
+    hits = index.query(
+        next(omniglot_small.rglob("*.png")), k=80, filter=f"number < {number + 1} and number >= {number}"
+    )
+    assert len(hits) == 20 and set(hits["number"]) == {str(number)}  # shown as the table's text; compared as numbers
+    assert index.milvus.records([hits["id"].iloc[0]])[0]["number"] == number
+
+
 @pytest.mark.parametrize("gallery_id", [None, 5])
 def test_a_filter_no_item_passes_finds_nothing(index, omniglot_small, gallery_id):
     upload = None if gallery_id is not None else next(omniglot_small.rglob("*.png")).read_bytes()
@@ -120,7 +131,8 @@ def test_a_collection_that_lost_vectors_is_one_line_naming_the_manifest(index, m
         with pytest.raises(LookalikeError, match=r"manifest.json: collection 'g' at .* holds 79 vectors, the folder"):
             load_index(milvus_dir)
     finally:
-        index.milvus.add(first, vector, [record["path"]], [record["label"]], {"parity": [record["parity"]]})
+        metadata = {"parity": [record["parity"]], "number": [record["number"]]}
+        index.milvus.add(first, vector, [record["path"]], [record["label"]], metadata)
     assert index.milvus.records(first) == [record]
 
 
