@@ -7,10 +7,13 @@ import weakref
 
 import faiss
 import numpy as np
+import pandas as pd
 import pytest
 
+from lookalike.core.embeddings import Embeddings
 from lookalike.core.errors import LookalikeError
-from lookalike.search import FaissIndex, build_faiss_from_shards
+from lookalike.core.table import validate_table
+from lookalike.search import FaissIndex, build_faiss_from_shards, search_table, search_table_shards
 from lookalike.search.faiss_index import sample_shards
 from lookalike.shards import Manifest, prepare_folder, write_shard
 
@@ -139,3 +142,38 @@ def test_too_few_training_vectors_is_one_line(tmp_path):
     with pytest.raises(LookalikeError, match="search.index: FAISS cannot build 'IVF256,PQ4x4'") as err:
         build_faiss_from_shards(folder, "IVF256,PQ4x4")
     assert "\n" not in str(err.value)
+
+
+def test_searching_a_table_from_shards_equals_searching_its_embeddings(tmp_path):
+    """search_table_shards (what `lookalike search` uses when the shards were kept) lists what search_table lists over
+    the same vectors, exclusions (sequence) included; a gallery id no shard holds is one line."""
+    vectors = clustered(1_200, D)
+    folder, ids = shard_folder_of(tmp_path, vectors, size=250)
+    rng = np.random.default_rng(1)
+    frame = pd.DataFrame(
+        {
+            "label": rng.integers(0, 30, len(ids)).astype(str),
+            "path": ids,
+            "split": np.where(np.arange(len(ids)) < 100, "train", "validation"),  # 100 train rows never searched
+            "is_query": rng.random(len(ids)) < 0.2,
+            "is_gallery": rng.random(len(ids)) < 0.9,
+            "sequence": rng.integers(0, 50, len(ids)).astype(str),
+        }
+    )
+    table = validate_table(frame, tmp_path, "<table>", check_files=False)
+    want = search_table(Embeddings(vectors, ids), table, 20, index="Flat")
+    got = search_table_shards(folder, table, 20, index="Flat")
+    assert got.query_ids.tolist() == want.query_ids.tolist() and got.gallery_ids.tolist() == want.gallery_ids.tolist()
+    np.testing.assert_array_equal(got.indices, want.indices)
+    np.testing.assert_allclose(got.distances, want.distances, atol=1e-5)
+    with pytest.raises(
+        LookalikeError, match=r"emb\.npz\.shards: no embedding for gallery id 'elsewhere' \(1 missing\)"
+    ):
+        extra = {
+            "path": ["elsewhere"],
+            "label": ["0"],
+            "split": ["validation"],
+            "is_query": [False],
+            "is_gallery": [True],
+        }
+        search_table_shards(folder, table.with_rows(extra, "<t>"), 20, index="Flat")

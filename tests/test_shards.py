@@ -133,3 +133,25 @@ def test_a_shard_of_another_manifest_is_not_complete(tmp_path):
     assert not shard_complete(tmp_path, mine, 0) and shard_complete(tmp_path, mine, 1)
     with pytest.raises(ValueError, match="shard-00000.npz: missing or not a shard of"):
         list(iter_shards(tmp_path))
+
+
+def test_search_reads_kept_shards_instead_of_every_vector(table_csv, tmp_path, monkeypatch):
+    """With a FAISS search.index and extract.keep_shards, `search` builds its index from the shards (search_table is
+    never called) and lists what a search over the merged embeddings lists."""
+    from lookalike import pipeline
+    from lookalike.config import load_config
+    from lookalike.search import search_table
+
+    out = tmp_path / "e.npz"
+    cfg = load_config(
+        None,
+        [*TINY, f"data.table={table_csv}", f"extract.output={out}", "extract.keep_shards=true", "extract.shard_size=16"]
+        + ["search.index=Flat", f"search.output={tmp_path / 'r.npz'}", "search.k=10"],
+    )
+    table = pipeline.table_from_config(cfg)
+    pipeline.run_extract(cfg, table)
+    want = search_table(Embeddings.load(out), table, 10, index="Flat")
+    monkeypatch.setattr(pipeline, "search_table", lambda *a, **k: pytest.fail("loaded every vector"))
+    got = pipeline.run_search(cfg, table)
+    np.testing.assert_array_equal(got.indices, want.indices)
+    assert got.gallery_ids.tolist() == want.gallery_ids.tolist() and got.meta["provenance"]

@@ -75,7 +75,7 @@ class ExtractConfig(Section):
     split: str | None = "validation"  # embed only this split; None embeds every row
     shard_size: PositiveInt = 50_000  # rows per shard file (OUTPUT.shards/shard-NNNNN.npz): a killed run resumes there
     restart: bool = False  # discard the shards of an earlier (interrupted or different) run instead of resuming
-    keep_shards: bool = False  # keep OUTPUT.shards/ after the merge (lookalike.shards.iter_shards reads it)
+    keep_shards: bool = False  # keep OUTPUT.shards/ after the merge (iter_shards and a FAISS `search` read it)
 
 
 class SearchConfig(Section):

@@ -23,7 +23,8 @@ from lookalike.models.extractor import Extractor
 from lookalike.provenance import KEY, check_input, record, with_record
 from lookalike.rerank import RerankContext, Stage, build_chain, run_chain
 from lookalike.rerank.chain import stage_reports, uses_embeddings
-from lookalike.search import search_table
+from lookalike.search import search_table, search_table_shards
+from lookalike.shards import complete_shards, shard_folder
 from lookalike.viz import SCORE_RERANKERS, save_cmc_curve, save_result_grid, spread_queries, table_labels
 
 WHOLE_RANKING_LIMIT = 2**26  # most query x gallery entries validation ranks in full (indices + distances: 768 MiB)
@@ -93,12 +94,19 @@ def embed_table(cfg: Config, extractor: Extractor, table: DatasetTable, progress
 def run_search(
     cfg: Config, table: DatasetTable, embeddings: Embeddings | None = None, progress: Progress | None = None
 ) -> RetrievalResults:
-    """Search the table's validation queries against its gallery and save the results to search.output."""
+    """Search the table's validation queries against its gallery and save the results to search.output. With a FAISS
+    search.index and the shards of extract.output kept (extract.keep_shards), the index is built from the shards and no
+    array of every vector is loaded."""
     s = cfg.search
-    emb = embeddings if embeddings is not None else load_embeddings(cfg, "search")
-    if embeddings is not None and KEY in emb.meta:
-        check_input(emb.meta, "the embeddings", cfg, "search", "extract")
-    results = search_table(emb, table, s.k, metric=s.metric, index=s.index, device=s.device, progress=progress)
+    shards = shard_folder(cfg.extract.output)
+    if embeddings is None and s.embeddings is None and s.index != "exact" and complete_shards(shards):
+        check_input(Embeddings.read_meta(cfg.extract.output), cfg.extract.output, cfg, "search", "extract")
+        results = search_table_shards(shards, table, s.k, s.metric, s.index)  # memory ~ the index, not the vectors
+    else:
+        emb = embeddings if embeddings is not None else load_embeddings(cfg, "search")
+        if embeddings is not None and KEY in emb.meta:
+            check_input(emb.meta, "the embeddings", cfg, "search", "extract")
+        results = search_table(emb, table, s.k, metric=s.metric, index=s.index, device=s.device, progress=progress)
     results = RetrievalResults(
         results.indices, results.distances, results.query_ids, results.gallery_ids, with_record(results.meta, cfg)
     )

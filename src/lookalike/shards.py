@@ -226,6 +226,14 @@ def missing_shards(folder: Path, manifest: Manifest, rank: int = 0, world_size: 
     return [s for s in range(rank, manifest.n_shards, world_size) if not shard_complete(folder, manifest, s)]
 
 
+def complete_shards(folder: str | os.PathLike) -> bool:
+    """Whether `folder` is a shard folder whose every shard is written (what a finished run with keep_shards leaves)."""
+    folder = Path(folder)
+    if not (folder / MANIFEST).is_file():
+        return False
+    return not missing_shards(folder, read_manifest(folder))
+
+
 def read_shard(folder: Path, manifest: Manifest, shard: int) -> tuple[np.ndarray, np.ndarray]:
     """(ids, vectors) of one shard, checked against the manifest; a missing or foreign shard is a one-line error."""
     path = shard_path(folder, shard)

@@ -55,6 +55,18 @@ class Embeddings:
             with open(tmp, "wb") as fh:
                 np.savez(fh, vectors=self.vectors, ids=self.ids, meta=np.array(json.dumps(self.meta)))
 
+    @staticmethod
+    def read_meta(path: str | os.PathLike) -> dict:
+        """The metadata of an embeddings file, without reading its vectors (a 10M-row file stays on disk)."""
+        path = Path(path)
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return json.loads(str(data["meta"]))
+        except FileNotFoundError:
+            raise LookalikeError(f"{path}: no such embeddings file") from None
+        except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+            raise LookalikeError(f"{path}: not an embeddings file written by lookalike ({exc})") from None
+
     @classmethod
     def load(cls, path: str | os.PathLike) -> Embeddings:
         """Read embeddings written by `save`."""

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import inspect
+import os
 import sys
 import types
+from collections.abc import Iterator
 
 import numpy as np
+import pandas as pd
 import torch
 
 from lookalike.core.embeddings import Embeddings
@@ -18,6 +21,7 @@ from lookalike.progress import Progress
 from lookalike.search.centroids import Centroids, evaluate_centroids, gallery_centroids, search_centroids
 from lookalike.search.exact import exact_knn
 from lookalike.search.faiss_index import FaissIndex, build_faiss_from_shards
+from lookalike.shards import iter_shards
 
 __all__ = [
     "Centroids",
@@ -29,6 +33,7 @@ __all__ = [
     "search",
     "search_centroids",
     "search_table",
+    "search_table_shards",
 ]
 
 
@@ -102,6 +107,53 @@ def search_table(embeddings: Embeddings, table: DatasetTable, k: int = 100, **kw
     query_ids, gallery_ids = query_gallery_ids(table)
     exclude = exclusion_groups(table, query_ids, gallery_ids)
     return search(embeddings.select(query_ids), embeddings.select(gallery_ids), k, exclude=exclude, **kwargs)
+
+
+def search_table_shards(
+    shards: str | os.PathLike, table: DatasetTable, k: int = 100, metric: str = "cosine", index: str = "IVF1024,Flat"
+) -> RetrievalResults:
+    """search_table over a shard folder (`extract.keep_shards`) with a FAISS index: the gallery's index is trained on a
+    sample and filled shard by shard, the queries gathered as the shards pass, so memory is the index + the queries +
+    one shard, never every vector (a 10M-row gallery searched where only its IVF-PQ codes fit).
+
+    Args:
+        shards: a complete shard folder (OUTPUT.shards) of (at least) the table's validation rows.
+        table: the dataset table (is_query, is_gallery, `sequence`).
+        k: list length (clamped as `search` clamps it).
+        metric: "cosine" or "euclidean".
+        index: a FAISS factory string.
+
+    Returns:
+        RetrievalResults of the validation queries over the validation gallery, the gallery in the shards' order.
+    """
+    query_ids, gallery_ids = query_gallery_ids(table)
+
+    def gallery_blocks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for ids, vectors in iter_shards(shards):
+            keep = np.isin(ids, gallery_ids)
+            yield ids[keep], vectors[keep]
+
+    built = build_faiss_from_shards(gallery_blocks, index, metric)
+    if len(built.ids) != len(gallery_ids):
+        missing = np.setdiff1d(gallery_ids, built.ids)
+        raise LookalikeError(f"{shards}: no embedding for gallery id {str(missing[0])!r} ({len(missing)} missing)")
+    queries = _gather(shards, query_ids)
+    exclude = exclusion_groups(table, query_ids, built.ids)
+    requested, k = k, clamp_k(k, len(built.ids), len(query_ids), exclude)
+    idx, dist = built.search(queries, k, exclude)
+    meta = {"metric": metric, "index": index, "k": k} | ({"k_requested": requested} if k != requested else {})
+    return RetrievalResults(idx, dist, query_ids, built.ids, meta)
+
+
+def _gather(shards: str | os.PathLike, ids: np.ndarray) -> np.ndarray:
+    """The vectors of `ids`, in that order, read shard by shard; an id no shard holds is one line."""
+    found = [(block[keep], vectors[keep]) for block, vectors in iter_shards(shards) for keep in [np.isin(block, ids)]]
+    names = np.concatenate([names for names, _ in found])
+    vectors = np.concatenate([v for _, v in found])
+    order = pd.Index(names).get_indexer(ids)
+    if (order < 0).any():
+        raise LookalikeError(f"{shards}: no embedding for query id {str(ids[order < 0][0])!r}")
+    return vectors[order]
 
 
 class _CallablePackage(types.ModuleType):
