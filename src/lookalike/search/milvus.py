@@ -243,6 +243,16 @@ class MilvusGallery:
             out[row] = found[name]
         return out
 
+    def present(self, ids: Sequence[str]) -> set[str]:
+        """Which of these ids the collection holds."""
+        ids = _texts(ids, "ids")
+        found: set[str] = set()
+        for start in range(0, len(ids), GET_BATCH):
+            batch = ids[start : start + GET_BATCH]
+            rows = self._call("present", self.client.get, self.collection, ids=batch, output_fields=["id"])
+            found.update(row["id"] for row in rows)
+        return found
+
     def records(self, ids: Sequence[str]) -> list[dict[str, Any]]:
         """Path, label and metadata of these ids, in their order (what a page shows beside a result)."""
         ids = _texts(ids, "ids")
@@ -394,6 +404,20 @@ def _check_unique(ids: list[str]) -> None:
         seen: set[str] = set()
         twice = next(i for i in ids if i in seen or seen.add(i))
         raise LookalikeError(f"ids: {twice!r} is given more than once")
+
+
+def check_metadata(values: Mapping[str, Any]) -> dict[str, Any]:
+    """One item's metadata as a collection stores it: names of letters, digits and underscores other than the
+    collection's own fields, values JSON scalars (None for missing); anything else is one line naming the field.
+
+    Args:
+        values: field name -> value.
+
+    Returns:
+        The checked values (numpy scalars as Python ones).
+    """
+    columns = _metadata_columns({name: [value] for name, value in values.items()}, 1)
+    return {name: column[0] for name, column in columns.items()}
 
 
 def _metadata_columns(metadata: Mapping[str, Sequence[Any]], n: int) -> dict[str, list]:

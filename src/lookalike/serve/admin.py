@@ -8,19 +8,24 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import json
 from typing import Annotated
 
+import pandas as pd
 from fastapi import FastAPI, File, Form, Header, HTTPException, UploadFile
 from fastapi import Path as PathParam
 from pydantic import BaseModel
 
 from lookalike.core.atomic import atomic_path
 from lookalike.core.errors import LookalikeError
+from lookalike.search.milvus import check_metadata
 from lookalike.serve.live import LiveIndex
+from lookalike.serve.milvus_backend import NOT_METADATA
 from lookalike.serve.update import NewItems, UnknownId, UpdateReport, add_items, remove_items
 from lookalike.serve.uploads import UploadRejected, decode_upload
 
 ITEMS_FOLDER = "items"  # uploaded gallery images, inside the index folder, named by the sha256 of their bytes
+MAX_METADATA = 4096  # characters of an added item's metadata (a JSON object)
 
 
 class ItemChange(BaseModel):
@@ -53,14 +58,18 @@ def add_item_routes(app: FastAPI, live: LiveIndex, token: str, max_bytes: int) -
         id: Annotated[
             str, Form(min_length=1, max_length=1000, description="the item's id; an existing id is replaced")
         ],
-        label: Annotated[str, Form(max_length=1000)] = "",
+        label: Annotated[str, Form(max_length=1000, description="only for a gallery with labels")] = "",
+        metadata: Annotated[
+            str, Form(description='a JSON object of scalar values, e.g. {"color": "red", "price": 12}')
+        ] = "",
         authorization: Annotated[str | None, Header()] = None,
     ) -> ItemChange:
         """Add one image to the gallery (admin token); re-adding an id replaces its item."""
         check(authorization)
         data = await file.read(max_bytes + 1)
         try:
-            report = await asyncio.to_thread(store_and_add, live, data, id, label, max_bytes)
+            fields = parse_metadata(metadata)
+            report = await asyncio.to_thread(store_and_add, live, data, id, label, max_bytes, fields)
         except UploadRejected as exc:
             raise HTTPException(exc.status, str(exc)) from None
         except LookalikeError as exc:
@@ -83,9 +92,48 @@ def add_item_routes(app: FastAPI, live: LiveIndex, token: str, max_bytes: int) -
         return _change(item_id, report)
 
 
-def store_and_add(live: LiveIndex, data: bytes, item_id: str, label: str, max_bytes: int) -> UpdateReport:
-    """Decode an upload (bounded like /search), save it as PNG under items/, embed it and add it to the folder."""
+def parse_metadata(text: str) -> pd.DataFrame | None:
+    """An added item's `metadata` form field (a bounded JSON object of scalars, named as Milvus metadata and not as a
+    table column) as one gallery.csv row of text cells; None when empty. A bad one is one line.
+
+    Args:
+        text: the form field's value.
+
+    Returns:
+        A one-row DataFrame of the metadata columns, or None.
+    """
+    if not text.strip():
+        return None
+    if len(text) > MAX_METADATA:
+        raise LookalikeError(f"metadata: {len(text)} characters, at most {MAX_METADATA}")
+    try:
+        values = json.loads(text)
+    except ValueError:
+        values = None
+    if not isinstance(values, dict):
+        raise LookalikeError('metadata: expected a JSON object of scalar values, e.g. {"color": "red", "price": 12}')
+    taken = [name for name in values if name in NOT_METADATA]
+    if taken:
+        raise LookalikeError(f"metadata: {taken[0]!r} is a gallery table column, not a metadata name")
+    checked = check_metadata(values)
+    return pd.DataFrame({name: [_cell(value)] for name, value in checked.items()})
+
+
+def _cell(value: object) -> str:
+    """A metadata value as gallery.csv holds it (text; booleans true/false, missing empty)."""
+    if value is None:
+        return ""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def store_and_add(
+    live: LiveIndex, data: bytes, item_id: str, label: str, max_bytes: int, metadata: pd.DataFrame | None = None
+) -> UpdateReport:
+    """Decode an upload (bounded like /search), save it as PNG under items/, embed it and add it to the folder with
+    its label (a labelled gallery only) and metadata."""
     index = live.current()
+    if label and index.labels is None:
+        raise LookalikeError("label: this gallery has no labels; add the item without one (or in its metadata)")
     limits = index.limits
     image = decode_upload(data, max_bytes, limits.max_pixels, limits.max_aspect_ratio, index.short_side)
     target = index.folder / ITEMS_FOLDER / f"{hashlib.sha256(data).hexdigest()}.png"
@@ -93,7 +141,8 @@ def store_and_add(live: LiveIndex, data: bytes, item_id: str, label: str, max_by
         image.save(tmp, format="PNG")
     vector = index.embed(image)[None]
     path = str(target.resolve())
-    return add_items(index.folder, NewItems([item_id], [path], vector, [label]))
+    labels = None if index.labels is None else [label]
+    return add_items(index.folder, NewItems([item_id], [path], vector, labels, metadata))
 
 
 def _change(item_id: str, report: UpdateReport) -> ItemChange:

@@ -22,7 +22,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from lookalike.config import Config, ServeConfig, validation_message
-from lookalike.core.atomic import atomic_folder, atomic_path
+from lookalike.core.atomic import atomic_folder, atomic_path, folder_lock
 from lookalike.core.embeddings import Embeddings
 from lookalike.core.errors import ConfigError, LookalikeError
 from lookalike.core.results import PAD, RetrievalResults
@@ -41,7 +41,9 @@ from lookalike.search import FaissIndex, build_faiss_from_shards, exact_knn
 from lookalike.search.milvus import MilvusGallery, check_uri
 from lookalike.serve.manifest import MANIFEST_FILE, IndexManifest, ModelSpec, SearchSettings, read_manifest
 from lookalike.serve.milvus_backend import (
+    JOURNAL_FILE,
     connect_manifest,
+    recover,
     search_candidates,
     store_gallery,
     to_positions,
@@ -531,7 +533,7 @@ class GalleryIndex:
     ) -> tuple[RetrievalResults, RerankContext]:
         """The candidates Milvus finds (passing `filter`), and a re-rank context over their fetched vectors."""
         own_id = None if own is None else str(self.gallery.ids[own])
-        found = search_candidates(self.milvus, queries, m, own_id, filter)
+        found = search_candidates(self.milvus, queries, m, own_id, filter, self.vector_positions)
         exclude = None
         if own is not None:  # the query is that gallery node: never its own match in re-rankers' neighbour lists
             exclude = (np.array([own]), np.array([self.vector_positions[name] for name in found.gallery_ids], np.int64))
@@ -620,7 +622,10 @@ def load_index(
     emb, table = read_served_gallery(folder, manifest, root)
     milvus = None
     if manifest.backend == "milvus":  # the vectors stay in the collection; the gallery holds the ids alone
-        milvus = connect_manifest(manifest, len(table), str(folder / MANIFEST_FILE))
+        milvus = connect_manifest(manifest, table.ids, str(folder / MANIFEST_FILE))
+        if (folder / JOURNAL_FILE).is_file():  # an update was killed: undo it under the lock updates take
+            with folder_lock(folder):
+                recover(folder, read_manifest(folder).generation, milvus)
     check_images_root(table, root, images_root is not None)
     return GalleryIndex(
         model,

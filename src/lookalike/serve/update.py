@@ -1,7 +1,9 @@
 """Updating a served gallery without rebuilding it: `lookalike index add` embeds only the new images, `lookalike index
 remove` drops items by id, and both write a new generation of the gallery files beside the served one, then switch
 to it by renaming manifest.json (one atomic rename), so a killed or failing update leaves the folder as it was and a
-running `lookalike serve` sees the old or the new gallery, never a mix."""
+running `lookalike serve` sees the old or the new gallery, never a mix. A Milvus-backed folder's collection is changed
+before the switch, under a journal (milvus_backend.write_journal) that a failure, or the next update or load after a
+kill, rolls back."""
 
 from __future__ import annotations
 
@@ -21,16 +23,26 @@ from lookalike.core.table import DatasetTable, load_table, validate_table
 from lookalike.data.folder import IMAGE_EXTENSIONS, import_folder, list_images
 from lookalike.extract import Progress, extract_embeddings
 from lookalike.search import FaissIndex
+from lookalike.search.milvus import MilvusGallery
 from lookalike.serve.index import (
     EMBEDDINGS_FILE,
     FAISS_FILE,
     GALLERY_FILE,
     query_model,
+    read_gallery_csv,
     read_gallery_frame,
     relative_paths,
     write_gallery_csv,
 )
-from lookalike.serve.manifest import IndexManifest, read_manifest
+from lookalike.serve.manifest import MANIFEST_FILE, IndexManifest, read_manifest
+from lookalike.serve.milvus_backend import (
+    JOURNAL_FILE,
+    connect_manifest,
+    recover,
+    roll_back,
+    store_gallery,
+    write_journal,
+)
 
 ID_COLUMN = "id"  # an item's external id in gallery.csv; absent: the item's path is its id
 _TEMPORARY = re.compile(r"\.(?P<target>.+)\.\d+-[a-z0-9_]{8}(?:\.[^.]*)?")  # lookalike.core.atomic's temporary names
@@ -172,7 +184,9 @@ def update_index(folder: str | os.PathLike, add: NewItems | None = None, remove:
 
     Copy-on-write: the new files get new names beside the served ones and manifest.json is renamed into place last,
     all under the folder's lock (`lookalike index` and other updates wait); the generation before stays on disk for
-    readers that read the old manifest, older ones and a killed update's leftovers are removed.
+    readers that read the old manifest, older ones and a killed update's leftovers are removed. A Milvus-backed
+    folder writes only gallery.csv and upserts/deletes in its collection before the switch, journaled: a failure rolls
+    the collection back, and so does the next update or load after a kill.
 
     Args:
         folder: an index folder written by `lookalike index`.
@@ -186,30 +200,94 @@ def update_index(folder: str | os.PathLike, add: NewItems | None = None, remove:
     with folder_lock(folder):
         manifest = read_manifest(folder)
         _check_backend(manifest, "add" if add is not None else "remove")
-        clean_generations(folder, manifest)
-        emb, frame = read_gallery_frame(folder, manifest)
-        ids = _frame_ids(frame)
-        root = Path(manifest.images_root) if manifest.images_root else None
-        removing = _known_ids(ids, remove, folder, root)
-        adding = _checked_new(add, ids, frame["path"].to_numpy(str), removing, root)
-        keep = ~np.isin(ids, np.concatenate([removing, adding.ids]))
-        if not keep.any() and not len(adding):
-            raise LookalikeError(f"index remove: removing {len(removing)} ids would leave {folder} with no gallery")
-        new = manifest.model_copy(update={"generation": manifest.generation + 1})
-        vectors = _write_generation(folder, manifest, new, frame, emb, keep, adding)
+        store = _connect(folder, manifest)
+        try:
+            return _update_locked(folder, manifest, store, add, remove)
+        finally:
+            if store is not None:
+                store.close()
+
+
+def _update_locked(
+    folder: Path, manifest: IndexManifest, store: MilvusGallery | None, add: NewItems | None, remove: Sequence[str]
+) -> UpdateReport:
+    """update_index with the folder's lock held (and, for a Milvus-backed folder, its collection connected)."""
+    clean_generations(folder, manifest)
+    emb, frame = (None, read_gallery_csv(folder, manifest)) if store else read_gallery_frame(folder, manifest)
+    ids = _frame_ids(frame)
+    root = Path(manifest.images_root) if manifest.images_root else None
+    removing = _known_ids(ids, remove, folder, root)
+    adding = _checked_new(add, ids, frame["path"].to_numpy(str), removing, root)
+    keep = ~np.isin(ids, np.concatenate([removing, adding.ids]))
+    if not keep.any() and not len(adding):
+        raise LookalikeError(f"index remove: removing {len(removing)} ids would leave {folder} with no gallery")
+    new = manifest.model_copy(update={"generation": manifest.generation + 1})
+    if store is None:
+        size = len(_write_generation(folder, manifest, new, frame, emb, keep, adding))
         new.write(folder)  # the switch: one rename
-        clean_generations(folder, new)
+    else:
+        size = _switch_milvus(folder, new, frame, keep, adding, removing, store)
+    clean_generations(folder, new)
     replaced = int(np.isin(adding.ids, ids).sum())
-    return UpdateReport(len(adding) - replaced, replaced, len(removing), len(vectors), new.generation)
+    return UpdateReport(len(adding) - replaced, replaced, len(removing), size, new.generation)
 
 
 def _check_backend(manifest: IndexManifest, verb: str) -> None:
-    """Only folders searched by lookalike itself (exact or FAISS) are updated in place."""
-    if manifest.backend not in (None, "exact", "faiss"):
+    """Folders searched by lookalike itself (exact or FAISS) or by Milvus are updated in place."""
+    if manifest.backend not in (None, "exact", "faiss", "milvus"):
         raise LookalikeError(
             f"index {verb}: {manifest.backend}-backed folders are updated with a rebuild (`lookalike index` with "
             f"index.backend={manifest.backend}), not with index add/remove yet"
         )
+
+
+def _connect(folder: Path, manifest: IndexManifest) -> MilvusGallery | None:
+    """A Milvus-backed folder's collection, with what a killed update left in it undone (None for other folders)."""
+    if manifest.backend != "milvus":
+        return None
+    store = connect_manifest(manifest, read_gallery_csv(folder, manifest).pipe(_frame_ids), str(folder / MANIFEST_FILE))
+    try:
+        recover(folder, manifest.generation, store)
+    except BaseException:
+        store.close()
+        raise
+    return store
+
+
+def _switch_milvus(
+    folder: Path,
+    new: IndexManifest,
+    frame: pd.DataFrame,
+    keep: np.ndarray,
+    adding: NewItems,
+    removing: np.ndarray,
+    store: MilvusGallery,
+) -> int:
+    """Write `new`'s gallery.csv, journal the change, upsert and delete in the collection, then switch; a failure rolls
+    the collection back (a kill leaves the journal for the next update or load). Returns the new gallery's size."""
+    if len(adding) and adding.vectors.shape[1] != store.dim:
+        raise LookalikeError(
+            f"index add: the new embeddings have {adding.vectors.shape[1]} dims, the collection {store.dim}"
+        )
+    gallery = _new_gallery(frame, keep, adding)
+    write_gallery_csv(gallery, folder / new.file(GALLERY_FILE))
+    ids = _frame_ids(frame)
+    deleted = removing[~np.isin(removing, adding.ids)]
+    journal = write_journal(
+        folder, new.generation, adding.ids, np.union1d(removing, adding.ids[np.isin(adding.ids, ids)]), store
+    )
+    try:
+        if len(deleted):
+            store.remove(deleted)
+        if len(adding):
+            vectors = adding.vectors.astype(np.float32, copy=False).reshape(-1, store.dim)
+            store_gallery(store, vectors, gallery, first=int(keep.sum()))
+        new.write(folder)  # the switch: one rename
+    except BaseException:
+        roll_back(folder, journal, store)
+        raise
+    (folder / JOURNAL_FILE).unlink(missing_ok=True)
+    return len(gallery)
 
 
 def _known_ids(ids: np.ndarray, remove: Sequence[str], folder: Path, root: Path | None) -> np.ndarray:
@@ -265,13 +343,7 @@ def _write_generation(
         raise LookalikeError(
             f"index add: the new embeddings have {adding.vectors.shape[1]} dims, the gallery {emb.dim}"
         )
-    rows = adding.rows()
-    if "label" not in frame.columns:
-        rows = rows.drop(columns="label", errors="ignore")  # a gallery without labels stays without
-    elif "label" not in rows.columns:
-        rows["label"] = ""  # an item added to a labelled gallery without a label
-    kept = frame[keep].assign(**{ID_COLUMN: _frame_ids(frame)[keep]})
-    gallery = pd.concat([kept, rows], ignore_index=True)
+    gallery = _new_gallery(frame, keep, adding)
     kept_vectors = emb.vectors if keep.all() else emb.vectors[keep]  # one copy of the gallery, not two, when adding
     vectors = np.concatenate([kept_vectors, adding.vectors.astype(np.float32, copy=False).reshape(-1, emb.dim)])
     paths = gallery["path"].to_numpy(str)
@@ -281,6 +353,17 @@ def _write_generation(
         with atomic_path(folder / new.file(FAISS_FILE)) as tmp:
             _faiss_of(folder, old, vectors, keep.all() and len(adding)).save(str(tmp))
     return vectors
+
+
+def _new_gallery(frame: pd.DataFrame, keep: np.ndarray, adding: NewItems) -> pd.DataFrame:
+    """The next generation's gallery.csv rows: the kept rows (with their ids), then the added ones."""
+    rows = adding.rows()
+    if "label" not in frame.columns:
+        rows = rows.drop(columns="label", errors="ignore")  # a gallery without labels stays without
+    elif "label" not in rows.columns:
+        rows["label"] = ""  # an item added to a labelled gallery without a label
+    kept = frame[keep].assign(**{ID_COLUMN: _frame_ids(frame)[keep]})
+    return pd.concat([kept, rows], ignore_index=True)
 
 
 def _faiss_of(folder: Path, old: IndexManifest, vectors: np.ndarray, appended: int) -> FaissIndex:
