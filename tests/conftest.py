@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
+# One OpenMP thread per process (this one, and every `lookalike` / DDP / server process a test starts, which inherit
+# the variable), unless the caller set OMP_NUM_THREADS: the tests' tensors are tiny, and two threads that spin-wait
+# at each barrier crawl once the cores are shared (a resnet18 extract of 80 images: 20 s with two threads on the
+# loaded 2-core machine, 1.3 s with one; see tests/test_faiss_shards.py for faiss's k-means).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import zipfile
 from pathlib import Path
 

@@ -425,7 +425,7 @@ def start_serve(folder: Path, *options: str) -> tuple[subprocess.Popen, str]:
         except httpx.TransportError:
             if process.poll() is not None:
                 pytest.fail(f"lookalike serve exited: {process.stdout.read()}")
-            time.sleep(0.5)
+            time.sleep(0.1)  # a short poll: the server answers soon after it binds
     process.kill()
     pytest.fail("lookalike serve did not answer /health within 120 s")
 

@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 import torch
 
+from lookalike.config import load_config
 from lookalike.core.embeddings import Embeddings
 from lookalike.data.folder import import_folder
 from lookalike.models.extractor import Extractor
+from lookalike.pipeline import run_extract, table_from_config
 from lookalike.shards import Manifest, iter_shards, read_manifest, shard_complete, shard_path, write_shard
 
 LOOKALIKE = str(Path(sys.executable).parent / "lookalike")
@@ -46,6 +48,7 @@ def test_two_process_ddp_equals_one_process(table_csv, tmp_path):
     """trainer.devices=2 trainer.strategy=ddp (gloo on CPU): each rank writes its own shards, the merged file equals a
     single-process run (extract.device=auto, which picks the CPU here) within 1e-6, ids in table order."""
     args = [*TINY, f"data.table={table_csv}", f"model.weights={weights(tmp_path, 'test_resnet')}", "data.batch_size=8"]
+    # also the CLI's test of extract.device=auto (was tests/test_cli.py::test_extract_device_auto_runs)
     one = lookalike("extract", *args, f"extract.output={tmp_path / 'one.npz'}", "extract.device=auto")
     assert one.returncode == 0, one.stderr[-3000:]
     ddp = lookalike(
@@ -67,6 +70,12 @@ def test_two_process_ddp_equals_one_process(table_csv, tmp_path):
     assert [len(ids) for ids, _ in shards] == [12] * 6 + [8]
     assert np.concatenate([ids for ids, _ in shards]).tolist() == single.ids.tolist()
     assert not (tmp_path / "one.npz.shards").exists()  # removed after the merge unless extract.keep_shards
+
+
+def extract_here(*args: str) -> Embeddings:
+    """What `lookalike extract *args` writes, run in this process: where a test needs the output, not the command."""
+    cfg = load_config(None, list(args))
+    return run_extract(cfg, table_from_config(cfg))
 
 
 def test_killed_run_resumes_from_its_complete_shards(table_csv, tmp_path):
@@ -99,9 +108,8 @@ def test_killed_run_resumes_from_its_complete_shards(table_csv, tmp_path):
     for s, before in done.items():  # not recomputed
         after = shard_path(folder, s).stat()
         assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
-    whole = lookalike("extract", *args, f"extract.output={tmp_path / 'whole.npz'}")
-    assert whole.returncode == 0, whole.stderr[-3000:]
-    a, b = Embeddings.load(out), Embeddings.load(tmp_path / "whole.npz")
+    whole = extract_here(*args, f"extract.output={tmp_path / 'whole.npz'}")  # the reference: an uninterrupted run
+    a, b = Embeddings.load(out), whole
     assert a.ids.tolist() == b.ids.tolist() and len(a) == 80
     np.testing.assert_allclose(a.vectors, b.vectors, atol=1e-6, rtol=0)
     assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # the killed run's temporary was cleaned up
@@ -111,8 +119,7 @@ def test_shards_of_another_table_are_refused_in_one_line(table_csv, omniglot_sma
     other = tmp_path / "other.csv"
     import_folder(omniglot_small, validation_fraction=0.5, seed=1).save(other)
     args = [*TINY, f"model.weights={weights(tmp_path, 'test_resnet')}", f"extract.output={tmp_path / 'e.npz'}"]
-    first = lookalike("extract", f"data.table={table_csv}", *args, "extract.keep_shards=true")
-    assert first.returncode == 0, first.stderr[-3000:]
+    extract_here(f"data.table={table_csv}", *args, "extract.keep_shards=true")  # shards of this table
     written = (tmp_path / "e.npz").stat().st_mtime_ns
     refused = lookalike("extract", f"data.table={other}", *args)
     assert refused.returncode == 2 and refused.stderr.strip().count("\n") == 0, refused.stderr

@@ -242,7 +242,10 @@ def test_a_running_server_swaps_generations_between_searches(folder, tmp_path):
         removed = run("index", "remove", str(folder), *new)
         assert removed.returncode == 0 and "3 removed; 80 gallery images (generation 2)" in removed.stdout
         expected[2] = expected_answer(folder)
-        time.sleep(1.0)
+        deadline = time.monotonic() + 30  # until the searchers have seen the last generation (was a fixed 1 s sleep)
+        while not any(a.json().get("generation") == 2 for a in answers[-4:] if a.status_code == 200):
+            assert time.monotonic() < deadline, "no search answered from generation 2 within 30 s"
+            time.sleep(0.05)
     finally:
         stop.set()
         for thread in threads:
