@@ -11,8 +11,9 @@ validation characters. Without --checkpoint the script trains that recipe itself
 the config, e.g. train.epochs=4). Each seeded episode draws `ways` validation characters; for each a drawing by a
 random drawer is the one labelled example; one of the characters is the query's, and its drawing comes from
 another drawer (the drawer is the DD of the file name CHARACTER_DD.png). The query takes the label of its nearest
-labelled drawing (euclidean on the extractor's embeddings). Printed: accuracy over the episodes with a Wilson 95%
-interval, and chance (1 / ways).
+labelled drawing (euclidean on the extractor's embeddings). Printed: the training's wall-clock seconds and the
+machine's load average when it ended (when the script trains), accuracy over the episodes with a Wilson 95% interval,
+and chance (1 / ways). configs/omniglot_oneshot.yaml is the recipe this benchmark chose (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import argparse
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -89,8 +91,13 @@ def train_checkpoint(cfg) -> Path:
     """Train the recipe on the train characters; its last checkpoint."""
     from lookalike.train import run_train
 
+    start = time.perf_counter()
     result = run_train(cfg)
-    log(f"[train] validation CMC@1 {result.metrics['cmc@1']:.4f}, mAP@all {result.metrics['map@all']:.4f}")
+    seconds = time.perf_counter() - start
+    log(
+        f"[train] {seconds:.0f} s (load average {os.getloadavg()[0]:.1f}); validation CMC@1 "
+        f"{result.metrics['cmc@1']:.4f}, mAP@all {result.metrics['map@all']:.4f}"
+    )
     return result.last_checkpoint
 
 
