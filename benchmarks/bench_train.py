@@ -35,7 +35,7 @@ import sys
 import time
 import traceback
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.metadata import version
 from pathlib import Path
 
@@ -55,7 +55,6 @@ RECIPES = {  # lookalike's loss overrides per --recipe
     "soft-bnneck-ce": ["train.loss.margin=null", "model.bnneck=true", "train.loss.cross_entropy=1"],
 }
 VALIDATION_FRACTION = 0.3
-SEEDS_SEEN: list[int] = []  # the seeds run so far, in order (for the per-seed lines)
 
 
 @dataclass(frozen=True)
@@ -68,6 +67,7 @@ class SideResult:
     map_all: float = float("nan")
     neighbour_distance: float = float("nan")  # median distance of a validation embedding to its nearest other one
     last_loss: float = float("nan")  # mean triplet loss of the last epoch
+    seed: int = -1  # the training seed (set by main)
 
 
 def parse_args() -> argparse.Namespace:
@@ -308,10 +308,10 @@ def recipe(args: argparse.Namespace) -> str:
 def print_results(runs: dict[str, list[SideResult]], failed: bool) -> None:
     """One line per side and seed, then mean +- std per side and the ratios of the means."""
     for name, sides in runs.items():
-        for seed, side in zip(SEEDS_SEEN, sides):
+        for side in sides:
             log(
-                f"{name:<10} seed {seed}: CMC@1 {side.cmc1:.4f}  mAP@all {side.map_all:.4f}  median neighbour distance "
-                f"{side.neighbour_distance:.4f}  last-epoch loss {side.last_loss:.4f}  images/s "
+                f"{name:<10} seed {side.seed}: CMC@1 {side.cmc1:.4f}  mAP@all {side.map_all:.4f}  median neighbour "
+                f"distance {side.neighbour_distance:.4f}  last-epoch loss {side.last_loss:.4f}  images/s "
                 f"{side.images_per_second:8.1f}  ({side.detail})"
             )
     means = {}
@@ -331,24 +331,31 @@ def print_results(runs: dict[str, list[SideResult]], failed: bool) -> None:
             f"ratio lookalike/OML (means): CMC@1 {ratio(ours_cmc, oml_cmc):.2f}, images/s "
             f"{ratio(ours_speed, oml_speed):.2f}"
         )
-        log_paired("CMC@1", [s.cmc1 for s in runs["lookalike"]], [s.cmc1 for s in runs["OML"]], ".4f")
-        log_paired("mAP@all", [s.map_all for s in runs["lookalike"]], [s.map_all for s in runs["OML"]], ".4f")
-        log_paired(
-            "images/s",
-            [s.images_per_second for s in runs["lookalike"]],
-            [s.images_per_second for s in runs["OML"]],
-            ".1f",
-        )
+        ours, theirs = paired(runs["lookalike"], runs["OML"])
+        log_paired("CMC@1", [s.cmc1 for s in ours], [s.cmc1 for s in theirs], ".4f")
+        log_paired("mAP@all", [s.map_all for s in ours], [s.map_all for s in theirs], ".4f")
+        log_paired("images/s", [s.images_per_second for s in ours], [s.images_per_second for s in theirs], ".1f")
     log("(images/s above: per-batch step time, batch loading excluded, as lookalike's Throughput callback times it)")
 
 
+def paired(ours: list[SideResult], theirs: list[SideResult]) -> tuple[list[SideResult], list[SideResult]]:
+    """The two sides' results of the seeds both completed, in seed order (a side that failed on a seed drops it)."""
+    common = sorted({s.seed for s in ours} & {s.seed for s in theirs})
+    return [next(s for s in ours if s.seed == seed) for seed in common], [
+        next(s for s in theirs if s.seed == seed) for seed in common
+    ]
+
+
 def log_paired(name: str, ours: list[float], theirs: list[float], fmt: str) -> None:
-    """Seed-paired difference lookalike - OML: mean, standard error, a normal 95% interval, seeds ahead."""
+    """Seed-paired difference lookalike - OML: mean, standard error, a Student-t 95% interval, seeds ahead."""
+    from scipy.stats import t
+
     diff = np.array(ours) - np.array(theirs)
     se = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else float("nan")
+    half = float(t.ppf(0.975, len(diff) - 1)) * se if len(diff) > 1 else float("nan")
     log(
-        f"paired lookalike - OML, {name}: {diff.mean():+{fmt}} (standard error {se:{fmt}}, 95% interval "
-        f"{diff.mean() - 1.96 * se:+{fmt}} .. {diff.mean() + 1.96 * se:+{fmt}}); lookalike ahead on "
+        f"paired lookalike - OML, {name}: {diff.mean():+{fmt}} (standard error {se:{fmt}}, 95% t interval "
+        f"{diff.mean() - half:+{fmt}} .. {diff.mean() + half:+{fmt}}); lookalike ahead on "
         f"{int((diff > 0).sum())} of {len(diff)} seeds"
     )
 
@@ -374,12 +381,11 @@ def main() -> int:
     failed = False
     for seed in (int(s) for s in args.seeds.split(",")):
         args.seed = seed
-        SEEDS_SEEN.append(seed)
         for name in sides:
             side = run_oml(python, args, table) if name == "OML" else run_lookalike(args, table, batches_per_epoch)
             failed |= side is None
             if side is not None:
-                runs[name].append(side)
+                runs[name].append(replace(side, seed=seed))
     print_results(runs, failed)
     log(f"total {time.perf_counter() - started:.0f} s")
     return 1 if failed else 0

@@ -160,7 +160,7 @@ def test_data_omniglot_writes_the_tables_the_configs_read(tmp_path):
     done = run("data", "omniglot", "data/omniglot", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "2720 images, 136 characters" in done.stdout and "136 pairs" in done.stdout
-    for config in ("omniglot.yaml", "omniglot_pairwise.yaml"):
+    for config in ("omniglot.yaml", "omniglot_oneshot.yaml", "omniglot_pairwise.yaml"):
         cfg = load_config(REPO / "configs" / config)
         table = load_table(tmp_path / cfg.data.table)  # checks every image exists
         assert len(table) == 2720 and table.frame["label"].nunique() == 136

@@ -37,7 +37,8 @@ from lookalike.train import TrainResult, run_train
 from lookalike.train.pairwise import run_train_reranker
 from lookalike.viz import save_cmc_curve
 
-# configs/omniglot.yaml's recipe (ResNet-18 from scratch, 64 px, 16 x 4 batch-hard triplets) cut to 8 epochs, and
+# configs/omniglot.yaml's recipe (ResNet-18 from scratch, 64 px, 16 x 4 batch-hard triplets) cut to 8 epochs, with the
+# library's default loss (STIR's margin-0.2 triplet, not the config's BNNeck + cross-entropy: the figures below), and
 # configs/omniglot_pairwise.yaml's STIR recipe (ResNet-18 from scratch on two stacked 32 px characters, random pairs)
 # cut to 195 steps. Timed by benchmarks/bench_demo.py on 2 idle cores (2026-11-30): 261 s in all, each stage gaining
 # (docs/benchmarks.md); at 450 STIR steps the demo took 434 s.
