@@ -5,13 +5,17 @@ from __future__ import annotations
 import json
 import os
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 
 from lookalike.core.atomic import atomic_path
 from lookalike.core.errors import LookalikeError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -58,23 +62,21 @@ class Embeddings:
     @staticmethod
     def read_meta(path: str | os.PathLike) -> dict:
         """The metadata of an embeddings file, without reading its vectors (a 10M-row file stays on disk)."""
-        path = Path(path)
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                return json.loads(str(data["meta"]))
-        except FileNotFoundError:
-            raise LookalikeError(f"{path}: no such embeddings file") from None
-        except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-            raise LookalikeError(f"{path}: not an embeddings file written by lookalike ({exc})") from None
+        return _read(path, lambda data: json.loads(str(data["meta"])))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Embeddings:
         """Read embeddings written by `save`."""
-        path = Path(path)
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                return cls(data["vectors"], data["ids"], json.loads(str(data["meta"])))
-        except FileNotFoundError:
-            raise LookalikeError(f"{path}: no such embeddings file") from None
-        except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:  # a truncated file is not a zip
-            raise LookalikeError(f"{path}: not an embeddings file written by lookalike ({exc})") from None
+        return _read(path, lambda data: cls(data["vectors"], data["ids"], json.loads(str(data["meta"]))))
+
+
+def _read(path: str | os.PathLike, read: Callable[[Any], T]) -> T:
+    """`read` of an embeddings file's arrays; a missing, truncated or foreign file is one LookalikeError naming it."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return read(data)
+    except FileNotFoundError:
+        raise LookalikeError(f"{path}: no such embeddings file") from None
+    except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:  # a truncated file is not a zip
+        raise LookalikeError(f"{path}: not an embeddings file written by lookalike ({exc})") from None
